@@ -1,0 +1,142 @@
+"""The ``explain-client`` command: explain one image-caption pair from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+
+from explain_client.client import ExplainClient
+from explain_client.errors import ExplainError
+from explain_client.explanation import Explanation, Span
+
+__all__ = ["build_parser", "main"]
+
+EXIT_LOCAL_ERROR = 1
+"""Exit code for bad local input (unreadable image, unknown span, ...)."""
+EXIT_SERVER_ERROR = 2
+"""Exit code for a failed call; argparse also exits 2 on bad arguments."""
+
+_RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _parse_span(text: str) -> Span:
+    match = _RANGE.match(text)
+    return (int(match[1]), int(match[2])) if match else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``explain-client`` (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="explain-client",
+        description="Explain a CLIP image-caption similarity with token x image-patch attributions.",
+    )
+    parser.add_argument("image", metavar="IMAGE", help="image file (any format Pillow reads)")
+    parser.add_argument("caption", metavar="CAPTION", help="caption text")
+    parser.add_argument("--target", default="localhost:50051", help="server address (default: %(default)s)")
+    parser.add_argument("--model", help="hosted model name (default: the server's default)")
+    parser.add_argument(
+        "--span",
+        type=_parse_span,
+        help='caption part for --out: a substring such as "red circle", or a token row '
+        "range START:STOP (default: all content tokens)",
+    )
+    parser.add_argument("--out", metavar="PNG", help="write the heatmap overlay of --span to this file")
+    parser.add_argument("--json", action="store_true", help="print the whole explanation as JSON")
+    parser.add_argument(
+        "--top", type=_non_negative_int, default=5, metavar="K",
+        help="token-region interactions to list (default: %(default)s)",
+    )
+    parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="call deadline")
+    parser.add_argument("--n-steps", type=int, metavar="N", help="quadrature nodes")
+    parser.add_argument("--method", help='quadrature rule, e.g. "riemann_right", "gausslegendre"')
+    parser.add_argument(
+        "--text-layer", type=int, metavar="L", help="text-tower block (negative: from the end)"
+    )
+    parser.add_argument(
+        "--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)"
+    )
+    return parser
+
+
+def _format_report(explanation: Explanation, top: int) -> str:
+    lines = [
+        f"model:             {explanation.model}",
+        f"score:             {explanation.score:.6f} (cosine; logit "
+        f"{explanation.score * explanation.logit_scale:.4f})",
+        f"convergence delta: {explanation.convergence_delta:.3e}",
+        "tokens:            " + " ".join(f"[{i}]{t}" for i, t in enumerate(explanation.tokens)),
+    ]
+    interactions = explanation.top_interactions(top)
+    if interactions:
+        width = max(len("token"), *(len(label) for _, label, *_ in interactions))
+        lines += ["", f"top {len(interactions)} token-region interactions (cosine units):"]
+        lines.append(f"  {'row':>4}  {'token':<{width}}  {'cell (row, col)':<15}  value")
+        for row, label, i, j, value in interactions:
+            lines.append(f"  {row:>4}  {label:<{width}}  {f'({i}, {j})':<15}  {value:+.6f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``explain-client``.
+
+    Args:
+        argv: arguments without the program name; ``None`` = ``sys.argv[1:]``.
+
+    Returns:
+        0 on success, 1 for bad local input (unreadable image or output path,
+        span not in the caption), 2 when the server call fails; the error is
+        printed to stderr as "error: ...". Bad arguments make argparse exit
+        with status 2 (``SystemExit``), ``--help`` with status 0.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        with ExplainClient(args.target, timeout=args.timeout) as client:
+            explanation = client.explain(
+                args.image,
+                args.caption,
+                model=args.model,
+                text_layer=args.text_layer,
+                image_layer=args.image_layer,
+                n_steps=args.n_steps,
+                method=args.method,
+            )
+    except ExplainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    except (OSError, ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_LOCAL_ERROR
+
+    if args.json:
+        print(json.dumps(explanation.to_dict()))
+    else:
+        print(_format_report(explanation, args.top))
+
+    if args.out:
+        n_tokens = len(explanation.tokens)
+        span = args.span if args.span is not None else (1, n_tokens - 1)
+        try:
+            explanation.overlay(args.image, span).save(args.out, format="PNG")
+        except (OSError, ValueError, TypeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_LOCAL_ERROR
+        if not args.json:
+            print(f"\noverlay written to {args.out}")
+    return 0

@@ -1,0 +1,163 @@
+"""A blocking gRPC client for the ``explain.v1.Explain`` service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from explain_client._proto import explain_pb2, explain_pb2_grpc
+from explain_client.errors import from_rpc_error
+from explain_client.explanation import Explanation
+from explain_client.images import ImageInput, encode_image
+from explain_client.models import ModelInfo
+
+__all__ = ["DEFAULT_MAX_RECEIVE_MESSAGE_BYTES", "DEFAULT_MAX_SEND_MESSAGE_BYTES", "ExplainClient"]
+
+# gRPC's 4 MiB default is too small for large photos going out and for
+# (T, Gh, Gw) attributions of long captions on fine grids coming back.
+DEFAULT_MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Default ``grpc.max_send_message_length``, bytes."""
+DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Default ``grpc.max_receive_message_length``, bytes."""
+
+
+class ExplainClient:
+    """Client of an Explain server; use as a context manager or call :meth:`close`.
+
+    Example::
+
+        with ExplainClient("localhost:50051", timeout=60) as client:
+            explanation = client.explain("cat.jpg", "a cat on a sofa")
+
+    Args:
+        target: server address, e.g. ``"localhost:50051"``.
+        timeout: default deadline of each call, seconds; ``None`` = no deadline.
+        credentials: ``grpc.ChannelCredentials`` for a TLS channel; ``None`` =
+            an insecure (plaintext) channel.
+        options: extra gRPC channel options as (name, value) pairs; they
+            override the defaults (64 MiB send and receive message limits).
+
+    The channel connects lazily: an unreachable server surfaces as
+    ``UnavailableError`` on the first call, not here.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Iterable[tuple[str, Any]] | None = None,
+    ) -> None:
+        merged = {
+            "grpc.max_send_message_length": DEFAULT_MAX_SEND_MESSAGE_BYTES,
+            "grpc.max_receive_message_length": DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+        }
+        merged.update(options or ())
+        channel_options = list(merged.items())
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._stub = explain_pb2_grpc.ExplainStub(self._channel)
+        self._timeout = timeout
+
+    def __enter__(self) -> ExplainClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; later calls fail. Safe to call more than once."""
+        self._channel.close()
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the server hosts, in the server's order.
+
+        Args:
+            timeout: deadline, seconds; ``None`` = the client's timeout.
+
+        Raises:
+            ExplainError: the call failed (a subclass per status code, e.g.
+                ``UnavailableError`` while the server is loading models).
+        """
+        try:
+            resp = self._stub.ListModels(
+                explain_pb2.ListModelsRequest(), timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return [ModelInfo.from_proto(m, is_default=m.name == resp.default_model) for m in resp.models]
+
+    def explain(
+        self,
+        image: ImageInput,
+        caption: str,
+        *,
+        model: str | None = None,
+        text_layer: int | None = None,
+        image_layer: int | None = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Explanation:
+        """Explain the similarity of ``image`` and ``caption``.
+
+        Args:
+            image: a path, encoded bytes, a PIL image or an (H, W, 3) uint8 RGB
+                array (see :func:`explain_client.images.encode_image`).
+            caption: the caption text.
+            model: hosted model name; ``None`` = the server's default.
+            text_layer: text-tower block in [-L_t, L_t - 1] (negative counts
+                from the end); ``None`` = the model's default.
+            image_layer: image-tower block in [-L_v, L_v - 1]; ``None`` = default.
+            n_steps: quadrature nodes in [1, max_n_steps]; ``None`` = default.
+            method: quadrature rule (see ``ModelInfo.methods``); ``None`` = default.
+            request_id: id echoed in the response (at most 128 printable ASCII
+                characters); ``None`` = the server generates one.
+            timeout: deadline, seconds; ``None`` = the client's timeout.
+
+        Returns:
+            The decoded :class:`Explanation`.
+
+        Raises:
+            TypeError: ``caption`` is not a str, or ``image`` of an unsupported kind.
+            ValueError: an image array of the wrong shape or dtype, or a
+                malformed response.
+            OSError: an image path that cannot be read.
+            ExplainError: the call failed; the subclass names the status code
+                (``InvalidArgumentError``, ``NotFoundError``, ``UnavailableError``,
+                ``DeadlineExceededError``, ...).
+        """
+        if not isinstance(caption, str):
+            raise TypeError(f"caption must be a str; got {type(caption).__name__}")
+        request = explain_pb2.ExplainRequest(image=encode_image(image), caption=caption)
+        optional = {
+            "model": model,
+            "text_layer": text_layer,
+            "image_layer": image_layer,
+            "n_steps": n_steps,
+            "method": method,
+            "request_id": request_id,
+        }
+        for field, value in optional.items():
+            if value is not None:
+                setattr(request, field, value)
+        try:
+            resp = self._stub.Explain(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return Explanation.from_proto(resp)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout

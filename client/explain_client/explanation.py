@@ -1,0 +1,385 @@
+"""The decoded result of one Explain call, and views derived from it.
+
+Method: L. Moeller, P. Tilli, N. T. Vu, S. Pado, "Explaining Caption-Image
+Interactions in CLIP Models with Second-Order Attributions", TMLR 2025
+(arXiv 2408.14153). ``attribution[s, i, j]`` is the interaction of caption
+token ``s`` with image patch ``(i, j)``, in cosine units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from explain_client._proto import explain_pb2
+from explain_client.images import ImageInput, load_image
+from explain_client.overlay import render_overlay
+from explain_client.tensors import decode_float32_tensor
+
+__all__ = ["Explanation", "ReferenceTerms", "ResolvedOptions", "Span"]
+
+Span = Union[str, Sequence[int]]
+"""A caption span: a substring of the caption, or a (start, stop) row range."""
+
+
+@dataclass(frozen=True)
+class ReferenceTerms:
+    """The reference terms of the decomposition, in cosine units (divided by ||e_t|| ||e_v||).
+
+    ``score = attribution.sum() + cls_attribution.sum() + text_reference
+    + image_reference - both_references + convergence_delta``.
+    """
+
+    text_reference: float
+    """<e_t^r, e_v>: text path endpoint with the image embedding."""
+    image_reference: float
+    """<e_t, e_v^r>: caption embedding with the image path endpoint."""
+    both_references: float
+    """<e_t^r, e_v^r>: both path endpoints."""
+
+
+@dataclass(frozen=True)
+class ResolvedOptions:
+    """The options an explanation was computed with, server defaults resolved."""
+
+    text_layer: int
+    """Text-tower block whose input hidden states were attributed (non-negative index)."""
+    image_layer: int
+    """Image-tower block whose input hidden states were attributed (non-negative index)."""
+    n_steps: int
+    """Quadrature nodes of the path integral."""
+    method: str
+    """Quadrature rule, e.g. "riemann_right" or "gausslegendre"."""
+
+
+def _normalise(text: str) -> str:
+    return "".join(text.split()).lower()
+
+
+def _read_only_float32(values: Any) -> np.ndarray:
+    # A copy, so that freezing it cannot affect the caller's array; read-only
+    # because the dataclass is frozen and derived views assume it never changes.
+    array = np.array(values, dtype=np.float32)
+    array.flags.writeable = False
+    return array
+
+
+def _cell_coverage(lo: float, hi: float, edges: np.ndarray) -> np.ndarray:
+    """Fraction of each interval [edges[k], edges[k+1]) covered by [lo, hi), float64."""
+    overlap = np.minimum(hi, edges[1:]) - np.maximum(lo, edges[:-1])
+    return np.clip(overlap, 0.0, None) / np.diff(edges)
+
+
+# Coerced to float so that to_dict stays JSON-serialisable for numpy scalars too.
+_FLOAT_FIELDS = ("score", "logit_scale", "convergence_delta", "queue_seconds", "compute_seconds")
+
+
+# eq=False: the generated __eq__/__hash__ would compare numpy arrays, which
+# raises; instances compare by identity instead.
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Token x patch interaction attributions of one image-caption pair.
+
+    T is the number of caption tokens from the start token to the end token
+    (row 0 is "<start_of_text>", row T-1 "<end_of_text>"); (Gh, Gw) is the patch
+    grid of the crop box the model saw, grid row 0 at its top, column 0 at its
+    left. Attribution values are raw and signed cosine contributions:
+    positive values raise the similarity; multiply by ``logit_scale`` for logits.
+
+    Arrays are read-only float32 copies. Construction validates consistency and
+    raises ValueError on mismatched shapes, an empty crop box or a bad image size.
+    """
+
+    attribution: np.ndarray
+    """float32 (T, Gh, Gw): token x patch interactions, cosine units."""
+    cls_attribution: np.ndarray
+    """float32 (T,): token x image-class-token interactions, cosine units."""
+    token_ids: tuple[int, ...]
+    """open_clip token ids, length T."""
+    tokens: tuple[str, ...]
+    """Decoded label of each token, length T."""
+    score: float
+    """Cosine similarity of the caption and image embeddings."""
+    logit_scale: float
+    """exp(learned log temperature): cosine x logit_scale = logit."""
+    reference_terms: ReferenceTerms
+    """Reference terms of the decomposition, cosine units."""
+    convergence_delta: float
+    """Score minus all attributions and reference terms: the quadrature error."""
+    crop_box: tuple[float, float, float, float]
+    """(x0, y0, x1, y1) region of the original image the model saw, original pixels."""
+    image_size: tuple[int, int]
+    """(width, height) of the original image after EXIF orientation, pixels."""
+    request_id: str
+    """The request's id (the caller's, or one the server generated)."""
+    model: str
+    """Name of the model that computed the explanation."""
+    options: ResolvedOptions
+    """Layers, steps and quadrature rule used."""
+    queue_seconds: float
+    """Time spent waiting for the model's worker, seconds."""
+    compute_seconds: float
+    """Time spent decoding, preprocessing and attributing, seconds."""
+
+    def __post_init__(self) -> None:
+        attribution = _read_only_float32(self.attribution)
+        cls_attribution = _read_only_float32(self.cls_attribution)
+        token_ids = tuple(int(t) for t in self.token_ids)
+        tokens = tuple(str(t) for t in self.tokens)
+        crop_box = tuple(float(v) for v in self.crop_box)
+        image_size = tuple(int(v) for v in self.image_size)
+        if attribution.ndim != 3 or min(attribution.shape[1:]) < 1:
+            raise ValueError(
+                f"attribution must have shape (T, Gh, Gw) with Gh, Gw >= 1; got {attribution.shape}"
+            )
+        n_tokens = attribution.shape[0]
+        if n_tokens < 2:
+            raise ValueError(f"need at least the start and end tokens; got T = {n_tokens}")
+        if cls_attribution.shape != (n_tokens,):
+            raise ValueError(
+                f"cls_attribution has shape {cls_attribution.shape}; expected ({n_tokens},)"
+            )
+        if len(token_ids) != n_tokens or len(tokens) != n_tokens:
+            raise ValueError(
+                f"{len(token_ids)} token ids and {len(tokens)} tokens for T = {n_tokens} rows"
+            )
+        if len(crop_box) != 4 or not (crop_box[2] > crop_box[0] and crop_box[3] > crop_box[1]):
+            raise ValueError(f"crop_box must be (x0, y0, x1, y1) with x1 > x0, y1 > y0; got {crop_box}")
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be (width, height) >= 1; got {image_size}")
+        # Frozen dataclass: normalised values can only be stored via object.__setattr__.
+        for name, value in (
+            ("attribution", attribution),
+            ("cls_attribution", cls_attribution),
+            ("token_ids", token_ids),
+            ("tokens", tokens),
+            ("crop_box", crop_box),
+            ("image_size", image_size),
+            *((name, float(getattr(self, name))) for name in _FLOAT_FIELDS),
+        ):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_proto(cls, resp: explain_pb2.ExplainResponse) -> Explanation:
+        """Decode an ``ExplainResponse``.
+
+        Raises:
+            ValueError: the attribution tensor's data length does not match its
+                shape, or the fields are inconsistent (see the class docstring).
+        """
+        box = resp.crop_box
+        refs = resp.reference_terms
+        opts = resp.options
+        return cls(
+            attribution=decode_float32_tensor(resp.attribution),
+            cls_attribution=np.array(resp.cls_attribution, dtype=np.float32),
+            token_ids=tuple(resp.token_ids),
+            tokens=tuple(resp.tokens),
+            score=resp.score,
+            logit_scale=resp.logit_scale,
+            reference_terms=ReferenceTerms(
+                refs.text_reference, refs.image_reference, refs.both_references
+            ),
+            convergence_delta=resp.convergence_delta,
+            crop_box=(box.x0, box.y0, box.x1, box.y1),
+            image_size=(resp.image_size.width, resp.image_size.height),
+            request_id=resp.request_id,
+            model=resp.model,
+            options=ResolvedOptions(opts.text_layer, opts.image_layer, opts.n_steps, opts.method),
+            queue_seconds=resp.timings.queue_seconds,
+            compute_seconds=resp.timings.compute_seconds,
+        )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(Gh, Gw): rows and columns of the patch grid."""
+        return self.attribution.shape[1], self.attribution.shape[2]
+
+    def rows(self, span: Span) -> list[int]:
+        """Token rows of a caption span.
+
+        Args:
+            span: either a ``(start, stop)`` pair of ints selecting rows
+                ``start..stop-1`` (``0 <= start < stop <= T``), or a substring of
+                the caption. Substrings are matched case-insensitively with all
+                whitespace removed, against the concatenated labels of the
+                content tokens (rows 1..T-2); the first match wins and every row
+                it overlaps is returned, so "red circ" selects "red" and "circle".
+
+        Returns:
+            Ascending, contiguous row indices.
+
+        Raises:
+            TypeError: ``span`` is neither a str nor a pair of ints.
+            ValueError: a range outside ``0 <= start < stop <= T``; an empty or
+                whitespace-only substring; a substring not found (the message
+                lists the tokens).
+        """
+        if isinstance(span, str):
+            return self._rows_matching(span)
+        try:
+            start, stop = (operator.index(v) for v in span)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"span must be a caption substring or a (start, stop) pair of ints; got {span!r}"
+            ) from err
+        n_tokens = len(self.tokens)
+        if not 0 <= start < stop <= n_tokens:
+            raise ValueError(f"row range ({start}, {stop}) is not within 0 <= start < stop <= {n_tokens}")
+        return list(range(start, stop))
+
+    def _rows_matching(self, substring: str) -> list[int]:
+        needle = _normalise(substring)
+        if not needle:
+            raise ValueError("span substring is empty or whitespace only")
+        labels: list[str] = []
+        row_of_char: list[int] = []
+        for row in range(1, len(self.tokens) - 1):
+            # Normalise per label so that the char -> row map stays aligned even
+            # when lower-casing changes a label's length.
+            label = _normalise(self.tokens[row])
+            labels.append(label)
+            row_of_char.extend([row] * len(label))
+        at = "".join(labels).find(needle)
+        if at < 0:
+            raise ValueError(
+                f"span {substring!r} not found in the caption tokens {list(self.tokens[1:-1])}"
+            )
+        return list(range(row_of_char[at], row_of_char[at + len(needle) - 1] + 1))
+
+    def heatmap(self, span: Span) -> np.ndarray:
+        """Image heatmap of a caption span: the sum of its attribution rows.
+
+        Args:
+            span: see :meth:`rows`.
+
+        Returns:
+            float32 (Gh, Gw), cosine units; grid row 0 is the top of the crop box.
+
+        Raises:
+            TypeError, ValueError: as :meth:`rows`.
+        """
+        return self.attribution[self.rows(span)].sum(axis=0, dtype=np.float64).astype(np.float32)
+
+    def token_scores(self, box: Sequence[float]) -> np.ndarray:
+        """Per-token scores of an image region.
+
+        Grid cell (i, j) covers x in [cx0 + j*cw, cx0 + (j+1)*cw), y in
+        [cy0 + i*ch, cy0 + (i+1)*ch) of the crop box, with cw = (cx1-cx0)/Gw,
+        ch = (cy1-cy0)/Gh. Each cell contributes its attribution times the
+        fraction of its area inside ``box``; parts of ``box`` outside the crop
+        box contribute nothing.
+
+        Args:
+            box: (x0, y0, x1, y1) in original-image pixels, may be fractional.
+
+        Returns:
+            float32 (T,), cosine units; row 0 is the start token.
+
+        Raises:
+            ValueError: ``box`` does not have 4 finite values, or x1 <= x0 or y1 <= y0.
+        """
+        values = tuple(float(v) for v in box)
+        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"box must be 4 finite numbers (x0, y0, x1, y1); got {box!r}")
+        x0, y0, x1, y1 = values
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"box {values} is empty: need x1 > x0 and y1 > y0")
+        gh, gw = self.grid
+        cx0, cy0, cx1, cy1 = self.crop_box
+        weight_y = _cell_coverage(y0, y1, np.linspace(cy0, cy1, gh + 1))
+        weight_x = _cell_coverage(x0, x1, np.linspace(cx0, cx1, gw + 1))
+        scores = np.einsum("tij,i,j->t", self.attribution.astype(np.float64), weight_y, weight_x)
+        return scores.astype(np.float32)
+
+    def top_interactions(self, k: int = 5) -> list[tuple[int, str, int, int, float]]:
+        """The k token-patch interactions of largest magnitude.
+
+        The start and end token rows are excluded: they stand for no part of
+        the caption (the end token aggregates all of it).
+
+        Args:
+            k: how many to return (fewer if there are fewer entries).
+
+        Returns:
+            ``(token_row, token_label, grid_row, grid_col, value)`` tuples sorted
+            by decreasing ``|value|`` (cosine units); ties keep row-major order.
+
+        Raises:
+            ValueError: ``k`` is negative.
+        """
+        if k < 0:
+            raise ValueError(f"k must be >= 0; got {k}")
+        content = self.attribution[1:-1]
+        order = np.argsort(-np.abs(content).ravel(), kind="stable")[:k]
+        result = []
+        for flat in order:
+            s, i, j = (int(v) for v in np.unravel_index(flat, content.shape))
+            result.append((s + 1, self.tokens[s + 1], i, j, float(content[s, i, j])))
+        return result
+
+    def overlay(self, image: ImageInput, span: Span, *, alpha: float = 0.5) -> Image.Image:
+        """Render the heatmap of ``span`` over the crop box of the original image.
+
+        Colours: blue for negative, white at zero, red for positive, scaled
+        symmetrically by the heatmap's max |value|; bilinearly resized onto
+        the pixels whose centres lie inside the crop box and alpha-blended
+        there. Pixels outside the crop box are left exactly unchanged.
+
+        Args:
+            image: the image that was explained, in any form
+                :func:`explain_client.images.encode_image` accepts; decoded with
+                its EXIF orientation applied and converted to RGB.
+            span: see :meth:`rows`.
+            alpha: weight of the colours in [0, 1].
+
+        Returns:
+            A new RGB image of size ``image_size``.
+
+        Raises:
+            TypeError: ``image`` or ``span`` of an unsupported kind.
+            ValueError: the image's size differs from ``image_size``, the image
+                cannot be decoded, ``alpha`` is outside [0, 1], or a bad span
+                (see :meth:`rows`).
+            OSError: an image path that cannot be read.
+        """
+        heat = self.heatmap(span)
+        picture = load_image(image)
+        if picture.size != self.image_size:
+            raise ValueError(
+                f"image is {picture.size[0]}x{picture.size[1]} pixels but the explanation is for "
+                f"{self.image_size[0]}x{self.image_size[1]}"
+            )
+        return render_overlay(picture, heat, self.crop_box, alpha=alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of all fields.
+
+        Arrays become nested lists of floats (``attribution``: T x Gh x Gw,
+        ``cls_attribution``: T), tuples become lists, and ``reference_terms``
+        and ``options`` become dicts.
+        """
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "score": self.score,
+            "logit_scale": self.logit_scale,
+            "convergence_delta": self.convergence_delta,
+            "reference_terms": dataclasses.asdict(self.reference_terms),
+            "options": dataclasses.asdict(self.options),
+            "token_ids": list(self.token_ids),
+            "tokens": list(self.tokens),
+            "attribution": self.attribution.tolist(),
+            "cls_attribution": self.cls_attribution.tolist(),
+            "crop_box": list(self.crop_box),
+            "image_size": list(self.image_size),
+            "queue_seconds": self.queue_seconds,
+            "compute_seconds": self.compute_seconds,
+        }

@@ -1,0 +1,101 @@
+"""Plain-Python descriptions of the models a server hosts (``ListModels``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from explain_client._proto import explain_pb2
+
+__all__ = ["ModelInfo", "Preprocessing"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the server turns an image into model input (open_clip conventions)."""
+
+    mean: tuple[float, ...]
+    """Per RGB channel, in [0, 1] pixel units."""
+    std: tuple[float, ...]
+    """Per RGB channel."""
+    resize_mode: str
+    """"shortest", "longest" or "squash"."""
+    interpolation: str
+    """"bicubic", "bilinear" or "nearest"."""
+    fill_color: int
+    """Padding value for resize_mode "longest"."""
+    conversion: str
+    """How images are converted to RGB."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One hosted model: what it is, its grid and preprocessing, and its defaults."""
+
+    name: str
+    """The name requests use."""
+    architecture: str
+    """open_clip architecture, e.g. "ViT-B-32"."""
+    pretrained: str
+    """open_clip pretrained tag, a local weights path, or "random:SEED"."""
+    embed_dim: int
+    """Embedding dimension D."""
+    image_size: tuple[int, int]
+    """Model input (width, height), pixels."""
+    patch_size: tuple[int, int]
+    """Patch (width, height), pixels."""
+    grid: tuple[int, int]
+    """(Gh, Gw): patch rows and columns."""
+    context_length: int
+    """Text tokens, including start and end."""
+    text_layers: int
+    """Blocks in the text tower."""
+    image_layers: int
+    """Blocks in the image tower."""
+    default_text_layer: int
+    default_image_layer: int
+    default_n_steps: int
+    default_method: str
+    methods: tuple[str, ...]
+    """Accepted quadrature rules."""
+    max_n_steps: int
+    preprocessing: Preprocessing
+    device: str
+    """E.g. "cpu", "cuda:0"."""
+    dtype: str
+    """E.g. "float32"."""
+    is_default: bool
+    """Whether requests without a model name use this model."""
+
+    @classmethod
+    def from_proto(cls, info: explain_pb2.ModelInfo, *, is_default: bool) -> ModelInfo:
+        """Convert a ``ModelInfo`` message; ``is_default`` comes from ``ListModelsResponse.default_model``."""
+        pre = info.preprocessing
+        return cls(
+            name=info.name,
+            architecture=info.architecture,
+            pretrained=info.pretrained,
+            embed_dim=info.embed_dim,
+            image_size=(info.image_size.width, info.image_size.height),
+            patch_size=(info.patch_size.width, info.patch_size.height),
+            grid=(info.grid_height, info.grid_width),
+            context_length=info.context_length,
+            text_layers=info.text_layers,
+            image_layers=info.image_layers,
+            default_text_layer=info.default_text_layer,
+            default_image_layer=info.default_image_layer,
+            default_n_steps=info.default_n_steps,
+            default_method=info.default_method,
+            methods=tuple(info.methods),
+            max_n_steps=info.max_n_steps,
+            preprocessing=Preprocessing(
+                mean=tuple(pre.mean),
+                std=tuple(pre.std),
+                resize_mode=pre.resize_mode,
+                interpolation=pre.interpolation,
+                fill_color=pre.fill_color,
+                conversion=pre.conversion,
+            ),
+            device=info.device,
+            dtype=info.dtype,
+            is_default=is_default,
+        )

@@ -1,0 +1,117 @@
+"""Server configuration: command-line flags, optionally from a TOML config file.
+
+Precedence: built-in defaults < the ``--config`` file < flags given on the command line.
+The config file uses the flags' long names with underscores, e.g.::
+
+    models = ["b32=ViT-B-32:/weights/vit-b-32.safetensors"]
+    default_model = "b32"
+    host = "0.0.0.0"
+    port = 50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass, fields
+
+from .models import DTYPES, ModelSpec
+
+# Until a trained offline model ships, the embedded default is ViT-B-32 with seeded random
+# weights: it needs no download, and its explanations check the arithmetic, not grounding.
+DEFAULT_MODEL = "ViT-B-32-random=ViT-B-32:random:0"
+
+
+@dataclass
+class ServerConfig:
+    """Everything the server needs to start. Units are in the field names."""
+
+    models: list[str]
+    model_configs: list[str]
+    default_model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    dtype: str = "float32"
+    max_n_steps: int = 512
+    max_image_pixels: int = 50_000_000
+    max_message_mb: int = 64
+    jvp_memory_mb: int = 512
+    grace_seconds: float = 30.0
+    log_level: str = "INFO"
+
+    @property
+    def model_specs(self) -> list[ModelSpec]:
+        """Parsed ``models``.
+
+        Raises:
+            ValueError: a malformed entry.
+        """
+        return [ModelSpec.parse(text) for text in self.models]
+
+    @property
+    def default_model_name(self) -> str:
+        """``default_model``, or the first model's name."""
+        return self.default_model or self.model_specs[0].name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``explain-server`` argument parser (every default is None: see :func:`load_config`)."""
+    p = argparse.ArgumentParser(
+        prog="explain-server",
+        description="Serve second-order CLIP explanations (explain.v1.Explain) over gRPC.",
+    )
+    p.add_argument("--config", help="TOML file with any of these options (flags override it)")
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME=ARCH:PRETRAINED",
+        help="a model to host (repeatable). PRETRAINED: an open_clip tag such as 'openai' (downloaded "
+        "and cached by open_clip when online), a local weights file, or 'random:SEED' (seeded random "
+        f"weights, tests only). Default: {DEFAULT_MODEL}",
+    )
+    p.add_argument(
+        "--model-config",
+        dest="model_configs",
+        action="append",
+        metavar="PATH",
+        help="an open_clip model config JSON (or a folder of them) to register as architectures (repeatable)",
+    )
+    p.add_argument("--default-model", help="model used when a request names none (default: the first)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    p.add_argument("--device", help="auto, cpu or cuda[:i] (default auto: CUDA when present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="model weights and activations (default float32)")
+    p.add_argument("--max-n-steps", type=int, help="largest n_steps a request may ask for (default 512)")
+    p.add_argument("--max-image-pixels", type=int, help="largest width*height of an image (default 50000000)")
+    p.add_argument("--max-message-mb", type=int, help="largest request and response, MiB (default 64)")
+    p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 512)")
+    p.add_argument("--grace-seconds", type=float, help="shutdown grace period, seconds (default 30)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return p
+
+
+def load_config(argv: list[str] | None = None) -> ServerConfig:
+    """Parse flags and the optional config file into a :class:`ServerConfig`.
+
+    Raises:
+        SystemExit: bad flags (argparse prints the reason).
+        ValueError: unreadable config file, unknown keys, or malformed model specs.
+    """
+    args = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    config_path = args.pop("config")
+    if config_path:
+        with open(config_path, "rb") as f:
+            values = tomllib.load(f)
+        known = {f.name for f in fields(ServerConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown keys {unknown}; known: {sorted(known)}")
+    values.update({k: v for k, v in args.items() if v is not None})
+    values.setdefault("models", [DEFAULT_MODEL])
+    values.setdefault("model_configs", [])
+    config = ServerConfig(**values)
+    config.model_specs  # validate now, before anything loads
+    return config

@@ -1,0 +1,1 @@
+"""The attribution engine: tower splitting, quadrature, factorised second-order attributions."""

@@ -1,0 +1,97 @@
+"""Explain one (caption, image) pair with a loaded open_clip CLIP model."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from open_clip.model import CLIP
+
+from .attribution import Attribution, attribution_factor, combine
+from .quadrature import nodes_and_weights
+from .towers import ImageTower, TextTower
+
+
+class Explainer:
+    """Computes :class:`Attribution` s for one model; references are deterministic and cached.
+
+    References (method.md, exclip's defaults): the text reference is the token sequence
+    [start, id 0, end] padded with zeros; the image reference is the all-zeros tensor in
+    normalised pixel space (the dataset-mean image). Their hidden states never change, so
+    they are computed once per layer.
+    """
+
+    def __init__(self, model: CLIP, *, sot_token_id: int, eot_token_id: int, memory_bytes: int):
+        """Wrap an eval-mode ``model``.
+
+        Args:
+            model: open_clip CLIP in eval mode, on its device and dtype.
+            sot_token_id, eot_token_id: the tokenizer's start and end token ids.
+            memory_bytes: budget for the tangent activations of one JVP chunk.
+
+        Raises:
+            UnsupportedModelError: a tower the engine cannot explain.
+        """
+        self.text = TextTower(model)
+        self.image = ImageTower(model)
+        self.memory_bytes = memory_bytes
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        ref_ids = torch.zeros((1, model.context_length), dtype=torch.long, device=self.device)
+        ref_ids[0, 0], ref_ids[0, 2] = sot_token_id, eot_token_id
+        self._text_reference_ids = ref_ids
+        height, width = model.visual.image_size
+        self._image_reference = torch.zeros((1, 3, height, width), dtype=self.dtype, device=self.device)
+        self._reference_hidden: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _reference(self, tower: str, layer: int) -> torch.Tensor:
+        key = (tower, layer)
+        if key not in self._reference_hidden:
+            if tower == "text":
+                hidden = self.text.lower(self._text_reference_ids, layer)
+            else:
+                hidden = self.image.lower(self._image_reference, layer)
+            self._reference_hidden[key] = hidden[0]
+        return self._reference_hidden[key]
+
+    def explain(
+        self,
+        token_ids: torch.Tensor,
+        pixels: torch.Tensor,
+        *,
+        text_layer: int,
+        image_layer: int,
+        method: str,
+        n_steps: int,
+    ) -> Attribution:
+        """Token x patch interactions of one pair (paper Eq. 10, factorised as in method.md).
+
+        Args:
+            token_ids: (S_t,) int64 from the start token up to and including the end token.
+            pixels: (3, H, W) normalised image, float32.
+            text_layer, image_layer: non-negative block indices whose inputs are attributed.
+            method: quadrature rule (see quadrature.METHODS).
+            n_steps: number of quadrature nodes.
+
+        Returns:
+            The :class:`Attribution`, interactions of shape (S_t, 1 + Gh * Gw).
+
+        Raises:
+            ValueError: bad method or n_steps for it.
+        """
+        alphas, weights = nodes_and_weights(method, n_steps)
+        seq = token_ids.shape[0]
+        text_upper = functools.partial(self.text.upper, layer=text_layer)
+        image_upper = functools.partial(self.image.upper, layer=image_layer)
+        # Forward-mode AD (torch.func.jvp) does not need the autograd graph.
+        with torch.no_grad():
+            h_t = self.text.lower(token_ids[None].to(self.device), text_layer)[0]
+            h_v = self.image.lower(pixels[None].to(self.device, self.dtype), image_layer)[0]
+            # Causal tower: the reference's first S_t rows do not depend on what follows them.
+            h_t_ref = self._reference("text", text_layer)[:seq]
+            h_v_ref = self._reference("image", image_layer)
+            text_endpoints = text_upper(torch.stack([h_t, h_t_ref]))
+            image_endpoints = image_upper(torch.stack([h_v, h_v_ref]))
+            text_factor = attribution_factor(text_upper, h_t, h_t_ref, alphas, weights, self.memory_bytes)
+            image_factor = attribution_factor(image_upper, h_v, h_v_ref, alphas, weights, self.memory_bytes)
+        return combine(text_factor, image_factor, text_endpoints, image_endpoints)

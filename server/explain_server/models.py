@@ -1,0 +1,208 @@
+"""Loading open_clip models for serving: ``NAME=ARCH:PRETRAINED`` specs, devices, dtypes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import open_clip
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2
+
+from .engine.explainer import Explainer
+from .engine.quadrature import EXCLIP_METHOD
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+DEFAULT_N_STEPS = 10  # exclip's default N
+
+
+class ModelLoadError(RuntimeError):
+    """A configured model could not be loaded; the message names the model and the cause."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``--model NAME=ARCH:PRETRAINED`` entry.
+
+    Attributes:
+        name: the name requests use.
+        architecture: open_clip architecture (``open_clip.list_models()`` or a ``--model-config`` file stem).
+        pretrained: an open_clip pretrained tag (downloaded and cached by open_clip when online),
+            a path to a local weights file (.safetensors, .pt, .bin), or ``random:SEED`` for
+            seeded random weights (tests and demos; not a trained model).
+    """
+
+    name: str
+    architecture: str
+    pretrained: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        """Parse ``NAME=ARCH:PRETRAINED``.
+
+        Raises:
+            ValueError: the text is not of that form.
+        """
+        name, sep, rest = text.partition("=")
+        architecture, sep2, pretrained = rest.partition(":")
+        if not (sep and sep2 and name and architecture and pretrained):
+            raise ValueError(f"--model must be NAME=ARCH:PRETRAINED (e.g. b32=ViT-B-32:openai); got {text!r}")
+        return cls(name=name, architecture=architecture, pretrained=pretrained)
+
+    @property
+    def random_seed(self) -> int | None:
+        """The seed when ``pretrained`` is ``random[:SEED]``, else None."""
+        kind, _, seed = self.pretrained.partition(":")
+        if kind != "random":
+            return None
+        return int(seed) if seed else 0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device when present, else CPU; otherwise ``cpu`` or ``cuda[:i]``.
+
+    Raises:
+        ValueError: unknown device string, or CUDA requested but not available.
+    """
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:i]; got {device!r}")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+@dataclass
+class LoadedModel:
+    """A preloaded, warmed-up model with its tokenizer, preprocessing and explainer."""
+
+    spec: ModelSpec
+    model: open_clip.model.CLIP
+    tokenizer: SimpleTokenizer
+    preprocess_cfg: PreprocessCfg
+    explainer: Explainer
+    device: torch.device
+    dtype_name: str
+    load_seconds: float
+
+    def __post_init__(self) -> None:
+        self.transform = image_transform_v2(self.preprocess_cfg, is_train=False)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Model input (height, width) in pixels."""
+        return tuple(self.model.visual.image_size)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Patch (height, width) in pixels."""
+        return tuple(self.model.visual.patch_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(Gh, Gw)."""
+        return self.explainer.image.grid_size
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the joint embedding width."""
+        return int(self.explainer.image.visual.output_dim)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale): the factor from cosine to logits."""
+        return float(self.model.logit_scale.detach().exp())
+
+    @property
+    def default_text_layer(self) -> int:
+        """The input of the last text block, as in exclip."""
+        return self.explainer.text.n_layers - 1
+
+    @property
+    def default_image_layer(self) -> int:
+        """The input of the last image block, as in exclip."""
+        return self.explainer.image.n_layers - 1
+
+    default_method = EXCLIP_METHOD
+    default_n_steps = DEFAULT_N_STEPS
+
+
+def _create(spec: ModelSpec, device: torch.device, dtype: str) -> torch.nn.Module:
+    precision = _PRECISION[dtype]
+    seed = spec.random_seed
+    if seed is not None:
+        # fork_rng: seeding must not disturb the process-wide generator
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.create_model(spec.architecture, pretrained=None, precision=precision, device=device)
+    looks_like_path = os.sep in spec.pretrained or spec.pretrained.endswith((".safetensors", ".pt", ".pth", ".bin"))
+    if looks_like_path and not os.path.isfile(spec.pretrained):
+        raise ModelLoadError(f"model {spec.name!r}: weights file {spec.pretrained} does not exist")
+    return open_clip.create_model(
+        spec.architecture, pretrained=spec.pretrained, precision=precision, device=device, require_pretrained=True
+    )
+
+
+def load_model(spec: ModelSpec, *, device: torch.device, dtype: str, memory_bytes: int) -> LoadedModel:
+    """Build, load and check one model; weights come from ``spec.pretrained``.
+
+    Args:
+        spec: what to load.
+        device: where the model runs.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` (weights and activations; path sums
+            are accumulated in float32).
+        memory_bytes: JVP chunk budget for the explainer.
+
+    Raises:
+        ModelLoadError: unknown architecture, missing or unreadable weights, or an
+            architecture the engine cannot explain; the message names the model.
+    """
+    start = time.perf_counter()
+    if spec.architecture not in open_clip.list_models():
+        raise ModelLoadError(
+            f"model {spec.name!r}: unknown open_clip architecture {spec.architecture!r} "
+            "(see open_clip.list_models(), or register a config with --model-config)"
+        )
+    try:
+        model = _create(spec, device, dtype)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # open_clip raises RuntimeError, safetensors/torch their own types
+        raise ModelLoadError(f"model {spec.name!r}: cannot load weights {spec.pretrained!r}: {err}") from err
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(spec.architecture)
+    if not isinstance(tokenizer, SimpleTokenizer):
+        raise ModelLoadError(
+            f"model {spec.name!r}: tokenizer {type(tokenizer).__name__} is not supported; "
+            "the engine needs open_clip's SimpleTokenizer (CLIP BPE)"
+        )
+    try:
+        explainer = Explainer(
+            model,
+            sot_token_id=tokenizer.sot_token_id,
+            eot_token_id=tokenizer.eot_token_id,
+            memory_bytes=memory_bytes,
+        )
+    except ValueError as err:
+        raise ModelLoadError(f"model {spec.name!r} ({spec.architecture}) cannot be explained: {err}") from err
+    loaded = LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        preprocess_cfg=PreprocessCfg(**model.visual.preprocess_cfg),
+        explainer=explainer,
+        device=device,
+        dtype_name=dtype,
+        load_seconds=0.0,
+    )
+    loaded.load_seconds = time.perf_counter() - start
+    log.info("loaded model %s (%s, %s) on %s in %.1f s", spec.name, spec.architecture, spec.pretrained, device, loaded.load_seconds)
+    return loaded

@@ -1,0 +1,108 @@
+"""``explain-server``: gRPC server with health checking, reflection and preloaded models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+import open_clip
+from explain_client._proto import explain_pb2, explain_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import ServerConfig, load_config
+from .models import ModelLoadError, resolve_device
+from .registry import ModelRegistry
+from .service import ExplainService, Limits
+
+log = logging.getLogger("explain_server")
+
+SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["Explain"].full_name
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    # "" is the whole server (what probes ask by default), then the Explain service itself
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run the server until SIGTERM or SIGINT.
+
+    Health is NOT_SERVING while models load and warm up, SERVING after. On a signal, health
+    turns NOT_SERVING, new calls get UNAVAILABLE and calls in progress get ``grace_seconds``
+    to finish.
+
+    Returns:
+        The process exit code: 0 after a clean shutdown, 1 if a model failed to load.
+    """
+    for path in config.model_configs:
+        open_clip.add_model_config(path)
+    registry = ModelRegistry(
+        config.model_specs,
+        config.default_model_name,
+        device=resolve_device(config.device),
+        dtype=config.dtype,
+        memory_bytes=config.jvp_memory_mb << 20,
+    )
+    max_bytes = config.max_message_mb << 20
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+    )
+    service = ExplainService(registry, Limits(max_n_steps=config.max_n_steps, max_image_pixels=config.max_image_pixels))
+    explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    address = f"{config.host}:{config.port}"
+    server.add_insecure_port(address)
+    await server.start()
+    log.info("listening on %s; loading %d model(s)", address, len(registry.specs))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    loading = asyncio.ensure_future(asyncio.to_thread(registry.load_all))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if loading.done():
+        try:
+            loading.result()
+            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+            log.info("all models loaded and warmed up; SERVING")
+            await stopping
+        except ModelLoadError as err:
+            log.error("start-up failed: %s", err)
+            exit_code = 1
+    log.info("shutting down (grace %.0f s)", config.grace_seconds)
+    service.shutting_down = True
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(config.grace_seconds)
+    service.close()
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of ``explain-server`` (flags: ``explain-server --help``)."""
+    try:
+        config = load_config(argv)
+    except (ValueError, OSError) as err:
+        print(f"explain-server: {err}", file=sys.stderr)
+        return 2
+    # open_clip logs routine steps at INFO on the root logger: keep those at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(config.log_level.upper())
+    try:
+        return asyncio.run(serve(config))
+    except (ValueError, OSError) as err:
+        log.error("%s", err)
+        return 2

@@ -1,0 +1,251 @@
+"""The attribution engine in-process: brute force, completeness, quadrature, tower splits, load checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import TINY, seeded_model
+from torch.autograd.functional import jacobian
+
+from explain_server.engine.explainer import Explainer
+from explain_server.engine.quadrature import METHODS, nodes_and_weights
+from explain_server.engine.towers import ImageTower, TextTower, UnsupportedModelError
+from explain_server.models import ModelLoadError, ModelSpec, load_model, resolve_device
+
+CAPTION = "a red circle and a blue square"
+
+
+def make_explainer(model) -> Explainer:
+    tok = open_clip.get_tokenizer(TINY)
+    return Explainer(model, sot_token_id=tok.sot_token_id, eot_token_id=tok.eot_token_id, memory_bytes=1 << 20)
+
+
+def caption_ids(text: str = CAPTION) -> torch.Tensor:
+    ids = open_clip.get_tokenizer(TINY)([text])[0]
+    return ids[: int(ids.argmax()) + 1].long()
+
+
+def random_pixels(seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn((3, 64, 64), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    """The tiny model in float64, so that comparisons test the method, not rounding."""
+    return seeded_model(TINY).double().requires_grad_(False)
+
+
+def test_towers_reproduce_open_clip_embeddings(tiny64):
+    """upper(lower(x)) at every layer equals open_clip's own encode_text / encode_image."""
+    ids = caption_ids()
+    pixels = random_pixels(dtype=torch.float64)[None]
+    text, image = TextTower(tiny64), ImageTower(tiny64)
+    full_ids = open_clip.get_tokenizer(TINY)([CAPTION])
+    with torch.no_grad():
+        want_t = tiny64.encode_text(full_ids)
+        want_v = tiny64.encode_image(pixels)
+        for layer in range(text.n_layers):
+            got_t = text.upper(text.lower(ids[None], layer), layer)
+            torch.testing.assert_close(got_t, want_t, rtol=1e-10, atol=1e-12)
+        for layer in range(image.n_layers):
+            got_v = image.upper(image.lower(pixels, layer), layer)
+            torch.testing.assert_close(got_v, want_v, rtol=1e-10, atol=1e-12)
+
+
+def _open_clip_text_upper(model, layer: int, seq: int):
+    """f_hi built from open_clip's own modules (reverse-mode friendly), independent of towers.py."""
+
+    def f(h):
+        x = h[None]
+        for block in model.transformer.resblocks[layer:]:
+            x = block(x, attn_mask=model.attn_mask[:seq, :seq])
+        return model.ln_final(x)[0, seq - 1] @ model.text_projection
+
+    return f
+
+
+def _open_clip_image_upper(model, layer: int):
+    def f(h):
+        x = h[None]
+        for block in model.visual.transformer.resblocks[layer:]:
+            x = block(x)
+        return model.visual.ln_post(x[0, 0]) @ model.visual.proj
+
+    return f
+
+
+@pytest.mark.parametrize("layers", [(1, 1), (0, 1), (1, 0)])
+def test_equals_brute_force_feature_pair_matrix(tiny64, layers):
+    """Token x patch matrix == the full (S_t d_t) x (S_v d_v) matrix of method.md summed over features."""
+    text_layer, image_layer = layers
+    explainer = make_explainer(tiny64)
+    ids, pixels = caption_ids(), random_pixels(dtype=torch.float64)
+    got = explainer.explain(ids, pixels, text_layer=text_layer, image_layer=image_layer, method="riemann_right", n_steps=4)
+
+    alphas, weights = nodes_and_weights("riemann_right", 4)
+    seq = len(ids)
+    with torch.no_grad():
+        h_t = explainer.text.lower(ids[None], text_layer)[0]
+        r_t = explainer.text.lower(explainer._text_reference_ids, text_layer)[0, :seq]
+        h_v = explainer.image.lower(pixels[None], image_layer)[0]
+        r_v = explainer.image.lower(torch.zeros_like(pixels)[None], image_layer)[0]
+    f_t = _open_clip_text_upper(tiny64, text_layer, seq)
+    f_v = _open_clip_image_upper(tiny64, image_layer)
+    with torch.enable_grad():
+        j_t = sum(w * jacobian(f_t, r_t + a * (h_t - r_t)) for a, w in zip(alphas, weights))  # (D, S_t, d_t)
+        j_v = sum(w * jacobian(f_v, r_v + a * (h_v - r_v)) for a, w in zip(alphas, weights))  # (D, S_v, d_v)
+    d_t, d_v = (h_t - r_t).reshape(-1), (h_v - r_v).reshape(-1)
+    pairs = d_t[:, None] * (j_t.reshape(j_t.shape[0], -1).T @ j_v.reshape(j_v.shape[0], -1)) * d_v[None, :]
+    token_patch = pairs.reshape(seq, h_t.shape[1], h_v.shape[0], h_v.shape[1]).sum(dim=(1, 3))
+    with torch.no_grad():
+        norm = f_t(h_t).norm() * f_v(h_v).norm()
+    want = (token_patch / norm).numpy()
+    assert np.linalg.norm(got.interactions - want) <= 1e-5 * np.linalg.norm(want)
+
+
+@pytest.fixture(scope="module")
+def by_method(tiny64):
+    """{method: {n_steps: Attribution}} for one pair on the tiny model."""
+    explainer = make_explainer(tiny64)
+    ids, pixels = caption_ids(), random_pixels(dtype=torch.float64)
+    return {
+        method: {
+            n: explainer.explain(ids, pixels, text_layer=1, image_layer=1, method=method, n_steps=n)
+            for n in (3, 12, 48)
+        }
+        for method in METHODS
+    }
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_quadrature_method_converges(by_method, method):
+    deltas = [abs(by_method[method][n].convergence_delta) for n in (3, 12, 48)]
+    assert deltas[0] > deltas[1] > deltas[2]
+
+
+def test_quadrature_methods_agree_at_high_n_steps(by_method):
+    reference = by_method["gausslegendre"][48].interactions
+    for method in METHODS:
+        got = by_method[method][48].interactions
+        assert np.linalg.norm(got - reference) <= 0.05 * np.linalg.norm(reference), method
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n_steps", [2, 7])
+def test_quadrature_weights_integrate_linear_functions_exactly(method, n_steps):
+    alphas, weights = nodes_and_weights(method, n_steps)
+    assert alphas.shape == weights.shape == (n_steps,)
+    assert np.all((alphas >= 0) & (alphas <= 1))
+    assert weights.sum() == pytest.approx(1.0)
+    if method in ("riemann_middle", "riemann_trapezoid", "gausslegendre"):
+        assert (weights * alphas).sum() == pytest.approx(0.5)  # exact for f(a) = a
+
+
+def test_riemann_right_is_exclips_rule():
+    """exclip: nodes 1, 1 - 1/N, ..., 1/N with weights 1/N (Captum's riemann_right)."""
+    alphas, weights = nodes_and_weights("riemann_right", 10)
+    np.testing.assert_allclose(np.sort(alphas), np.arange(1, 11) / 10)
+    np.testing.assert_allclose(weights, 0.1)
+    left, _ = nodes_and_weights("riemann_left", 10)
+    np.testing.assert_allclose(left, np.arange(10) / 10)
+
+
+@pytest.mark.parametrize("bad", [("simpson", 10), ("riemann_trapezoid", 1), ("gausslegendre", 0)])
+def test_quadrature_rejects_bad_arguments(bad):
+    with pytest.raises(ValueError, match="method|n_steps"):
+        nodes_and_weights(*bad)
+
+
+def test_chunking_does_not_change_the_result(tiny64):
+    """One tangent per chunk and all tangents in one chunk give the same factors."""
+    ids, pixels = caption_ids(), random_pixels(dtype=torch.float64)
+    small = make_explainer(tiny64)
+    small.memory_bytes = 1
+    large = make_explainer(tiny64)
+    large.memory_bytes = 1 << 40
+    a = small.explain(ids, pixels, text_layer=0, image_layer=0, method="gausslegendre", n_steps=3)
+    b = large.explain(ids, pixels, text_layer=0, image_layer=0, method="gausslegendre", n_steps=3)
+    np.testing.assert_allclose(a.interactions, b.interactions, rtol=1e-10, atol=1e-14)
+
+
+def test_no_hooks_left_and_model_unchanged(tiny64):
+    explainer = make_explainer(tiny64)
+    before = {k: v.clone() for k, v in tiny64.state_dict().items()}
+    explainer.explain(caption_ids(), random_pixels(dtype=torch.float64), text_layer=1, image_layer=1,
+                      method="riemann_right", n_steps=3)
+    for module in tiny64.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks and not module._backward_hooks
+    for k, v in tiny64.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not tiny64.training
+
+
+def _register_variant(tmp_path, name: str, changes: dict) -> str:
+    """Register a copy of the tiny config with ``changes`` (sections merged) as architecture ``name``."""
+    config = copy.deepcopy(open_clip.get_model_config(TINY))
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return name
+
+
+@pytest.mark.parametrize(
+    "variant, changes, message",
+    [
+        ("custom-text", {"custom_text": True}, "CustomTextCLIP"),
+        ("attn-pool", {"vision_cfg": {"attentional_pool": True}}, "class token"),
+        ("first-pool", {"text_cfg": {"pool_type": "first"}}, "pool_type"),
+    ],
+)
+def test_unsupported_architectures_are_refused_at_load(tmp_path, variant, changes, message):
+    name = _register_variant(tmp_path, f"tiny-{variant}", changes)
+    spec = ModelSpec(name="variant", architecture=name, pretrained="random:0")
+    with pytest.raises(ModelLoadError, match=f"variant.*{message}|{message}.*"):
+        load_model(spec, device=torch.device("cpu"), dtype="float32", memory_bytes=1 << 20)
+
+
+def test_missing_weights_file_names_model_and_file(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    spec = ModelSpec(name="b32", architecture="ViT-B-32", pretrained=str(missing))
+    with pytest.raises(ModelLoadError, match=f"'b32'.*{missing}"):
+        load_model(spec, device=torch.device("cpu"), dtype="float32", memory_bytes=1 << 20)
+
+
+def test_unknown_architecture_is_refused():
+    spec = ModelSpec(name="x", architecture="ViT-Q-99", pretrained="random:0")
+    with pytest.raises(ModelLoadError, match="unknown open_clip architecture 'ViT-Q-99'"):
+        load_model(spec, device=torch.device("cpu"), dtype="float32", memory_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("text", ["b32", "b32=ViT-B-32", "=ViT-B-32:openai", "b32=:openai", "b32=ViT-B-32:"])
+def test_model_spec_rejects_malformed_entries(text):
+    with pytest.raises(ValueError, match="NAME=ARCH:PRETRAINED"):
+        ModelSpec.parse(text)
+
+
+def test_model_spec_parses_tags_paths_and_seeds():
+    assert ModelSpec.parse("b32=ViT-B-32:openai") == ModelSpec("b32", "ViT-B-32", "openai")
+    assert ModelSpec.parse("w=ViT-B-16:/w/a:b.pt").pretrained == "/w/a:b.pt"
+    assert ModelSpec.parse("r=ViT-B-32:random:7").random_seed == 7
+    assert ModelSpec.parse("r=ViT-B-32:random").random_seed == 0
+    assert ModelSpec.parse("b32=ViT-B-32:openai").random_seed is None
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="--device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
