@@ -284,6 +284,16 @@ def test_overlay_paints_pixels_whose_centres_lie_in_a_fractional_crop_box(photo)
     assert np.all(np.any(out[:, 113:335] != photo[:, 113:335], axis=-1))
 
 
+def test_overlay_of_a_crop_box_whose_edge_pixels_start_before_it(photo):
+    """Pixel 112's centre (112.5) is inside a box starting at 112.2, its left edge is not:
+    the overlay still paints it (a regression: Pillow refuses negative resize boxes)."""
+    exp = uniform_explanation(1.0, crop_box=(112.2, 0.3, 335.8, 223.9))
+    out = np.asarray(exp.overlay(photo, "red"))
+    np.testing.assert_array_equal(out[:, :112], photo[:, :112])
+    np.testing.assert_array_equal(out[:, 336:], photo[:, 336:])
+    assert np.all(np.any(out[:, 112:336] != photo[:, 112:336], axis=-1))
+
+
 @pytest.mark.parametrize(("value", "hot", "cold"), [(1.0, 0, 2), (-1.0, 2, 0)])
 def test_overlay_colours_positive_red_and_negative_blue(value, hot, cold):
     gray = np.full((IMAGE_SIZE[1], IMAGE_SIZE[0], 3), 128, np.uint8)

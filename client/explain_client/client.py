@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import grpc
 
 from explain_client._proto import explain_pb2, explain_pb2_grpc
-from explain_client.errors import from_rpc_error
+from explain_client.errors import UnavailableError, from_rpc_error
 from explain_client.explanation import Explanation
 from explain_client.images import ImageInput, encode_image
 from explain_client.models import ModelInfo
@@ -97,6 +98,29 @@ class ExplainClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return [ModelInfo.from_proto(m, is_default=m.name == resp.default_model) for m in resp.models]
+
+    def wait_until_ready(self, timeout: float, *, poll_seconds: float = 0.25) -> list[ModelInfo]:
+        """Block until the server hosts its models (loaded and warmed up), polling ListModels.
+
+        Args:
+            timeout: longest wait, seconds.
+            poll_seconds: pause between attempts, seconds.
+
+        Returns:
+            The hosted models, as :meth:`list_models`.
+
+        Raises:
+            UnavailableError: the server was unreachable or still loading after ``timeout``.
+            ExplainError: any other failure, at once.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.list_models(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except UnavailableError:
+                if time.monotonic() + poll_seconds > deadline:
+                    raise
+            time.sleep(poll_seconds)
 
     def explain(
         self,

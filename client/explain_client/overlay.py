@@ -82,7 +82,14 @@ def render_overlay(
     gh, gw = heat.shape
     cell_w, cell_h = (x1 - x0) / gw, (y1 - y0) / gh
     # The painted pixel range in grid-cell units: Pillow resamples exactly that part of the grid.
-    source = ((c0 - x0) / cell_w, (r0 - y0) / cell_h, (c1 - x0) / cell_w, (r1 - y0) / cell_h)
+    # Edge pixels are painted when their centres are inside, so their outer edges may lie up to
+    # half a pixel outside the grid; clamping shifts the heat there by less than half a pixel.
+    source = (
+        max(0.0, (c0 - x0) / cell_w),
+        max(0.0, (r0 - y0) / cell_h),
+        min(float(gw), (c1 - x0) / cell_w),
+        min(float(gh), (r1 - y0) / cell_h),
+    )
     grid = Image.fromarray(heat.astype(np.float32), mode="F")
     resized = np.asarray(grid.resize((c1 - c0, r1 - r0), Image.Resampling.BILINEAR, box=source), dtype=np.float64)
     scale = float(np.max(np.abs(heat)))

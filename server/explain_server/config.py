@@ -36,7 +36,7 @@ class ServerConfig:
     max_n_steps: int = 512
     max_image_pixels: int = 50_000_000
     max_message_mb: int = 64
-    jvp_memory_mb: int = 512
+    jvp_memory_mb: int = 128
     grace_seconds: float = 30.0
     log_level: str = "INFO"
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n-steps", type=int, help="largest n_steps a request may ask for (default 512)")
     p.add_argument("--max-image-pixels", type=int, help="largest width*height of an image (default 50000000)")
     p.add_argument("--max-message-mb", type=int, help="largest request and response, MiB (default 64)")
-    p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 512)")
+    p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 128; raise it on GPUs)")
     p.add_argument("--grace-seconds", type=float, help="shutdown grace period, seconds (default 30)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return p

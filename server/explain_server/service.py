@@ -188,9 +188,6 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         self._workers = {spec.name: ThreadPoolExecutor(1, thread_name_prefix=f"model-{spec.name}") for spec in registry.specs}
         self.shutting_down = False
 
-    def _model(self, name: str) -> LoadedModel | None:
-        return self.registry.get(name)
-
     async def _check_serving(self, context: grpc.aio.ServicerContext) -> None:
         if self.shutting_down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
@@ -200,7 +197,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
     async def Explain(self, request: explain_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
         """See proto/explain/v1/explain.proto."""
         await self._check_serving(context)
-        loaded = self._model(request.model)
+        loaded = self.registry.get(request.model)
         if loaded is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,

@@ -1,0 +1,40 @@
+# Everything installs from nothing into the project's own virtualenv (.venv).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench proto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The server: torch==2.14.1 / torchvision==0.29.1 (pinned in pyproject.toml), open_clip, gRPC.
+$(VENV)/.server-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[server]"
+	touch $@
+
+# Tests add exclip 1.1, the reference implementation. It imports `clip`, which the
+# openai-clip sdist provides; that sdist only builds beside setuptools<81 (pkg_resources),
+# hence no build isolation for those two.
+$(VENV)/.test-installed: $(VENV)/.server-installed
+	$(BIN)/python -m pip install -e ".[server,test]"
+	$(BIN)/python -m pip install --no-build-isolation openai-clip==1.0.1 exclip==1.1
+	touch $@
+
+install: $(VENV)/.test-installed
+
+demo: $(VENV)/.server-installed
+	$(BIN)/explain-demo
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python benchmarks/bench_exclip.py --record docs/benchmarks.md
+
+proto: $(VENV)/.test-installed
+	$(BIN)/python proto/generate.py
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache

@@ -1,0 +1,99 @@
+"""Server flags, the TOML config file, and start-up behaviour of the real process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from conftest import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from explain_client import ExplainClient, UnavailableError
+from explain_server.config import DEFAULT_MODEL, load_config
+
+
+def test_defaults_host_the_embedded_model():
+    config = load_config([])
+    assert config.models == [DEFAULT_MODEL] and config.default_model_name == "ViT-B-32-random"
+    assert (config.host, config.port, config.device, config.dtype) == ("127.0.0.1", 50051, "auto", "float32")
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text('models = ["a=ViT-B-32:random:1", "b=ViT-B-16:openai"]\nport = 6000\nhost = "0.0.0.0"\n')
+    config = load_config(["--config", str(path), "--port", "7000"])
+    assert [s.name for s in config.model_specs] == ["a", "b"]
+    assert (config.port, config.host, config.default_model_name) == (7000, "0.0.0.0", "a")
+    flagged = load_config(["--config", str(path), "--model", "c=ViT-L-14:openai"])
+    assert [s.name for s in flagged.model_specs] == ["c"]
+
+
+def test_config_file_rejects_unknown_keys(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text("prot = 6000\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['prot'\]"):
+        load_config(["--config", str(path)])
+
+
+def test_malformed_model_flag_is_refused():
+    with pytest.raises(ValueError, match="NAME=ARCH:PRETRAINED"):
+        load_config(["--model", "ViT-B-32"])
+
+
+def run_server(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(free_port()), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_missing_weights_file_fails_start_up_naming_model_and_file(tmp_path):
+    missing = tmp_path / "absent.safetensors"
+    result = run_server("--model", f"b32=ViT-B-32:{missing}")
+    assert result.returncode == 1
+    assert f"model 'b32': weights file {missing} does not exist" in result.stderr
+
+
+def test_unknown_default_model_is_a_usage_error():
+    result = run_server("--model", "a=ViT-B-32:random:0", "--default-model", "b")
+    assert result.returncode == 2
+    assert "--default-model 'b' is not one of the configured models ['a']" in result.stderr
+
+
+def test_not_serving_and_unavailable_until_models_are_warm():
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port),
+         "--model", "b32=ViT-B-32:random:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    statuses, refusals = [], []
+    try:
+        with grpc.insecure_channel(target) as channel, ExplainClient(target, timeout=10) as client:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                except grpc.RpcError:
+                    time.sleep(0.05)  # not listening yet
+                    continue
+                if not statuses or statuses[-1] != status:
+                    statuses.append(status)
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                try:
+                    client.list_models()
+                except UnavailableError as err:
+                    refusals.append(err.details)
+                time.sleep(0.05)
+            assert client.list_models()[0].name == "b32"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
+    assert refusals and all("models are loading" in r for r in refusals)

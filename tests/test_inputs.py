@@ -1,0 +1,125 @@
+"""Image decoding, crop geometry and tokenisation, in-process."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from explain_server.inputs import InputError, crop_box, decode_image, token_label, tokenize
+
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
+
+
+def smooth_image(width: int, height: int) -> Image.Image:
+    """A smooth colour ramp: resampling it twice in different orders agrees closely."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 37.0 + y / 23.0)], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(448, 224), (300, 451), (640, 480), (224, 224), (97, 1000)])
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+def test_crop_box_is_what_the_transform_feeds_the_model(size, resize_mode):
+    """Resizing just the crop box to the model size gives the open_clip transform's pixels."""
+    cfg = PreprocessCfg(size=224, resize_mode=resize_mode, interpolation="bilinear")
+    image = smooth_image(*size)
+    want = image_transform_v2(cfg, is_train=False)(image)
+    box = crop_box(*size, cfg)
+    direct = image.resize((224, 224), Image.Resampling.BILINEAR, box=box)
+    got = image_transform_v2(PreprocessCfg(size=224, resize_mode="squash", interpolation="bilinear"), is_train=False)(
+        direct
+    )
+    assert torch.mean(torch.abs(got - want)) < 0.02  # normalised units; a one-pixel shift gives > 0.05
+
+
+def test_crop_box_examples():
+    cfg = PreprocessCfg(size=224)
+    assert crop_box(448, 224, cfg) == (112.0, 0.0, 336.0, 224.0)
+    assert crop_box(224, 448, cfg) == (0.0, 112.0, 224.0, 336.0)
+    assert crop_box(1000, 1000, cfg) == (0.0, 0.0, 1000.0, 1000.0)
+    x0, y0, x1, y1 = crop_box(300, 451, cfg)
+    assert (x0, x1) == (0.0, 300.0) and y1 - y0 == pytest.approx(300.0, rel=0.01)
+    assert crop_box(640, 480, PreprocessCfg(size=224, resize_mode="squash")) == (0.0, 0.0, 640.0, 480.0)
+    x0, y0, x1, y1 = crop_box(640, 480, PreprocessCfg(size=224, resize_mode="longest"))
+    assert (x0, x1) == (0.0, 640.0) and y0 < 0 < 480 < y1  # padded above and below
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+def test_decode_applies_exif_orientation_and_returns_rgb():
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise for display
+    data = encoded(Image.new("L", (30, 10), 200), "JPEG", exif=exif)
+    image = decode_image(data, max_pixels=10_000)
+    assert image.size == (10, 30) and image.mode == "RGB"
+
+
+def test_transparency_is_composited_onto_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    image = decode_image(encoded(rgba, "PNG"), max_pixels=100)
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "is empty"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "could not be decoded"),
+        (b"<!doctype html><html></html>", "could not be decoded"),
+        (np.random.default_rng(0).bytes(4096), "could not be decoded"),
+    ],
+)
+def test_undecodable_payloads(data, reason):
+    with pytest.raises(InputError, match=f"^image: {reason}") as info:
+        decode_image(data, max_pixels=10_000)
+    assert info.value.field == "image"
+
+
+def test_truncated_jpeg_is_refused():
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = encoded(noise, "JPEG")
+    with pytest.raises(InputError, match="could not be decoded"):
+        decode_image(data[: len(data) // 2], max_pixels=10_000)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    data = encoded(Image.new("RGB", (200, 100)), "PNG")
+    with pytest.raises(InputError, match="200x100 = 20000 pixels, above the limit of 19999"):
+        decode_image(data, max_pixels=19_999)
+
+
+def test_tokenize_matches_open_clip_and_cuts_after_the_end_token():
+    caption = tokenize(TOKENIZER, "A photo of a cat!")
+    full = TOKENIZER(["A photo of a cat!"])[0]
+    assert caption.token_ids.tolist() == full[: len(caption.token_ids)].tolist()
+    assert caption.token_ids[-1] == TOKENIZER.eot_token_id and full[len(caption.token_ids)] == 0
+    assert caption.labels == ("<start_of_text>", "a", "photo", "of", "a", "cat", "!", "<end_of_text>")
+
+
+def test_token_labels_are_valid_utf8():
+    caption = tokenize(TOKENIZER, "café 🐱 naïve")
+    assert caption.labels[0] == "<start_of_text>"
+    for label in caption.labels:
+        label.encode("utf-8")  # raises on lone surrogates
+    assert "".join(caption.labels[1:-1]).replace("\ufffd", "") != ""
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_captions_are_refused(text):
+    with pytest.raises(InputError, match="^caption: must contain text"):
+        tokenize(TOKENIZER, text)
+
+
+def test_token_label_of_special_tokens():
+    assert token_label(TOKENIZER, TOKENIZER.sot_token_id) == "<start_of_text>"
+    assert token_label(TOKENIZER, TOKENIZER.eot_token_id) == "<end_of_text>"
