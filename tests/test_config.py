@@ -8,7 +8,8 @@ import time
 
 import grpc
 import pytest
-from conftest import free_port
+from conftest import TINY, TINY_CONFIG, free_port, seeded_model
+from safetensors.torch import save_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from explain_client import ExplainClient, UnavailableError
@@ -55,6 +56,17 @@ def test_missing_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     result = run_server("--model", f"b32=ViT-B-32:{missing}")
     assert result.returncode == 1
     assert f"model 'b32': weights file {missing} does not exist" in result.stderr
+
+
+def test_a_model_giving_non_finite_results_fails_start_up(tmp_path):
+    model = seeded_model(TINY)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["visual.proj"][0, 0] = float("nan")
+    path = tmp_path / "poisoned.safetensors"
+    save_file(state, str(path))
+    result = run_server("--model-config", str(TINY_CONFIG), "--model", f"bad={TINY}:{path}")
+    assert result.returncode == 1
+    assert "model 'bad': warm-up explanation failed: the attribution is not finite" in result.stderr
 
 
 def test_unknown_default_model_is_a_usage_error():

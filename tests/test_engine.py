@@ -12,7 +12,8 @@ import torch
 from conftest import TINY, seeded_model
 from torch.autograd.functional import jacobian
 
-from explain_server.engine.explainer import Explainer
+from explain_server.engine.attribution import choose_mode, forward_factor, reverse_factor
+from explain_server.engine.explainer import Explainer, NonFiniteError
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower, UnsupportedModelError
 from explain_server.models import ModelLoadError, ModelSpec, load_model, resolve_device
@@ -108,6 +109,49 @@ def test_equals_brute_force_feature_pair_matrix(tiny64, layers):
     assert np.linalg.norm(got.interactions - want) <= 1e-5 * np.linalg.norm(want)
 
 
+def dense_factor(upper, hidden, reference, alphas, weights) -> torch.Tensor:
+    """The plain method, one full-sequence JVP per column and node: the oracle for the fast paths."""
+    delta = hidden - reference
+    columns = []
+    for s in range(hidden.shape[0]):
+        tangent = torch.zeros_like(hidden)
+        tangent[s] = delta[s]
+        column = sum(
+            w * torch.func.jvp(upper, ((reference + a * delta)[None],), (tangent[None],))[1][0]
+            for a, w in zip(alphas, weights)
+        )
+        columns.append(column)
+    return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize("tower_name", ["text", "image"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_row_sparse_forward_and_reverse_mode_equal_the_dense_jvp(tiny64, tower_name, layer):
+    """Every supported layer of both towers: the three ways to compute a factor agree."""
+    explainer = make_explainer(tiny64)
+    tower = getattr(explainer, tower_name)
+    with torch.no_grad():
+        if tower_name == "text":
+            ids = caption_ids()
+            hidden = tower.lower(ids[None], layer)[0]
+            reference = explainer._reference("text", layer)[: len(ids)]
+        else:
+            hidden = tower.lower(random_pixels(dtype=torch.float64)[None], layer)[0]
+            reference = explainer._reference("image", layer)
+        alphas, weights = nodes_and_weights("gausslegendre", 3)
+        oracle = dense_factor(lambda h: tower.upper(h, layer), hidden, reference, alphas, weights)
+        for factor in (forward_factor, reverse_factor):
+            got = factor(tower, layer, hidden, reference, alphas, weights, memory_bytes=1 << 16)
+            torch.testing.assert_close(got, oracle, rtol=1e-9, atol=1e-12, msg=factor.__name__)
+
+
+def test_cost_model_prefers_forward_mode_unless_sequences_dwarf_the_embedding(tiny64):
+    explainer = make_explainer(tiny64)
+    assert choose_mode(explainer.image, 1, seq=17, embed_dim=32) == "forward"
+    assert choose_mode(explainer.text, 0, seq=9, embed_dim=32) == "forward"
+    assert choose_mode(explainer.image, 0, seq=4096, embed_dim=32) == "reverse"
+
+
 @pytest.fixture(scope="module")
 def by_method(tiny64):
     """{method: {n_steps: Attribution}} for one pair on the tiny model."""
@@ -183,6 +227,14 @@ def test_no_hooks_left_and_model_unchanged(tiny64):
     for k, v in tiny64.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not tiny64.training
+
+
+def test_non_finite_results_are_errors():
+    model = seeded_model(TINY).requires_grad_(False)
+    model.visual.proj[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="not finite"):
+        make_explainer(model).explain(caption_ids(), random_pixels(), text_layer=1, image_layer=1,
+                                      method="riemann_right", n_steps=2)
 
 
 def _register_variant(tmp_path, name: str, changes: dict) -> str:

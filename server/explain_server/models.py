@@ -114,7 +114,7 @@ class LoadedModel:
     @property
     def embed_dim(self) -> int:
         """D, the joint embedding width."""
-        return int(self.explainer.image.visual.output_dim)
+        return self.explainer.embed_dim
 
     @property
     def logit_scale(self) -> float:

@@ -7,8 +7,9 @@ import logging
 import torch
 from PIL import Image
 
+from .engine.explainer import NonFiniteError
 from .inputs import tokenize
-from .models import LoadedModel, ModelSpec, load_model
+from .models import LoadedModel, ModelLoadError, ModelSpec, load_model
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,14 @@ class ModelRegistry:
         """Load and warm up every model (blocking; run it off the event loop).
 
         Raises:
-            ModelLoadError: a model failed to load; the message names it.
+            ModelLoadError: a model failed to load or to explain a warm-up pair; the message names it.
         """
         for spec in self.specs:
             loaded = load_model(spec, device=self.device, dtype=self.dtype, memory_bytes=self.memory_bytes)
-            _warm_up(loaded)
+            try:
+                _warm_up(loaded)
+            except NonFiniteError as err:
+                raise ModelLoadError(f"model {spec.name!r}: warm-up explanation failed: {err}") from err
             self.models[spec.name] = loaded
         self.ready = True
 

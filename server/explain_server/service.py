@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import numpy as np
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 
 from .engine.attribution import Attribution
+from .engine.explainer import NonFiniteError
 from .engine.quadrature import METHODS
 from .inputs import CONVERSION_RULES, Caption, InputError, crop_box, decode_image, tokenize
 from .models import LoadedModel
@@ -220,13 +220,11 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             )
         except InputError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        values = [attribution.score, attribution.convergence_delta]
-        if not (np.isfinite(attribution.interactions).all() and all(math.isfinite(v) for v in values)):
-            log.error("request %s: non-finite attribution on model %s", request_id, loaded.spec.name)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"the attribution is not finite (numerical overflow in {loaded.dtype_name}); try float32",
-            )
+        except NonFiniteError as err:
+            # The served dtype cannot represent this computation: a server configuration limit,
+            # not a malformed request and not a broken invariant.
+            log.error("request %s: %s (model %s)", request_id, err, loaded.spec.name)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {loaded.spec.name}: {err}")
         log.info(
             "request %s model=%s tokens=%d queue=%.3fs compute=%.3fs",
             request_id, loaded.spec.name, len(caption.labels), started - enqueued, compute_seconds,

@@ -56,7 +56,8 @@ class ExplainServicer:
         Errors: INVALID_ARGUMENT (bad image, caption, layer, n_steps or method;
         the message names the field), NOT_FOUND (unknown model), UNAVAILABLE
         (models still loading, or the server is shutting down),
-        DEADLINE_EXCEEDED, CANCELLED.
+        FAILED_PRECONDITION (the result would not be finite in the model's dtype,
+        e.g. float16 overflow), DEADLINE_EXCEEDED, CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

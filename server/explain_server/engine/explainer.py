@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-
+import numpy as np
 import torch
 from open_clip.model import CLIP
 
-from .attribution import Attribution, attribution_factor, combine
+from .attribution import FACTORS, Attribution, choose_mode, combine
 from .quadrature import nodes_and_weights
 from .towers import ImageTower, TextTower
+
+
+class NonFiniteError(ArithmeticError):
+    """An explanation came out NaN or infinite (typically float16 overflow); never returned as a result."""
 
 
 class Explainer:
@@ -35,6 +38,7 @@ class Explainer:
         self.text = TextTower(model)
         self.image = ImageTower(model)
         self.memory_bytes = memory_bytes
+        self.embed_dim = int(model.visual.output_dim)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         ref_ids = torch.zeros((1, model.context_length), dtype=torch.long, device=self.device)
@@ -78,20 +82,31 @@ class Explainer:
 
         Raises:
             ValueError: bad method or n_steps for it.
+            NonFiniteError: a NaN or infinity in the result.
         """
         alphas, weights = nodes_and_weights(method, n_steps)
         seq = token_ids.shape[0]
-        text_upper = functools.partial(self.text.upper, layer=text_layer)
-        image_upper = functools.partial(self.image.upper, layer=image_layer)
-        # Forward-mode AD (torch.func.jvp) does not need the autograd graph.
         with torch.no_grad():
             h_t = self.text.lower(token_ids[None].to(self.device), text_layer)[0]
             h_v = self.image.lower(pixels[None].to(self.device, self.dtype), image_layer)[0]
             # Causal tower: the reference's first S_t rows do not depend on what follows them.
             h_t_ref = self._reference("text", text_layer)[:seq]
             h_v_ref = self._reference("image", image_layer)
-            text_endpoints = text_upper(torch.stack([h_t, h_t_ref]))
-            image_endpoints = image_upper(torch.stack([h_v, h_v_ref]))
-            text_factor = attribution_factor(text_upper, h_t, h_t_ref, alphas, weights, self.memory_bytes)
-            image_factor = attribution_factor(image_upper, h_v, h_v_ref, alphas, weights, self.memory_bytes)
-        return combine(text_factor, image_factor, text_endpoints, image_endpoints)
+            text_endpoints = self.text.upper(torch.stack([h_t, h_t_ref]), text_layer)
+            image_endpoints = self.image.upper(torch.stack([h_v, h_v_ref]), image_layer)
+            factors = [
+                self._factor(tower, layer, hidden, reference, alphas, weights)
+                for tower, layer, hidden, reference in (
+                    (self.text, text_layer, h_t, h_t_ref),
+                    (self.image, image_layer, h_v, h_v_ref),
+                )
+            ]
+        result = combine(*factors, text_endpoints, image_endpoints)
+        scalars = (result.score, result.text_reference, result.image_reference, result.both_references)
+        if not (np.isfinite(result.interactions).all() and np.isfinite(scalars).all()):
+            raise NonFiniteError(f"the attribution is not finite in {self.dtype}; float32 avoids overflow")
+        return result
+
+    def _factor(self, tower, layer, hidden, reference, alphas, weights) -> torch.Tensor:
+        mode = choose_mode(tower, layer, hidden.shape[0], self.embed_dim)
+        return FACTORS[mode](tower, layer, hidden, reference, alphas, weights, self.memory_bytes)

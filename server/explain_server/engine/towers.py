@@ -22,22 +22,22 @@ class UnsupportedModelError(ValueError):
     """The model is not of the kind the engine explains (raised at load time)."""
 
 
-def block_forward(
+def attention_half(
     block: ResidualAttentionBlock,
     x: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
-    pool_index: int | None = None,
+    query_rows: slice = slice(None),
 ) -> torch.Tensor:
-    """One open_clip ``ResidualAttentionBlock`` with explicit attention, differentiable in forward mode.
+    """``x + ls_1(attn(ln_1(x)))`` of an open_clip ``ResidualAttentionBlock``, with explicit attention.
 
     Args:
         block: the block whose parameters are used.
         x: hidden states, shape (B, S, d), the block's dtype.
         attn_mask: additive float mask (S, S) or None.
-        pool_index: if given, only that row is computed (it still attends to every row).
+        query_rows: the rows to compute (every row still serves as key and value).
 
     Returns:
-        (B, S, d), or (B, 1, d) when ``pool_index`` is given.
+        (B, Q, d) for the Q rows selected by ``query_rows``.
     """
     attn = block.attn
     batch, seq, width = x.shape
@@ -46,20 +46,18 @@ def block_forward(
     y = block.ln_1(x)
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
-    if pool_index is not None:
-        x = x[:, pool_index : pool_index + 1]
-        y_q = y[:, pool_index : pool_index + 1]
-        attn_mask = attn_mask[pool_index : pool_index + 1] if attn_mask is not None else None
-    else:
-        y_q = y
-    q = F.linear(y_q, w_q, b_q).view(batch, -1, heads, head_dim).transpose(1, 2)
+    q = F.linear(y[:, query_rows], w_q, b_q).view(batch, -1, heads, head_dim).transpose(1, 2)
     k = F.linear(y, w_k, b_k).view(batch, seq, heads, head_dim).transpose(1, 2)
     v = F.linear(y, w_v, b_v).view(batch, seq, heads, head_dim).transpose(1, 2)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
     if attn_mask is not None:
-        scores = scores + attn_mask.to(scores.dtype)
+        scores = scores + attn_mask[query_rows].to(scores.dtype)
     out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, -1, width)
-    x = x + block.ls_1(attn.out_proj(out))
+    return x[:, query_rows] + block.ls_1(attn.out_proj(out))
+
+
+def mlp_half(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """``x + ls_2(mlp(ln_2(x)))``: the row-wise second half of the block."""
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
@@ -74,8 +72,74 @@ def _check_blocks(blocks: torch.nn.ModuleList, tower: str) -> None:
             raise UnsupportedModelError(f"{tower} tower block {i}: attention must be batch-first with packed q/k/v")
 
 
-class TextTower:
-    """The causal text transformer of an open_clip ``CLIP`` model, split at a block.
+class Tower:
+    """One tower split at a block: ``lower`` (f_lo) and ``upper`` (f_hi) of method.md.
+
+    Subclasses say where the blocks are, which row is pooled, the attention mask and the head
+    (final norm and projection of the pooled row).
+    """
+
+    blocks: torch.nn.ModuleList
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.blocks)
+
+    def mask(self, seq: int) -> torch.Tensor | None:
+        """Additive attention mask for ``seq`` positions, or None."""
+        return None
+
+    def pool_index(self, seq: int) -> int:
+        """The row that reaches the embedding."""
+        raise NotImplementedError
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Final norm and projection: (B, d) pooled rows -> (B, D) embeddings."""
+        raise NotImplementedError
+
+    def query_rows(self, layer: int, seq: int) -> slice:
+        """Rows block ``layer`` must compute: only the pooled one in the last block."""
+        if layer == self.n_layers - 1:
+            pool = self.pool_index(seq)
+            return slice(pool, pool + 1)
+        return slice(None)
+
+    def finish(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """The embedding from block ``layer``'s attention-half output.
+
+        Args:
+            x: (B, Q, d), the rows of :meth:`query_rows` (all S rows, or the pooled one).
+            layer: block index in [0, n_layers - 1].
+
+        Returns:
+            Unnormalised embeddings (B, D).
+        """
+        x = mlp_half(self.blocks[layer], x)
+        for index in range(layer + 1, self.n_layers):
+            x = mlp_half(self.blocks[index], self.attention(x, index))
+        return self.head(x[:, 0])  # the last block computed the pooled row alone
+
+    def attention(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Block ``layer``'s attention half on the rows it must compute."""
+        seq = x.shape[1]
+        return attention_half(self.blocks[layer], x, self.mask(seq), self.query_rows(layer, seq))
+
+    def upper(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """f_hi: the embedding from the hidden states entering block ``layer``.
+
+        Args:
+            hidden: (B, S, d).
+            layer: block index in [0, n_layers - 1].
+
+        Returns:
+            Unnormalised embeddings (B, D).
+        """
+        return self.finish(self.attention(hidden, layer), layer)
+
+
+class TextTower(Tower):
+    """The causal text transformer of an open_clip ``CLIP`` model, pooled at the end token.
 
     Positions after the end token cannot affect a causal tower's pooled output, so every
     sequence here is cut after its end token: S = position of the end token + 1.
@@ -102,16 +166,26 @@ class TextTower:
         self.blocks = model.transformer.resblocks
         _check_blocks(self.blocks, "text")
 
-    @property
-    def n_layers(self) -> int:
-        """Number of transformer blocks."""
-        return len(self.blocks)
-
-    def _mask(self, seq: int) -> torch.Tensor:
+    def mask(self, seq: int) -> torch.Tensor:
+        """The causal mask, cut to ``seq`` positions."""
         return self.model.attn_mask[:seq, :seq]
 
+    def pool_index(self, seq: int) -> int:
+        """The end token: the last position, since sequences are cut after it."""
+        return seq - 1
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``ln_final`` then ``text_projection``."""
+        m = self.model
+        x = m.ln_final(pooled)
+        if m.text_projection is None:
+            return x
+        if isinstance(m.text_projection, torch.nn.Linear):
+            return m.text_projection(x)
+        return x @ m.text_projection
+
     def lower(self, token_ids: torch.Tensor, layer: int) -> torch.Tensor:
-        """f_lo: hidden states entering block ``layer``.
+        """f_lo: hidden states entering block ``layer``, with the model's own modules.
 
         Args:
             token_ids: (B, S) int64, cut after the end token of the longest sequence.
@@ -124,38 +198,14 @@ class TextTower:
         seq = token_ids.shape[1]
         cast = m.transformer.get_cast_dtype()
         x = m.token_embedding(token_ids).to(cast) + m.positional_embedding[:seq].to(cast)
-        mask = self._mask(seq).to(cast)
+        mask = self.mask(seq).to(cast)
         for block in self.blocks[:layer]:
             x = block(x, attn_mask=mask)
         return x
 
-    def upper(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """f_hi: the embedding from the hidden states entering block ``layer``, pooled at the last position.
 
-        Args:
-            hidden: (B, S, d_t); position S - 1 must be the end token.
-            layer: block index in [0, n_layers - 1].
-
-        Returns:
-            Unnormalised embeddings (B, D).
-        """
-        m = self.model
-        seq = hidden.shape[1]
-        mask = self._mask(seq)
-        x = hidden
-        for block in self.blocks[layer:-1]:
-            x = block_forward(block, x, mask)
-        x = block_forward(self.blocks[-1], x, mask, pool_index=seq - 1)[:, 0]
-        x = m.ln_final(x)
-        if m.text_projection is None:
-            return x
-        if isinstance(m.text_projection, torch.nn.Linear):
-            return m.text_projection(x)
-        return x @ m.text_projection
-
-
-class ImageTower:
-    """The ViT image tower of an open_clip ``CLIP`` model, split at a block (class-token pooling)."""
+class ImageTower(Tower):
+    """The ViT image tower of an open_clip ``CLIP`` model, pooled at the class token."""
 
     def __init__(self, model: CLIP):
         """Wrap ``model.visual``.
@@ -175,17 +225,21 @@ class ImageTower:
         _check_blocks(self.blocks, "image")
 
     @property
-    def n_layers(self) -> int:
-        """Number of transformer blocks."""
-        return len(self.blocks)
-
-    @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (Gh, Gw)."""
         return tuple(self.visual.grid_size)
 
+    def pool_index(self, seq: int) -> int:
+        """The class token."""
+        return 0
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` then ``proj`` (ln_post is row-wise: applying it to the pooled row equals open_clip's order)."""
+        x = self.visual.ln_post(pooled)
+        return x @ self.visual.proj if self.visual.proj is not None else x
+
     def lower(self, pixels: torch.Tensor, layer: int) -> torch.Tensor:
-        """g_lo: hidden states entering block ``layer``.
+        """g_lo: hidden states entering block ``layer``, with the model's own modules.
 
         Args:
             pixels: normalised images (B, 3, H, W) in the model's dtype.
@@ -198,20 +252,3 @@ class ImageTower:
         for block in self.blocks[:layer]:
             x = block(x)
         return x
-
-    def upper(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """g_hi: the embedding from the hidden states entering block ``layer``.
-
-        Args:
-            hidden: (B, 1 + Gh * Gw, d_v).
-            layer: block index in [0, n_layers - 1].
-
-        Returns:
-            Unnormalised embeddings (B, D).
-        """
-        x = hidden
-        for block in self.blocks[layer:-1]:
-            x = block_forward(block, x)
-        # ln_post is row-wise, so applying it to the pooled row equals open_clip's order.
-        x = self.visual.ln_post(block_forward(self.blocks[-1], x, pool_index=0)[:, 0])
-        return x @ self.visual.proj if self.visual.proj is not None else x
