@@ -31,7 +31,7 @@ test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.test-installed
-	$(BIN)/python benchmarks/bench_exclip.py --record docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_engine.py --record docs/benchmarks.md
 
 proto: $(VENV)/.test-installed
 	$(BIN)/python proto/generate.py

@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from explain_client import ExplainClient, InvalidArgumentError, NotFoundError, cli
+from explain_client import InvalidArgumentError, NotFoundError, cli
+from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
 
 CAPTION = "a red circle and a blue square"
 
@@ -57,7 +58,7 @@ def test_list_models_matches_the_loaded_models(client, b32_weights):
     assert (tiny.image_size, tiny.patch_size, tiny.grid) == ((64, 64), (16, 16), (4, 4))
     assert (b32.image_size, b32.patch_size, b32.grid, b32.embed_dim) == ((224, 224), (32, 32), (7, 7), 512)
     assert (b32.text_layers, b32.image_layers, b32.default_text_layer, b32.default_image_layer) == (12, 12, 11, 11)
-    assert (b32.context_length, b32.default_n_steps, b32.default_method) == (77, 10, "riemann_right")
+    assert (b32.context_length, b32.default_n_steps, b32.default_method) == (77, DEFAULT_N_STEPS, DEFAULT_METHOD)
     assert "gausslegendre" in b32.methods and b32.max_n_steps >= 50
     assert b32.preprocessing.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
     assert (b32.preprocessing.resize_mode, b32.preprocessing.interpolation) == ("shortest", "bicubic")
@@ -90,11 +91,11 @@ def test_default_model_and_options_are_resolved(client):
     exp = client.explain(noise_image(64, 64), "a dog")
     assert exp.model == "tiny"
     assert (exp.options.text_layer, exp.options.image_layer, exp.options.n_steps, exp.options.method) == (
-        1, 1, 10, "riemann_right",
+        1, 1, DEFAULT_N_STEPS, DEFAULT_METHOD,
     )
-    other = client.explain(noise_image(64, 64), "a dog", text_layer=-2, image_layer=0, n_steps=3, method="gausslegendre")
+    other = client.explain(noise_image(64, 64), "a dog", text_layer=-2, image_layer=0, n_steps=5, method="riemann_left")
     assert (other.options.text_layer, other.options.image_layer, other.options.n_steps, other.options.method) == (
-        0, 0, 3, "gausslegendre",
+        0, 0, 5, "riemann_left",
     )
     assert not np.allclose(other.attribution, exp.attribution)
 
@@ -108,7 +109,7 @@ def test_request_ids_are_generated_when_empty(client):
 def test_completeness_on_vit_b_32(client):
     """|convergence delta| shrinks as n_steps grows; the attribution sum at 5 is within [0.8, 1.25] of 50."""
     image = noise_image(224, 224, seed=3)
-    runs = {n: client.explain(image, CAPTION, model="b32", n_steps=n) for n in (5, 10, 50)}
+    runs = {n: client.explain(image, CAPTION, model="b32", method="riemann_right", n_steps=n) for n in (5, 10, 50)}
     deltas = [abs(runs[n].convergence_delta) for n in (5, 10, 50)]
     assert deltas[0] > deltas[1] > deltas[2]
     total = {n: runs[n].attribution.sum(dtype=np.float64) + runs[n].cls_attribution.sum(dtype=np.float64) for n in runs}

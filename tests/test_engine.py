@@ -301,3 +301,17 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 1e-2), ("bfloat16", 6e-2)])
+def test_half_precision_models_agree_with_float32(dtype, tolerance):
+    """Weights and activations in half precision, path sums accumulated in float32."""
+    ids, pixels = caption_ids(), random_pixels()
+    results = {}
+    for name in ("float32", dtype):
+        loaded = load_model(ModelSpec("t", TINY, "random:0"), device=torch.device("cpu"), dtype=name, memory_bytes=1 << 20)
+        assert loaded.explainer.dtype == getattr(torch, name)
+        results[name] = loaded.explainer.explain(ids, pixels, text_layer=1, image_layer=1, method="gausslegendre", n_steps=3)
+    want, got = results["float32"].interactions, results[dtype].interactions
+    assert got.dtype == np.float64 and np.isfinite(got).all()
+    assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)

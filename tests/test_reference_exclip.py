@@ -22,7 +22,7 @@ def test_vit_b_32_equals_exclip(client, b32_weights):
     encoded = io.BytesIO()
     photo.save(encoded, format="PNG")
 
-    served = client.explain(encoded.getvalue(), CAPTION, model="b32", n_steps=10)
+    served = client.explain(encoded.getvalue(), CAPTION, model="b32", method="riemann_right", n_steps=10)
 
     model = open_clip.create_model("ViT-B-32", pretrained=str(b32_weights)).eval()
     pixels = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)(photo)[None]

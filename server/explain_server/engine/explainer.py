@@ -39,8 +39,9 @@ class Explainer:
         self.image = ImageTower(model)
         self.memory_bytes = memory_bytes
         self.embed_dim = int(model.visual.output_dim)
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # the patch embedding's weights say what the image tower computes in
+        weight = model.visual.conv1.weight
+        self.device, self.dtype = weight.device, weight.dtype
         ref_ids = torch.zeros((1, model.context_length), dtype=torch.long, device=self.device)
         ref_ids[0, 0], ref_ids[0, 2] = sot_token_id, eot_token_id
         self._text_reference_ids = ref_ids
