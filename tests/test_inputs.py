@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import open_clip
@@ -11,7 +12,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from explain_server.inputs import InputError, crop_box, decode_image, token_label, tokenize
+from explain_server.inputs import ImageLimits, InputError, crop_box, decode_image, token_label, tokenize
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 
@@ -60,13 +61,13 @@ def test_decode_applies_exif_orientation_and_returns_rgb():
     exif = Image.Exif()
     exif[0x0112] = 8  # rotate 90 degrees counter-clockwise for display
     data = encoded(Image.new("L", (30, 10), 200), "JPEG", exif=exif)
-    image = decode_image(data, max_pixels=10_000)
+    image = decode_image(data, ImageLimits(max_pixels=10_000))
     assert image.size == (10, 30) and image.mode == "RGB"
 
 
 def test_transparency_is_composited_onto_white():
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
-    image = decode_image(encoded(rgba, "PNG"), max_pixels=100)
+    image = decode_image(encoded(rgba, "PNG"), ImageLimits(max_pixels=100))
     assert image.getpixel((0, 0)) == (255, 255, 255)
 
 
@@ -81,7 +82,7 @@ def test_transparency_is_composited_onto_white():
 )
 def test_undecodable_payloads(data, reason):
     with pytest.raises(InputError, match=f"^image: {reason}") as info:
-        decode_image(data, max_pixels=10_000)
+        decode_image(data, ImageLimits(max_pixels=10_000))
     assert info.value.field == "image"
 
 
@@ -89,13 +90,24 @@ def test_truncated_jpeg_is_refused():
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     data = encoded(noise, "JPEG")
     with pytest.raises(InputError, match="could not be decoded"):
-        decode_image(data[: len(data) // 2], max_pixels=10_000)
+        decode_image(data[: len(data) // 2], ImageLimits(max_pixels=10_000))
 
 
-def test_pixel_limit_is_checked_before_decoding():
+def test_pixel_limits_are_checked_before_decoding():
     data = encoded(Image.new("RGB", (200, 100)), "PNG")
-    with pytest.raises(InputError, match="200x100 = 20000 pixels, above the limit of 19999"):
-        decode_image(data, max_pixels=19_999)
+    with pytest.raises(InputError, match="200x100 = 20000 pixels; the limit is 19999"):
+        decode_image(data, ImageLimits(max_pixels=19_999))
+    with pytest.raises(InputError, match="is 200x100; the limit is 150 pixels per side"):
+        decode_image(data, ImageLimits(max_side=150))
+
+
+def test_a_header_claiming_a_giant_image_is_refused_without_decoding():
+    """A 100000 x 100000 PNG header over a few bytes of data: refused from the header alone."""
+    png = encoded(Image.new("L", (1, 1)), "PNG")
+    ihdr = b"IHDR" + (100_000).to_bytes(4, "big") * 2 + png[24:29]
+    giant = png[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + png[33:]
+    with pytest.raises(InputError, match="is 100000x100000; the limit is 20000 pixels per side"):
+        decode_image(giant, ImageLimits())
 
 
 def test_tokenize_matches_open_clip_and_cuts_after_the_end_token():

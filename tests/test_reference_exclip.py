@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import json
 
 import numpy as np
 import open_clip
@@ -10,7 +12,10 @@ import pytest
 import torch
 from exclip import OpenClipExplainer
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from conftest import TINY, seeded_model
 from PIL import Image
+
+from explain_server.engine.explainer import Explainer
 
 CAPTION = "a cat sitting on a wooden floor"
 
@@ -38,3 +43,27 @@ def test_vit_b_32_equals_exclip(client, b32_weights):
     error = np.linalg.norm(served.attribution - reference) / np.linalg.norm(reference)
     assert error <= 1e-4
     assert served.score == pytest.approx(score, abs=1e-5)
+
+
+@pytest.mark.parametrize("text_layer, image_layer", [(0, 0), (1, 1), (2, 2), (3, 3), (0, 3), (3, 0)])
+def test_every_layer_equals_exclip_on_a_four_block_model(tmp_path, text_layer, image_layer):
+    """In-process: the engine's fast path against exclip at every layer of both towers."""
+    config = copy.deepcopy(open_clip.get_model_config(TINY))
+    config["vision_cfg"]["layers"] = config["text_cfg"]["layers"] = 4
+    path = tmp_path / "tiny-4-blocks.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    model = seeded_model("tiny-4-blocks")
+    tokenizer = open_clip.get_tokenizer(TINY)
+    tokens = tokenizer([CAPTION])
+    pixels = torch.randn((1, 3, 64, 64), generator=torch.Generator().manual_seed(5))
+
+    reference = OpenClipExplainer(model, image_dim=64, device=torch.device("cpu")).explain(
+        tokens, pixels, text_layer=text_layer, image_layer=image_layer, N=10
+    ).numpy()
+    explainer = Explainer(model.requires_grad_(False), sot_token_id=tokenizer.sot_token_id,
+                          eot_token_id=tokenizer.eot_token_id, memory_bytes=1 << 20)
+    ids = tokens[0, : int(tokens[0].argmax()) + 1].long()
+    got = explainer.explain(ids, pixels[0], text_layer=text_layer, image_layer=image_layer,
+                            method="riemann_right", n_steps=10).interactions[:, 1:].reshape(reference.shape)
+    assert np.linalg.norm(got - reference) <= 1e-5 * np.linalg.norm(reference)

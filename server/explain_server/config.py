@@ -35,6 +35,7 @@ class ServerConfig:
     dtype: str = "float32"
     max_n_steps: int = 512
     max_image_pixels: int = 50_000_000
+    max_image_side: int = 20_000
     max_message_mb: int = 64
     jvp_memory_mb: int = 128
     grace_seconds: float = 30.0
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model weights and activations (default float32)")
     p.add_argument("--max-n-steps", type=int, help="largest n_steps a request may ask for (default 512)")
     p.add_argument("--max-image-pixels", type=int, help="largest width*height of an image (default 50000000)")
+    p.add_argument("--max-image-side", type=int, help="largest width or height of an image, pixels (default 20000)")
     p.add_argument("--max-message-mb", type=int, help="largest request and response, MiB (default 64)")
     p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 128; raise it on GPUs)")
     p.add_argument("--grace-seconds", type=float, help="shutdown grace period, seconds (default 30)")

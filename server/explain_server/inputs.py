@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg
@@ -13,11 +13,19 @@ from PIL import Image, ImageOps
 
 # Documented in ListModels (Preprocessing.conversion).
 CONVERSION_RULES = (
-    "EXIF orientation applied; multi-frame images use their first frame; images with "
-    "transparency are composited onto white (255, 255, 255); every other mode is converted "
-    "with Pillow's Image.convert('RGB')"
+    "EXIF orientation applied; multi-frame images (GIF, WebP, TIFF, ...) use their first frame; "
+    "images with transparency (RGBA, LA, PA, palette with a transparent colour) are composited onto "
+    "white (255, 255, 255); 16-bit images are scaled to 8 bits over the full 16-bit range "
+    "(value / 257); 32-bit integer and float images are scaled from their own minimum and maximum "
+    "to 0-255; CMYK, grayscale, palette and other modes are converted with Pillow's "
+    "Image.convert('RGB')"
 )
 _BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+# Pillow's own decompression-bomb check would refuse large images before ours can name the
+# limit; decode_image checks the header's size against the configured limits instead.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class InputError(ValueError):
@@ -28,36 +36,61 @@ class InputError(ValueError):
         self.field = field
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+@dataclass(frozen=True)
+class ImageLimits:
+    """Accepted image sizes, checked from the header before any pixel is decoded.
+
+    Attributes:
+        max_pixels: the largest width * height.
+        max_side: the largest width or height, pixels.
+    """
+
+    max_pixels: int = 50_000_000
+    max_side: int = 20_000
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decode encoded image bytes into an RGB image in display orientation.
 
     Args:
         data: encoded bytes in any format Pillow reads.
-        max_pixels: the largest width * height accepted; checked from the header, before decoding.
+        limits: size limits, checked from the header before decoding.
 
     Returns:
-        An RGB ``PIL.Image`` after EXIF orientation (see :data:`CONVERSION_RULES`).
+        An RGB ``PIL.Image`` after EXIF orientation, converted by :data:`CONVERSION_RULES`.
 
     Raises:
-        InputError: empty, undecodable or truncated data, or too many pixels.
+        InputError: empty, undecodable or truncated data, a size beyond the limits, or a mode
+            that cannot be converted to RGB.
     """
     if not data:
         raise InputError("image", "is empty; send encoded image bytes (JPEG, PNG, WebP, ...)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InputError(
-                    "image", f"has {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
-                )
-            image.load()  # decode now: truncated data raises here instead of being padded
-    except InputError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        image = Image.open(io.BytesIO(data))
+    except (OSError, ValueError, SyntaxError) as err:
         raise InputError("image", f"could not be decoded: {err}") from err
-    image = ImageOps.exif_transpose(image)
+    width, height = image.size
+    if max(width, height) > limits.max_side:
+        raise InputError("image", f"is {width}x{height}; the limit is {limits.max_side} pixels per side")
+    if width * height > limits.max_pixels:
+        raise InputError("image", f"has {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+    try:
+        image.load()  # decode now: truncated data raises here instead of being padded
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError, SyntaxError) as err:
+        raise InputError("image", f"could not be decoded: {err}") from err
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT:
+        # Pillow's convert clips 16-bit values at 255, turning most images near-white.
+        gray = np.rint(np.asarray(image, dtype=np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(np.rint(scaled).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))

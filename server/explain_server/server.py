@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import ServerConfig, load_config
+from .inputs import ImageLimits
 from .models import ModelLoadError, resolve_device
 from .registry import ModelRegistry
 from .service import ExplainService, Limits
@@ -52,7 +53,12 @@ async def serve(config: ServerConfig) -> int:
     server = grpc.aio.server(
         options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
     )
-    service = ExplainService(registry, Limits(max_n_steps=config.max_n_steps, max_image_pixels=config.max_image_pixels))
+    limits = Limits(
+        max_n_steps=config.max_n_steps,
+        image=ImageLimits(max_pixels=config.max_image_pixels, max_side=config.max_image_side),
+        max_message_bytes=max_bytes,
+    )
+    service = ExplainService(registry, limits)
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -16,7 +16,7 @@ from explain_client._proto import explain_pb2, explain_pb2_grpc
 from .engine.attribution import Attribution
 from .engine.explainer import NonFiniteError
 from .engine.quadrature import METHODS
-from .inputs import CONVERSION_RULES, Caption, InputError, crop_box, decode_image, tokenize
+from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, crop_box, decode_image, tokenize
 from .models import LoadedModel
 from .registry import ModelRegistry
 
@@ -27,15 +27,17 @@ _MAX_REQUEST_ID = 128
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits, reported in ListModels where callers need them.
+    """Request limits, all reported in ListModels.
 
     Attributes:
         max_n_steps: the largest ``n_steps`` accepted.
-        max_image_pixels: the largest width * height of a decoded image.
+        image: image size limits.
+        max_message_bytes: the largest request or response message, bytes.
     """
 
     max_n_steps: int = 512
-    max_image_pixels: int = 50_000_000
+    image: ImageLimits = ImageLimits()
+    max_message_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def _request_id(value: str) -> str:
 
 
 def _compute(loaded: LoadedModel, request: explain_pb2.ExplainRequest, options: Options, limits: Limits):
-    image = decode_image(request.image, max_pixels=limits.max_image_pixels)
+    image = decode_image(request.image, limits.image)
     caption = tokenize(loaded.tokenizer, request.caption)
     pixels = loaded.transform(image)
     attribution = loaded.explainer.explain(
@@ -237,6 +239,11 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         return explain_pb2.ListModelsResponse(
             models=[_model_info(m, self.limits) for m in self.registry.models.values()],
             default_model=self.registry.default_model,
+            limits=explain_pb2.ServerLimits(
+                max_message_bytes=self.limits.max_message_bytes,
+                max_image_pixels=self.limits.image.max_pixels,
+                max_image_side=self.limits.image.max_side,
+            ),
         )
 
     def close(self) -> None:

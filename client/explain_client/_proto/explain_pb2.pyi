@@ -180,10 +180,22 @@ class ModelInfo(_message.Message):
     dtype: str
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., pretrained: _Optional[str] = ..., embed_dim: _Optional[int] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., patch_size: _Optional[_Union[ImageSize, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., context_length: _Optional[int] = ..., text_layers: _Optional[int] = ..., image_layers: _Optional[int] = ..., default_text_layer: _Optional[int] = ..., default_image_layer: _Optional[int] = ..., default_n_steps: _Optional[int] = ..., default_method: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., max_n_steps: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
+class ServerLimits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_image_pixels", "max_image_side")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_image_pixels: int
+    max_image_side: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_side: _Optional[int] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "default_model")
+    __slots__ = ("models", "default_model", "limits")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_model: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    limits: ServerLimits
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
