@@ -57,7 +57,7 @@ def wait_serving(target: str, process: subprocess.Popen, timeout: float = 300.0)
 class ServerProcess:
     """``python -m explain_server`` on a free loopback port; stops with SIGTERM."""
 
-    def __init__(self, args: list[str], log_path: pathlib.Path):
+    def __init__(self, args: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -66,7 +66,7 @@ class ServerProcess:
             [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(self.port), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
 
     def wait_serving(self, timeout: float = 300.0) -> "ServerProcess":

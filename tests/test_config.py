@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import grpc
 import pytest
-from conftest import TINY, TINY_CONFIG, free_port, seeded_model
+from conftest import TINY, TINY_CONFIG, ServerProcess, free_port, seeded_model
 from safetensors.torch import save_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -109,3 +110,49 @@ def test_not_serving_and_unavailable_until_models_are_warm():
         process.wait(timeout=60)
     assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
     assert refusals and all("models are loading" in r for r in refusals)
+
+
+AUDIT_HOOK = """
+import os, sys
+_LOG = os.environ["NETWORK_AUDIT_LOG"]
+_LOCAL = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", ""}
+
+def _record(event, args):
+    if event == "socket.getaddrinfo":
+        host = args[0]
+    elif event == "socket.connect" and isinstance(args[1], tuple):
+        host = args[1][0]
+    else:
+        return
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    if host not in _LOCAL:
+        with open(_LOG, "a") as f:
+            f.write(f"{event} {host}\\n")
+
+sys.addaudithook(_record)
+"""
+
+
+def test_offline_start_up_makes_no_network_attempt(tmp_path):
+    """HF_HUB_OFFLINE=1 and a local weights file: no name lookup or connection leaves the machine.
+
+    An audit hook (sitecustomize) records every non-loopback socket.getaddrinfo/connect."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(AUDIT_HOOK)
+    attempts = tmp_path / "network.log"
+    env = {"PYTHONPATH": str(hooks), "NETWORK_AUDIT_LOG": str(attempts)}
+    control = subprocess.run(
+        [sys.executable, "-c", "import socket\ntry: socket.getaddrinfo('example.org', 443)\nexcept OSError: pass"],
+        env={**os.environ, **env}, timeout=60,
+    )
+    assert control.returncode == 0 and "example.org" in attempts.read_text()  # the hook sees lookups
+    attempts.unlink()
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in seeded_model(TINY).state_dict().items()}, str(weights))
+    server = ServerProcess(
+        ["--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:{weights}"], tmp_path / "offline.log", env=env
+    ).wait_serving()
+    assert server.stop() == 0
+    assert not attempts.exists(), attempts.read_text()

@@ -135,3 +135,19 @@ def test_empty_captions_are_refused(text):
 def test_token_label_of_special_tokens():
     assert token_label(TOKENIZER, TOKENIZER.sot_token_id) == "<start_of_text>"
     assert token_label(TOKENIZER, TOKENIZER.eot_token_id) == "<end_of_text>"
+
+
+def test_captions_longer_than_the_context_are_refused_with_the_true_count():
+    caption = " ".join(["word"] * 80)
+    with pytest.raises(InputError, match="^caption: has 82 tokens including the start and end tokens; the model's limit is 77"):
+        tokenize(TOKENIZER, caption)
+    fits = " ".join(["word"] * 75)
+    assert len(tokenize(TOKENIZER, fits).token_ids) == 77
+
+
+def test_real_exclamation_marks_are_kept():
+    """Token id 0 is '!': cutting at the end token, not at the first zero, keeps them."""
+    caption = tokenize(TOKENIZER, "a cat !(really)")
+    assert 0 in caption.token_ids.tolist()  # "!(" -> ["!", "("], and "!" alone is id 0
+    assert caption.labels[-1] == "<end_of_text>" and "!" in caption.labels
+    assert caption.token_ids.tolist() == TOKENIZER(["a cat !(really)"])[0][: len(caption.token_ids)].tolist()

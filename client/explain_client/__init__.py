@@ -14,13 +14,14 @@ Errors from the server are raised as :class:`ExplainError` subclasses, one per
 gRPC status code (e.g. :class:`NotFoundError` for an unknown model).
 """
 
-from explain_client.client import ExplainClient
+from explain_client.client import ExplainClient, tls_credentials
 from explain_client.errors import (
     CancelledError,
     DeadlineExceededError,
     ExplainError,
     InternalError,
     InvalidArgumentError,
+    MessageTooLargeError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -29,7 +30,7 @@ from explain_client.errors import (
     from_rpc_error,
 )
 from explain_client.explanation import Explanation, ReferenceTerms, ResolvedOptions
-from explain_client.models import ModelInfo, Preprocessing
+from explain_client.models import ModelInfo, Preprocessing, ServerLimits
 
 __all__ = [
     "CancelledError",
@@ -39,6 +40,7 @@ __all__ = [
     "Explanation",
     "InternalError",
     "InvalidArgumentError",
+    "MessageTooLargeError",
     "ModelInfo",
     "NotFoundError",
     "PermissionDeniedError",
@@ -46,7 +48,9 @@ __all__ = [
     "ReferenceTerms",
     "ResolvedOptions",
     "ResourceExhaustedError",
+    "ServerLimits",
     "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",
+    "tls_credentials",
 ]

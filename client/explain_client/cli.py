@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
 
-from explain_client.client import ExplainClient
+from explain_client.client import ExplainClient, tls_credentials
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
 
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)"
     )
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA of the server's certificate: connect with TLS")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="PEM", help="client private key")
+    parser.add_argument(
+        "--token-env", metavar="VAR", default="EXPLAIN_TOKEN",
+        help="environment variable holding a bearer token, sent when set (default: %(default)s)",
+    )
     return parser
 
 
@@ -107,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        with ExplainClient(args.target, timeout=args.timeout) as client:
+        credentials = None
+        if args.tls_ca or args.tls_cert:
+            credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        token = os.environ.get(args.token_env) if args.token_env else None
+        with ExplainClient(args.target, timeout=args.timeout, credentials=credentials, token=token) as client:
             explanation = client.explain(
                 args.image,
                 args.caption,

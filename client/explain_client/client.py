@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from types import TracebackType
@@ -10,12 +11,12 @@ from typing import Any
 import grpc
 
 from explain_client._proto import explain_pb2, explain_pb2_grpc
-from explain_client.errors import UnavailableError, from_rpc_error
+from explain_client.errors import MessageTooLargeError, UnavailableError, from_rpc_error
 from explain_client.explanation import Explanation
 from explain_client.images import ImageInput, encode_image
-from explain_client.models import ModelInfo
+from explain_client.models import ModelInfo, ServerLimits
 
-__all__ = ["DEFAULT_MAX_RECEIVE_MESSAGE_BYTES", "DEFAULT_MAX_SEND_MESSAGE_BYTES", "ExplainClient"]
+__all__ = ["DEFAULT_MAX_RECEIVE_MESSAGE_BYTES", "DEFAULT_MAX_SEND_MESSAGE_BYTES", "ExplainClient", "tls_credentials"]
 
 # gRPC's 4 MiB default is too small for large photos going out and for
 # (T, Gh, Gw) attributions of long captions on fine grids coming back.
@@ -23,6 +24,35 @@ DEFAULT_MAX_SEND_MESSAGE_BYTES = 64 * 1024 * 1024
 """Default ``grpc.max_send_message_length``, bytes."""
 DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024
 """Default ``grpc.max_receive_message_length``, bytes."""
+
+
+def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as file:
+        return file.read()
+
+
+def tls_credentials(
+    root_certificates: bytes | str | os.PathLike | None = None,
+    certificate_chain: bytes | str | os.PathLike | None = None,
+    private_key: bytes | str | os.PathLike | None = None,
+) -> grpc.ChannelCredentials:
+    """Channel credentials for TLS, or mutual TLS when a client certificate and key are given.
+
+    Args:
+        root_certificates: PEM bytes or a path of the CA that signed the server's certificate;
+            ``None`` = the system's roots.
+        certificate_chain, private_key: the client's PEM certificate and key (bytes or paths),
+            for servers that require client certificates.
+
+    Raises:
+        ValueError: a certificate without a key or the reverse.
+        OSError: a path that cannot be read.
+    """
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("certificate_chain and private_key go together")
+    return grpc.ssl_channel_credentials(_pem(root_certificates), _pem(private_key), _pem(certificate_chain))
 
 
 class ExplainClient:
@@ -36,8 +66,10 @@ class ExplainClient:
     Args:
         target: server address, e.g. ``"localhost:50051"``.
         timeout: default deadline of each call, seconds; ``None`` = no deadline.
-        credentials: ``grpc.ChannelCredentials`` for a TLS channel; ``None`` =
-            an insecure (plaintext) channel.
+        credentials: ``grpc.ChannelCredentials`` for a TLS channel, e.g. from
+            :func:`tls_credentials` (TLS or mutual TLS); ``None`` = plaintext.
+        token: bearer token sent as ``authorization: Bearer <token>`` metadata
+            on every call, for servers started with ``--auth-tokens-*``.
         options: extra gRPC channel options as (name, value) pairs; they
             override the defaults (64 MiB send and receive message limits).
 
@@ -51,6 +83,7 @@ class ExplainClient:
         *,
         timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         options: Iterable[tuple[str, Any]] | None = None,
     ) -> None:
         merged = {
@@ -58,6 +91,7 @@ class ExplainClient:
             "grpc.max_receive_message_length": DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         }
         merged.update(options or ())
+        self._max_send_bytes = int(merged["grpc.max_send_message_length"])
         channel_options = list(merged.items())
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
@@ -65,6 +99,7 @@ class ExplainClient:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._stub = explain_pb2_grpc.ExplainStub(self._channel)
         self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def __enter__(self) -> ExplainClient:
         return self
@@ -93,11 +128,25 @@ class ExplainClient:
         """
         try:
             resp = self._stub.ListModels(
-                explain_pb2.ListModelsRequest(), timeout=self._deadline(timeout)
+                explain_pb2.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return [ModelInfo.from_proto(m, is_default=m.name == resp.default_model) for m in resp.models]
+
+    def server_limits(self, *, timeout: float | None = None) -> ServerLimits:
+        """The server's request limits (message size, image size), from ListModels.
+
+        Raises:
+            ExplainError: the call failed.
+        """
+        try:
+            resp = self._stub.ListModels(
+                explain_pb2.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return ServerLimits.from_proto(resp.limits)
 
     def wait_until_ready(self, timeout: float, *, poll_seconds: float = 0.25) -> list[ModelInfo]:
         """Block until the server hosts its models (loaded and warmed up), polling ListModels.
@@ -156,6 +205,7 @@ class ExplainClient:
 
         Raises:
             TypeError: ``caption`` is not a str, or ``image`` of an unsupported kind.
+            MessageTooLargeError: the request exceeds the send limit (before sending).
             ValueError: an image array of the wrong shape or dtype, or a
                 malformed response.
             OSError: an image path that cannot be read.
@@ -177,8 +227,11 @@ class ExplainClient:
         for field, value in optional.items():
             if value is not None:
                 setattr(request, field, value)
+        size = request.ByteSize()
+        if size > self._max_send_bytes:
+            raise MessageTooLargeError(size, self._max_send_bytes)
         try:
-            resp = self._stub.Explain(request, timeout=self._deadline(timeout))
+            resp = self._stub.Explain(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return Explanation.from_proto(resp)

@@ -12,6 +12,7 @@ __all__ = [
     "ExplainError",
     "InternalError",
     "InvalidArgumentError",
+    "MessageTooLargeError",
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
@@ -72,6 +73,25 @@ class ResourceExhaustedError(ExplainError):
     """RESOURCE_EXHAUSTED: server overloaded or a message exceeded the size limit."""
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class MessageTooLargeError(ResourceExhaustedError):
+    """The request is larger than the channel's send limit; raised by the client before sending.
+
+    Attributes:
+        size: the serialised request, bytes.
+        limit: ``grpc.max_send_message_length`` of the client, bytes.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the request is {size} bytes, above the limit of {limit} bytes "
+            "(max_send_message_length; the server's limit is in ListModels)"
+        )
+        self.size, self.limit = size, limit
+
+    def __reduce__(self):
+        return type(self), (self.size, self.limit)
 
 
 class DeadlineExceededError(ExplainError):

@@ -99,3 +99,20 @@ class ModelInfo:
             dtype=info.dtype,
             is_default=is_default,
         )
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Limits the server applies to every request (``ListModelsResponse.limits``)."""
+
+    max_message_bytes: int
+    """Largest request or response message, bytes."""
+    max_image_pixels: int
+    """Largest width * height of an image."""
+    max_image_side: int
+    """Largest width or height of an image, pixels."""
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.ServerLimits) -> ServerLimits:
+        """Convert the proto message."""
+        return cls(int(msg.max_message_bytes), int(msg.max_image_pixels), int(msg.max_image_side))

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .models import DTYPES, ModelSpec
+from .security import DEFAULT_AUTH_EXEMPT
 
 # Until a trained offline model ships, the embedded default is ViT-B-32 with seeded random
 # weights: it needs no download, and its explanations check the arithmetic, not grounding.
@@ -40,6 +41,12 @@ class ServerConfig:
     jvp_memory_mb: int = 128
     grace_seconds: float = 30.0
     log_level: str = "INFO"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_tokens_file: str | None = None
+    auth_tokens_env: str | None = None
+    auth_exempt: list[str] = field(default_factory=lambda: list(DEFAULT_AUTH_EXEMPT))
 
     @property
     def model_specs(self) -> list[ModelSpec]:
@@ -91,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 128; raise it on GPUs)")
     p.add_argument("--grace-seconds", type=float, help="shutdown grace period, seconds (default 30)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="server private key")
+    p.add_argument("--tls-client-ca", metavar="PEM", help="CA of client certificates: require mutual TLS")
+    p.add_argument("--auth-tokens-file", metavar="PATH", help="accepted bearer tokens, one per line")
+    p.add_argument("--auth-tokens-env", metavar="VAR", help="environment variable with comma-separated bearer tokens")
+    p.add_argument(
+        "--auth-exempt",
+        action="append",
+        metavar="SERVICE",
+        help="a service callable without a token (repeatable; default: grpc.health.v1.Health)",
+    )
     return p
 
 

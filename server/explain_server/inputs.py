@@ -157,11 +157,22 @@ def token_label(tokenizer: SimpleTokenizer, token_id: int) -> str:
 def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
     """Tokenise with open_clip's tokenizer and cut after the end token.
 
+    Policy for long captions: refused, never truncated (a truncated caption would be
+    explained as if it were the whole one).
+
     Raises:
-        InputError: the caption is empty or has no tokens (whitespace only).
+        InputError: the caption is empty or whitespace only, has no tokens, or needs more
+            tokens (start and end included) than the model's context length.
     """
     if not caption.strip():
         raise InputError("caption", "must contain text; it is empty or whitespace only")
+    n_tokens = len(tokenizer.encode(caption)) + 2
+    if n_tokens > tokenizer.context_length:
+        raise InputError(
+            "caption",
+            f"has {n_tokens} tokens including the start and end tokens; "
+            f"the model's limit is {tokenizer.context_length}",
+        )
     ids = tokenizer([caption])[0]
     end = int((ids == tokenizer.eot_token_id).nonzero()[0])
     if end < 2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -17,6 +18,7 @@ from .config import ServerConfig, load_config
 from .inputs import ImageLimits
 from .models import ModelLoadError, resolve_device
 from .registry import ModelRegistry
+from .security import BearerTokenInterceptor, load_tokens, server_credentials
 from .service import ExplainService, Limits
 
 log = logging.getLogger("explain_server")
@@ -50,8 +52,11 @@ async def serve(config: ServerConfig) -> int:
         memory_bytes=config.jvp_memory_mb << 20,
     )
     max_bytes = config.max_message_mb << 20
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    tokens = load_tokens(config.auth_tokens_file, config.auth_tokens_env)
     server = grpc.aio.server(
-        options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+        interceptors=[BearerTokenInterceptor(tokens, tuple(config.auth_exempt))] if tokens else [],
+        options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)],
     )
     limits = Limits(
         max_n_steps=config.max_n_steps,
@@ -67,9 +72,18 @@ async def serve(config: ServerConfig) -> int:
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     address = f"{config.host}:{config.port}"
-    server.add_insecure_port(address)
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
     await server.start()
-    log.info("listening on %s; loading %d model(s)", address, len(registry.specs))
+    log.info(
+        "listening on %s (%s%s); loading %d model(s)",
+        address,
+        "plaintext" if credentials is None else "TLS" + (", client certificates required" if config.tls_client_ca else ""),
+        f", bearer tokens required except for {', '.join(config.auth_exempt) or 'no service'}" if tokens else "",
+        len(registry.specs),
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,16 +103,22 @@ async def serve(config: ServerConfig) -> int:
         except ModelLoadError as err:
             log.error("start-up failed: %s", err)
             exit_code = 1
-    log.info("shutting down (grace %.0f s)", config.grace_seconds)
-    service.shutting_down = True
+    log.info("shutting down (grace %g s)", config.grace_seconds)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(config.grace_seconds)
+    # Keep listening while draining, so that new calls get our UNAVAILABLE message, not a
+    # refused connection.
+    await service.drain(config.grace_seconds)
+    await server.stop(1.0)
     service.close()
     return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point of ``explain-server`` (flags: ``explain-server --help``)."""
+    """Console entry point of ``explain-server`` (flags: ``explain-server --help``).
+
+    Exits the process: 0 after a clean shutdown, 1 when a model fails to load, 2 on bad
+    configuration. Returns only for argument errors (2).
+    """
     try:
         config = load_config(argv)
     except (ValueError, OSError) as err:
@@ -108,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(config.log_level.upper())
     try:
-        return asyncio.run(serve(config))
+        code = asyncio.run(serve(config))
     except (ValueError, OSError) as err:
         log.error("%s", err)
-        return 2
+        code = 2
+    # Every accepted call has been answered by now. A model thread may still be inside torch
+    # finishing abandoned work; interpreter finalization around a running native thread aborts
+    # the process, so leave without it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

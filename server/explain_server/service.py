@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 
-from .engine.attribution import Attribution
+from .engine.attribution import Attribution, ExplanationCancelled
 from .engine.explainer import NonFiniteError
 from .engine.quadrature import METHODS
 from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, crop_box, decode_image, tokenize
 from .models import LoadedModel
 from .registry import ModelRegistry
+from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ def _request_id(value: str) -> str:
     return value
 
 
-def _compute(loaded: LoadedModel, request: explain_pb2.ExplainRequest, options: Options, limits: Limits):
+def _compute(loaded: LoadedModel, request: explain_pb2.ExplainRequest, options: Options, limits: Limits, job: "_Job"):
+    if job.should_stop():  # cancelled or expired while queued: skip the work entirely
+        raise ExplanationCancelled()
     image = decode_image(request.image, limits.image)
     caption = tokenize(loaded.tokenizer, request.caption)
     pixels = loaded.transform(image)
@@ -99,8 +102,24 @@ def _compute(loaded: LoadedModel, request: explain_pb2.ExplainRequest, options: 
         image_layer=options.image_layer,
         method=options.method,
         n_steps=options.n_steps,
+        should_stop=job.should_stop,
     )
     return image.size, caption, attribution
+
+
+class _Job:
+    """One accepted request's stop conditions, shared between its handler and its worker thread."""
+
+    def __init__(self, time_remaining: float | None):
+        self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        self.cancelled = threading.Event()
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.expired
 
 
 def _response(
@@ -177,18 +196,19 @@ def _model_info(loaded: LoadedModel, limits: Limits) -> explain_pb2.ModelInfo:
 
 
 class ExplainService(explain_pb2_grpc.ExplainServicer):
-    """Serves explanations from the registry's models; one worker thread per model.
-
-    A model's explanations run one at a time on its own thread: torch already spreads one
-    explanation over the intra-op threads, and the event loop stays free for other calls.
-    """
+    """Serves explanations from the registry's models, each on its own :class:`ModelWorker`."""
 
     def __init__(self, registry: ModelRegistry, limits: Limits):
         """Serve ``registry``'s models (loaded later) under ``limits``."""
         self.registry = registry
         self.limits = limits
-        self._workers = {spec.name: ThreadPoolExecutor(1, thread_name_prefix=f"model-{spec.name}") for spec in registry.specs}
+        self._workers = {spec.name: ModelWorker(spec.name) for spec in registry.specs}
         self.shutting_down = False
+        self.grace_seconds = 0.0
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._grace_over = asyncio.Event()
 
     async def _check_serving(self, context: grpc.aio.ServicerContext) -> None:
         if self.shutting_down:
@@ -211,15 +231,29 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         except InputError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         enqueued = time.perf_counter()
+        job = _Job(context.time_remaining())
 
         def work():
             started = time.perf_counter()
-            return started, _compute(loaded, request, options, self.limits), time.perf_counter() - started
+            return started, _compute(loaded, request, options, self.limits, job), time.perf_counter() - started
 
+        self._inflight += 1
+        self._idle.clear()
         try:
-            started, (image_size, caption, attribution), compute_seconds = await asyncio.get_running_loop().run_in_executor(
-                self._workers[loaded.spec.name], work
-            )
+            future = self._workers[loaded.spec.name].submit(work)
+            grace_over = asyncio.ensure_future(self._grace_over.wait())
+            try:
+                done, _ = await asyncio.wait({future, grace_over}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                grace_over.cancel()
+            if future not in done:
+                job.cancelled.set()
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the server shut down before this request finished (grace period {self.grace_seconds:g} s); "
+                    "retry on another replica",
+                )
+            started, (image_size, caption, attribution), compute_seconds = future.result()
         except InputError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except NonFiniteError as err:
@@ -227,6 +261,15 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             # not a malformed request and not a broken invariant.
             log.error("request %s: %s (model %s)", request_id, err, loaded.spec.name)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {loaded.spec.name}: {err}")
+        except ExplanationCancelled:
+            if job.expired:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the explanation finished")
+            await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
+        finally:
+            job.cancelled.set()  # a caller that went away stops its work at the next chunk
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
         log.info(
             "request %s model=%s tokens=%d queue=%.3fs compute=%.3fs",
             request_id, loaded.spec.name, len(caption.labels), started - enqueued, compute_seconds,
@@ -246,7 +289,22 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             ),
         )
 
+    async def drain(self, grace_seconds: float) -> None:
+        """Refuse new calls, let accepted ones finish for up to ``grace_seconds``, then end the rest.
+
+        Calls still unfinished when the grace period ends get UNAVAILABLE with a shutdown
+        message, and their work stops at its next chunk.
+        """
+        self.shutting_down = True
+        self.grace_seconds = grace_seconds
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_seconds)
+        except TimeoutError:
+            log.warning("grace period over with %d request(s) unfinished; ending them", self._inflight)
+            self._grace_over.set()
+            await self._idle.wait()
+
     def close(self) -> None:
-        """Stop the model worker threads after their current work."""
+        """Stop the model workers; abandoned work ends at its next chunk or with the process."""
         for worker in self._workers.values():
-            worker.shutdown(wait=True)
+            worker.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,18 @@ import torch.nn.functional as F
 from torch.func import jvp, vjp, vmap
 
 from .towers import Tower
+
+class ExplanationCancelled(Exception):
+    """The caller no longer wants the result (cancelled, past its deadline, or shutdown)."""
+
+
+StopCheck = Callable[[], bool]
+
+
+def never() -> bool:
+    """The default stop check: never stop."""
+    return False
+
 
 # Live tangent-sized copies per dense row in one JVP pass through a block (ln, q/k/v,
 # attention, 4x-wide MLP): turns a memory budget into a chunk size.
@@ -56,6 +69,7 @@ def forward_factor(
     alphas: np.ndarray,
     weights: np.ndarray,
     memory_bytes: int,
+    should_stop: StopCheck = never,
 ) -> torch.Tensor:
     """One tower's factor by forward mode: column s = sum_k w_k J_hi(h(a_k)) [dt on row s, 0 elsewhere].
 
@@ -66,10 +80,14 @@ def forward_factor(
         reference: the reference's hidden states h^r, (S, d), position-aligned with h.
         alphas, weights: quadrature nodes in [0, 1] and weights, (K,) each.
         memory_bytes: budget for the tangent activations of one chunk of columns.
+        should_stop: polled before every chunk of columns.
 
     Returns:
         The factor (D, S), float32 (float64 for a float64 model); its column sum approximates
         f_hi(h) - f_hi(h^r) (method.md), exactly so as the quadrature error vanishes.
+
+    Raises:
+        ExplanationCancelled: ``should_stop()`` turned true.
     """
     path = _path(hidden, reference, alphas)  # (K, S, d)
     delta = hidden - reference
@@ -108,6 +126,8 @@ def forward_factor(
     chunk = max(1, min(seq, memory_bytes // per_column))
     columns = []
     for start in range(0, seq, chunk):
+        if should_stop():
+            raise ExplanationCancelled()
         cols = torch.arange(start, min(seq, start + chunk), device=path.device)
         c = len(cols)
         # ln_1 is row-wise: the tangent stays on row s.
@@ -145,6 +165,7 @@ def reverse_factor(
     alphas: np.ndarray,
     weights: np.ndarray,
     memory_bytes: int,
+    should_stop: StopCheck = never,
 ) -> torch.Tensor:
     """The same factor as :func:`forward_factor` by reverse mode: one pullback per embedding dimension.
 
@@ -163,6 +184,8 @@ def reverse_factor(
         per_row = path.element_size() * n_nodes * seq * width * 3 * _TANGENT_COPIES
         chunk = max(1, min(dim, memory_bytes // per_row))
         for start in range(0, dim, chunk):
+            if should_stop():
+                raise ExplanationCancelled()
             cotangents = eye[start : start + chunk, None, :].expand(-1, n_nodes, -1)  # (c, K, D)
             grads = vmap(pullback)(cotangents)[0]  # (c, K, S, d)
             rows.append(torch.einsum("cksd,sd,k->cs", grads.detach().to(w.dtype), delta.to(w.dtype), w))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from open_clip.model import CLIP
 
-from .attribution import FACTORS, Attribution, choose_mode, combine
+from .attribution import FACTORS, Attribution, ExplanationCancelled, StopCheck, never, choose_mode, combine
 from .quadrature import nodes_and_weights
 from .towers import ImageTower, TextTower
 
@@ -68,6 +68,7 @@ class Explainer:
         image_layer: int,
         method: str,
         n_steps: int,
+        should_stop: StopCheck = never,
     ) -> Attribution:
         """Token x patch interactions of one pair (paper Eq. 10, factorised as in method.md).
 
@@ -77,6 +78,8 @@ class Explainer:
             text_layer, image_layer: non-negative block indices whose inputs are attributed.
             method: quadrature rule (see quadrature.METHODS).
             n_steps: number of quadrature nodes.
+            should_stop: polled before the work starts and between chunks of JVPs; when it
+                turns true the explanation is abandoned.
 
         Returns:
             The :class:`Attribution`, interactions of shape (S_t, 1 + Gh * Gw).
@@ -84,7 +87,10 @@ class Explainer:
         Raises:
             ValueError: bad method or n_steps for it.
             NonFiniteError: a NaN or infinity in the result.
+            ExplanationCancelled: ``should_stop()`` turned true.
         """
+        if should_stop():
+            raise ExplanationCancelled()
         alphas, weights = nodes_and_weights(method, n_steps)
         seq = token_ids.shape[0]
         with torch.no_grad():
@@ -96,7 +102,7 @@ class Explainer:
             text_endpoints = self.text.upper(torch.stack([h_t, h_t_ref]), text_layer)
             image_endpoints = self.image.upper(torch.stack([h_v, h_v_ref]), image_layer)
             factors = [
-                self._factor(tower, layer, hidden, reference, alphas, weights)
+                self._factor(tower, layer, hidden, reference, alphas, weights, should_stop)
                 for tower, layer, hidden, reference in (
                     (self.text, text_layer, h_t, h_t_ref),
                     (self.image, image_layer, h_v, h_v_ref),
@@ -108,6 +114,6 @@ class Explainer:
             raise NonFiniteError(f"the attribution is not finite in {self.dtype}; float32 avoids overflow")
         return result
 
-    def _factor(self, tower, layer, hidden, reference, alphas, weights) -> torch.Tensor:
+    def _factor(self, tower, layer, hidden, reference, alphas, weights, should_stop) -> torch.Tensor:
         mode = choose_mode(tower, layer, hidden.shape[0], self.embed_dim)
-        return FACTORS[mode](tower, layer, hidden, reference, alphas, weights, self.memory_bytes)
+        return FACTORS[mode](tower, layer, hidden, reference, alphas, weights, self.memory_bytes, should_stop)

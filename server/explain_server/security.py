@@ -1,0 +1,116 @@
+"""Transport security and caller authentication: TLS, mutual TLS and bearer tokens."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import pathlib
+from typing import Awaitable, Callable
+
+import grpc
+
+# Kubernetes' gRPC probes and load balancers cannot send tokens.
+DEFAULT_AUTH_EXEMPT = ("grpc.health.v1.Health",)
+
+
+def server_credentials(cert: str | None, key: str | None, client_ca: str | None) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files, or None for plaintext.
+
+    Args:
+        cert, key: the server's certificate chain and private key (both or neither).
+        client_ca: CA bundle that client certificates must chain to; given, every client must
+            present a certificate (mutual TLS).
+
+    Raises:
+        ValueError: a key without a certificate or the reverse, or a client CA without TLS.
+        OSError: a file that cannot be read.
+    """
+    if bool(cert) != bool(key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if not cert:
+        if client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    pair = (pathlib.Path(key).read_bytes(), pathlib.Path(cert).read_bytes())
+    roots = pathlib.Path(client_ca).read_bytes() if client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=roots, require_client_auth=roots is not None)
+
+
+def load_tokens(tokens_file: str | None, tokens_env: str | None) -> list[str]:
+    """Accepted bearer tokens: one per non-empty line of ``tokens_file``, and/or comma-separated
+    in the environment variable named ``tokens_env``.
+
+    Raises:
+        ValueError: the variable is unset, or a source yields no token.
+        OSError: the file cannot be read.
+    """
+    tokens: list[str] = []
+    if tokens_file:
+        from_file = [line.strip() for line in pathlib.Path(tokens_file).read_text().splitlines() if line.strip()]
+        if not from_file:
+            raise ValueError(f"--auth-tokens-file {tokens_file} holds no token")
+        tokens += from_file
+    if tokens_env:
+        if tokens_env not in os.environ:
+            raise ValueError(f"--auth-tokens-env: environment variable {tokens_env} is not set")
+        from_env = [t.strip() for t in os.environ[tokens_env].split(",") if t.strip()]
+        if not from_env:
+            raise ValueError(f"--auth-tokens-env: environment variable {tokens_env} holds no token")
+        tokens += from_env
+    return tokens
+
+
+def _aborting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that answers UNAUTHENTICATED."""
+
+    async def deny(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # an async generator, as streaming handlers are
+
+    codecs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(deny, **codecs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **codecs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny, **codecs)
+    return grpc.stream_stream_rpc_method_handler(deny_stream, **codecs)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` metadata with one of the accepted tokens.
+
+    Calls to the services in ``exempt`` (full names, e.g. ``grpc.health.v1.Health``) pass
+    without a token. Tokens are compared in constant time and never logged.
+    """
+
+    def __init__(self, tokens: list[str], exempt: tuple[str, ...] = DEFAULT_AUTH_EXEMPT):
+        """Accept any of ``tokens``; let ``exempt`` services through."""
+        self._tokens = [t.encode() for t in tokens]
+        self._exempt = tuple(f"/{name}/" for name in exempt)
+
+    def _authorised(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                offered = value[len("Bearer "):].encode()
+                # compare with every token, so the time taken does not reveal which one matched
+                return any([hmac.compare_digest(offered, token) for token in self._tokens])
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Pass authorised and exempt calls on; answer the others UNAUTHENTICATED."""
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._exempt):
+            return handler
+        if self._authorised(handler_call_details.invocation_metadata):
+            return handler
+        return _aborting_handler(
+            handler, "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
+        )

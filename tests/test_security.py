@@ -1,0 +1,162 @@
+"""TLS, mutual TLS and bearer tokens, with certificates generated at test time."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import grpc
+import pytest
+from conftest import TINY, TINY_CONFIG, ServerProcess, wait_serving
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_end_to_end import noise_image
+
+from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials
+
+CAPTION = "SECRET-CAPTION-a red circle"
+TOKEN = "s3cret-token-value"
+TINY_ARGS = ["--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0"]
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _issue(subject: str, issuer_key, issuer_name, *, ca: bool, san: list | None = None):
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name or _name(subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return key, cert
+
+
+def _write(directory, name: str, key, cert) -> tuple[str, str]:
+    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(key_path), str(cert_path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """A CA, a server certificate for localhost, a client certificate, and a client of another CA."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca_key, ca_cert = _issue("test CA", None, None, ca=True)
+    rogue_key, rogue_cert = _issue("rogue CA", None, None, ca=True)
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    return {
+        "ca": _write(directory, "ca", ca_key, ca_cert),
+        "server": _write(directory, "server", *_issue("localhost", ca_key, ca_cert.subject, ca=False, san=san)),
+        "client": _write(directory, "client", *_issue("client", ca_key, ca_cert.subject, ca=False)),
+        "rogue": _write(directory, "rogue", *_issue("rogue client", rogue_key, rogue_cert.subject, ca=False)),
+    }
+
+
+def _started(args: list[str], log) -> ServerProcess:
+    """Start and wait for the port to answer (health needs credentials, checked by each test)."""
+    return ServerProcess(TINY_ARGS + args, log)
+
+
+def _wait(server: ServerProcess, credentials: grpc.ChannelCredentials) -> None:
+    with ExplainClient(f"localhost:{server.port}", credentials=credentials) as client:
+        client.wait_until_ready(timeout=300)
+
+
+def test_tls(tmp_path, pki):
+    server = _started(["--tls-cert", pki["server"][1], "--tls-key", pki["server"][0]], tmp_path / "tls.log")
+    try:
+        credentials = tls_credentials(pki["ca"][1])
+        _wait(server, credentials)
+        with ExplainClient(f"localhost:{server.port}", credentials=credentials, timeout=60) as client:
+            assert client.explain(noise_image(64, 64), CAPTION).tokens[0] == "<start_of_text>"
+        with ExplainClient(f"localhost:{server.port}", timeout=10) as plaintext:
+            with pytest.raises(UnavailableError):
+                plaintext.list_models()
+    finally:
+        server.stop()
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(tmp_path, pki):
+    server = _started(
+        ["--tls-cert", pki["server"][1], "--tls-key", pki["server"][0], "--tls-client-ca", pki["ca"][1]],
+        tmp_path / "mtls.log",
+    )
+    try:
+        good = tls_credentials(pki["ca"][1], pki["client"][1], pki["client"][0])
+        _wait(server, good)
+        with ExplainClient(f"localhost:{server.port}", credentials=good, timeout=60) as client:
+            assert client.explain(noise_image(64, 64), CAPTION).model == "tiny"
+        for credentials in (tls_credentials(pki["ca"][1]), tls_credentials(pki["ca"][1], pki["rogue"][1], pki["rogue"][0])):
+            with ExplainClient(f"localhost:{server.port}", credentials=credentials, timeout=10) as client:
+                with pytest.raises(UnavailableError):
+                    client.list_models()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("source", ["file", "env"])
+def test_bearer_tokens(tmp_path, source, monkeypatch):
+    if source == "file":
+        tokens = tmp_path / "tokens"
+        tokens.write_text(f"other-token\n{TOKEN}\n")
+        args = ["--auth-tokens-file", str(tokens)]
+    else:
+        monkeypatch.setenv("EXPLAIN_TEST_TOKENS", f"other-token,{TOKEN}")
+        args = ["--auth-tokens-env", "EXPLAIN_TEST_TOKENS"]
+    log = tmp_path / "tokens.log"
+    server = _started(args, log)
+    try:
+        wait_serving(server.target, server.process)  # health is exempt by default: no token
+        with ExplainClient(server.target, token=TOKEN, timeout=60) as client:
+            assert client.explain(noise_image(64, 64), CAPTION).model == "tiny"
+        for token in (None, "wrong", TOKEN + "x"):
+            with ExplainClient(server.target, token=token, timeout=10) as client:
+                with pytest.raises(UnauthenticatedError, match="bearer token"):
+                    client.explain(noise_image(64, 64), CAPTION)
+        with grpc.insecure_channel(server.target) as channel:  # reflection is not exempt
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop()
+    text = log.read_text()
+    assert "SECRET-CAPTION" not in text and TOKEN not in text  # nothing the caller sent, at INFO
+
+
+def test_exempting_reflection_by_config(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN)
+    server = _started(
+        ["--auth-tokens-file", str(tokens), "--auth-exempt", "grpc.health.v1.Health",
+         "--auth-exempt", "grpc.reflection.v1alpha.ServerReflection"],
+        tmp_path / "exempt.log",
+    )
+    try:
+        wait_serving(server.target, server.process)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+            assert "explain.v1.Explain" in {s.name for s in reply.list_services_response.service}
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
