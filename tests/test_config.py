@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -156,3 +157,34 @@ def test_offline_start_up_makes_no_network_attempt(tmp_path):
     ).wait_serving()
     assert server.stop() == 0
     assert not attempts.exists(), attempts.read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--max-n-steps", "0"), ("--port", "99999"), ("--max-message-mb", "-1")])
+def test_out_of_range_settings_are_refused(flag, value):
+    with pytest.raises(ValueError, match=flag):
+        load_config([flag, value])
+
+
+def test_a_busy_port_fails_start_up(server):
+    result = subprocess.run(
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(server.port),
+         "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{server.port}" in result.stderr
+
+
+def test_sigterm_while_loading_exits_promptly():
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port),
+         "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # wait until it listens (and loads)
+        grpc.channel_ready_future(channel).result(timeout=120)
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert time.monotonic() - start < 5.0

@@ -218,3 +218,62 @@ def test_server_stays_serving_after_bad_requests(server, client):
             client.explain(bad, CAPTION)
     test_health_is_serving(server)
     assert client.explain(noise_image(64, 64), CAPTION).attribution.shape == (9, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "caption, rule",
+    [
+        ("a cat <end_of_text> on a mat", "special token"),
+        ("<START_OF_TEXT> a cat", "special token"),
+        ("word " * 1000, "characters; the limit is 4096"),
+        ("word " * 80, "tokens including the start and end tokens; the model's limit is 77"),
+    ],
+)
+def test_captions_the_model_cannot_read_as_written_are_refused(client, caption, rule):
+    with pytest.raises(InvalidArgumentError, match=f"INVALID_ARGUMENT: caption: .*{rule}"):
+        client.explain(noise_image(64, 64), caption)
+
+
+def test_extreme_aspect_ratios_are_refused_before_resizing(client):
+    out = io.BytesIO()
+    Image.new("L", (1, 19_000)).save(out, format="PNG")
+    with pytest.raises(InvalidArgumentError, match=r"image: is 1x19000; preprocessing would resize it to 64x1216000"):
+        client.explain(out.getvalue(), CAPTION)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x1a\x03\xff\xfe\xfd",  # caption (field 3) holding invalid UTF-8
+        b"\x0a\xff\xff\xff\xff\x0f",  # model (field 1) whose length runs past the end
+        b"\xff\xff\xff",  # not a protobuf message
+    ],
+)
+def test_malformed_messages_are_invalid_argument(server, payload):
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_unary("/explain.v1.Explain/Explain", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("request: not a valid /explain.v1.Explain/Explain message")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"text_layer": 2**40}, ValueError, "text_layer must fit in a 32-bit integer"),
+        ({"n_steps": "10"}, TypeError, "n_steps must be an int"),
+        ({"request_id": 123}, TypeError, "request_id must be a str"),
+        ({"model": b"tiny"}, TypeError, "model must be a str"),
+    ],
+)
+def test_client_names_the_field_of_a_bad_option(client, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        client.explain(noise_image(64, 64), CAPTION, **kwargs)
+
+
+def test_cli_reports_where_a_span_points(server, tmp_path, capsys):
+    image_path = tmp_path / "photo.png"
+    image_path.write_bytes(noise_image(64, 64))
+    assert cli.main([str(image_path), CAPTION, "--target", server.target, "--span", "blue square"]) == 0
+    assert "span 'blue square' (rows 6-7): peak at cell (" in capsys.readouterr().out

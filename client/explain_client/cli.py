@@ -101,6 +101,18 @@ def _format_report(explanation: Explanation, top: int) -> str:
     return "\n".join(lines)
 
 
+def _format_span(explanation: Explanation, span: Span) -> str:
+    """Where a caption span's heatmap peaks, and its strongest and weakest cells."""
+    rows = explanation.rows(span)
+    heat = explanation.heatmap(span)
+    i, j = divmod(int(heat.argmax()), heat.shape[1])
+    labels = " ".join(explanation.tokens[r] for r in rows)
+    return (
+        f"span {labels!r} (rows {rows[0]}-{rows[-1]}): peak at cell ({i}, {j}) = {heat[i, j]:+.6f}; "
+        f"sum {heat.sum():+.6f}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``explain-client``.
 
@@ -141,14 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(_format_report(explanation, args.top))
 
-    if args.out:
-        n_tokens = len(explanation.tokens)
-        span = args.span if args.span is not None else (1, n_tokens - 1)
-        try:
-            explanation.overlay(args.image, span).save(args.out, format="PNG")
-        except (OSError, ValueError, TypeError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_LOCAL_ERROR
-        if not args.json:
-            print(f"\noverlay written to {args.out}")
+    span = args.span if args.span is not None else (1, len(explanation.tokens) - 1)
+    try:
+        if args.span is not None and not args.json:
+            print("\n" + _format_span(explanation, span))
+        if args.out:
+            explanation.overlay(args.image, span).save(args.out)  # format from the file name
+            if not args.json:
+                print(f"\noverlay written to {args.out}")
+    except (OSError, ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_LOCAL_ERROR
     return 0

@@ -26,6 +26,22 @@ DEFAULT_MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024
 """Default ``grpc.max_receive_message_length``, bytes."""
 
 
+_INT_FIELDS = ("text_layer", "image_layer", "n_steps")
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _checked(field: str, value: Any) -> Any:
+    """``value`` if it fits the request field, else an error naming the field."""
+    if field in _INT_FIELDS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{field} must be an int; got {type(value).__name__}")
+        if not _INT32[0] <= value <= _INT32[1]:
+            raise ValueError(f"{field} must fit in a 32-bit integer; got {value}")
+    elif not isinstance(value, str):
+        raise TypeError(f"{field} must be a str; got {type(value).__name__}")
+    return value
+
+
 def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -204,7 +220,9 @@ class ExplainClient:
             The decoded :class:`Explanation`.
 
         Raises:
-            TypeError: ``caption`` is not a str, or ``image`` of an unsupported kind.
+            TypeError: ``caption`` or an option of the wrong type, or ``image`` of an
+                unsupported kind.
+            ValueError: an option outside the 32-bit range the API carries.
             MessageTooLargeError: the request exceeds the send limit (before sending).
             ValueError: an image array of the wrong shape or dtype, or a
                 malformed response.
@@ -226,7 +244,7 @@ class ExplainClient:
         }
         for field, value in optional.items():
             if value is not None:
-                setattr(request, field, value)
+                setattr(request, field, _checked(field, value))
         size = request.ByteSize()
         if size > self._max_send_bytes:
             raise MessageTooLargeError(size, self._max_send_bytes)

@@ -38,7 +38,7 @@ class ServerConfig:
     max_image_pixels: int = 50_000_000
     max_image_side: int = 20_000
     max_message_mb: int = 64
-    jvp_memory_mb: int = 128
+    jvp_memory_mb: int = 256
     grace_seconds: float = 30.0
     log_level: str = "INFO"
     tls_cert: str | None = None
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, help="largest width*height of an image (default 50000000)")
     p.add_argument("--max-image-side", type=int, help="largest width or height of an image, pixels (default 20000)")
     p.add_argument("--max-message-mb", type=int, help="largest request and response, MiB (default 64)")
-    p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 128; raise it on GPUs)")
+    p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 256; raise it on GPUs)")
     p.add_argument("--grace-seconds", type=float, help="shutdown grace period, seconds (default 30)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
@@ -134,4 +134,11 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     values.setdefault("model_configs", [])
     config = ServerConfig(**values)
     config.model_specs  # validate now, before anything loads
+    for name in ("port", "max_n_steps", "max_image_pixels", "max_image_side", "max_message_mb", "jvp_memory_mb"):
+        if getattr(config, name) < (0 if name == "port" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'port' else 'positive'}; got {getattr(config, name)}")
+    if config.port > 65535:
+        raise ValueError(f"--port must be at most 65535; got {config.port}")
+    if config.grace_seconds < 0:
+        raise ValueError(f"--grace-seconds must be >= 0; got {config.grace_seconds}")
     return config

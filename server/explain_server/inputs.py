@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Documented in ListModels (Preprocessing.conversion).
 CONVERSION_RULES = (
@@ -21,6 +21,8 @@ CONVERSION_RULES = (
     "Image.convert('RGB')"
 )
 _BACKGROUND = (255, 255, 255)
+# Far above any caption that fits a CLIP context; bounds the tokenizer's work per request.
+MAX_CAPTION_CHARS = 4096
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 # Pillow's own decompression-bomb check would refuse large images before ours can name the
@@ -67,6 +69,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InputError("image", "is empty; send encoded image bytes (JPEG, PNG, WebP, ...)")
     try:
         image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as err:  # its message quotes a BytesIO object address
+        raise InputError("image", "could not be decoded: not in any image format Pillow reads") from err
     except (OSError, ValueError, SyntaxError) as err:
         raise InputError("image", f"could not be decoded: {err}") from err
     width, height = image.size
@@ -111,6 +115,21 @@ def _resized_size(width: int, height: int, cfg: PreprocessCfg) -> tuple[int, int
     ratio_h, ratio_w = height / target_h, width / target_w
     ratio = max(ratio_h, ratio_w) if cfg.resize_mode == "longest" else min(ratio_h, ratio_w)
     return round(width / ratio), round(height / ratio)
+
+
+def check_resize(width: int, height: int, cfg: PreprocessCfg, limits: ImageLimits) -> None:
+    """Refuse images whose resized intermediate would be huge (extreme aspect ratios).
+
+    Raises:
+        InputError: the resized image would have more than ``limits.max_pixels`` pixels.
+    """
+    new_w, new_h = _resized_size(width, height, cfg)
+    if new_w * new_h > limits.max_pixels:
+        raise InputError(
+            "image",
+            f"is {width}x{height}; preprocessing would resize it to {new_w}x{new_h}, above the limit of "
+            f"{limits.max_pixels} pixels (crop extreme aspect ratios before sending)",
+        )
 
 
 def crop_box(width: int, height: int, cfg: PreprocessCfg) -> tuple[float, float, float, float]:
@@ -161,11 +180,19 @@ def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
     explained as if it were the whole one).
 
     Raises:
-        InputError: the caption is empty or whitespace only, has no tokens, or needs more
-            tokens (start and end included) than the model's context length.
+        InputError: the caption is empty or whitespace only, longer than
+            :data:`MAX_CAPTION_CHARS`, contains the text of a special token, has no tokens, or
+            needs more tokens (start and end included) than the model's context length.
     """
     if not caption.strip():
         raise InputError("caption", "must contain text; it is empty or whitespace only")
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise InputError(
+            "caption", f"has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS} (models read at most a few dozen tokens)"
+        )
+    for special in (tokenizer.decoder[tokenizer.sot_token_id], tokenizer.decoder[tokenizer.eot_token_id]):
+        if special in caption.lower():  # the tokenizer lower-cases first
+            raise InputError("caption", f"contains {special!r}, which the tokenizer reads as a special token; remove it")
     n_tokens = len(tokenizer.encode(caption)) + 2
     if n_tokens > tokenizer.context_length:
         raise InputError(

@@ -18,7 +18,9 @@ from .config import ServerConfig, load_config
 from .inputs import ImageLimits
 from .models import ModelLoadError, resolve_device
 from .registry import ModelRegistry
+from .malformed import MalformedRequestInterceptor
 from .security import BearerTokenInterceptor, load_tokens, server_credentials
+from .worker import ModelWorker
 from .service import ExplainService, Limits
 
 log = logging.getLogger("explain_server")
@@ -54,9 +56,17 @@ async def serve(config: ServerConfig) -> int:
     max_bytes = config.max_message_mb << 20
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens_env)
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+    if tokens:
+        interceptors.insert(0, BearerTokenInterceptor(tokens, tuple(config.auth_exempt)))
     server = grpc.aio.server(
-        interceptors=[BearerTokenInterceptor(tokens, tuple(config.auth_exempt))] if tokens else [],
-        options=[("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)],
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.max_receive_message_length", max_bytes),
+            # a second server on a busy port must fail, not silently share its traffic
+            ("grpc.so_reuseport", 0),
+        ],
     )
     limits = Limits(
         max_n_steps=config.max_n_steps,
@@ -72,10 +82,12 @@ async def serve(config: ServerConfig) -> int:
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     address = f"{config.host}:{config.port}"
-    if credentials is None:
-        server.add_insecure_port(address)
-    else:
-        server.add_secure_port(address, credentials)
+    try:
+        bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    except RuntimeError as err:  # grpc raises when it cannot bind
+        raise OSError(f"cannot listen on {address}: {err}") from err
+    if not bound:
+        raise OSError(f"cannot listen on {address}")
     await server.start()
     log.info(
         "listening on %s (%s%s); loading %d model(s)",
@@ -90,7 +102,10 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    loading = asyncio.ensure_future(asyncio.to_thread(registry.load_all))
+    # a daemon thread: SIGTERM during loading must not wait for the load to finish
+    loader = ModelWorker("loader")
+    loading = loader.submit(registry.load_all)
+    loader.close()
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0

@@ -16,7 +16,7 @@ from explain_client._proto import explain_pb2, explain_pb2_grpc
 from .engine.attribution import Attribution, ExplanationCancelled
 from .engine.explainer import NonFiniteError
 from .engine.quadrature import METHODS
-from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, crop_box, decode_image, tokenize
+from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, decode_image, tokenize
 from .models import LoadedModel
 from .registry import ModelRegistry
 from .worker import ModelWorker
@@ -92,8 +92,9 @@ def _request_id(value: str) -> str:
 def _compute(loaded: LoadedModel, request: explain_pb2.ExplainRequest, options: Options, limits: Limits, job: "_Job"):
     if job.should_stop():  # cancelled or expired while queued: skip the work entirely
         raise ExplanationCancelled()
-    image = decode_image(request.image, limits.image)
     caption = tokenize(loaded.tokenizer, request.caption)
+    image = decode_image(request.image, limits.image)
+    check_resize(*image.size, loaded.preprocess_cfg, limits.image)
     pixels = loaded.transform(image)
     attribution = loaded.explainer.explain(
         caption.token_ids,
