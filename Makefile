@@ -32,6 +32,7 @@ test: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_engine.py --record docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_soak.py --record docs/benchmarks.md
 
 proto: $(VENV)/.test-installed
 	$(BIN)/python proto/generate.py

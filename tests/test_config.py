@@ -60,6 +60,14 @@ def test_missing_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     assert f"model 'b32': weights file {missing} does not exist" in result.stderr
 
 
+def test_a_corrupt_weights_file_fails_start_up_naming_model_and_file(tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
+    result = run_server("--model-config", str(TINY_CONFIG), "--model", f"bad={TINY}:{corrupt}")
+    assert result.returncode == 1
+    assert f"model 'bad': cannot load weights '{corrupt}'" in result.stderr
+
+
 def test_a_model_giving_non_finite_results_fails_start_up(tmp_path):
     model = seeded_model(TINY)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 
@@ -277,3 +278,32 @@ def test_cli_reports_where_a_span_points(server, tmp_path, capsys):
     image_path.write_bytes(noise_image(64, 64))
     assert cli.main([str(image_path), CAPTION, "--target", server.target, "--span", "blue square"]) == 0
     assert "span 'blue square' (rows 6-7): peak at cell (" in capsys.readouterr().out
+
+
+def test_bad_payloads_among_concurrent_valid_requests_harm_none(client):
+    """Undecodable images queued between valid requests: each valid one equals its solo result."""
+    valid = [(noise_image(64, 64, seed=i), f"caption number {i}") for i in range(4)]
+    solo = [client.explain(image, caption) for image, caption in valid]
+    truncated = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated, format="JPEG")
+    bad = [b"", b"<html></html>", np.random.default_rng(2).bytes(512), truncated.getvalue()[:300]]
+    jobs = [("ok", i, image, caption) for i, (image, caption) in enumerate(valid)] + [
+        ("bad", i, payload, CAPTION) for i, payload in enumerate(bad)
+    ]
+    order = np.random.default_rng(3).permutation(len(jobs))
+
+    def run(job):
+        kind, index, image, caption = job
+        try:
+            return kind, index, client.explain(image, caption)
+        except InvalidArgumentError as err:
+            return kind, index, err
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        outcomes = list(pool.map(run, [jobs[i] for i in order]))
+    for kind, index, outcome in outcomes:
+        if kind == "bad":
+            assert isinstance(outcome, InvalidArgumentError) and "image: could not be decoded" in outcome.details
+        else:
+            np.testing.assert_array_equal(outcome.attribution, solo[index].attribution)
+    assert client.explain(*valid[0]).score == solo[0].score  # and the next request runs normally
