@@ -303,7 +303,7 @@ def test_bad_payloads_among_concurrent_valid_requests_harm_none(client):
         outcomes = list(pool.map(run, [jobs[i] for i in order]))
     for kind, index, outcome in outcomes:
         if kind == "bad":
-            assert isinstance(outcome, InvalidArgumentError) and "image: could not be decoded" in outcome.details
+            assert isinstance(outcome, InvalidArgumentError) and outcome.details.startswith(("image: could not be decoded", "image: is empty"))
         else:
             np.testing.assert_array_equal(outcome.attribution, solo[index].attribution)
     assert client.explain(*valid[0]).score == solo[0].score  # and the next request runs normally
