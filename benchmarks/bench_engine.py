@@ -7,7 +7,8 @@ Everything is measured in one run on this machine, so the ratios compare like wi
   exclip 1.1 and the forward-pass timing.
 - Wall seconds: one explanation end to end through the gRPC client (median of --repeats).
 - Added memory: the server's peak RSS during the explanation (VmHWM reset through
-  /proc/PID/clear_refs once the model is loaded and idle) minus its idle RSS.
+  /proc/PID/clear_refs once the model is loaded and idle) minus its idle RSS; the same for
+  exclip, whose peak RSS while explaining is also set against the server's.
 - |convergence delta|: averaged over the pairs of the quadrature sweep for the sweep, and for
   the bundled photo in the main table.
 - x exclip: wall seconds over exclip's ``OpenClipExplainer.explain`` on the same weights and
@@ -108,7 +109,8 @@ def exclip_worker(weights: str, out: str) -> None:
     attribution, score, *_ = explainer.explain(tokens, pixels, text_layer=11, image_layer=11, N=10, compute_lhs_terms=True)
     seconds = time.perf_counter() - start
     np.save(out, attribution.numpy())
-    print(json.dumps({"seconds": seconds, "added_bytes": rss_bytes(pid, "VmHWM") - idle, "score": score}))
+    peak = rss_bytes(pid, "VmHWM")
+    print(json.dumps({"seconds": seconds, "added_bytes": peak - idle, "peak_bytes": peak, "score": score}))
 
 
 def forward_seconds(architecture: str, weights: str, repeats: int = 5) -> float:
@@ -178,9 +180,9 @@ def quadrature_sweep(max_n: int = 16) -> tuple[list[str], tuple[str, int]]:
 
 
 class Server:
-    """``explain-server`` on one weights file, on a free loopback port."""
+    """``explain-server`` with ``args`` on a free loopback port, and a client of it, once ready."""
 
-    def __init__(self, architecture: str, weights: str):
+    def __init__(self, args: list[str]):
         from explain_client import ExplainClient
 
         with socket.socket() as s:
@@ -188,7 +190,7 @@ class Server:
             port = s.getsockname()[1]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port),
-             "--model", f"m={architecture}:{weights}", "--device", "cpu", "--log-level", "WARNING"],
+             "--device", "cpu", "--log-level", "WARNING", *args],
             stderr=subprocess.DEVNULL,
         )
         self.client = ExplainClient(f"127.0.0.1:{port}", timeout=3600)
@@ -205,7 +207,12 @@ class Server:
             explanation = self.client.explain(image, CAPTION, **options)
             times.append(time.perf_counter() - start)
             peaks.append(rss_bytes(self.process.pid, "VmHWM"))
-        return {"seconds": statistics.median(times), "added_bytes": max(peaks) - idle, "explanation": explanation}
+        return {
+            "seconds": statistics.median(times),
+            "added_bytes": max(peaks) - idle,
+            "peak_bytes": max(peaks),
+            "explanation": explanation,
+        }
 
     def close(self) -> None:
         self.client.close()
@@ -254,7 +261,7 @@ def main() -> int:
                 )
                 exclip = json.loads(child.stdout.strip().splitlines()[-1])
                 exclip["attribution"] = np.load(out)
-            server = Server(architecture, str(weights))
+            server = Server(["--model", f"m={architecture}:{weights}"])
             timing: dict[tuple[str, int], float] = {}
             try:
                 for layers, method, n_steps in runs:
@@ -274,6 +281,11 @@ def main() -> int:
                             f"the service is **{exclip['seconds'] / m['seconds']:.0f}x faster** and adds "
                             f"**{m['added_bytes'] / exclip['added_bytes']:.4f}** of exclip's memory; attributions agree to "
                             f"{diff:.1e} relative L2, scores to {abs(exp.score - exclip['score']):.1e}."
+                        )
+                        notes.append(
+                            f"- peak RSS while explaining (model loaded, VmHWM reset just before): service "
+                            f"{m['peak_bytes'] / GIB:.2f} GiB, exclip {exclip['peak_bytes'] / GIB:.2f} GiB, "
+                            f"ratio **{m['peak_bytes'] / exclip['peak_bytes']:.3f}**."
                         )
                     rows.append(
                         f"| {architecture} | {exp.options.text_layer}, {exp.options.image_layer} | {method} | {n_steps} "

@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import io
 import pathlib
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
-from bench_engine import record, rss_bytes
+from bench_engine import Server, record, rss_bytes
 from PIL import Image
-
-from explain_client import ExplainClient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "tests" / "data" / "tiny-ViT.json"
@@ -48,28 +44,18 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--record", type=pathlib.Path, help="markdown file whose section to replace")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
-         "--model-config", str(TINY_CONFIG), "--model", "tiny=tiny-ViT:random:0"],
-        stderr=subprocess.DEVNULL,
-    )
+    server = Server(["--model-config", str(TINY_CONFIG), "--model", "tiny=tiny-ViT:random:0"])
     images, captions = inputs()
     latencies, rss = [], {}
     try:
-        with ExplainClient(f"127.0.0.1:{port}", timeout=600) as client:
-            client.wait_until_ready(timeout=600)
-            for i in range(args.requests):
-                start = time.perf_counter()
-                client.explain(images[i % len(images)], captions[(i * 7) % len(captions)])
-                latencies.append(time.perf_counter() - start)
-                if i + 1 in (100, args.requests):
-                    rss[i + 1] = rss_bytes(server.pid, "VmRSS")
+        for i in range(args.requests):
+            start = time.perf_counter()
+            server.client.explain(images[i % len(images)], captions[(i * 7) % len(captions)])
+            latencies.append(time.perf_counter() - start)
+            if i + 1 in (100, args.requests):
+                rss[i + 1] = rss_bytes(server.process.pid, "VmRSS")
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.close()
     growth = rss[args.requests] / rss[100] - 1
     early, late = statistics.median(latencies[100:200]), statistics.median(latencies[-100:])
     body = "\n".join([

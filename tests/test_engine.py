@@ -15,7 +15,7 @@ from torch.autograd.functional import jacobian
 from explain_server.engine.attribution import choose_mode, forward_factor, reverse_factor
 from explain_server.engine.explainer import Explainer, NonFiniteError
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
-from explain_server.engine.towers import ImageTower, TextTower, UnsupportedModelError
+from explain_server.engine.towers import ImageTower, TextTower
 from explain_server.models import ModelLoadError, ModelSpec, load_model, resolve_device
 
 CAPTION = "a red circle and a blue square"
