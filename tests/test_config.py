@@ -18,6 +18,14 @@ from explain_client import ExplainClient, UnavailableError
 from explain_server.config import DEFAULT_MODEL, load_config
 
 
+# Reconnect at once when the port opens: gRPC's default backoff could skip the loading window.
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 100),
+]
+
+
 def test_defaults_host_the_embedded_model():
     config = load_config([])
     assert config.models == [DEFAULT_MODEL] and config.default_model_name == "ViT-B-32-random"
@@ -90,12 +98,13 @@ def test_not_serving_and_unavailable_until_models_are_warm():
     target = f"127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port),
-         "--model", "b32=ViT-B-32:random:0"],
+         "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    fast = FAST_RECONNECT
     statuses, refusals = [], []
     try:
-        with grpc.insecure_channel(target) as channel, ExplainClient(target, timeout=10) as client:
+        with grpc.insecure_channel(target, options=fast) as channel, ExplainClient(target, timeout=10, options=fast) as client:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
@@ -190,8 +199,10 @@ def test_sigterm_while_loading_exits_promptly():
          "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # wait until it listens (and loads)
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:  # listening, still loading
         grpc.channel_ready_future(channel).result(timeout=120)
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     start = time.monotonic()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
