@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# exclip's rule; the service default until a rule is chosen by measurement.
-EXCLIP_METHOD = "riemann_right"
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 
