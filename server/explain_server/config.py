@@ -15,8 +15,10 @@ import argparse
 import tomllib
 from dataclasses import dataclass, field, fields
 
+from .inputs import ImageLimits
 from .models import DTYPES, ModelSpec
 from .security import DEFAULT_AUTH_EXEMPT
+from .service import Limits
 
 # Until a trained offline model ships, the embedded default is ViT-B-32 with seeded random
 # weights: it needs no download, and its explanations check the arithmetic, not grounding.
@@ -34,10 +36,11 @@ class ServerConfig:
     port: int = 50051
     device: str = "auto"
     dtype: str = "float32"
-    max_n_steps: int = 512
-    max_image_pixels: int = 50_000_000
-    max_image_side: int = 20_000
-    max_message_mb: int = 64
+    # one source for the limits' defaults: the service's own
+    max_n_steps: int = Limits.max_n_steps
+    max_image_pixels: int = ImageLimits.max_pixels
+    max_image_side: int = ImageLimits.max_side
+    max_message_mb: int = Limits.max_message_bytes >> 20
     jvp_memory_mb: int = 256
     grace_seconds: float = 30.0
     log_level: str = "INFO"
@@ -134,11 +137,11 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     values.setdefault("model_configs", [])
     config = ServerConfig(**values)
     config.model_specs  # validate now, before anything loads
-    for name in ("port", "max_n_steps", "max_image_pixels", "max_image_side", "max_message_mb", "jvp_memory_mb"):
-        if getattr(config, name) < (0 if name == "port" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'port' else 'positive'}; got {getattr(config, name)}")
-    if config.port > 65535:
-        raise ValueError(f"--port must be at most 65535; got {config.port}")
+    if not 0 <= config.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535]; got {config.port}")
+    for name in ("max_n_steps", "max_image_pixels", "max_image_side", "max_message_mb", "jvp_memory_mb"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(config, name)}")
     if config.grace_seconds < 0:
         raise ValueError(f"--grace-seconds must be >= 0; got {config.grace_seconds}")
     return config
