@@ -193,7 +193,8 @@ class Server:
              "--device", "cpu", "--log-level", "WARNING", *args],
             stderr=subprocess.DEVNULL,
         )
-        self.client = ExplainClient(f"127.0.0.1:{port}", timeout=3600)
+        self.target = f"127.0.0.1:{port}"
+        self.client = ExplainClient(self.target, timeout=3600)
         self.client.wait_until_ready(timeout=1800)
 
     def measure(self, repeats: int, **options) -> dict:
@@ -261,7 +262,8 @@ def main() -> int:
                 )
                 exclip = json.loads(child.stdout.strip().splitlines()[-1])
                 exclip["attribution"] = np.load(out)
-            server = Server(["--model", f"m={architecture}:{weights}"])
+            # cache off: repeats of one pair must be computed, not served from the factor cache
+            server = Server(["--model", f"m={architecture}:{weights}", "--factor-cache-mb", "0"])
             timing: dict[tuple[str, int], float] = {}
             try:
                 for layers, method, n_steps in runs:

@@ -55,15 +55,17 @@ def wait_serving(target: str, process: subprocess.Popen, timeout: float = 300.0)
 
 
 class ServerProcess:
-    """``python -m explain_server`` on a free loopback port; stops with SIGTERM."""
+    """``python -m explain_server`` on free loopback ports (gRPC and /metrics); stops with SIGTERM."""
 
     def __init__(self, args: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         self.log_path = log_path
         self._log = open(log_path, "w")
+        ports = ["--port", str(self.port), "--metrics-port", self.metrics_url.split(":")[2].split("/")[0]]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", *ports, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},

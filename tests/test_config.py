@@ -42,6 +42,32 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert [s.name for s in flagged.model_specs] == ["c"]
 
 
+def test_batching_cache_and_metrics_settings_come_from_file_and_flags(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text(
+        "max_batch_size = 8\nmax_queue_delay_ms = 2.5\nmax_queue_size = 100\nfactor_cache_mb = 0\n"
+        "metrics_port = 9191\nmax_connection_age_seconds = 300\nintra_op_threads = 1\n"
+    )
+    config = load_config(["--config", str(path), "--max-batch-size", "1"])
+    assert (config.max_batch_size, config.max_queue_delay_ms, config.max_queue_size) == (1, 2.5, 100)
+    assert (config.factor_cache_mb, config.metrics_port, config.max_connection_age_seconds) == (0, 9191, 300)
+    assert config.intra_op_threads == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch-size", "0"], "--max-batch-size must be positive"),
+    (["--max-queue-size", "0"], "--max-queue-size must be positive"),
+    (["--max-queue-delay-ms", "-1"], "--max-queue-delay-ms must be >= 0"),
+    (["--factor-cache-mb", "-1"], "--factor-cache-mb must be >= 0"),
+    (["--metrics-port", "70000"], r"--metrics-port must be in \[0, 65535\]"),
+    (["--max-connection-age-seconds", "0"], "--max-connection-age-seconds must be positive"),
+    (["--intra-op-threads", "0"], "--intra-op-threads must be positive"),
+])
+def test_out_of_range_settings_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(flags)
+
+
 def test_config_file_rejects_unknown_keys(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text("prot = 6000\n")

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, seeded_model
 from torch.autograd.functional import jacobian
 
-from explain_server.engine.attribution import choose_mode, forward_factor, reverse_factor
+from explain_server.engine.attribution import PathIntegral, choose_mode, forward_factors, reverse_factors
 from explain_server.engine.explainer import Explainer, NonFiniteError
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
@@ -140,9 +140,40 @@ def test_row_sparse_forward_and_reverse_mode_equal_the_dense_jvp(tiny64, tower_n
             reference = explainer._reference("image", layer)
         alphas, weights = nodes_and_weights("gausslegendre", 3)
         oracle = dense_factor(lambda h: tower.upper(h, layer), hidden, reference, alphas, weights)
-        for factor in (forward_factor, reverse_factor):
-            got = factor(tower, layer, hidden, reference, alphas, weights, memory_bytes=1 << 16)
-            torch.testing.assert_close(got, oracle, rtol=1e-9, atol=1e-12, msg=factor.__name__)
+        for factors in (forward_factors, reverse_factors):
+            (got,) = factors(tower, layer, [PathIntegral(hidden, reference, alphas, weights)], memory_bytes=1 << 16)
+            torch.testing.assert_close(got, oracle, rtol=1e-9, atol=1e-12, msg=factors.__name__)
+
+
+@pytest.mark.parametrize("factors", [forward_factors, reverse_factors])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_batched_integrals_are_summed_apart_and_stopped_ones_dropped(tiny64, factors, layer):
+    """Several requests' nodes share each pass, yet each factor equals its solo computation,
+    whatever the batch's mix of quadrature rules and however memory splits it into groups; an
+    integral whose stop check turns true comes back None without disturbing the others."""
+    explainer = make_explainer(tiny64)
+    tower = explainer.image
+    with torch.no_grad():
+        pixels = torch.stack([random_pixels(seed=seed, dtype=torch.float64) for seed in range(4)])
+        hidden = tower.lower(pixels, layer)
+        reference = explainer._reference("image", layer)
+        rules = [("gausslegendre", 3), ("riemann_right", 5), ("riemann_trapezoid", 2), ("gausslegendre", 4)]
+        integrals = [PathIntegral(h, reference, *nodes_and_weights(*rule)) for h, rule in zip(hidden, rules)]
+        solo = [factors(tower, layer, [item], memory_bytes=1 << 30)[0] for item in integrals]
+        for memory_bytes in (1 << 30, 1 << 16):  # one group, then many groups and chunks
+            for got, want in zip(factors(tower, layer, integrals, memory_bytes), solo):
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        calls = {"n": 0}
+
+        def stops_after_first_poll() -> bool:
+            calls["n"] += 1
+            return calls["n"] > 1
+
+        stopping = PathIntegral(hidden[1], reference, *nodes_and_weights("gausslegendre", 3), stops_after_first_poll)
+        got = factors(tower, layer, [integrals[0], stopping, integrals[2]], memory_bytes=1 << 14)
+        assert got[1] is None
+        torch.testing.assert_close(got[0], solo[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got[2], solo[2], rtol=1e-9, atol=1e-12)
 
 
 def test_cost_model_prefers_forward_mode_unless_sequences_dwarf_the_embedding(tiny64):

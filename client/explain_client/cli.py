@@ -9,16 +9,21 @@ import re
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from explain_client.client import ExplainClient, tls_credentials
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_health_parser", "build_parser", "main"]
 
 EXIT_LOCAL_ERROR = 1
 """Exit code for bad local input (unreadable image, unknown span, ...)."""
 EXIT_SERVER_ERROR = 2
 """Exit code for a failed call; argparse also exits 2 on bad arguments."""
+EXIT_UNHEALTHY = 1
+"""Exit code of ``explain-client health`` for anything but SERVING; Docker's HEALTHCHECK
+reads 1 as unhealthy and reserves 2."""
 
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -46,11 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``explain-client`` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
         prog="explain-client",
-        description="Explain a CLIP image-caption similarity with token x image-patch attributions.",
+        description="Explain a CLIP image-caption similarity with token x image-patch attributions. "
+        "`explain-client health --help`: the health check command.",
     )
     parser.add_argument("image", metavar="IMAGE", help="image file (any format Pillow reads)")
     parser.add_argument("caption", metavar="CAPTION", help="caption text")
-    parser.add_argument("--target", default="localhost:50051", help="server address (default: %(default)s)")
+    _add_connection_arguments(parser)
     parser.add_argument("--model", help="hosted model name (default: the server's default)")
     parser.add_argument(
         "--span",
@@ -73,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)"
     )
+    return parser
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the server is and how to reach it: shared by the explain and health commands."""
+    parser.add_argument(
+        "--target", default="localhost:50051",
+        help="server address, any gRPC target: host:port, dns:///host:port, "
+        "ipv4:host:port,host:port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--load-balancing-policy", metavar="POLICY",
+        help='gRPC policy across the addresses the target resolves to, e.g. "round_robin" '
+        "(default: gRPC's pick_first)",
+    )
     parser.add_argument("--tls-ca", metavar="PEM", help="CA of the server's certificate: connect with TLS")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="client private key")
@@ -80,7 +101,69 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-env", metavar="VAR", default="EXPLAIN_TOKEN",
         help="environment variable holding a bearer token, sent when set (default: %(default)s)",
     )
+
+
+def build_health_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``explain-client health`` (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="explain-client health",
+        description="Ask the server's grpc.health.v1.Health service; exit 0 only when SERVING, 1 otherwise "
+        "(for container health checks).",
+    )
+    _add_connection_arguments(parser)
+    parser.add_argument(
+        "--service", default="",
+        help='service whose health to ask, e.g. "explain.v1.Explain" (default: the whole server)',
+    )
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+        help="call deadline (default: %(default)s)",
+    )
     return parser
+
+
+def _connection(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """Channel credentials and bearer token from the connection arguments.
+
+    Raises:
+        ValueError: a client certificate without its key or the reverse.
+        OSError: a PEM file that cannot be read.
+    """
+    credentials = None
+    if args.tls_ca or args.tls_cert:
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    token = os.environ.get(args.token_env) if args.token_env else None
+    return credentials, token
+
+
+def _health(argv: Sequence[str]) -> int:
+    """Run ``explain-client health``: 0 when SERVING, 1 otherwise; the status goes to stdout."""
+    args = build_health_parser().parse_args(argv)
+    try:
+        # grpcio-health-checking comes with the server, not the thin client: import it only here.
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    except ImportError as err:
+        print(f"error: {err}; the health command needs grpcio-health-checking", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    try:
+        credentials, token = _connection(args)
+        with ExplainClient(
+            args.target, credentials=credentials, load_balancing_policy=args.load_balancing_policy
+        ) as client:
+            response = health_pb2_grpc.HealthStub(client.channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=(("authorization", f"Bearer {token}"),) if token else None,
+            )
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_UNHEALTHY
 
 
 def _format_report(explanation: Explanation, top: int) -> str:
@@ -114,7 +197,8 @@ def _format_span(explanation: Explanation, span: Span) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``explain-client``.
+    """Run ``explain-client``, or ``explain-client health`` when the first argument is ``health``
+    (an image file of that name: pass ``./health``).
 
     Args:
         argv: arguments without the program name; ``None`` = ``sys.argv[1:]``.
@@ -122,16 +206,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 1 for bad local input (unreadable image or output path,
         span not in the caption), 2 when the server call fails; the error is
-        printed to stderr as "error: ...". Bad arguments make argparse exit
-        with status 2 (``SystemExit``), ``--help`` with status 0.
+        printed to stderr as "error: ...". ``health``: 0 when the server is
+        SERVING, 1 for any other status or a failed call. Bad arguments make
+        argparse exit with status 2 (``SystemExit``), ``--help`` with status 0.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["health"]:
+        return _health(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        credentials = None
-        if args.tls_ca or args.tls_cert:
-            credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-        token = os.environ.get(args.token_env) if args.token_env else None
-        with ExplainClient(args.target, timeout=args.timeout, credentials=credentials, token=token) as client:
+        credentials, token = _connection(args)
+        with ExplainClient(
+            args.target, timeout=args.timeout, credentials=credentials, token=token,
+            load_balancing_policy=args.load_balancing_policy,
+        ) as client:
             explanation = client.explain(
                 args.image,
                 args.caption,

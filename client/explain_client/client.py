@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -16,7 +17,13 @@ from explain_client.explanation import Explanation
 from explain_client.images import ImageInput, encode_image
 from explain_client.models import ModelInfo, ServerLimits
 
-__all__ = ["DEFAULT_MAX_RECEIVE_MESSAGE_BYTES", "DEFAULT_MAX_SEND_MESSAGE_BYTES", "ExplainClient", "tls_credentials"]
+__all__ = [
+    "DEFAULT_MAX_RECEIVE_MESSAGE_BYTES",
+    "DEFAULT_MAX_SEND_MESSAGE_BYTES",
+    "ExplainClient",
+    "explain_request",
+    "tls_credentials",
+]
 
 # gRPC's 4 MiB default is too small for large photos going out and for
 # (T, Gh, Gw) attributions of long captions on fine grids coming back.
@@ -40,6 +47,38 @@ def _checked(field: str, value: Any) -> Any:
     elif not isinstance(value, str):
         raise TypeError(f"{field} must be a str; got {type(value).__name__}")
     return value
+
+
+def _set_options(request: Any, options: dict[str, Any]) -> None:
+    for field, value in options.items():
+        if value is not None:
+            setattr(request, field, _checked(field, value))
+
+
+def explain_request(
+    image: ImageInput,
+    caption: str,
+    *,
+    model: str | None = None,
+    text_layer: int | None = None,
+    image_layer: int | None = None,
+    n_steps: int | None = None,
+    method: str | None = None,
+    request_id: str | None = None,
+) -> explain_pb2.ExplainRequest:
+    """The ``ExplainRequest`` that :meth:`ExplainClient.explain` sends (arguments as there).
+
+    Raises:
+        TypeError: ``caption`` or an option of the wrong type, or an unsupported image kind.
+        ValueError: an option outside the 32-bit range; an image array of the wrong shape or dtype.
+        OSError: an image path that cannot be read.
+    """
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a str; got {type(caption).__name__}")
+    request = explain_pb2.ExplainRequest(image=encode_image(image), caption=caption)
+    _set_options(request, {"model": model, "text_layer": text_layer, "image_layer": image_layer,
+                           "n_steps": n_steps, "method": method, "request_id": request_id})
+    return request
 
 
 def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
@@ -88,9 +127,19 @@ class ExplainClient:
             on every call, for servers started with ``--auth-tokens-*``.
         options: extra gRPC channel options as (name, value) pairs; they
             override the defaults (64 MiB send and receive message limits).
+        load_balancing_policy: gRPC load-balancing policy across the addresses the
+            target resolves to, e.g. ``"round_robin"`` with a ``dns:///`` target naming a
+            headless Kubernetes Service, or a multi-address ``ipv4:host:port,host:port``
+            target; ``None`` = gRPC's default, ``pick_first`` (every call goes to one
+            server). It becomes the channel's default service config; a name gRPC does
+            not know fails the first call.
 
     The channel connects lazily: an unreachable server surfaces as
     ``UnavailableError`` on the first call, not here.
+
+    Raises:
+        ValueError: ``load_balancing_policy`` given together with a
+            ``grpc.service_config`` option (put ``loadBalancingConfig`` in that config).
     """
 
     def __init__(
@@ -101,12 +150,22 @@ class ExplainClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         options: Iterable[tuple[str, Any]] | None = None,
+        load_balancing_policy: str | None = None,
     ) -> None:
         merged = {
             "grpc.max_send_message_length": DEFAULT_MAX_SEND_MESSAGE_BYTES,
             "grpc.max_receive_message_length": DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
         }
         merged.update(options or ())
+        if load_balancing_policy is not None:
+            if "grpc.service_config" in merged:
+                raise ValueError(
+                    "give load_balancing_policy or a grpc.service_config option, not both; "
+                    "put loadBalancingConfig in the service config"
+                )
+            # The service config, not the older grpc.lb_policy_name argument: it is the
+            # documented way and lets gRPC validate the policy name.
+            merged["grpc.service_config"] = json.dumps({"loadBalancingConfig": [{load_balancing_policy: {}}]})
         self._max_send_bytes = int(merged["grpc.max_send_message_length"])
         channel_options = list(merged.items())
         if credentials is None:
@@ -116,6 +175,11 @@ class ExplainClient:
         self._stub = explain_pb2_grpc.ExplainStub(self._channel)
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The client's gRPC channel, for other services of the same server (e.g. ``grpc.health.v1``)."""
+        return self._channel
 
     def __enter__(self) -> ExplainClient:
         return self
@@ -231,28 +295,71 @@ class ExplainClient:
                 (``InvalidArgumentError``, ``NotFoundError``, ``UnavailableError``,
                 ``DeadlineExceededError``, ...).
         """
-        if not isinstance(caption, str):
-            raise TypeError(f"caption must be a str; got {type(caption).__name__}")
-        request = explain_pb2.ExplainRequest(image=encode_image(image), caption=caption)
-        optional = {
-            "model": model,
-            "text_layer": text_layer,
-            "image_layer": image_layer,
-            "n_steps": n_steps,
-            "method": method,
-            "request_id": request_id,
-        }
-        for field, value in optional.items():
-            if value is not None:
-                setattr(request, field, _checked(field, value))
-        size = request.ByteSize()
-        if size > self._max_send_bytes:
-            raise MessageTooLargeError(size, self._max_send_bytes)
+        request = explain_request(
+            image, caption, model=model, text_layer=text_layer, image_layer=image_layer,
+            n_steps=n_steps, method=method, request_id=request_id,
+        )
+        self._check_size(request)
         try:
             resp = self._stub.Explain(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return Explanation.from_proto(resp)
+
+    def explain_many(
+        self,
+        images: Sequence[ImageInput],
+        captions: Sequence[str],
+        *,
+        model: str | None = None,
+        text_layer: int | None = None,
+        image_layer: int | None = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Explanation]:
+        """Explain one image against several captions, or one caption against several images, in one call.
+
+        The server computes the shared side once, so this is much cheaper than separate
+        :meth:`explain` calls.
+
+        Args:
+            images: one image, or several when ``captions`` holds one caption (kinds as in :meth:`explain`).
+            captions: one caption, or several when ``images`` holds one image.
+            model, text_layer, image_layer, n_steps, method: as in :meth:`explain`, for every pair.
+            request_id: explanation i gets ``"<request_id>/<i>"``; ``None`` = the server generates one.
+            timeout: deadline for the whole call, seconds; ``None`` = the client's timeout.
+
+        Returns:
+            One :class:`Explanation` per caption (one image) or per image (one caption), in order.
+
+        Raises:
+            TypeError, ValueError, OSError, MessageTooLargeError: as in :meth:`explain`.
+            ExplainError: the call failed as a whole; an ``InvalidArgumentError`` names the
+                element, e.g. ``captions[3]``; ``ResourceExhaustedError`` when the server's
+                queue cannot take every pair.
+        """
+        if isinstance(images, (str, bytes)) or isinstance(captions, str):
+            raise TypeError("images and captions must be sequences (lists); wrap a single item in a list")
+        request = explain_pb2.ExplainManyRequest(images=[encode_image(image) for image in images])
+        for index, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise TypeError(f"captions[{index}] must be a str; got {type(caption).__name__}")
+        request.captions.extend(captions)
+        _set_options(request, {"model": model, "text_layer": text_layer, "image_layer": image_layer,
+                               "n_steps": n_steps, "method": method, "request_id": request_id})
+        self._check_size(request)
+        try:
+            resp = self._stub.ExplainMany(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return [Explanation.from_proto(item) for item in resp.explanations]
+
+    def _check_size(self, request: Any) -> None:
+        size = request.ByteSize()
+        if size > self._max_send_bytes:
+            raise MessageTooLargeError(size, self._max_send_bytes)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else timeout

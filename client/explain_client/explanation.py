@@ -124,9 +124,9 @@ class Explanation:
     options: ResolvedOptions
     """Layers, steps and quadrature rule used."""
     queue_seconds: float
-    """Time spent waiting for the model's worker, seconds."""
+    """Time from acceptance until the request's batch started, seconds."""
     compute_seconds: float
-    """Time spent decoding, preprocessing and attributing, seconds."""
+    """Wall time of the batch that computed this explanation (with any other requests in it), seconds."""
 
     def __post_init__(self) -> None:
         attribution = _read_only_float32(self.attribution)

@@ -111,8 +111,13 @@ class ServerLimits:
     """Largest width * height of an image."""
     max_image_side: int
     """Largest width or height of an image, pixels."""
+    max_explanations_per_call: int
+    """Most explanations one ``explain_many`` call may ask for."""
 
     @classmethod
     def from_proto(cls, msg: explain_pb2.ServerLimits) -> ServerLimits:
         """Convert the proto message."""
-        return cls(int(msg.max_message_bytes), int(msg.max_image_pixels), int(msg.max_image_side))
+        return cls(
+            int(msg.max_message_bytes), int(msg.max_image_pixels), int(msg.max_image_side),
+            int(msg.max_explanations_per_call),
+        )

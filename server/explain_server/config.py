@@ -7,6 +7,7 @@ The config file uses the flags' long names with underscores, e.g.::
     default_model = "b32"
     host = "0.0.0.0"
     port = 50051
+    max_batch_size = 16
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import tomllib
 from dataclasses import dataclass, field, fields
 
+from .batching import BatchingConfig
 from .inputs import ImageLimits
 from .models import DTYPES, ModelSpec
 from .security import DEFAULT_AUTH_EXEMPT
@@ -42,6 +44,13 @@ class ServerConfig:
     max_image_side: int = ImageLimits.max_side
     max_message_mb: int = Limits.max_message_bytes >> 20
     jvp_memory_mb: int = 256
+    max_batch_size: int = BatchingConfig.max_batch_size
+    max_queue_delay_ms: float = BatchingConfig.max_queue_delay_seconds * 1000
+    max_queue_size: int = BatchingConfig.max_queue_size
+    factor_cache_mb: int = 256
+    metrics_port: int = 9090
+    intra_op_threads: int | None = None
+    max_connection_age_seconds: float | None = None
     grace_seconds: float = 30.0
     log_level: str = "INFO"
     tls_cert: str | None = None
@@ -99,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-side", type=int, help="largest width or height of an image, pixels (default 20000)")
     p.add_argument("--max-message-mb", type=int, help="largest request and response, MiB (default 64)")
     p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 256; raise it on GPUs)")
+    p.add_argument(
+        "--max-batch-size", type=int, help="most requests per model run together (dynamic batching; 1 turns it off; default 16)"
+    )
+    p.add_argument(
+        "--max-queue-delay-ms", type=float, help="longest a request waits for its batch to fill, milliseconds (default 5)"
+    )
+    p.add_argument(
+        "--max-queue-size", type=int, help="most requests waiting per model; beyond it RESOURCE_EXHAUSTED (default 256)"
+    )
+    p.add_argument("--factor-cache-mb", type=int, help="factor cache per model, MiB (0 disables caching; default 256)")
+    p.add_argument(
+        "--intra-op-threads", type=int, help="torch intra-op threads on the CPU (default: torch's, one per core)"
+    )
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics HTTP port (0 disables; default 9090)")
+    p.add_argument(
+        "--max-connection-age-seconds",
+        type=float,
+        help="close client connections after this long so that clients re-resolve and rebalance "
+        "(default: never)",
+    )
     p.add_argument("--grace-seconds", type=float, help="shutdown grace period, seconds (default 30)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
@@ -137,11 +166,19 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     values.setdefault("model_configs", [])
     config = ServerConfig(**values)
     config.model_specs  # validate now, before anything loads
-    if not 0 <= config.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535]; got {config.port}")
-    for name in ("max_n_steps", "max_image_pixels", "max_image_side", "max_message_mb", "jvp_memory_mb"):
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(config, name) <= 65535:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 65535]; got {getattr(config, name)}")
+    positive = ("max_n_steps", "max_image_pixels", "max_image_side", "max_message_mb", "jvp_memory_mb",
+                "max_batch_size", "max_queue_size")
+    for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(config, name)}")
-    if config.grace_seconds < 0:
-        raise ValueError(f"--grace-seconds must be >= 0; got {config.grace_seconds}")
+    for name in ("grace_seconds", "max_queue_delay_ms", "factor_cache_mb"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(config, name)}")
+    if config.intra_op_threads is not None and config.intra_op_threads < 1:
+        raise ValueError(f"--intra-op-threads must be positive; got {config.intra_op_threads}")
+    if config.max_connection_age_seconds is not None and config.max_connection_age_seconds <= 0:
+        raise ValueError(f"--max-connection-age-seconds must be positive; got {config.max_connection_age_seconds}")
     return config

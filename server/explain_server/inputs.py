@@ -31,11 +31,16 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 class InputError(ValueError):
-    """A request field breaks a rule; ``field`` names it, the message says the rule."""
+    """A request field breaks a rule; ``field`` names it, ``rule`` says what is wrong."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field}: {rule}")
         self.field = field
+        self.rule = rule
+
+    def renamed(self, fields: dict[str, str]) -> "InputError":
+        """The same error for a field named differently in the request, e.g. ``images[2]`` for ``image``."""
+        return InputError(fields.get(self.field, self.field), self.rule)
 
 
 @dataclass(frozen=True)

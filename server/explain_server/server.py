@@ -7,20 +7,23 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import grpc
 import open_clip
+import torch
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .batching import BatchingConfig
 from .config import ServerConfig, load_config
 from .inputs import ImageLimits
+from .malformed import MalformedRequestInterceptor
+from .metrics import GrpcMetricsInterceptor, Metrics
 from .models import ModelLoadError, resolve_device
 from .registry import ModelRegistry
-from .malformed import MalformedRequestInterceptor
 from .security import BearerTokenInterceptor, load_tokens, server_credentials
-from .worker import ModelWorker
 from .service import ExplainService, Limits
 
 log = logging.getLogger("explain_server")
@@ -34,6 +37,25 @@ async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
         await servicer.set(name, status)
 
 
+def _load_in_background(registry: ModelRegistry) -> asyncio.Future:
+    """``registry.load_all()`` on a daemon thread: SIGTERM during loading must not wait for the load."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def load() -> None:
+        try:
+            outcome, settle = registry.load_all(), future.set_result
+        except Exception as err:  # handed to the awaiting server, which reports it
+            outcome, settle = err, future.set_exception
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the loop closed: the server stopped during loading
+            pass
+
+    threading.Thread(target=load, name="loader", daemon=True).start()
+    return future
+
+
 async def serve(config: ServerConfig) -> int:
     """Run the server until SIGTERM or SIGINT.
 
@@ -44,6 +66,8 @@ async def serve(config: ServerConfig) -> int:
     Returns:
         The process exit code: 0 after a clean shutdown, 1 if a model failed to load.
     """
+    if config.intra_op_threads:
+        torch.set_num_threads(config.intra_op_threads)
     for path in config.model_configs:
         open_clip.add_model_config(path)
     registry = ModelRegistry(
@@ -56,24 +80,36 @@ async def serve(config: ServerConfig) -> int:
     max_bytes = config.max_message_mb << 20
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens_env)
-    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+    metrics = Metrics()
+    # metrics first: it counts the calls the token check refuses too
+    interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor(metrics), MalformedRequestInterceptor()]
     if tokens:
-        interceptors.insert(0, BearerTokenInterceptor(tokens, tuple(config.auth_exempt)))
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_send_message_length", max_bytes),
-            ("grpc.max_receive_message_length", max_bytes),
-            # a second server on a busy port must fail, not silently share its traffic
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+        interceptors.insert(1, BearerTokenInterceptor(tokens, tuple(config.auth_exempt)))
+    options = [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        # a second server on a busy port must fail, not silently share its traffic
+        ("grpc.so_reuseport", 0),
+    ]
+    if config.max_connection_age_seconds:
+        # clients reconnect, re-resolve and so spread over replicas added since; calls in
+        # progress get the shutdown grace period to finish
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+        ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     limits = Limits(
         max_n_steps=config.max_n_steps,
         image=ImageLimits(max_pixels=config.max_image_pixels, max_side=config.max_image_side),
         max_message_bytes=max_bytes,
     )
-    service = ExplainService(registry, limits)
+    batching = BatchingConfig(
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_seconds=config.max_queue_delay_ms / 1000,
+        max_queue_size=config.max_queue_size,
+    )
+    service = ExplainService(registry, limits, batching, config.factor_cache_mb << 20, metrics)
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -88,6 +124,8 @@ async def serve(config: ServerConfig) -> int:
         raise OSError(f"cannot listen on {address}: {err}") from err
     if not bound:
         raise OSError(f"cannot listen on {address}")
+    if config.metrics_port:
+        metrics.serve(config.metrics_port, config.host)
     await server.start()
     log.info(
         "listening on %s (%s%s); loading %d model(s)",
@@ -96,22 +134,23 @@ async def serve(config: ServerConfig) -> int:
         f", bearer tokens required except for {', '.join(config.auth_exempt) or 'no service'}" if tokens else "",
         len(registry.specs),
     )
+    if config.metrics_port:
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    # a daemon thread: SIGTERM during loading must not wait for the load to finish
-    loader = ModelWorker("loader")
-    loading = loader.submit(registry.load_all)
-    loader.close()
+    loading = _load_in_background(registry)
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if loading.done():
         try:
             loading.result()
+            for name, loaded in registry.models.items():
+                metrics.model_load_seconds.labels(name).set(loaded.load_seconds)
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             log.info("all models loaded and warmed up; SERVING")
             await stopping

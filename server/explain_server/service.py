@@ -8,18 +8,21 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import grpc
 import numpy as np
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 
+from .batching import BatchingConfig, DynamicBatcher, QueueFullError
+from .cache import FactorCache, ImageEntry, TextEntry, digest
 from .engine.attribution import Attribution, ExplanationCancelled
-from .engine.explainer import NonFiniteError
+from .engine.explainer import NonFiniteError, Side
 from .engine.quadrature import METHODS
 from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, decode_image, tokenize
+from .metrics import Metrics
 from .models import LoadedModel
 from .registry import ModelRegistry
-from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,13 @@ class Limits:
         max_n_steps: the largest ``n_steps`` accepted.
         image: image size limits.
         max_message_bytes: the largest request or response message, bytes.
+        max_explanations_per_call: the most explanations one ExplainMany call may ask for.
     """
 
     max_n_steps: int = 512
     image: ImageLimits = ImageLimits()
     max_message_bytes: int = 64 << 20
+    max_explanations_per_call: int = 64
 
 
 @dataclass(frozen=True)
@@ -89,29 +94,17 @@ def _request_id(value: str) -> str:
     return value
 
 
-def _compute(loaded: LoadedModel, request: explain_pb2.ExplainRequest, options: Options, limits: Limits, job: "_Job"):
-    if job.should_stop():  # cancelled or expired while queued: skip the work entirely
-        raise ExplanationCancelled()
-    caption = tokenize(loaded.tokenizer, request.caption)
-    image = decode_image(request.image, limits.image)
-    check_resize(*image.size, loaded.preprocess_cfg, limits.image)
-    pixels = loaded.transform(image)
-    attribution = loaded.explainer.explain(
-        caption.token_ids,
-        pixels,
-        text_layer=options.text_layer,
-        image_layer=options.image_layer,
-        method=options.method,
-        n_steps=options.n_steps,
-        should_stop=job.should_stop,
-    )
-    return image.size, caption, attribution
-
-
 class _Job:
-    """One accepted request's stop conditions, shared between its handler and its worker thread."""
+    """One accepted explanation: its inputs and stop conditions, shared by its handler and the batch thread."""
 
-    def __init__(self, time_remaining: float | None):
+    def __init__(self, loaded: LoadedModel, image: bytes, caption: str, options: Options, time_remaining: float | None,
+                 fields: dict[str, str]):
+        self.loaded = loaded
+        self.image = image
+        self.caption = caption
+        self.options = options
+        self.fields = fields  # how this request names its image and caption fields in errors
+        self.enqueued = time.perf_counter()
         self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self.cancelled = threading.Event()
 
@@ -123,20 +116,21 @@ class _Job:
         return self.cancelled.is_set() or self.expired
 
 
-def _response(
-    loaded: LoadedModel,
-    request_id: str,
-    options: Options,
-    image_size: tuple[int, int],
-    caption: Caption,
-    attribution: Attribution,
-    queue_seconds: float,
-    compute_seconds: float,
-) -> explain_pb2.ExplainResponse:
+@dataclass(frozen=True)
+class _Result:
+    image_size: tuple[int, int]
+    caption: Caption
+    attribution: Attribution
+    queue_seconds: float
+    compute_seconds: float
+
+
+def _response(loaded: LoadedModel, request_id: str, options: Options, result: _Result) -> explain_pb2.ExplainResponse:
+    caption, attribution = result.caption, result.attribution
     grid_h, grid_w = loaded.grid_size
     seq = len(caption.labels)
     grid = np.ascontiguousarray(attribution.interactions[:, 1:].reshape(seq, grid_h, grid_w), dtype="<f4")
-    width, height = image_size
+    width, height = result.image_size
     x0, y0, x1, y1 = crop_box(width, height, loaded.preprocess_cfg)
     return explain_pb2.ExplainResponse(
         request_id=request_id,
@@ -155,7 +149,7 @@ def _response(
         convergence_delta=attribution.convergence_delta,
         crop_box=explain_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1),
         image_size=explain_pb2.ImageSize(width=width, height=height),
-        timings=explain_pb2.Timings(queue_seconds=queue_seconds, compute_seconds=compute_seconds),
+        timings=explain_pb2.Timings(queue_seconds=result.queue_seconds, compute_seconds=result.compute_seconds),
         options=explain_pb2.ResolvedOptions(
             text_layer=options.text_layer, image_layer=options.image_layer, n_steps=options.n_steps, method=options.method
         ),
@@ -196,14 +190,38 @@ def _model_info(loaded: LoadedModel, limits: Limits) -> explain_pb2.ModelInfo:
     )
 
 
-class ExplainService(explain_pb2_grpc.ExplainServicer):
-    """Serves explanations from the registry's models, each on its own :class:`ModelWorker`."""
+def _all_stop(jobs: list[_Job]) -> Callable[[], bool]:
+    # a side shared by several requests is dropped only when none of them wants it any more
+    return lambda: all(job.should_stop() for job in jobs)
 
-    def __init__(self, registry: ModelRegistry, limits: Limits):
-        """Serve ``registry``'s models (loaded later) under ``limits``."""
+
+class ExplainService(explain_pb2_grpc.ExplainServicer):
+    """Serves explanations from the registry's models, each behind its own :class:`DynamicBatcher`.
+
+    A batch's requests share every pass of the engine, and sides (caption or image) already in
+    the model's factor cache, or needed by several requests of the batch, are computed once.
+    """
+
+    def __init__(self, registry: ModelRegistry, limits: Limits, batching: BatchingConfig, cache_bytes: int, metrics: Metrics):
+        """Serve ``registry``'s models (loaded later) under ``limits``.
+
+        Args:
+            registry: the models.
+            limits: request limits.
+            batching: each model's dynamic batcher settings.
+            cache_bytes: each model's factor cache size, bytes (0 disables caching).
+            metrics: where to record.
+        """
         self.registry = registry
         self.limits = limits
-        self._workers = {spec.name: ModelWorker(spec.name) for spec in registry.specs}
+        self.metrics = metrics
+        for spec in registry.specs:
+            metrics.add_model(spec.name)
+        self._caches = {spec.name: FactorCache(cache_bytes) for spec in registry.specs}
+        self._batchers = {
+            spec.name: DynamicBatcher(spec.name, self._run_batch, batching, metrics.queue_depth.labels(spec.name).set)
+            for spec in registry.specs
+        }
         self.shutting_down = False
         self.grace_seconds = 0.0
         self._inflight = 0
@@ -211,71 +229,222 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         self._idle.set()
         self._grace_over = asyncio.Event()
 
+    async def Explain(self, request: explain_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
+        """See proto/explain/v1/explain.proto."""
+
+        async def explain(loaded: LoadedModel) -> explain_pb2.ExplainResponse:
+            options, request_id = await self._options(request, loaded, context)
+            job = _Job(loaded, request.image, request.caption, options, context.time_remaining(), {})
+            (result,) = await self._run(loaded, [job], context, request_id)
+            return _response(loaded, request_id, options, result)
+
+        return await self._observed(request.model, context, explain)
+
+    async def ExplainMany(self, request: explain_pb2.ExplainManyRequest, context: grpc.aio.ServicerContext):
+        """See proto/explain/v1/explain.proto."""
+
+        async def explain_many(loaded: LoadedModel) -> explain_pb2.ExplainManyResponse:
+            options, request_id = await self._options(request, loaded, context)
+            images, captions = list(request.images), list(request.captions)
+            count = max(len(images), len(captions))
+            if not images or not captions or min(len(images), len(captions)) != 1:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"images, captions: send one image and several captions, or one caption and several images; "
+                    f"got {len(images)} image(s) and {len(captions)} caption(s)",
+                )
+            if count > self.limits.max_explanations_per_call:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{'captions' if len(captions) > 1 else 'images'}: at most {self.limits.max_explanations_per_call} "
+                    f"explanations per call; got {count}",
+                )
+            remaining = context.time_remaining()
+            jobs = []
+            for index in range(count):
+                i, c = (0 if len(images) == 1 else index), (0 if len(captions) == 1 else index)
+                fields = {"image": f"images[{i}]", "caption": f"captions[{c}]"}
+                jobs.append(_Job(loaded, images[i], captions[c], options, remaining, fields))
+            results = await self._run(loaded, jobs, context, request_id)
+            return explain_pb2.ExplainManyResponse(
+                explanations=[_response(loaded, f"{request_id}/{i}", options, r) for i, r in enumerate(results)]
+            )
+
+        return await self._observed(request.model, context, explain_many)
+
+    async def _observed(self, model: str, context: grpc.aio.ServicerContext, body: Callable[[LoadedModel], Awaitable[Any]]):
+        """Check the server can serve, resolve the model, run ``body``; count the call by its final code."""
+        start = time.perf_counter()
+        name = ""  # unknown models are not labels: callers choose those names
+        code = grpc.StatusCode.OK
+        try:
+            await self._check_serving(context)
+            loaded = self.registry.get(model)
+            if loaded is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"model: no model named {model!r}; hosted: {', '.join(self.registry.models)}"
+                )
+            name = loaded.spec.name
+            return await body(loaded)
+        except asyncio.CancelledError:  # the caller went away or its deadline passed
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.metrics.requests.labels(name, code.name).inc()
+            if name:
+                self.metrics.request_duration_seconds.labels(name).observe(time.perf_counter() - start)
+
+    async def _options(self, request, loaded: LoadedModel, context: grpc.aio.ServicerContext) -> tuple[Options, str]:
+        try:
+            return resolve_options(request, loaded, self.limits), _request_id(request.request_id)
+        except InputError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
     async def _check_serving(self, context: grpc.aio.ServicerContext) -> None:
         if self.shutting_down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         if not self.registry.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "models are loading; retry when health is SERVING")
 
-    async def Explain(self, request: explain_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
-        """See proto/explain/v1/explain.proto."""
-        await self._check_serving(context)
-        loaded = self.registry.get(request.model)
-        if loaded is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"model: no model named {request.model!r}; hosted: {', '.join(self.registry.models)}",
-            )
+    async def _run(self, loaded: LoadedModel, jobs: list[_Job], context: grpc.aio.ServicerContext, request_id: str) -> list[_Result]:
+        """Queue ``jobs`` on the model's batcher and await them all; failures become gRPC statuses."""
+        name = loaded.spec.name
         try:
-            options = resolve_options(request, loaded, self.limits)
-            request_id = _request_id(request.request_id)
-        except InputError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        enqueued = time.perf_counter()
-        job = _Job(context.time_remaining())
-
-        def work():
-            started = time.perf_counter()
-            return started, _compute(loaded, request, options, self.limits, job), time.perf_counter() - started
-
+            futures = self._batchers[name].submit(jobs)
+        except QueueFullError as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {name}: {err}")
+        inflight = self.metrics.inflight_requests.labels(name)
+        inflight.inc(len(jobs))
         self._inflight += 1
         self._idle.clear()
         try:
-            future = self._workers[loaded.spec.name].submit(work)
             grace_over = asyncio.ensure_future(self._grace_over.wait())
+            # every outcome is collected, so that no failure goes unretrieved
+            gathered = asyncio.gather(*futures, return_exceptions=True)
             try:
-                done, _ = await asyncio.wait({future, grace_over}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({gathered, grace_over}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 grace_over.cancel()
-            if future not in done:
-                job.cancelled.set()
+            if gathered not in done:
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the server shut down before this request finished (grace period {self.grace_seconds:g} s); "
                     "retry on another replica",
                 )
-            started, (image_size, caption, attribution), compute_seconds = future.result()
+            results = gathered.result()
+            failure = next((r for r in results if isinstance(r, Exception)), None)
+            if failure is not None:
+                raise failure
         except InputError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except NonFiniteError as err:
             # The served dtype cannot represent this computation: a server configuration limit,
             # not a malformed request and not a broken invariant.
-            log.error("request %s: %s (model %s)", request_id, err, loaded.spec.name)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {loaded.spec.name}: {err}")
+            log.error("request %s: %s (model %s)", request_id, err, name)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {name}: {err}")
         except ExplanationCancelled:
-            if job.expired:
+            if any(job.expired for job in jobs):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the explanation finished")
             await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
         finally:
-            job.cancelled.set()  # a caller that went away stops its work at the next chunk
+            for job in jobs:
+                job.cancelled.set()  # a caller that went away stops its work at the next chunk
+            inflight.dec(len(jobs))
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
-        log.info(
-            "request %s model=%s tokens=%d queue=%.3fs compute=%.3fs",
-            request_id, loaded.spec.name, len(caption.labels), started - enqueued, compute_seconds,
-        )
-        return _response(loaded, request_id, options, image_size, caption, attribution, started - enqueued, compute_seconds)
+        for result in results:
+            log.info(
+                "request %s model=%s tokens=%d queue=%.3fs compute=%.3fs",
+                request_id, name, len(result.caption.labels), result.queue_seconds, result.compute_seconds,
+            )
+        return results
+
+    def _drop(self, job: _Job) -> ExplanationCancelled:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if job.expired else grpc.StatusCode.CANCELLED
+        self.metrics.requests_dropped.labels(job.loaded.spec.name, code.name).inc()
+        return ExplanationCancelled()
+
+    def _prepare(self, job: _Job, cache: FactorCache, inputs: dict, entries: dict) -> tuple[tuple, tuple]:
+        """Cache keys of the job's two sides; fetches cached entries and decodes what must be computed.
+
+        Raises:
+            InputError: the caption or image breaks a rule.
+        """
+        loaded, o = job.loaded, job.options
+        caption = tokenize(loaded.tokenizer, job.caption)
+        text_key = ("text", o.text_layer, o.method, o.n_steps, digest(caption.token_ids.numpy().tobytes()))
+        image_key = ("image", o.image_layer, o.method, o.n_steps, digest(job.image))
+        for key in (text_key, image_key):
+            if key not in entries and key not in inputs and (entry := cache.get(key)) is not None:
+                entries[key] = entry
+        if image_key not in entries and image_key not in inputs:
+            image = decode_image(job.image, self.limits.image)
+            check_resize(*image.size, loaded.preprocess_cfg, self.limits.image)
+            inputs[image_key] = (loaded.transform(image), image.size)
+        if text_key not in entries and text_key not in inputs:
+            inputs[text_key] = (caption.token_ids, caption)
+        return text_key, image_key
+
+    def _run_batch(self, jobs: list[_Job]) -> list:
+        """One batch on the model's batcher thread: one outcome per job, a :class:`_Result` or an exception.
+
+        A job's failure (bad input, non-finite result, stop) is its own; the others go on.
+        """
+        started = time.perf_counter()
+        loaded = jobs[0].loaded  # a batcher serves one model
+        name, m, cache = loaded.spec.name, self.metrics, self._caches[loaded.spec.name]
+        m.batch_size.labels(name).observe(len(jobs))
+        outcomes: list = [None] * len(jobs)
+        need: dict[str, dict[tuple, list[_Job]]] = {"text": {}, "image": {}}
+        inputs: dict[tuple, tuple] = {}  # side key -> (model input, caption or image size): to compute
+        entries: dict[tuple, TextEntry | ImageEntry] = {}  # side key -> computed or cached side
+        keys: dict[int, tuple[tuple, tuple]] = {}
+        for index, job in enumerate(jobs):
+            if job.should_stop():  # cancelled or expired while queued: no work at all
+                outcomes[index] = self._drop(job)
+                continue
+            m.queue_wait_seconds.labels(name).observe(started - job.enqueued)
+            try:
+                keys[index] = self._prepare(job, cache, inputs, entries)
+            except InputError as err:
+                outcomes[index] = err.renamed(job.fields)
+                continue
+            for tower, key in zip(("text", "image"), keys[index]):
+                outcome = "hits" if key in entries or key in need[tower] else "misses"
+                getattr(m, f"{tower}_factor_cache_{outcome}").labels(name).inc()
+                need[tower].setdefault(key, []).append(job)
+        for tower, entry_type in (("text", TextEntry), ("image", ImageEntry)):
+            todo = [key for key in need[tower] if key not in entries]
+            sides = [Side(inputs[key][0], key[1], key[2], key[3], _all_stop(need[tower][key])) for key in todo]
+            for key, factor in zip(todo, loaded.explainer.factors(tower, sides) if todo else []):
+                if factor is not None:
+                    entries[key] = entry_type(factor, inputs[key][1])
+                    cache.put(key, entries[key])
+        m.factor_cache_bytes.labels(name).set(cache.nbytes)
+        finished = time.perf_counter()
+        for index, (text_key, image_key) in keys.items():
+            job = jobs[index]
+            if job.should_stop() or text_key not in entries or image_key not in entries:
+                outcomes[index] = self._drop(job)
+                continue
+            try:
+                attribution = loaded.explainer.combine(entries[text_key].factor, entries[image_key].factor)
+            except NonFiniteError as err:
+                outcomes[index] = err
+                continue
+            m.compute_seconds.labels(name).observe(finished - started)
+            m.similarity_score.labels(name).observe(attribution.score)
+            m.convergence_delta_abs.labels(name).observe(abs(attribution.convergence_delta))
+            outcomes[index] = _Result(
+                entries[image_key].image_size, entries[text_key].caption, attribution,
+                started - job.enqueued, finished - started,
+            )
+        return outcomes
 
     async def ListModels(self, request: explain_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
         """See proto/explain/v1/explain.proto."""
@@ -287,6 +456,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 max_message_bytes=self.limits.max_message_bytes,
                 max_image_pixels=self.limits.image.max_pixels,
                 max_image_side=self.limits.image.max_side,
+                max_explanations_per_call=self.limits.max_explanations_per_call,
             ),
         )
 
@@ -306,6 +476,6 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             await self._idle.wait()
 
     def close(self) -> None:
-        """Stop the model workers; abandoned work ends at its next chunk or with the process."""
-        for worker in self._workers.values():
-            worker.close()
+        """Stop the batchers after their queued work; abandoned work ends at its next chunk or with the process."""
+        for batcher in self._batchers.values():
+            batcher.close()

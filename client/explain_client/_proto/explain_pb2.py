@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xplain/v1/explain.proto\x12\nexplain.v1\"\xd7\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\x17\n\ntext_layer\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bimage_layer\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x07n_steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\r\n\x0b_text_layerB\x0e\n\x0c_image_layerB\n\n\x08_n_steps\",\n\rFloat32Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x01\x12\n\n\x02y0\x18\x02 \x01(\x01\x12\n\n\x02x1\x18\x03 \x01(\x01\x12\n\n\x02y1\x18\x04 \x01(\x01\"*\n\tImageSize\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"Z\n\x0eReferenceTerms\x12\x16\n\x0etext_reference\x18\x01 \x01(\x01\x12\x17\n\x0fimage_reference\x18\x02 \x01(\x01\x12\x17\n\x0f\x62oth_references\x18\x03 \x01(\x01\"9\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"[\n\x0fResolvedOptions\x12\x12\n\ntext_layer\x18\x01 \x01(\x05\x12\x13\n\x0bimage_layer\x18\x02 \x01(\x05\x12\x0f\n\x07n_steps\x18\x03 \x01(\x05\x12\x0e\n\x06method\x18\x04 \x01(\t\"\xb6\x03\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\t\x12.\n\x0b\x61ttribution\x18\x05 \x01(\x0b\x32\x19.explain.v1.Float32Tensor\x12\x17\n\x0f\x63ls_attribution\x18\x06 \x03(\x02\x12\r\n\x05score\x18\x07 \x01(\x01\x12\x13\n\x0blogit_scale\x18\x08 \x01(\x01\x12\x33\n\x0freference_terms\x18\t \x01(\x0b\x32\x1a.explain.v1.ReferenceTerms\x12\x19\n\x11\x63onvergence_delta\x18\n \x01(\x01\x12!\n\x08\x63rop_box\x18\x0b \x01(\x0b\x32\x0f.explain.v1.Box\x12)\n\nimage_size\x18\x0c \x01(\x0b\x32\x15.explain.v1.ImageSize\x12$\n\x07timings\x18\r \x01(\x0b\x32\x13.explain.v1.Timings\x12,\n\x07options\x18\x0e \x01(\x0b\x32\x1b.explain.v1.ResolvedOptions\"\x13\n\x11ListModelsRequest\"~\n\rPreprocessing\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\x12\x13\n\x0bresize_mode\x18\x03 \x01(\t\x12\x15\n\rinterpolation\x18\x04 \x01(\t\x12\x12\n\nfill_color\x18\x05 \x01(\x05\x12\x12\n\nconversion\x18\x06 \x01(\t\"\xf9\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\npretrained\x18\x03 \x01(\t\x12\x11\n\tembed_dim\x18\x04 \x01(\x05\x12)\n\nimage_size\x18\x05 \x01(\x0b\x32\x15.explain.v1.ImageSize\x12)\n\npatch_size\x18\x06 \x01(\x0b\x32\x15.explain.v1.ImageSize\x12\x13\n\x0bgrid_height\x18\x07 \x01(\x05\x12\x12\n\ngrid_width\x18\x08 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\x05\x12\x13\n\x0btext_layers\x18\n \x01(\x05\x12\x14\n\x0cimage_layers\x18\x0b \x01(\x05\x12\x1a\n\x12\x64\x65\x66\x61ult_text_layer\x18\x0c \x01(\x05\x12\x1b\n\x13\x64\x65\x66\x61ult_image_layer\x18\r \x01(\x05\x12\x17\n\x0f\x64\x65\x66\x61ult_n_steps\x18\x0e \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x0f \x01(\t\x12\x0f\n\x07methods\x18\x10 \x03(\t\x12\x13\n\x0bmax_n_steps\x18\x11 \x01(\x05\x12\x30\n\rpreprocessing\x18\x12 \x01(\x0b\x32\x19.explain.v1.Preprocessing\x12\x0e\n\x06\x64\x65vice\x18\x13 \x01(\t\x12\r\n\x05\x64type\x18\x14 \x01(\t\"[\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x03\x12\x16\n\x0emax_image_side\x18\x03 \x01(\x05\"|\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.explain.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12(\n\x06limits\x18\x03 \x01(\x0b\x32\x18.explain.v1.ServerLimits2\x9a\x01\n\x07\x45xplain\x12\x42\n\x07\x45xplain\x12\x1a.explain.v1.ExplainRequest\x1a\x1b.explain.v1.ExplainResponse\x12K\n\nListModels\x12\x1d.explain.v1.ListModelsRequest\x1a\x1e.explain.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xplain/v1/explain.proto\x12\nexplain.v1\"\xd7\x01\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63\x61ption\x18\x03 \x01(\t\x12\x17\n\ntext_layer\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bimage_layer\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x07n_steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\r\n\x0b_text_layerB\x0e\n\x0c_image_layerB\n\n\x08_n_steps\"\xdd\x01\n\x12\x45xplainManyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x10\n\x08\x63\x61ptions\x18\x03 \x03(\t\x12\x17\n\ntext_layer\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bimage_layer\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x07n_steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\r\n\x0b_text_layerB\x0e\n\x0c_image_layerB\n\n\x08_n_steps\"H\n\x13\x45xplainManyResponse\x12\x31\n\x0c\x65xplanations\x18\x01 \x03(\x0b\x32\x1b.explain.v1.ExplainResponse\",\n\rFloat32Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x01\x12\n\n\x02y0\x18\x02 \x01(\x01\x12\n\n\x02x1\x18\x03 \x01(\x01\x12\n\n\x02y1\x18\x04 \x01(\x01\"*\n\tImageSize\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"Z\n\x0eReferenceTerms\x12\x16\n\x0etext_reference\x18\x01 \x01(\x01\x12\x17\n\x0fimage_reference\x18\x02 \x01(\x01\x12\x17\n\x0f\x62oth_references\x18\x03 \x01(\x01\"9\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"[\n\x0fResolvedOptions\x12\x12\n\ntext_layer\x18\x01 \x01(\x05\x12\x13\n\x0bimage_layer\x18\x02 \x01(\x05\x12\x0f\n\x07n_steps\x18\x03 \x01(\x05\x12\x0e\n\x06method\x18\x04 \x01(\t\"\xb6\x03\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\t\x12.\n\x0b\x61ttribution\x18\x05 \x01(\x0b\x32\x19.explain.v1.Float32Tensor\x12\x17\n\x0f\x63ls_attribution\x18\x06 \x03(\x02\x12\r\n\x05score\x18\x07 \x01(\x01\x12\x13\n\x0blogit_scale\x18\x08 \x01(\x01\x12\x33\n\x0freference_terms\x18\t \x01(\x0b\x32\x1a.explain.v1.ReferenceTerms\x12\x19\n\x11\x63onvergence_delta\x18\n \x01(\x01\x12!\n\x08\x63rop_box\x18\x0b \x01(\x0b\x32\x0f.explain.v1.Box\x12)\n\nimage_size\x18\x0c \x01(\x0b\x32\x15.explain.v1.ImageSize\x12$\n\x07timings\x18\r \x01(\x0b\x32\x13.explain.v1.Timings\x12,\n\x07options\x18\x0e \x01(\x0b\x32\x1b.explain.v1.ResolvedOptions\"\x13\n\x11ListModelsRequest\"~\n\rPreprocessing\x12\x0c\n\x04mean\x18\x01 \x03(\x02\x12\x0b\n\x03std\x18\x02 \x03(\x02\x12\x13\n\x0bresize_mode\x18\x03 \x01(\t\x12\x15\n\rinterpolation\x18\x04 \x01(\t\x12\x12\n\nfill_color\x18\x05 \x01(\x05\x12\x12\n\nconversion\x18\x06 \x01(\t\"\xf9\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\npretrained\x18\x03 \x01(\t\x12\x11\n\tembed_dim\x18\x04 \x01(\x05\x12)\n\nimage_size\x18\x05 \x01(\x0b\x32\x15.explain.v1.ImageSize\x12)\n\npatch_size\x18\x06 \x01(\x0b\x32\x15.explain.v1.ImageSize\x12\x13\n\x0bgrid_height\x18\x07 \x01(\x05\x12\x12\n\ngrid_width\x18\x08 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\x05\x12\x13\n\x0btext_layers\x18\n \x01(\x05\x12\x14\n\x0cimage_layers\x18\x0b \x01(\x05\x12\x1a\n\x12\x64\x65\x66\x61ult_text_layer\x18\x0c \x01(\x05\x12\x1b\n\x13\x64\x65\x66\x61ult_image_layer\x18\r \x01(\x05\x12\x17\n\x0f\x64\x65\x66\x61ult_n_steps\x18\x0e \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x0f \x01(\t\x12\x0f\n\x07methods\x18\x10 \x03(\t\x12\x13\n\x0bmax_n_steps\x18\x11 \x01(\x05\x12\x30\n\rpreprocessing\x18\x12 \x01(\x0b\x32\x19.explain.v1.Preprocessing\x12\x0e\n\x06\x64\x65vice\x18\x13 \x01(\t\x12\r\n\x05\x64type\x18\x14 \x01(\t\"~\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x03\x12\x16\n\x0emax_image_side\x18\x03 \x01(\x05\x12!\n\x19max_explanations_per_call\x18\x04 \x01(\x05\"|\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.explain.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12(\n\x06limits\x18\x03 \x01(\x0b\x32\x18.explain.v1.ServerLimits2\xea\x01\n\x07\x45xplain\x12\x42\n\x07\x45xplain\x12\x1a.explain.v1.ExplainRequest\x1a\x1b.explain.v1.ExplainResponse\x12N\n\x0b\x45xplainMany\x12\x1e.explain.v1.ExplainManyRequest\x1a\x1f.explain.v1.ExplainManyResponse\x12K\n\nListModels\x12\x1d.explain.v1.ListModelsRequest\x1a\x1e.explain.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPLAINREQUEST']._serialized_start=41
   _globals['_EXPLAINREQUEST']._serialized_end=256
-  _globals['_FLOAT32TENSOR']._serialized_start=258
-  _globals['_FLOAT32TENSOR']._serialized_end=302
-  _globals['_BOX']._serialized_start=304
-  _globals['_BOX']._serialized_end=357
-  _globals['_IMAGESIZE']._serialized_start=359
-  _globals['_IMAGESIZE']._serialized_end=401
-  _globals['_REFERENCETERMS']._serialized_start=403
-  _globals['_REFERENCETERMS']._serialized_end=493
-  _globals['_TIMINGS']._serialized_start=495
-  _globals['_TIMINGS']._serialized_end=552
-  _globals['_RESOLVEDOPTIONS']._serialized_start=554
-  _globals['_RESOLVEDOPTIONS']._serialized_end=645
-  _globals['_EXPLAINRESPONSE']._serialized_start=648
-  _globals['_EXPLAINRESPONSE']._serialized_end=1086
-  _globals['_LISTMODELSREQUEST']._serialized_start=1088
-  _globals['_LISTMODELSREQUEST']._serialized_end=1107
-  _globals['_PREPROCESSING']._serialized_start=1109
-  _globals['_PREPROCESSING']._serialized_end=1235
-  _globals['_MODELINFO']._serialized_start=1238
-  _globals['_MODELINFO']._serialized_end=1743
-  _globals['_SERVERLIMITS']._serialized_start=1745
-  _globals['_SERVERLIMITS']._serialized_end=1836
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1838
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1962
-  _globals['_EXPLAIN']._serialized_start=1965
-  _globals['_EXPLAIN']._serialized_end=2119
+  _globals['_EXPLAINMANYREQUEST']._serialized_start=259
+  _globals['_EXPLAINMANYREQUEST']._serialized_end=480
+  _globals['_EXPLAINMANYRESPONSE']._serialized_start=482
+  _globals['_EXPLAINMANYRESPONSE']._serialized_end=554
+  _globals['_FLOAT32TENSOR']._serialized_start=556
+  _globals['_FLOAT32TENSOR']._serialized_end=600
+  _globals['_BOX']._serialized_start=602
+  _globals['_BOX']._serialized_end=655
+  _globals['_IMAGESIZE']._serialized_start=657
+  _globals['_IMAGESIZE']._serialized_end=699
+  _globals['_REFERENCETERMS']._serialized_start=701
+  _globals['_REFERENCETERMS']._serialized_end=791
+  _globals['_TIMINGS']._serialized_start=793
+  _globals['_TIMINGS']._serialized_end=850
+  _globals['_RESOLVEDOPTIONS']._serialized_start=852
+  _globals['_RESOLVEDOPTIONS']._serialized_end=943
+  _globals['_EXPLAINRESPONSE']._serialized_start=946
+  _globals['_EXPLAINRESPONSE']._serialized_end=1384
+  _globals['_LISTMODELSREQUEST']._serialized_start=1386
+  _globals['_LISTMODELSREQUEST']._serialized_end=1405
+  _globals['_PREPROCESSING']._serialized_start=1407
+  _globals['_PREPROCESSING']._serialized_end=1533
+  _globals['_MODELINFO']._serialized_start=1536
+  _globals['_MODELINFO']._serialized_end=2041
+  _globals['_SERVERLIMITS']._serialized_start=2043
+  _globals['_SERVERLIMITS']._serialized_end=2169
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2171
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2295
+  _globals['_EXPLAIN']._serialized_start=2298
+  _globals['_EXPLAIN']._serialized_end=2532
 # @@protoc_insertion_point(module_scope)

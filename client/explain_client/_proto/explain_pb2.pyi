@@ -26,6 +26,32 @@ class ExplainRequest(_message.Message):
     request_id: str
     def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., caption: _Optional[str] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class ExplainManyRequest(_message.Message):
+    __slots__ = ("model", "images", "captions", "text_layer", "image_layer", "n_steps", "method", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    captions: _containers.RepeatedScalarFieldContainer[str]
+    text_layer: int
+    image_layer: int
+    n_steps: int
+    method: str
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., captions: _Optional[_Iterable[str]] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ExplainManyResponse(_message.Message):
+    __slots__ = ("explanations",)
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    explanations: _containers.RepeatedCompositeFieldContainer[ExplainResponse]
+    def __init__(self, explanations: _Optional[_Iterable[_Union[ExplainResponse, _Mapping]]] = ...) -> None: ...
+
 class Float32Tensor(_message.Message):
     __slots__ = ("shape", "data")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -181,14 +207,16 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., pretrained: _Optional[str] = ..., embed_dim: _Optional[int] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., patch_size: _Optional[_Union[ImageSize, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., context_length: _Optional[int] = ..., text_layers: _Optional[int] = ..., image_layers: _Optional[int] = ..., default_text_layer: _Optional[int] = ..., default_image_layer: _Optional[int] = ..., default_n_steps: _Optional[int] = ..., default_method: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., max_n_steps: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_image_pixels", "max_image_side")
+    __slots__ = ("max_message_bytes", "max_image_pixels", "max_image_side", "max_explanations_per_call")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXPLANATIONS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_image_pixels: int
     max_image_side: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_side: _Optional[int] = ...) -> None: ...
+    max_explanations_per_call: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_explanations_per_call: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model", "limits")

@@ -40,6 +40,11 @@ class ExplainStub:
                 request_serializer=explain_dot_v1_dot_explain__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=explain_dot_v1_dot_explain__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.ExplainMany = channel.unary_unary(
+                '/explain.v1.Explain/ExplainMany',
+                request_serializer=explain_dot_v1_dot_explain__pb2.ExplainManyRequest.SerializeToString,
+                response_deserializer=explain_dot_v1_dot_explain__pb2.ExplainManyResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/explain.v1.Explain/ListModels',
                 request_serializer=explain_dot_v1_dot_explain__pb2.ListModelsRequest.SerializeToString,
@@ -56,8 +61,24 @@ class ExplainServicer:
         Errors: INVALID_ARGUMENT (bad image, caption, layer, n_steps or method;
         the message names the field), NOT_FOUND (unknown model), UNAVAILABLE
         (models still loading, or the server is shutting down),
+        RESOURCE_EXHAUSTED (the model's request queue is full: retry with
+        backoff or on another replica),
         FAILED_PRECONDITION (the result would not be finite in the model's dtype,
         e.g. float16 overflow), DEADLINE_EXCEEDED, CANCELLED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainMany(self, request, context):
+        """One image against several captions, or one caption against several
+        images, in one call. The shared side's factor is computed once (and both
+        sides are cached across calls), so this costs far less than separate
+        Explain calls. The call fails as a whole: an error names the offending
+        element, e.g. "captions[3]: ...". Errors as for Explain, plus
+        INVALID_ARGUMENT when neither list has exactly one element or the
+        number of explanations exceeds ServerLimits.max_explanations_per_call,
+        and RESOURCE_EXHAUSTED when the model's queue cannot take them all.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +99,11 @@ def add_ExplainServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=explain_dot_v1_dot_explain__pb2.ExplainRequest.FromString,
                     response_serializer=explain_dot_v1_dot_explain__pb2.ExplainResponse.SerializeToString,
+            ),
+            'ExplainMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainMany,
+                    request_deserializer=explain_dot_v1_dot_explain__pb2.ExplainManyRequest.FromString,
+                    response_serializer=explain_dot_v1_dot_explain__pb2.ExplainManyResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -113,6 +139,33 @@ class Explain:
             '/explain.v1.Explain/Explain',
             explain_dot_v1_dot_explain__pb2.ExplainRequest.SerializeToString,
             explain_dot_v1_dot_explain__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/explain.v1.Explain/ExplainMany',
+            explain_dot_v1_dot_explain__pb2.ExplainManyRequest.SerializeToString,
+            explain_dot_v1_dot_explain__pb2.ExplainManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

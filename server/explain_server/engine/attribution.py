@@ -53,47 +53,101 @@ _TANGENT_COPIES = 12
 _OVERHEAD = 8
 
 
-def _path(hidden: torch.Tensor, reference: torch.Tensor, alphas: np.ndarray) -> torch.Tensor:
-    """h(a_k) = h^r + a_k (h - h^r) for every node: (K, S, d)."""
-    nodes = torch.as_tensor(alphas, dtype=hidden.dtype, device=hidden.device)
-    return reference + nodes[:, None, None] * (hidden - reference)
+@dataclass(frozen=True)
+class PathIntegral:
+    """One request's path integral on one tower: what a factor is computed from.
+
+    Attributes:
+        hidden: the input's hidden states h entering the attribution block, (S, d).
+        reference: the reference's hidden states h^r, (S, d), position-aligned with h.
+        alphas, weights: quadrature nodes in [0, 1] and weights, (K,) float64 each.
+        should_stop: polled between chunks; once true the integral is dropped.
+    """
+
+    hidden: torch.Tensor
+    reference: torch.Tensor
+    alphas: np.ndarray
+    weights: np.ndarray
+    should_stop: StopCheck = never
 
 
-def _weights(weights: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    # path sums in at least float32, whatever the model's dtype
-    return torch.as_tensor(weights, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+class _Nodes:
+    """The quadrature nodes of several integrals stacked on one axis, so one pass serves all.
+
+    ``path`` and ``delta`` are (N, S, d) with N the total node count; ``weights`` (R, N) holds
+    integral r's quadrature weights in the columns of its own nodes and zeros elsewhere, so a
+    product with it sums each integral's nodes apart from every other's.
+    """
+
+    def __init__(self, integrals: list[PathIntegral]):
+        paths, deltas, owners = [], [], []
+        for index, item in enumerate(integrals):
+            nodes = torch.as_tensor(item.alphas, dtype=item.hidden.dtype, device=item.hidden.device)
+            delta = item.hidden - item.reference
+            paths.append(item.reference + nodes[:, None, None] * delta)  # h(a_k) = h^r + a_k (h - h^r)
+            deltas.append(delta.expand(len(nodes), -1, -1))
+            owners += [index] * len(nodes)
+        self.path = torch.cat(paths)
+        self.delta = torch.cat(deltas)
+        self.owner = torch.tensor(owners, device=self.path.device)
+        # path sums in at least float32, whatever the model's dtype
+        dtype = torch.promote_types(self.path.dtype, torch.float32)
+        self.weights = torch.zeros((len(integrals), len(owners)), dtype=dtype, device=self.path.device)
+        for index, item in enumerate(integrals):
+            self.weights[index, self.owner == index] = torch.as_tensor(item.weights, dtype=dtype, device=self.path.device)
 
 
-def forward_factor(
-    tower: Tower,
-    layer: int,
-    hidden: torch.Tensor,
-    reference: torch.Tensor,
-    alphas: np.ndarray,
-    weights: np.ndarray,
-    memory_bytes: int,
-    should_stop: StopCheck = never,
-) -> torch.Tensor:
-    """One tower's factor by forward mode: column s = sum_k w_k J_hi(h(a_k)) [dt on row s, 0 elsewhere].
+def _groups(integrals: list[PathIntegral], node_bytes: int, memory_bytes: int) -> list[list[int]]:
+    """Consecutive integrals packed so that one column over all their nodes fits ``memory_bytes``."""
+    groups: list[list[int]] = []
+    used = 0
+    for index, item in enumerate(integrals):
+        cost = node_bytes * len(item.alphas)
+        if groups and used + cost <= memory_bytes:
+            groups[-1].append(index)
+            used += cost
+        else:
+            groups.append([index])
+            used = cost
+    return groups
+
+
+def forward_factors(
+    tower: Tower, layer: int, integrals: list[PathIntegral], memory_bytes: int
+) -> list[torch.Tensor | None]:
+    """Factors by forward mode: column s = sum_k w_k J_hi(h(a_k)) [dt on row s, 0 elsewhere].
+
+    The nodes of all integrals go through each pass together (batching across requests);
+    each integral's columns are summed from its own nodes only, so its factor does not depend
+    on the others beyond floating-point summation order.
 
     Args:
         tower: the tower; f_hi is ``tower.upper(., layer)``.
         layer: block whose input is attributed, in [0, n_layers - 1].
-        hidden: the input's hidden states h entering that block, (S, d).
-        reference: the reference's hidden states h^r, (S, d), position-aligned with h.
-        alphas, weights: quadrature nodes in [0, 1] and weights, (K,) each.
-        memory_bytes: budget for the tangent activations of one chunk of columns.
-        should_stop: polled before every chunk of columns.
+        integrals: the integrals, all with the same sequence length S.
+        memory_bytes: budget for the tangent activations of one chunk.
 
     Returns:
-        The factor (D, S), float32 (float64 for a float64 model); its column sum approximates
-        f_hi(h) - f_hi(h^r) (method.md), exactly so as the quadrature error vanishes.
-
-    Raises:
-        ExplanationCancelled: ``should_stop()`` turned true.
+        Per integral, in order: the factor (D, S), float32 (float64 for a float64 model), whose
+        column sum approximates f_hi(h) - f_hi(h^r) (method.md); or None when its
+        ``should_stop`` turned true (it is then dropped from the remaining chunks).
     """
-    path = _path(hidden, reference, alphas)  # (K, S, d)
-    delta = hidden - reference
+    probe = integrals[0].hidden
+    seq, width = probe.shape
+    heads = tower.blocks[layer].attn.num_heads
+    n_rows = len(range(seq)[tower.query_rows(layer, seq)])
+    node_bytes = _OVERHEAD * probe.element_size() * (4 * heads * n_rows * seq + _TANGENT_COPIES * n_rows * width)
+    results: list[torch.Tensor | None] = []
+    for group in _groups(integrals, node_bytes, memory_bytes):
+        results += _forward_group(tower, layer, [integrals[i] for i in group], node_bytes, memory_bytes)
+    return results
+
+
+def _forward_group(
+    tower: Tower, layer: int, integrals: list[PathIntegral], node_bytes: int, memory_bytes: int
+) -> list[torch.Tensor | None]:
+    nodes = _Nodes(integrals)
+    path, delta, owner, w = nodes.path, nodes.delta, nodes.owner, nodes.weights
     n_nodes, seq, width = path.shape
     block = tower.blocks[layer]
     heads = block.attn.num_heads
@@ -108,37 +162,42 @@ def forward_factor(
 
     # The primal of the attribution block, shared by every tangent.
     y = block.ln_1(path)
-    q = F.linear(y[:, rows], w_q, b_q).view(n_nodes, n_rows, heads, head_dim).transpose(1, 2)  # (K, H, Q, e)
-    k = F.linear(y, w_k, b_k).view(n_nodes, seq, heads, head_dim).transpose(1, 2)  # (K, H, S, e)
+    q = F.linear(y[:, rows], w_q, b_q).view(n_nodes, n_rows, heads, head_dim).transpose(1, 2)  # (N, H, Q, e)
+    k = F.linear(y, w_k, b_k).view(n_nodes, seq, heads, head_dim).transpose(1, 2)  # (N, H, S, e)
     v = F.linear(y, w_v, b_v).view(n_nodes, seq, heads, head_dim).transpose(1, 2)
     scores = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = scores + mask[rows].to(scores.dtype)
-    attn = scores.softmax(dim=-1)  # (K, H, Q, S)
+    attn = scores.softmax(dim=-1)  # (N, H, Q, S)
     out = (attn @ v).transpose(1, 2).reshape(n_nodes, n_rows, width)
     x1 = path[:, rows] + block.ls_1(block.attn.out_proj(out))  # the attention half's output
 
     def finish(x: torch.Tensor) -> torch.Tensor:
         return tower.finish(x, layer)
 
-    def directional(tangent: torch.Tensor) -> torch.Tensor:
-        return jvp(finish, (x1,), (tangent,))[1]
-
-    w = _weights(weights, path)
-    per_column = _OVERHEAD * path.element_size() * n_nodes * (4 * heads * n_rows * seq + _TANGENT_COPIES * n_rows * width)
-    chunk = max(1, min(seq, memory_bytes // per_column))
-    columns = []
-    for start in range(0, seq, chunk):
-        if should_stop():
-            raise ExplanationCancelled()
-        cols = torch.arange(start, min(seq, start + chunk), device=path.device)
+    alive = list(range(len(integrals)))
+    columns: dict[int, list[torch.Tensor]] = {i: [] for i in alive}
+    start = 0
+    while start < seq:
+        still = [i for i in alive if not integrals[i].should_stop()]
+        if not still:
+            return [None] * len(integrals)
+        if still != alive:  # drop the stopped integrals' nodes from the remaining chunks
+            keep = torch.isin(owner, torch.tensor(still, device=owner.device))
+            path, delta, owner, q, k, v, attn, x1 = (t[keep] for t in (path, delta, owner, q, k, v, attn, x1))
+            w = w[still][:, keep]
+            alive = still
+            n_nodes = len(owner)
+        chunk = max(1, min(seq - start, memory_bytes // (node_bytes * n_nodes)))
+        cols = torch.arange(start, start + chunk, device=path.device)
+        start += chunk
         c = len(cols)
         # ln_1 is row-wise: the tangent stays on row s.
-        x_rows = path[:, cols].transpose(0, 1)  # (c, K, d)
-        y_dot = jvp(block.ln_1, (x_rows,), (delta[cols][:, None, :].expand_as(x_rows),))[1]
+        x_rows = path[:, cols].transpose(0, 1)  # (c, N, d)
+        y_dot = jvp(block.ln_1, (x_rows,), (delta[:, cols].transpose(0, 1),))[1]
         k_dot = F.linear(y_dot, w_k).view(c, n_nodes, heads, head_dim)
         v_dot = F.linear(y_dot, w_v).view(c, n_nodes, heads, head_dim)
-        # Score tangent (c, K, H, Q, S): key row s moved, for every query row ...
+        # Score tangent (c, N, H, Q, S): key row s moved, for every query row ...
         z_dot = torch.zeros((c, n_nodes, heads, n_rows, seq), dtype=path.dtype, device=path.device)
         qk = torch.einsum("khqe,ckhe->ckhq", q, k_dot) * scale
         z_dot.scatter_(-1, cols.view(c, 1, 1, 1, 1).expand(c, n_nodes, heads, n_rows, 1), qk.unsqueeze(-1))
@@ -152,47 +211,53 @@ def forward_factor(
         a_at_s = attn.unsqueeze(0).expand(c, -1, -1, -1, -1).gather(
             -1, cols.view(c, 1, 1, 1, 1).expand(c, n_nodes, heads, n_rows, 1)
         )
-        o_dot = a_dot @ v + a_at_s * v_dot[:, :, :, None, :]  # (c, K, H, Q, e)
+        o_dot = a_dot @ v + a_at_s * v_dot[:, :, :, None, :]  # (c, N, H, Q, e)
         out_dot = F.linear(o_dot.transpose(2, 3).reshape(c, n_nodes, n_rows, width), block.attn.out_proj.weight)
-        x1_dot = block.ls_1(out_dot) + is_query[:, None, :, None] * delta[cols][:, None, None, :]
-        products = vmap(directional)(x1_dot)  # (c, K, D)
-        columns.append(torch.einsum("ckd,k->dc", products.to(w.dtype), w))
-    return torch.cat(columns, dim=1)
+        x1_dot = block.ls_1(out_dot) + is_query[:, None, :, None] * delta[:, cols].transpose(0, 1)[:, :, None, :]
+        products = vmap(lambda tangent: jvp(finish, (x1,), (tangent,))[1])(x1_dot)  # (c, N, D)
+        for index, part in zip(alive, torch.einsum("ckd,rk->rdc", products.to(w.dtype), w)):
+            columns[index].append(part)
+    return [torch.cat(columns[i], dim=1) if i in alive else None for i in range(len(integrals))]
 
 
-def reverse_factor(
-    tower: Tower,
-    layer: int,
-    hidden: torch.Tensor,
-    reference: torch.Tensor,
-    alphas: np.ndarray,
-    weights: np.ndarray,
-    memory_bytes: int,
-    should_stop: StopCheck = never,
-) -> torch.Tensor:
-    """The same factor as :func:`forward_factor` by reverse mode: one pullback per embedding dimension.
+def reverse_factors(
+    tower: Tower, layer: int, integrals: list[PathIntegral], memory_bytes: int
+) -> list[torch.Tensor | None]:
+    """The same factors as :func:`forward_factors` by reverse mode: one pullback per embedding dimension.
 
     T[e, s] = sum_k w_k < d f_hi[e] / d h (h(a_k))[s, :], dt[s, :] >. Cheaper than forward mode
-    only when the sequence is much longer than the embedding (see :func:`choose_mode`).
+    only when the sequence is much longer than the embedding (see :func:`choose_mode`). An
+    integral whose ``should_stop`` turns true gets None; the pass ends once all have stopped.
     """
-    path = _path(hidden, reference, alphas)
-    delta = hidden - reference
-    n_nodes, seq, width = path.shape
-    w = _weights(weights, path)
+    probe = integrals[0].hidden
+    seq, width = probe.shape
+    node_bytes = _OVERHEAD * probe.element_size() * seq * width * 3 * _TANGENT_COPIES
+    results: list[torch.Tensor | None] = []
+    for group in _groups(integrals, node_bytes, memory_bytes):
+        results += _reverse_group(tower, layer, [integrals[i] for i in group], node_bytes, memory_bytes)
+    return results
+
+
+def _reverse_group(
+    tower: Tower, layer: int, integrals: list[PathIntegral], node_bytes: int, memory_bytes: int
+) -> list[torch.Tensor | None]:
+    nodes = _Nodes(integrals)
+    n_nodes = len(nodes.owner)
     rows = []
     with torch.enable_grad():  # callers run under no_grad; reverse mode needs the graph
-        embedding, pullback = vjp(lambda h: tower.upper(h, layer), path)
+        embedding, pullback = vjp(lambda h: tower.upper(h, layer), nodes.path)
         dim = embedding.shape[1]
         eye = torch.eye(dim, dtype=embedding.dtype, device=embedding.device)
-        per_row = _OVERHEAD * path.element_size() * n_nodes * seq * width * 3 * _TANGENT_COPIES
-        chunk = max(1, min(dim, memory_bytes // per_row))
+        chunk = max(1, min(dim, memory_bytes // (node_bytes * n_nodes)))
         for start in range(0, dim, chunk):
-            if should_stop():
-                raise ExplanationCancelled()
-            cotangents = eye[start : start + chunk, None, :].expand(-1, n_nodes, -1)  # (c, K, D)
-            grads = vmap(pullback)(cotangents)[0]  # (c, K, S, d)
-            rows.append(torch.einsum("cksd,sd,k->cs", grads.detach().to(w.dtype), delta.to(w.dtype), w))
-    return torch.cat(rows, dim=0)
+            if all(item.should_stop() for item in integrals):
+                return [None] * len(integrals)
+            cotangents = eye[start : start + chunk, None, :].expand(-1, n_nodes, -1)  # (c, N, D)
+            grads = vmap(pullback)(cotangents)[0].detach()  # (c, N, S, d)
+            w = nodes.weights
+            rows.append(torch.einsum("cksd,ksd,rk->rcs", grads.to(w.dtype), nodes.delta.to(w.dtype), w))
+    factors = torch.cat(rows, dim=1)  # (R, D, S)
+    return [None if item.should_stop() else factor for item, factor in zip(integrals, factors)]
 
 
 def _block_flops(seq: int, rows: int, width: int) -> float:
@@ -217,7 +282,7 @@ def choose_mode(tower: Tower, layer: int, seq: int, embed_dim: int) -> str:
     return "forward" if forward_cost <= reverse_cost else "reverse"
 
 
-FACTORS = {"forward": forward_factor, "reverse": reverse_factor}
+FACTORS = {"forward": forward_factors, "reverse": reverse_factors}
 
 
 @dataclass(frozen=True)

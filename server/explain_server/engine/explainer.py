@@ -1,18 +1,56 @@
-"""Explain one (caption, image) pair with a loaded open_clip CLIP model."""
+"""Explain (caption, image) pairs with a loaded open_clip CLIP model, one side at a time and batched."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from open_clip.model import CLIP
 
-from .attribution import FACTORS, Attribution, ExplanationCancelled, StopCheck, never, choose_mode, combine
+from .attribution import FACTORS, Attribution, ExplanationCancelled, PathIntegral, StopCheck, choose_mode, combine, never
 from .quadrature import nodes_and_weights
 from .towers import ImageTower, TextTower
 
 
 class NonFiniteError(ArithmeticError):
     """An explanation came out NaN or infinite (typically float16 overflow); never returned as a result."""
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side (caption or image) of one explanation: what :meth:`Explainer.factors` computes.
+
+    Attributes:
+        inputs: token ids (S_t,) int64 from the start to the end token, or normalised pixels (3, H, W).
+        layer: non-negative block index whose inputs are attributed.
+        method, n_steps: the quadrature rule and its node count (see quadrature.METHODS).
+        should_stop: polled before and during the work; once true the side is dropped.
+    """
+
+    inputs: torch.Tensor
+    layer: int
+    method: str
+    n_steps: int
+    should_stop: StopCheck = never
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One side's attribution factor and path endpoints; all that side contributes to a pair.
+
+    Attributes:
+        factor: T (D, S_t) or V (D, S_v), float32 (float64 for a float64 model).
+        endpoints: (2, D): the embedding of the input and of the reference, f_hi(h) and f_hi(h^r).
+    """
+
+    factor: torch.Tensor
+    endpoints: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the two tensors, bytes."""
+        return sum(t.element_size() * t.nelement() for t in (self.factor, self.endpoints))
 
 
 class Explainer:
@@ -59,6 +97,58 @@ class Explainer:
             self._reference_hidden[key] = hidden[0]
         return self._reference_hidden[key]
 
+    def factors(self, tower_name: str, sides: list[Side]) -> list[Factor | None]:
+        """Factors and path endpoints of many inputs on one tower, batched.
+
+        Inputs with the same attribution layer and sequence length share every pass: the
+        lower tower, the path endpoints and the JVP (or VJP) chunks. Text sequences of
+        different lengths go in separate passes: padding would change nothing for a causal
+        tower but the pooled row, and that moves with the length.
+
+        Args:
+            tower_name: "text" (inputs: token ids (S_t,) int64, start to end token) or
+                "image" (inputs: normalised pixels (3, H, W)).
+            sides: what to compute.
+
+        Returns:
+            Per side, in order: its :class:`Factor`, or None when its ``should_stop`` turned
+            true before or during the work.
+        """
+        tower = self.text if tower_name == "text" else self.image
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, side in enumerate(sides):
+            if not side.should_stop():
+                groups.setdefault((side.layer, side.inputs.shape[0]), []).append(index)
+        results: list[Factor | None] = [None] * len(sides)
+        with torch.no_grad():
+            for (layer, length), members in groups.items():
+                batch = torch.stack([sides[i].inputs for i in members]).to(self.device)
+                hidden = tower.lower(batch if tower_name == "text" else batch.to(self.dtype), layer)
+                # Causal tower: the reference's first S_t rows do not depend on what follows them.
+                reference = self._reference(tower_name, layer)[: hidden.shape[1]]
+                endpoints = tower.upper(torch.cat([hidden, reference[None]]), layer)
+                integrals = [
+                    PathIntegral(hidden[j], reference, *nodes_and_weights(sides[i].method, sides[i].n_steps), sides[i].should_stop)
+                    for j, i in enumerate(members)
+                ]
+                mode = choose_mode(tower, layer, hidden.shape[1], self.embed_dim)
+                for j, (i, factor) in enumerate(zip(members, FACTORS[mode](tower, layer, integrals, self.memory_bytes))):
+                    if factor is not None:
+                        results[i] = Factor(factor, torch.stack([endpoints[j], endpoints[-1]]))
+        return results
+
+    def combine(self, text: Factor, image: Factor) -> Attribution:
+        """The :class:`Attribution` of one pair from its two sides' factors (paper Eq. 10, method.md).
+
+        Raises:
+            NonFiniteError: a NaN or infinity in the result.
+        """
+        result = combine(text.factor, image.factor, text.endpoints, image.endpoints)
+        scalars = (result.score, result.text_reference, result.image_reference, result.both_references)
+        if not (np.isfinite(result.interactions).all() and np.isfinite(scalars).all()):
+            raise NonFiniteError(f"the attribution is not finite in {self.dtype}; float32 avoids overflow")
+        return result
+
     def explain(
         self,
         token_ids: torch.Tensor,
@@ -89,31 +179,8 @@ class Explainer:
             NonFiniteError: a NaN or infinity in the result.
             ExplanationCancelled: ``should_stop()`` turned true.
         """
-        if should_stop():
+        text = self.factors("text", [Side(token_ids, text_layer, method, n_steps, should_stop)])[0]
+        image = None if text is None else self.factors("image", [Side(pixels, image_layer, method, n_steps, should_stop)])[0]
+        if text is None or image is None:
             raise ExplanationCancelled()
-        alphas, weights = nodes_and_weights(method, n_steps)
-        seq = token_ids.shape[0]
-        with torch.no_grad():
-            h_t = self.text.lower(token_ids[None].to(self.device), text_layer)[0]
-            h_v = self.image.lower(pixels[None].to(self.device, self.dtype), image_layer)[0]
-            # Causal tower: the reference's first S_t rows do not depend on what follows them.
-            h_t_ref = self._reference("text", text_layer)[:seq]
-            h_v_ref = self._reference("image", image_layer)
-            text_endpoints = self.text.upper(torch.stack([h_t, h_t_ref]), text_layer)
-            image_endpoints = self.image.upper(torch.stack([h_v, h_v_ref]), image_layer)
-            factors = [
-                self._factor(tower, layer, hidden, reference, alphas, weights, should_stop)
-                for tower, layer, hidden, reference in (
-                    (self.text, text_layer, h_t, h_t_ref),
-                    (self.image, image_layer, h_v, h_v_ref),
-                )
-            ]
-        result = combine(*factors, text_endpoints, image_endpoints)
-        scalars = (result.score, result.text_reference, result.image_reference, result.both_references)
-        if not (np.isfinite(result.interactions).all() and np.isfinite(scalars).all()):
-            raise NonFiniteError(f"the attribution is not finite in {self.dtype}; float32 avoids overflow")
-        return result
-
-    def _factor(self, tower, layer, hidden, reference, alphas, weights, should_stop) -> torch.Tensor:
-        mode = choose_mode(tower, layer, hidden.shape[0], self.embed_dim)
-        return FACTORS[mode](tower, layer, hidden, reference, alphas, weights, self.memory_bytes, should_stop)
+        return self.combine(text, image)

@@ -1,0 +1,135 @@
+"""`make bench` (batching): throughput and latency under concurrent load, dynamic batching on and off.
+
+For each model, a real ``explain-server`` runs with batching on (``--max-batch-size 16
+--max-queue-delay-ms 5``, the defaults) and off (``--max-batch-size 1``), the factor cache off
+in both (``--factor-cache-mb 0``: the load cycles through a fixed mix of pairs, and cache hits
+would measure the cache, not the engine). ``explain-loadgen``'s ``run`` drives it in-process at
+concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 noise images of varied
+sizes and 10 captions of varied length. Then a soak: ``--soak-seconds`` at concurrency 16 on the
+small model with batching on, counting non-OK answers and the server's RSS growth after warm-up.
+
+Models: the small model is the known-answer model when it ships (``--small``), else the tiny
+test architecture; ViT-B-32 with seeded random weights stands for a production-size model
+(speed does not depend on the weights' values).
+
+``--record FILE`` replaces this benchmark's section in FILE (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import sys
+import tempfile
+import time
+
+from bench_engine import Server, record, rss_bytes, save_weights
+
+from explain_client.loadgen import CAPTIONS, run, synthetic_images
+from explain_client.client import explain_request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ["--model-config", str(ROOT / "tests" / "data" / "tiny-ViT.json"), "--model", "tiny=tiny-ViT:random:0"]
+BEGIN, END = "<!-- BEGIN bench_batching -->", "<!-- END bench_batching -->"
+MODES = {"on": ["--max-batch-size", "16", "--max-queue-delay-ms", "5"], "off": ["--max-batch-size", "1"]}
+
+
+def load(server: Server, concurrency: int, seconds: float):
+    mix = [explain_request(image, CAPTIONS[i % len(CAPTIONS)]) for i, image in enumerate(synthetic_images(16))]
+    return asyncio.run(run(server.target, mix, concurrency=concurrency, duration=seconds))
+
+
+def measure(name: str, model_args: list[str], seconds: float) -> list[dict]:
+    rows = []
+    for mode, flags in MODES.items():
+        server = Server([*model_args, "--factor-cache-mb", "0", *flags])
+        try:
+            load(server, 4, min(5.0, seconds))  # warm-up: first-call allocations, thread pools
+            for concurrency in (1, 4, 16):
+                report = load(server, concurrency, seconds)
+                lat = report.latency_seconds
+                rows.append({
+                    "model": name, "batching": mode, "concurrency": concurrency,
+                    "throughput": report.ok_per_second, "p50": lat["p50"], "p99": lat["p99"],
+                    "errors": report.requests - report.codes.get("OK", 0),
+                })
+                print(rows[-1], flush=True)
+        finally:
+            server.close()
+    return rows
+
+
+def soak(model_args: list[str], seconds: float) -> dict:
+    server = Server([*model_args, *MODES["on"]])
+    try:
+        warm = load(server, 16, 30.0)
+        rss_warm = rss_bytes(server.process.pid, "VmRSS")
+        report = load(server, 16, seconds)
+        rss_end = rss_bytes(server.process.pid, "VmRSS")
+    finally:
+        server.close()
+    return {"warm": warm, "report": report, "rss_warm": rss_warm, "rss_end": rss_end}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="load per setting, seconds")
+    parser.add_argument("--soak-seconds", type=float, default=300.0, help="the soak run, seconds")
+    parser.add_argument("--small", nargs="*", metavar="FLAG",
+                        help="server flags for the small model (default: the tiny test architecture)")
+    parser.add_argument("--small-name", default="tiny (2+2 blocks, 64 px)", help="its name in the table")
+    parser.add_argument("--record", type=pathlib.Path, help="markdown file whose section to replace")
+    args = parser.parse_args()
+    small = args.small or TINY
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = pathlib.Path(tmp) / "vit-b-32.safetensors"
+        save_weights("ViT-B-32", weights)
+        b32 = ["--model", f"b32=ViT-B-32:{weights}"]
+        rows = measure(args.small_name, small, args.seconds) + measure("ViT-B-32", b32, args.seconds)
+    soaked = soak(small, args.soak_seconds)
+
+    def row(model, mode, concurrency):
+        return next(r for r in rows if (r["model"], r["batching"], r["concurrency"]) == (model, mode, concurrency))
+
+    lines = [
+        "## Dynamic batching under concurrent load (issue 3)",
+        "",
+        f"`benchmarks/bench_batching.py`, {time.strftime('%Y-%m-%d')}, 2 CPU cores: closed-loop load from "
+        f"`explain-loadgen` ({args.seconds:g} s per setting, 16 noise images of varied size x 10 captions, "
+        "default explanation options, factor cache off). Batching on: `--max-batch-size 16 --max-queue-delay-ms 5`; "
+        "off: `--max-batch-size 1`.",
+        "",
+        "| model | batching | concurrency | throughput (req/s) | p50 | p99 | p99 / p50 | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batching']} | {r['concurrency']} | {r['throughput']:.2f} | {r['p50'] * 1000:.0f} ms "
+            f"| {r['p99'] * 1000:.0f} ms | {r['p99'] / r['p50']:.2f} | {r['errors']} |"
+        )
+    lines += ["", "Ratios at concurrency 16 (batching on / off):", ""]
+    for model in (args.small_name, "ViT-B-32"):
+        on, off = row(model, "on", 16), row(model, "off", 16)
+        lines.append(
+            f"- {model}: throughput x{on['throughput'] / off['throughput']:.2f}; "
+            f"p99 / p50 with batching {on['p99'] / on['p50']:.2f}"
+        )
+    rep = soaked["report"]
+    lines += [
+        "",
+        f"Soak: {rep.duration_seconds:.0f} s at concurrency 16 on {args.small_name}, batching on, factor cache on, "
+        f"after a 30 s warm-up: {rep.requests} requests, status codes {rep.codes}, "
+        f"p50 {rep.latency_seconds['p50'] * 1000:.0f} ms, p99 {rep.latency_seconds['p99'] * 1000:.0f} ms; "
+        f"server RSS {soaked['rss_warm'] / 2**20:.0f} MiB after warm-up, {soaked['rss_end'] / 2**20:.0f} MiB at the end "
+        f"({soaked['rss_end'] / soaked['rss_warm'] - 1:+.1%}).",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if args.record:
+        record(args.record, body, BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

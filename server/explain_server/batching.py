@@ -1,0 +1,129 @@
+"""A dynamic batcher per model, after NVIDIA Triton's: a bounded queue, a batch-size cap and a queue delay.
+
+Requests wait in a bounded queue. The model's thread takes the oldest and, while the batch
+holds fewer than ``max_batch_size`` items, waits for more until ``max_queue_delay_seconds``
+after that oldest one arrived; then it runs the whole batch as one call. One batch runs at
+a time per model: torch already spreads a batch over its intra-op threads (or the GPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class QueueFullError(Exception):
+    """The queue cannot take the items; answered with RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Triton's dynamic batcher settings.
+
+    Attributes:
+        max_batch_size: most requests run together; 1 turns batching off.
+        max_queue_delay_seconds: longest the oldest queued request waits for its batch to fill.
+        max_queue_size: most requests waiting; beyond it submissions fail at once.
+    """
+
+    max_batch_size: int = 16
+    max_queue_delay_seconds: float = 0.005
+    max_queue_size: int = 256
+
+
+# run_batch(items) -> one outcome per item, in order: a result, or an Exception to raise
+RunBatch = Callable[[list[Any]], list[Any]]
+
+
+class DynamicBatcher:
+    """Collects submitted items into batches and runs them on a daemon thread.
+
+    Results are matched to submissions by identity (each item keeps its own future), never by
+    position in a completion order.
+    """
+
+    def __init__(self, name: str, run_batch: RunBatch, config: BatchingConfig, on_depth: Callable[[int], None]):
+        """Start the thread, named after the model.
+
+        Args:
+            name: model name, for the thread name.
+            run_batch: computes a batch; an exception it raises fails every item of that batch.
+            config: the limits.
+            on_depth: told the queue depth whenever it changes (for a gauge).
+        """
+        self.config = config
+        self._run_batch = run_batch
+        self._on_depth = on_depth
+        self._pending: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, items: list[Any]) -> list[asyncio.Future]:
+        """Queue ``items`` together (all or none); each future (of the running loop) gets its outcome.
+
+        Raises:
+            QueueFullError: fewer than ``len(items)`` free places in the queue.
+        """
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        with self._cond:
+            if len(self._pending) + len(items) > self.config.max_queue_size:
+                raise QueueFullError(
+                    f"cannot queue {len(items)} more request(s): max_queue_size is {self.config.max_queue_size} "
+                    f"and {len(self._pending)} are waiting; retry with backoff or on another replica"
+                )
+            now = time.monotonic()
+            self._pending.extend((loop, future, item, now) for future, item in zip(futures, items))
+            self._on_depth(len(self._pending))
+            self._cond.notify()
+        return futures
+
+    def close(self) -> None:
+        """Run what is queued, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _next_batch(self) -> list[tuple] | None:
+        with self._cond:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            fill_by = self._pending[0][3] + self.config.max_queue_delay_seconds
+            while len(self._pending) < self.config.max_batch_size and not self._closed:
+                remaining = fill_by - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            size = min(self.config.max_batch_size, len(self._pending))
+            batch = [self._pending.popleft() for _ in range(size)]
+            self._on_depth(len(self._pending))
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                outcomes = self._run_batch([item for _, _, item, _ in batch])
+            except Exception as err:  # handed to every awaiting caller, which maps it to a status
+                outcomes = [err] * len(batch)
+            for (loop, future, _, _), outcome in zip(batch, outcomes):
+                try:
+                    loop.call_soon_threadsafe(_settle, future, outcome)
+                except RuntimeError:  # the loop closed during shutdown; nobody awaits this result
+                    pass
+
+
+def _settle(future: asyncio.Future, outcome: Any) -> None:
+    if future.cancelled():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -1,0 +1,171 @@
+"""Prometheus metrics: the service's own series and the standard gRPC server series.
+
+Names follow Prometheus' rules (base units, ``_seconds``, ``_total``, ``_bytes``); the
+service's labels are limited to ``model`` and ``code`` (a gRPC status code name), so
+cardinality stays bounded whatever callers send. The gRPC series use the labels of
+go-grpc-prometheus (``grpc_type``, ``grpc_service``, ``grpc_method``, ``grpc_code``), which
+dashboards for gRPC services expect. py-grpc-prometheus provides those only for the
+synchronous server, hence :class:`GrpcMetricsInterceptor` for grpc.aio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Explanations take milliseconds on small models and up to minutes for large models at high
+# n_steps on a CPU: the buckets span both.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_SCORE_BUCKETS = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))  # cosine similarity in [-1, 1]
+_DELTA_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
+
+
+class Metrics:
+    """Every series the server exports, registered in one registry.
+
+    Attributes (the Prometheus name is the attribute's, prefixed ``explain_``; counters gain
+    ``_total``):
+        requests: Explain calls by model and final gRPC code (ExplainMany counts each pair).
+        request_duration_seconds: end to end, from arrival to answer.
+        queue_wait_seconds: from acceptance until the request's batch starts.
+        compute_seconds: wall time of the batch that computed the request; requests dropped
+            before compute record nothing.
+        batch_size: requests per batch the dynamic batcher ran.
+        queue_depth: requests accepted and waiting for a batch.
+        inflight_requests: requests accepted and not yet answered.
+        requests_dropped: requests skipped because their deadline passed (code
+            DEADLINE_EXCEEDED) or their caller cancelled (code CANCELLED).
+        text_factor_cache_hits, text_factor_cache_misses, image_factor_cache_hits,
+        image_factor_cache_misses: factor lookups; a side computed once for several requests
+            of one batch counts one miss and hits for the others.
+        factor_cache_bytes: bytes held by the model's factor cache.
+        model_load_seconds: how long loading and warming up the model took.
+        similarity_score: cosine score of successful explanations.
+        convergence_delta_abs: |convergence delta| of successful explanations.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        """Create the series in ``registry`` (a new private registry by default)."""
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        model = ["model"]
+        self.requests = Counter("explain_requests", "Explain requests by final gRPC status code.", ["model", "code"], registry=r)
+        self.request_duration_seconds = Histogram(
+            "explain_request_duration_seconds", "End-to-end request duration.", model, buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "explain_queue_wait_seconds", "Time from acceptance until the request's batch starts.", model,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "explain_compute_seconds", "Wall time of the batch that computed the request.", model,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram("explain_batch_size", "Requests per executed batch.", model, buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("explain_queue_depth", "Requests waiting for a batch.", model, registry=r)
+        self.inflight_requests = Gauge("explain_inflight_requests", "Requests accepted and not yet answered.", model, registry=r)
+        self.requests_dropped = Counter(
+            "explain_requests_dropped", "Requests skipped before or during compute: deadline passed or cancelled.",
+            ["model", "code"], registry=r,
+        )
+        for side in ("text", "image"):
+            for outcome in ("hits", "misses"):
+                name = f"{side}_factor_cache_{outcome}"
+                setattr(self, name, Counter(f"explain_{name}", f"{side.capitalize()} factor cache {outcome}.", model, registry=r))
+        self.factor_cache_bytes = Gauge("explain_factor_cache_bytes", "Bytes held by the factor cache.", model, registry=r)
+        self.model_load_seconds = Gauge("explain_model_load_seconds", "Time to load and warm up the model.", model, registry=r)
+        self.similarity_score = Histogram(
+            "explain_similarity_score", "Cosine similarity of explained pairs.", model, buckets=_SCORE_BUCKETS, registry=r
+        )
+        self.convergence_delta_abs = Histogram(
+            "explain_convergence_delta_abs", "Absolute convergence delta of explained pairs.", model,
+            buckets=_DELTA_BUCKETS, registry=r,
+        )
+        self.grpc_started = Counter(
+            "grpc_server_started", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"], registry=r
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, by status code.",
+            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"], registry=r,
+        )
+        self.grpc_handling_seconds = Histogram(
+            "grpc_server_handling_seconds", "Response latency of RPCs handled by the server.",
+            ["grpc_type", "grpc_service", "grpc_method"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+
+    def add_model(self, name: str) -> None:
+        """Create ``name``'s series at zero, so that dashboards and rate() see them before the first event."""
+        for metric in (
+            self.request_duration_seconds, self.queue_wait_seconds, self.compute_seconds, self.batch_size,
+            self.queue_depth, self.inflight_requests, self.text_factor_cache_hits, self.text_factor_cache_misses,
+            self.image_factor_cache_hits, self.image_factor_cache_misses, self.factor_cache_bytes,
+            self.model_load_seconds, self.similarity_score, self.convergence_delta_abs,
+        ):
+            metric.labels(name)
+        for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
+            self.requests_dropped.labels(name, code)
+
+    def serve(self, port: int, host: str = "") -> None:
+        """Serve ``/metrics`` over HTTP on ``port`` (prometheus-client's server, a daemon thread).
+
+        Raises:
+            OSError: the port cannot be bound.
+        """
+        start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times unary-unary RPCs as ``grpc_server_*`` series (go-grpc-prometheus names).
+
+    Streaming RPCs (health Watch, reflection) pass through uncounted.
+    """
+
+    def __init__(self, metrics: Metrics):
+        """Record into ``metrics``."""
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap the handler of a unary-unary method."""
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        labels = ("unary", service, method)
+        m = self._metrics
+        behavior = handler.unary_unary
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            m.grpc_started.labels(*labels).inc()
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                response = await behavior(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except asyncio.CancelledError:  # the caller went away or its deadline passed
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                # an aborted call leaves its code on the context; anything else ends as UNKNOWN
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                m.grpc_handled.labels(*labels, code.name).inc()
+                m.grpc_handling_seconds.labels(*labels).observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
