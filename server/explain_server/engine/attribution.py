@@ -211,7 +211,8 @@ def _forward_group(
         a_at_s = attn.unsqueeze(0).expand(c, -1, -1, -1, -1).gather(
             -1, cols.view(c, 1, 1, 1, 1).expand(c, n_nodes, heads, n_rows, 1)
         )
-        o_dot = a_dot @ v + a_at_s * v_dot[:, :, :, None, :]  # (c, N, H, Q, e)
+        # einsum, not a_dot @ v: broadcasting matmul would copy V once per column
+        o_dot = torch.einsum("cnhqs,nhse->cnhqe", a_dot, v) + a_at_s * v_dot[:, :, :, None, :]  # (c, N, H, Q, e)
         out_dot = F.linear(o_dot.transpose(2, 3).reshape(c, n_nodes, n_rows, width), block.attn.out_proj.weight)
         x1_dot = block.ls_1(out_dot) + is_query[:, None, :, None] * delta[:, cols].transpose(0, 1)[:, :, None, :]
         products = vmap(lambda tangent: jvp(finish, (x1,), (tangent,))[1])(x1_dot)  # (c, N, D)
