@@ -1,7 +1,7 @@
 """`make bench` (batching): throughput and latency under concurrent load, dynamic batching on and off.
 
-For each model, a real ``explain-server`` runs with batching on (``--max-batch-size 16
---max-queue-delay-ms 5``, the defaults) and off (``--max-batch-size 1``), the factor cache off
+For each model, a real ``explain-server`` runs with batching on (``--max-batch-size 16``,
+queue delay 0: the defaults) and off (``--max-batch-size 1``), the factor cache off
 in both (``--factor-cache-mb 0``: the load cycles through a fixed mix of pairs, and cache hits
 would measure the cache, not the engine). ``explain-loadgen``'s ``run`` drives it in-process at
 concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 noise images of varied
@@ -32,7 +32,7 @@ from explain_client.client import explain_request
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model-config", str(ROOT / "tests" / "data" / "tiny-ViT.json"), "--model", "tiny=tiny-ViT:random:0"]
 BEGIN, END = "<!-- BEGIN bench_batching -->", "<!-- END bench_batching -->"
-MODES = {"on": ["--max-batch-size", "16", "--max-queue-delay-ms", "5"], "off": ["--max-batch-size", "1"]}
+MODES = {"on": ["--max-batch-size", "16"], "off": ["--max-batch-size", "1"]}
 
 
 def load(server: Server, concurrency: int, seconds: float):
@@ -97,7 +97,7 @@ def main() -> int:
         "",
         f"`benchmarks/bench_batching.py`, {time.strftime('%Y-%m-%d')}, 2 CPU cores: closed-loop load from "
         f"`explain-loadgen` ({args.seconds:g} s per setting, 16 noise images of varied size x 10 captions, "
-        "default explanation options, factor cache off). Batching on: `--max-batch-size 16 --max-queue-delay-ms 5`; "
+        "default explanation options, factor cache off). Batching on: `--max-batch-size 16` (queue delay 0, the default); "
         "off: `--max-batch-size 1`.",
         "",
         "| model | batching | concurrency | throughput (req/s) | p50 | p99 | p99 / p50 | errors |",

@@ -31,7 +31,9 @@ class BatchingConfig:
     """
 
     max_batch_size: int = 16
-    max_queue_delay_seconds: float = 0.005
+    # Triton's default: no waiting when the model is idle; under load a batch forms from what
+    # queued while the previous one computed
+    max_queue_delay_seconds: float = 0.0
     max_queue_size: int = 256
 
 

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-size", type=int, help="most requests per model run together (dynamic batching; 1 turns it off; default 16)"
     )
     p.add_argument(
-        "--max-queue-delay-ms", type=float, help="longest a request waits for its batch to fill, milliseconds (default 5)"
+        "--max-queue-delay-ms", type=float, help="longest a request waits for its batch to fill, milliseconds (default 0, as Triton's)"
     )
     p.add_argument(
         "--max-queue-size", type=int, help="most requests waiting per model; beyond it RESOURCE_EXHAUSTED (default 256)"
