@@ -33,6 +33,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model-config", str(ROOT / "tests" / "data" / "tiny-ViT.json"), "--model", "tiny=tiny-ViT:random:0"]
 BEGIN, END = "<!-- BEGIN bench_batching -->", "<!-- END bench_batching -->"
 MODES = {"on": ["--max-batch-size", "16"], "off": ["--max-batch-size", "1"]}
+# One torch thread per server: the load generator shares the two cores, and OpenMP workers
+# spinning at barriers while another process runs slow small models down many times over.
+THREADS = ["--intra-op-threads", "1"]
 
 
 def load(server: Server, concurrency: int, seconds: float):
@@ -43,7 +46,7 @@ def load(server: Server, concurrency: int, seconds: float):
 def measure(name: str, model_args: list[str], seconds: float) -> list[dict]:
     rows = []
     for mode, flags in MODES.items():
-        server = Server([*model_args, "--factor-cache-mb", "0", *flags])
+        server = Server([*model_args, *THREADS, "--factor-cache-mb", "0", *flags])
         try:
             load(server, 4, min(5.0, seconds))  # warm-up: first-call allocations, thread pools
             for concurrency in (1, 4, 16):
@@ -61,7 +64,8 @@ def measure(name: str, model_args: list[str], seconds: float) -> list[dict]:
 
 
 def soak(model_args: list[str], seconds: float) -> dict:
-    server = Server([*model_args, *MODES["on"]])
+    # cache off: every request goes through the engine, where a leak would show
+    server = Server([*model_args, *THREADS, "--factor-cache-mb", "0", *MODES["on"]])
     try:
         warm = load(server, 16, 30.0)
         rss_warm = rss_bytes(server.process.pid, "VmRSS")
@@ -97,7 +101,7 @@ def main() -> int:
         "",
         f"`benchmarks/bench_batching.py`, {time.strftime('%Y-%m-%d')}, 2 CPU cores: closed-loop load from "
         f"`explain-loadgen` ({args.seconds:g} s per setting, 16 noise images of varied size x 10 captions, "
-        "default explanation options, factor cache off). Batching on: `--max-batch-size 16` (queue delay 0, the default); "
+        "default explanation options, factor cache off, `--intra-op-threads 1`). Batching on: `--max-batch-size 16` (queue delay 0, the default); "
         "off: `--max-batch-size 1`.",
         "",
         "| model | batching | concurrency | throughput (req/s) | p50 | p99 | p99 / p50 | errors |",
@@ -118,7 +122,7 @@ def main() -> int:
     rep = soaked["report"]
     lines += [
         "",
-        f"Soak: {rep.duration_seconds:.0f} s at concurrency 16 on {args.small_name}, batching on, factor cache on, "
+        f"Soak: {rep.duration_seconds:.0f} s at concurrency 16 on {args.small_name}, batching on, factor cache off, "
         f"after a 30 s warm-up: {rep.requests} requests, status codes {rep.codes}, "
         f"p50 {rep.latency_seconds['p50'] * 1000:.0f} ms, p99 {rep.latency_seconds['p99'] * 1000:.0f} ms; "
         f"server RSS {soaked['rss_warm'] / 2**20:.0f} MiB after warm-up, {soaked['rss_end'] / 2**20:.0f} MiB at the end "

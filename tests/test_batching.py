@@ -137,6 +137,37 @@ def test_result_is_the_same_alone_first_and_last_in_a_full_batch(batching_server
     assert full - full_before >= 1  # at least one batch of more than 16 ran
 
 
+def test_undecodable_payloads_in_a_batch_leave_the_others_correct(batching_server):
+    """Truncated, empty, random and HTML payloads sent together with valid requests."""
+    out = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(out, "JPEG")
+    bad = {
+        "truncated JPEG": out.getvalue()[: len(out.getvalue()) // 2],
+        "zero bytes": b"",
+        "random bytes": np.random.default_rng(1).bytes(2000),
+        "HTML page": b"<!doctype html><html><body>not an image</body></html>",
+    }
+    valid = [(noise_png(700 + i), caption(700 + i)) for i in range(4)]
+    with ExplainClient(batching_server.target, timeout=300) as client:
+        solo = [client.explain(*pair) for pair in valid]
+        before = scrape(batching_server.metrics_url)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # within the 400 ms queue delay: one batch
+            good = [pool.submit(client.explain, *pair) for pair in valid]
+            broken = {kind: pool.submit(client.explain, data, "a cat") for kind, data in bad.items()}
+            for kind, future in broken.items():
+                with pytest.raises(InvalidArgumentError, match="image: (is empty|could not be decoded)"):
+                    future.result()
+            for future, want in zip(good, solo):
+                assert_same(future.result(), want)
+        after = scrape(batching_server.metrics_url)
+        assert_same(client.explain(*valid[0]), solo[0])  # and the next batch runs normally
+    batches = value(after, "explain_batch_size_count", model="tiny") - value(before, "explain_batch_size_count", model="tiny")
+    requests = value(after, "explain_batch_size_sum", model="tiny") - value(before, "explain_batch_size_sum", model="tiny")
+    # bad payloads are refused while being prepared, before they can enter a batch; the valid
+    # ones arrived together and shared one
+    assert requests == 4 and batches < 4
+
+
 def test_expired_requests_are_dropped_before_compute(batching_server):
     url = batching_server.metrics_url
     before = scrape(url)

@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 import numpy as np
+import torch
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 
 from .batching import BatchingConfig, DynamicBatcher, QueueFullError
@@ -94,16 +95,30 @@ def _request_id(value: str) -> str:
     return value
 
 
-class _Job:
-    """One accepted explanation: its inputs and stop conditions, shared by its handler and the batch thread."""
+@dataclass(frozen=True)
+class _Prepared:
+    """One side (caption or image) of a request, checked and ready for the model.
 
-    def __init__(self, loaded: LoadedModel, image: bytes, caption: str, options: Options, time_remaining: float | None,
-                 fields: dict[str, str]):
+    Attributes:
+        key: the factor cache key: side, layer, method, n_steps and a SHA-256 of the content.
+        entry: the cached factor found while preparing, or None.
+        inputs: token ids (S_t,) or normalised pixels (3, H, W); None when ``entry`` was found.
+        extra: the caption (text) or the image size after EXIF orientation (image).
+    """
+
+    key: tuple
+    entry: TextEntry | ImageEntry | None
+    inputs: torch.Tensor | None
+    extra: Caption | tuple[int, int]
+
+
+class _Job:
+    """One accepted explanation: its prepared sides and stop conditions, shared by its handler and the batch thread."""
+
+    def __init__(self, loaded: LoadedModel, text: _Prepared, image: _Prepared, time_remaining: float | None):
         self.loaded = loaded
+        self.text = text
         self.image = image
-        self.caption = caption
-        self.options = options
-        self.fields = fields  # how this request names its image and caption fields in errors
         self.enqueued = time.perf_counter()
         self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self.cancelled = threading.Event()
@@ -234,7 +249,8 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
 
         async def explain(loaded: LoadedModel) -> explain_pb2.ExplainResponse:
             options, request_id = await self._options(request, loaded, context)
-            job = _Job(loaded, request.image, request.caption, options, context.time_remaining(), {})
+            (text,), (image,) = await self._prepare(loaded, options, [request.caption], [request.image], context, many=False)
+            job = _Job(loaded, text, image, context.time_remaining())
             (result,) = await self._run(loaded, [job], context, request_id)
             return _response(loaded, request_id, options, result)
 
@@ -259,12 +275,12 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                     f"{'captions' if len(captions) > 1 else 'images'}: at most {self.limits.max_explanations_per_call} "
                     f"explanations per call; got {count}",
                 )
+            texts, pixels = await self._prepare(loaded, options, captions, images, context, many=True)
             remaining = context.time_remaining()
-            jobs = []
-            for index in range(count):
-                i, c = (0 if len(images) == 1 else index), (0 if len(captions) == 1 else index)
-                fields = {"image": f"images[{i}]", "caption": f"captions[{c}]"}
-                jobs.append(_Job(loaded, images[i], captions[c], options, remaining, fields))
+            jobs = [
+                _Job(loaded, texts[0 if len(texts) == 1 else i], pixels[0 if len(pixels) == 1 else i], remaining)
+                for i in range(count)
+            ]
             results = await self._run(loaded, jobs, context, request_id)
             return explain_pb2.ExplainManyResponse(
                 explanations=[_response(loaded, f"{request_id}/{i}", options, r) for i, r in enumerate(results)]
@@ -285,7 +301,14 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                     grpc.StatusCode.NOT_FOUND, f"model: no model named {model!r}; hosted: {', '.join(self.registry.models)}"
                 )
             name = loaded.spec.name
-            return await body(loaded)
+            self._inflight += 1  # accepted: shutdown waits for it from here on
+            self._idle.clear()
+            try:
+                return await body(loaded)
+            finally:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.set()
         except asyncio.CancelledError:  # the caller went away or its deadline passed
             remaining = context.time_remaining()
             code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
@@ -319,8 +342,6 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {name}: {err}")
         inflight = self.metrics.inflight_requests.labels(name)
         inflight.inc(len(jobs))
-        self._inflight += 1
-        self._idle.clear()
         try:
             grace_over = asyncio.ensure_future(self._grace_over.wait())
             # every outcome is collected, so that no failure goes unretrieved
@@ -339,8 +360,6 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             failure = next((r for r in results if isinstance(r, Exception)), None)
             if failure is not None:
                 raise failure
-        except InputError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except NonFiniteError as err:
             # The served dtype cannot represent this computation: a server configuration limit,
             # not a malformed request and not a broken invariant.
@@ -354,9 +373,6 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             for job in jobs:
                 job.cancelled.set()  # a caller that went away stops its work at the next chunk
             inflight.dec(len(jobs))
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
         for result in results:
             log.info(
                 "request %s model=%s tokens=%d queue=%.3fs compute=%.3fs",
@@ -369,26 +385,52 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         self.metrics.requests_dropped.labels(job.loaded.spec.name, code.name).inc()
         return ExplanationCancelled()
 
-    def _prepare(self, job: _Job, cache: FactorCache, inputs: dict, entries: dict) -> tuple[tuple, tuple]:
-        """Cache keys of the job's two sides; fetches cached entries and decodes what must be computed.
+    async def _prepare(
+        self, loaded: LoadedModel, options: Options, captions: list[str], images: list[bytes],
+        context: grpc.aio.ServicerContext, many: bool,
+    ) -> tuple[list[_Prepared], list[_Prepared]]:
+        """Tokenise the captions and decode the images not already in the cache, on a worker thread.
 
-        Raises:
-            InputError: the caption or image breaks a rule.
+        Decoding runs beside the model's batch thread (Pillow releases the GIL), so a batch's
+        compute never waits for its requests' decoding. Aborts with INVALID_ARGUMENT naming the
+        field (``caption``, or ``captions[i]`` / ``images[i]`` for ExplainMany).
         """
-        loaded, o = job.loaded, job.options
-        caption = tokenize(loaded.tokenizer, job.caption)
-        text_key = ("text", o.text_layer, o.method, o.n_steps, digest(caption.token_ids.numpy().tobytes()))
-        image_key = ("image", o.image_layer, o.method, o.n_steps, digest(job.image))
-        for key in (text_key, image_key):
-            if key not in entries and key not in inputs and (entry := cache.get(key)) is not None:
-                entries[key] = entry
-        if image_key not in entries and image_key not in inputs:
-            image = decode_image(job.image, self.limits.image)
-            check_resize(*image.size, loaded.preprocess_cfg, self.limits.image)
-            inputs[image_key] = (loaded.transform(image), image.size)
-        if text_key not in entries and text_key not in inputs:
-            inputs[text_key] = (caption.token_ids, caption)
-        return text_key, image_key
+        cache = self._caches[loaded.spec.name]
+
+        def prepare() -> tuple[list[_Prepared], list[_Prepared]]:
+            texts, pixels = [], []
+            for index, caption in enumerate(captions):
+                try:
+                    texts.append(self._prepare_text(loaded, options, caption, cache))
+                except InputError as err:
+                    raise err.renamed({"caption": f"captions[{index}]"} if many else {})
+            for index, image in enumerate(images):
+                try:
+                    pixels.append(self._prepare_image(loaded, options, image, cache))
+                except InputError as err:
+                    raise err.renamed({"image": f"images[{index}]"} if many else {})
+            return texts, pixels
+
+        try:
+            return await asyncio.to_thread(prepare)
+        except InputError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    @staticmethod
+    def _prepare_text(loaded: LoadedModel, o: Options, text: str, cache: FactorCache) -> _Prepared:
+        caption = tokenize(loaded.tokenizer, text)
+        key = ("text", o.text_layer, o.method, o.n_steps, digest(caption.token_ids.numpy().tobytes()))
+        entry = cache.get(key)
+        return _Prepared(key, entry, caption.token_ids if entry is None else None, caption)
+
+    def _prepare_image(self, loaded: LoadedModel, o: Options, data: bytes, cache: FactorCache) -> _Prepared:
+        key = ("image", o.image_layer, o.method, o.n_steps, digest(data))
+        entry = cache.get(key)
+        if entry is not None:  # the bytes were decoded and checked when the entry was made
+            return _Prepared(key, entry, None, entry.image_size)
+        image = decode_image(data, self.limits.image)
+        check_resize(*image.size, loaded.preprocess_cfg, self.limits.image)
+        return _Prepared(key, None, loaded.transform(image), image.size)
 
     def _run_batch(self, jobs: list[_Job]) -> list:
         """One batch on the model's batcher thread: one outcome per job, a :class:`_Result` or an exception.
@@ -401,34 +443,37 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         m.batch_size.labels(name).observe(len(jobs))
         outcomes: list = [None] * len(jobs)
         need: dict[str, dict[tuple, list[_Job]]] = {"text": {}, "image": {}}
-        inputs: dict[tuple, tuple] = {}  # side key -> (model input, caption or image size): to compute
+        inputs: dict[tuple, _Prepared] = {}  # side key -> a prepared side to compute
         entries: dict[tuple, TextEntry | ImageEntry] = {}  # side key -> computed or cached side
-        keys: dict[int, tuple[tuple, tuple]] = {}
+        live: list[int] = []
         for index, job in enumerate(jobs):
             if job.should_stop():  # cancelled or expired while queued: no work at all
                 outcomes[index] = self._drop(job)
                 continue
+            live.append(index)
             m.queue_wait_seconds.labels(name).observe(started - job.enqueued)
-            try:
-                keys[index] = self._prepare(job, cache, inputs, entries)
-            except InputError as err:
-                outcomes[index] = err.renamed(job.fields)
-                continue
-            for tower, key in zip(("text", "image"), keys[index]):
-                outcome = "hits" if key in entries or key in need[tower] else "misses"
+            for tower, side in (("text", job.text), ("image", job.image)):
+                # the cache may have gained the side since the request was prepared
+                entry = entries.get(side.key) or side.entry or cache.get(side.key)
+                outcome = "hits" if entry is not None or side.key in need[tower] else "misses"
                 getattr(m, f"{tower}_factor_cache_{outcome}").labels(name).inc()
-                need[tower].setdefault(key, []).append(job)
+                if entry is not None:
+                    entries[side.key] = entry
+                elif side.key not in inputs:
+                    inputs[side.key] = side
+                need[tower].setdefault(side.key, []).append(job)
         for tower, entry_type in (("text", TextEntry), ("image", ImageEntry)):
             todo = [key for key in need[tower] if key not in entries]
-            sides = [Side(inputs[key][0], key[1], key[2], key[3], _all_stop(need[tower][key])) for key in todo]
+            sides = [Side(inputs[key].inputs, key[1], key[2], key[3], _all_stop(need[tower][key])) for key in todo]
             for key, factor in zip(todo, loaded.explainer.factors(tower, sides) if todo else []):
                 if factor is not None:
-                    entries[key] = entry_type(factor, inputs[key][1])
+                    entries[key] = entry_type(factor, inputs[key].extra)
                     cache.put(key, entries[key])
         m.factor_cache_bytes.labels(name).set(cache.nbytes)
         finished = time.perf_counter()
-        for index, (text_key, image_key) in keys.items():
+        for index in live:
             job = jobs[index]
+            text_key, image_key = job.text.key, job.image.key
             if job.should_stop() or text_key not in entries or image_key not in entries:
                 outcomes[index] = self._drop(job)
                 continue
