@@ -4,8 +4,9 @@ For each model, a real ``explain-server`` runs with batching on (``--max-batch-s
 queue delay 0: the defaults) and off (``--max-batch-size 1``), the factor cache off
 in both (``--factor-cache-mb 0``: the load cycles through a fixed mix of pairs, and cache hits
 would measure the cache, not the engine). ``explain-loadgen``'s ``run`` drives it in-process at
-concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 noise images of varied
-sizes and 10 captions of varied length. Then a soak: ``--soak-seconds`` at concurrency 16 on the
+concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 noise PNGs (sides 64-128
+px for the small model, whose inputs are small scenes; 224-640 px, photo sizes, for ViT-B-32) and
+10 captions of varied length. Then a soak: ``--soak-seconds`` at concurrency 16 on the
 small model with batching on, counting non-OK answers and the server's RSS growth after warm-up.
 
 Models: the small model is the known-answer model when it ships (``--small``), else the tiny
@@ -36,21 +37,24 @@ MODES = {"on": ["--max-batch-size", "16"], "off": ["--max-batch-size", "1"]}
 # One torch thread per server: the load generator shares the two cores, and OpenMP workers
 # spinning at barriers while another process runs slow small models down many times over.
 THREADS = ["--intra-op-threads", "1"]
+# Images like each model's own inputs: small scenes for the small model, photo sizes for ViT-B-32.
+SMALL_SIDES, PHOTO_SIDES = (64, 128), (224, 640)
 
 
-def load(server: Server, concurrency: int, seconds: float):
-    mix = [explain_request(image, CAPTIONS[i % len(CAPTIONS)]) for i, image in enumerate(synthetic_images(16))]
+def load(server: Server, concurrency: int, seconds: float, sides: tuple[int, int]):
+    images = synthetic_images(16, sides=sides)
+    mix = [explain_request(image, CAPTIONS[i % len(CAPTIONS)]) for i, image in enumerate(images)]
     return asyncio.run(run(server.target, mix, concurrency=concurrency, duration=seconds))
 
 
-def measure(name: str, model_args: list[str], seconds: float) -> list[dict]:
+def measure(name: str, model_args: list[str], seconds: float, sides: tuple[int, int]) -> list[dict]:
     rows = []
     for mode, flags in MODES.items():
         server = Server([*model_args, *THREADS, "--factor-cache-mb", "0", *flags])
         try:
-            load(server, 4, min(5.0, seconds))  # warm-up: first-call allocations, thread pools
+            load(server, 4, min(5.0, seconds), sides)  # warm-up: first-call allocations, thread pools
             for concurrency in (1, 4, 16):
-                report = load(server, concurrency, seconds)
+                report = load(server, concurrency, seconds, sides)
                 lat = report.latency_seconds
                 rows.append({
                     "model": name, "batching": mode, "concurrency": concurrency,
@@ -63,13 +67,13 @@ def measure(name: str, model_args: list[str], seconds: float) -> list[dict]:
     return rows
 
 
-def soak(model_args: list[str], seconds: float) -> dict:
+def soak(model_args: list[str], seconds: float, sides: tuple[int, int]) -> dict:
     # cache off: every request goes through the engine, where a leak would show
     server = Server([*model_args, *THREADS, "--factor-cache-mb", "0", *MODES["on"]])
     try:
-        warm = load(server, 16, 30.0)
+        warm = load(server, 16, 30.0, sides)
         rss_warm = rss_bytes(server.process.pid, "VmRSS")
-        report = load(server, 16, seconds)
+        report = load(server, 16, seconds, sides)
         rss_end = rss_bytes(server.process.pid, "VmRSS")
     finally:
         server.close()
@@ -90,8 +94,8 @@ def main() -> int:
         weights = pathlib.Path(tmp) / "vit-b-32.safetensors"
         save_weights("ViT-B-32", weights)
         b32 = ["--model", f"b32=ViT-B-32:{weights}"]
-        rows = measure(args.small_name, small, args.seconds) + measure("ViT-B-32", b32, args.seconds)
-    soaked = soak(small, args.soak_seconds)
+        rows = measure(args.small_name, small, args.seconds, SMALL_SIDES) + measure("ViT-B-32", b32, args.seconds, PHOTO_SIDES)
+    soaked = soak(small, args.soak_seconds, SMALL_SIDES)
 
     def row(model, mode, concurrency):
         return next(r for r in rows if (r["model"], r["batching"], r["concurrency"]) == (model, mode, concurrency))
@@ -100,7 +104,8 @@ def main() -> int:
         "## Dynamic batching under concurrent load (issue 3)",
         "",
         f"`benchmarks/bench_batching.py`, {time.strftime('%Y-%m-%d')}, 2 CPU cores: closed-loop load from "
-        f"`explain-loadgen` ({args.seconds:g} s per setting, 16 noise images of varied size x 10 captions, "
+        f"`explain-loadgen` ({args.seconds:g} s per setting, 16 noise PNGs x 10 captions of varied length; image sides "
+        f"{SMALL_SIDES[0]}-{SMALL_SIDES[1]} px for the small model, {PHOTO_SIDES[0]}-{PHOTO_SIDES[1]} px for ViT-B-32; "
         "default explanation options, factor cache off, `--intra-op-threads 1`). Batching on: `--max-batch-size 16` (queue delay 0, the default); "
         "off: `--max-batch-size 1`.",
         "",

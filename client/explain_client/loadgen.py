@@ -78,12 +78,12 @@ class LoadReport:
         )
 
 
-def synthetic_images(count: int = 8, seed: int = 0) -> list[bytes]:
-    """``count`` random-noise PNGs of varied sizes (64 to 640 pixels a side), deterministic by ``seed``."""
+def synthetic_images(count: int = 8, seed: int = 0, sides: tuple[int, int] = (64, 640)) -> list[bytes]:
+    """``count`` random-noise PNGs, each side drawn from ``sides`` (pixels, inclusive), deterministic by ``seed``."""
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(count):
-        width, height = (int(v) for v in rng.integers(64, 641, 2))
+        width, height = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
         out = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(out, "PNG")
         images.append(out.getvalue())
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--duration", type=float, help="seconds to run")
     p.add_argument("--image", action="append", dest="images", metavar="PATH",
                    help="an image file to send (repeatable; default: 8 synthetic noise images of varied sizes)")
+    p.add_argument("--image-sides", type=int, nargs=2, default=(64, 640), metavar=("MIN", "MAX"),
+                   help="side range of the synthetic images, pixels (default: 64 640)")
     p.add_argument("--caption", action="append", dest="captions", metavar="TEXT",
                    help=f"a caption to send (repeatable; default: {len(CAPTIONS)} built-in captions of varied length)")
     p.add_argument("--deadline", type=float, help="per-call deadline, seconds (default: none)")
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.concurrency < 1 or (args.requests is not None and args.requests < 1):
         print("explain-loadgen: --concurrency and --requests must be positive", file=sys.stderr)
         return 2
-    images = [open(path, "rb").read() for path in args.images] if args.images else synthetic_images()
+    images = [open(path, "rb").read() for path in args.images] if args.images else synthetic_images(sides=tuple(args.image_sides))
     captions = args.captions or list(CAPTIONS)
     # pairs cycle through both lists at different strides, so the mix covers many combinations
     mix = [
