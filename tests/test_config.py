@@ -28,7 +28,7 @@ FAST_RECONNECT = [
 
 def test_defaults_host_the_embedded_model():
     config = load_config([])
-    assert config.models == [DEFAULT_MODEL] and config.default_model_name == "ViT-B-32-random"
+    assert config.models == [DEFAULT_MODEL] and config.default_model_name == "shapes"
     assert (config.host, config.port, config.device, config.dtype) == ("127.0.0.1", 50051, "auto", "float32")
 
 
@@ -63,7 +63,7 @@ def test_batching_cache_and_metrics_settings_come_from_file_and_flags(tmp_path):
     (["--max-connection-age-seconds", "0"], "--max-connection-age-seconds must be positive"),
     (["--intra-op-threads", "0"], "--intra-op-threads must be positive"),
 ])
-def test_out_of_range_settings_are_refused(flags, message):
+def test_out_of_range_batching_and_server_settings_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         load_config(flags)
 

@@ -20,11 +20,13 @@ from .batching import BatchingConfig
 from .inputs import ImageLimits
 from .models import DTYPES, ModelSpec
 from .security import DEFAULT_AUTH_EXEMPT
+from .shapes import model as shapes_model
 from .service import Limits
 
-# Until a trained offline model ships, the embedded default is ViT-B-32 with seeded random
-# weights: it needs no download, and its explanations check the arithmetic, not grounding.
-DEFAULT_MODEL = "ViT-B-32-random=ViT-B-32:random:0"
+# The embedded default: the small known-answer model trained on generated shape scenes, shipped
+# with the package, so the server starts offline with trained weights (its architecture is
+# registered at start-up; see shapes/model.py).
+DEFAULT_MODEL = f"{shapes_model.NAME}={shapes_model.ARCHITECTURE}:{shapes_model.WEIGHTS}"
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""``make demo``: start a server on the embedded default model, explain a bundled photo, stop.
+"""``make demo``: start a server on the shipped shapes model, explain a generated scene, stop.
 
-Everything runs offline: the default model is built locally (see ``config.DEFAULT_MODEL``)
-and the photo ships with the package (Chelsea the cat, CC0, Stefan van der Walt, from
-scikit-image's sample data).
+Everything runs offline: the model's config and trained weights ship with the package
+(``explain_server/assets/shapes``) and the scene is generated on the spot. For each object the
+caption names, the demo prints the grid cell where the phrase's heatmap peaks and whether that
+cell lies inside the object's box, and draws every phrase's heatmap, box and peak cell into one
+PNG.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import socket
 import subprocess
 import sys
 
-from explain_client import ExplainClient, cli
+from PIL import Image, ImageDraw
 
-from .config import DEFAULT_MODEL
+from explain_client import ExplainClient
+from explain_client.evaluation.metrics import cell_edges, phrase_rows, score_phrase
 
-PHOTO = pathlib.Path(__file__).parent / "assets" / "chelsea.jpg"
-CAPTION = "a tabby cat with green eyes and a pink nose"
+from .shapes import model as shapes_model
+from .shapes.dataset import scenes_with_captions
+from .shapes.scenes import render
+
+_ZOOM = 4  # the scene is 96 px: draw the panels four times larger
 
 
 def _free_port() -> int:
@@ -27,28 +33,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _panel(explanation, image: Image.Image, rows: list[int], box, peak, title: str) -> Image.Image:
+    """One phrase: its heatmap over the scene, its object's box (green) and its peak cell (black)."""
+    overlay = explanation.overlay(image, (rows[0], rows[-1] + 1)).resize(
+        (image.width * _ZOOM, image.height * _ZOOM), Image.Resampling.NEAREST
+    )
+    draw = ImageDraw.Draw(overlay)
+    draw.rectangle([v * _ZOOM for v in box], outline=(0, 170, 0), width=3)
+    xs, ys = cell_edges(explanation)
+    i, j = peak
+    draw.rectangle([xs[j] * _ZOOM, ys[i] * _ZOOM, xs[j + 1] * _ZOOM - 1, ys[i + 1] * _ZOOM - 1], outline=(0, 0, 0), width=2)
+    panel = Image.new("RGB", (overlay.width, overlay.height + 18), (255, 255, 255))
+    panel.paste(overlay, (0, 18))
+    ImageDraw.Draw(panel).text((4, 3), title, fill=(0, 0, 0))
+    return panel
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the client's exit code (0 on success)."""
+    """Run the demo; returns 0 on success."""
     parser = argparse.ArgumentParser(prog="explain-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out/overlay.png", help="overlay PNG to write (default: %(default)s)")
-    parser.add_argument("--span", default="green eyes", help="caption part to draw (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=3, help="seed of the generated scene (default: %(default)s)")
     args = parser.parse_args(argv)
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    scene, caption = next(scenes_with_captions(args.seed, 1, n_objects=(3, 3)))
+    image = render(scene)
+    scene_path = out.with_name("scene.png")
+    image.save(scene_path)
 
     target = f"127.0.0.1:{_free_port()}"
-    print(f"starting explain-server on {target} with the embedded default model {DEFAULT_MODEL}")
-    print(
-        "NOTE: this default model has seeded RANDOM weights (no trained CLIP weights can be downloaded "
-        "here). The numbers below show the method's arithmetic end to end; they do not show what a "
-        "trained CLIP sees. Serve real weights with --model NAME=ARCH:PRETRAINED (see README)."
+    print(f"starting explain-server on {target} with the embedded default model, {shapes_model.NAME} "
+          f"({shapes_model.ARCHITECTURE}, trained on generated scenes; no download)")
+    # the embedded default model; no metrics port, so the demo runs beside a server on 9090
+    server = subprocess.Popen(
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", target.split(":")[1], "--metrics-port", "0"]
     )
-    server = subprocess.Popen([sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", target.split(":")[1]])
     try:
-        with ExplainClient(target) as client:
-            model = client.wait_until_ready(timeout=600)[0]
-        print(f"server ready: {model.name} ({model.architecture}, grid {model.grid[0]}x{model.grid[1]})\n")
-        print(f"explaining {PHOTO.name} with the caption {CAPTION!r}\n")
-        return cli.main([str(PHOTO), CAPTION, "--target", target, "--span", args.span, "--out", args.out, "--top", "8"])
+        with ExplainClient(target, timeout=600) as client:
+            info = client.wait_until_ready(timeout=600)[0]
+            print(f"server ready: {info.name} ({info.architecture}, grid {info.grid[0]}x{info.grid[1]})\n")
+            print(f"explaining the generated scene {scene_path} (seed {args.seed}) with the caption {caption.text!r}")
+            explanation = client.explain(image, caption.text)
+        print(f"score {explanation.score:.4f} (cosine); convergence delta {explanation.convergence_delta:.2e}\n")
+        panels, hits = [], 0
+        for phrase in caption.phrases:
+            box = scene.objects[phrase.object_index].box
+            rows = phrase_rows(explanation, caption.text, phrase.start, phrase.end)
+            result = score_phrase(explanation, rows, [box])
+            text = caption.text[phrase.start : phrase.end]
+            verdict = "inside" if result.pointing_hit else "OUTSIDE"
+            hits += result.pointing_hit
+            print(f"  {text!r:24} tokens {rows[0]}-{rows[-1]}: heatmap peaks at cell {result.peak} -> {verdict} its box {box}")
+            panels.append(_panel(explanation, image, rows, box, result.peak, f"{text}: {verdict}"))
+        sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), panels[0].height), (255, 255, 255))
+        for k, panel in enumerate(panels):
+            sheet.paste(panel, (k * (panel.width + 8), 0))
+        sheet.save(out)
+        print(f"\n{hits} of {len(caption.phrases)} phrases point inside their object; overlays written to {out} "
+              "(green: the object's box, black: the peak cell)")
+        return 0
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -25,6 +25,7 @@ from .models import ModelLoadError, resolve_device
 from .registry import ModelRegistry
 from .security import BearerTokenInterceptor, load_tokens, server_credentials
 from .service import ExplainService, Limits
+from .shapes import model as shapes_model
 
 log = logging.getLogger("explain_server")
 
@@ -68,7 +69,8 @@ async def serve(config: ServerConfig) -> int:
     """
     if config.intra_op_threads:
         torch.set_num_threads(config.intra_op_threads)
-    for path in config.model_configs:
+    # the shipped shapes architecture is always known, like open_clip's own
+    for path in [shapes_model.CONFIG, *config.model_configs]:
         open_clip.add_model_config(path)
     registry = ModelRegistry(
         config.model_specs,

@@ -1,0 +1,7 @@
+"""The known-answer ``shapes`` model: generated scenes whose ground truth is known, and its training.
+
+- :mod:`.scenes`: the scene generator (objects, boxes, captions with phrase spans, colour swaps).
+- :mod:`.dataset`: writing scenes in the ``explain-eval`` dataset format; ``shapes-scenes`` CLI.
+- :mod:`.training`: contrastive training behind ``make known-answer-model``.
+- :mod:`.model`: where the shipped config and weights live, and their open_clip names.
+"""

@@ -1,0 +1,169 @@
+"""Grounding through a real server on the shipped shapes model: explanations point at the named objects.
+
+A random model cannot tell a transposed, mirrored or shifted grid from the right one; the
+trained shapes model can, because every phrase has a known box.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import open_clip
+import pytest
+from conftest import ServerProcess
+from PIL import Image, ImageOps
+
+from explain_client import ExplainClient
+from explain_client.evaluation import cli
+from explain_client.evaluation.dataset import load_dataset
+from explain_client.evaluation.metrics import phrase_rows, score_phrase
+from explain_server.shapes import model as shapes_model
+
+HELDOUT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "shapes-heldout" / "dataset.json"
+
+
+# Issue 7 asks for >= 80% pointing on 50 held-out scenes and for every phrase's peak to follow
+# a mirror or a rotation. The shipped weights do not get there yet (docs/benchmarks.md): those
+# two thresholds are kept as strict expected failures, which turn into errors once a retrained
+# model reaches them, so that the marks are removed then.
+NOT_YET = pytest.mark.xfail(
+    strict=True, reason="issue 7 acceptance not met by the shipped weights: 29.5% pointing on these 50 scenes, 32% on all 500"
+)
+
+
+@pytest.fixture(scope="module")
+def shapes_server(tmp_path_factory):
+    """A real server on loopback hosting the shipped shapes model (the default) and the same
+    architecture with seeded random weights (``shapes-random``)."""
+    proc = ServerProcess(
+        [*shapes_model.server_args(), "--model", f"shapes-random={shapes_model.ARCHITECTURE}:random:0", "--device", "cpu"],
+        tmp_path_factory.mktemp("logs") / "shapes-server.log",
+    ).wait_serving()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def shapes_client(shapes_server):
+    with ExplainClient(shapes_server.target, timeout=300) as client:
+        yield client
+
+
+def _explain_eval(server, tmp_path, model: str) -> tuple[dict, str]:
+    report_path, table_path = tmp_path / f"{model}.json", tmp_path / f"{model}.md"
+    code = cli.main([
+        str(HELDOUT), "--target", server.target, "--model", model, "--limit", "50", "--workers", "2", "--no-progress",
+        "--json", str(report_path), "--markdown", str(table_path),
+    ])
+    assert code == 0
+    return json.loads(report_path.read_text()), table_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def eval_reports(shapes_server, tmp_path_factory):
+    """explain-eval's reports on the first 50 held-out scenes, trained and random weights."""
+    tmp = tmp_path_factory.mktemp("eval")
+    return {model: _explain_eval(shapes_server, tmp, model) for model in ("shapes", "shapes-random")}
+
+
+def test_explain_eval_reports_every_phrase_of_50_heldout_scenes(eval_reports):
+    report, table = eval_reports["shapes"]
+    assert report["pairs"] == 50 and report["skipped"] == [] and report["model"] == "shapes"
+    overall = report["overall"]
+    assert overall["phrases"] == sum(len(d["phrases"]) for d in report["details"]) >= 100
+    assert overall["boxes"] == overall["phrases"]  # one box per generated object
+    assert 0.0 < overall["relevance_mass"] <= 1.0
+    assert set(report["per_class"]) <= {"circle", "square", "triangle", "cross", "diamond"}
+    assert sum(c["phrases"] for c in report["per_class"].values()) == overall["phrases"]
+    hits = [p["pointing_hit"] for d in report["details"] for p in d["phrases"]]
+    assert overall["pointing_accuracy"] == pytest.approx(np.mean(hits))
+    assert "| **all** | " in table
+
+
+def test_trained_weights_point_far_more_often_than_random_weights(eval_reports):
+    trained = eval_reports["shapes"][0]["overall"]
+    random = eval_reports["shapes-random"][0]["overall"]
+    assert trained["pointing_accuracy"] >= random["pointing_accuracy"] + 0.15, (trained, random)
+    assert trained["relevance_mass"] >= random["relevance_mass"] + 0.08, (trained, random)
+
+
+@NOT_YET
+def test_explain_eval_on_50_heldout_scenes_reaches_80_percent_pointing(eval_reports):
+    assert eval_reports["shapes"][0]["overall"]["pointing_accuracy"] >= 0.80
+
+
+def test_each_phrase_heatmap_is_the_sum_of_exactly_its_own_token_rows(shapes_client):
+    dataset = load_dataset(HELDOUT)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the same CLIP BPE the shapes model uses
+    for caption in dataset.captions[:5]:
+        explanation = shapes_client.explain(dataset.images[caption.image_id].path, caption.text)
+        for phrase in caption.phrases:
+            rows = phrase_rows(explanation, caption.text, phrase.start, phrase.end)
+            before = len(tokenizer.encode(caption.text[: phrase.start]))
+            assert rows == list(range(1 + before, 1 + len(tokenizer.encode(caption.text[: phrase.end]))))
+            assert "".join(explanation.tokens[r] for r in rows) == caption.text[phrase.start : phrase.end].replace(" ", "")
+            heat = explanation.attribution[rows].sum(axis=0)
+            peak = divmod(int(np.argmax(heat)), heat.shape[1])
+            assert score_phrase(explanation, rows, phrase.boxes).peak == peak
+
+
+def _peaks(client, image: Image.Image, caption, boxes_of) -> list[tuple[tuple[int, int], bool]]:
+    """Per phrase: (peak cell, peak inside the phrase's box as mapped by ``boxes_of``)."""
+    explanation = client.explain(image, caption.text)
+    out = []
+    for phrase in caption.phrases:
+        rows = phrase_rows(explanation, caption.text, phrase.start, phrase.end)
+        result = score_phrase(explanation, rows, [boxes_of(box) for box in phrase.boxes])
+        out.append((result.peak, result.pointing_hit))
+    return out
+
+
+@pytest.fixture(scope="module")
+def transformed_peaks(shapes_client) -> dict[str, list[tuple[bool, bool, bool]]]:
+    """For phrases whose peak lies in their box, after a mirror and a 90-degree rotation: whether
+    the new peak is (at the mapped cell or in the mapped box, at the unmapped cell, at the
+    transposed cell)."""
+    dataset = load_dataset(HELDOUT)
+    g = 8  # the shapes model's grid is 8x8
+    out = {"mirror": [], "rotate": []}
+    for caption in dataset.captions[:20]:
+        image = Image.open(dataset.images[caption.image_id].path).convert("RGB")
+        w = image.width
+        original = _peaks(shapes_client, image, caption, lambda b: b)
+        # left-right mirror: x -> w - x, so cell (i, j) -> (i, g - 1 - j)
+        mirrored = _peaks(shapes_client, ImageOps.mirror(image), caption, lambda b: (w - b[2], b[1], w - b[0], b[3]))
+        # 90 degrees counter-clockwise: (x, y) -> (y, w - x), so cell (i, j) -> (g - 1 - j, i)
+        rotated = _peaks(shapes_client, image.rotate(90), caption, lambda b: (b[1], w - b[2], b[3], w - b[0]))
+        for ((i, j), hit), (m_peak, m_hit), (r_peak, r_hit) in zip(original, mirrored, rotated):
+            if hit:  # only where the original points at its object is there a place to follow
+                out["mirror"].append((m_peak == (i, g - 1 - j) or m_hit, m_peak == (i, j), m_peak == (j, i)))
+                out["rotate"].append((r_peak == (g - 1 - j, i) or r_hit, r_peak == (i, j), r_peak == (j, i)))
+    assert len(out["mirror"]) >= 10
+    return out
+
+
+def test_mirroring_and_rotating_the_image_move_the_peaks_with_it(transformed_peaks):
+    # A transposed or unmirrored grid would leave the peaks where they were, or swap their axes.
+    for kind, results in transformed_peaks.items():
+        follows, stays, transposed = (np.mean(column) for column in zip(*results))
+        assert follows >= 0.6 and follows >= 2 * max(stays, transposed), (kind, follows, stays, transposed)
+
+
+@NOT_YET
+def test_mirroring_and_rotating_move_each_peak_accordingly(transformed_peaks):
+    for kind, results in transformed_peaks.items():
+        assert all(follows for follows, _, _ in results), kind
+
+
+def test_peaks_map_through_the_crop_box_of_a_padded_image(shapes_client):
+    """32 px of background on each side: the server's centre crop is the scene again, pixel for pixel."""
+    dataset = load_dataset(HELDOUT)
+    for caption in dataset.captions[:6]:
+        image = Image.open(dataset.images[caption.image_id].path).convert("RGB")
+        padded = Image.new("RGB", (image.width + 64, image.height), tuple(int(v) for v in np.asarray(image)[0, 0]))
+        padded.paste(image, (32, 0))
+        original = _peaks(shapes_client, image, caption, lambda b: b)
+        shifted = _peaks(shapes_client, padded, caption, lambda b: (b[0] + 32, b[1], b[2] + 32, b[3]))
+        assert shifted == original
