@@ -9,9 +9,8 @@ px for the small model, whose inputs are small scenes; 224-640 px, photo sizes, 
 10 captions of varied length. Then a soak: ``--soak-seconds`` at concurrency 16 on the
 small model with batching on, counting non-OK answers and the server's RSS growth after warm-up.
 
-Models: the small model is the known-answer model when it ships (``--small``), else the tiny
-test architecture; ViT-B-32 with seeded random weights stands for a production-size model
-(speed does not depend on the weights' values).
+Models: the shipped known-answer model ``shapes`` (``--small`` hosts another), and ViT-B-32 with
+seeded random weights for a production-size model (speed does not depend on the weights' values).
 
 ``--record FILE`` replaces this benchmark's section in FILE (docs/benchmarks.md).
 """
@@ -27,11 +26,10 @@ import time
 
 from bench_engine import Server, record, rss_bytes, save_weights
 
-from explain_client.loadgen import CAPTIONS, run, synthetic_images
 from explain_client.client import explain_request
+from explain_client.loadgen import CAPTIONS, run, synthetic_images
+from explain_server.shapes import model as shapes_model
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--model-config", str(ROOT / "tests" / "data" / "tiny-ViT.json"), "--model", "tiny=tiny-ViT:random:0"]
 BEGIN, END = "<!-- BEGIN bench_batching -->", "<!-- END bench_batching -->"
 MODES = {"on": ["--max-batch-size", "16"], "off": ["--max-batch-size", "1"]}
 # One torch thread per server: the load generator shares the two cores, and OpenMP workers
@@ -85,11 +83,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="load per setting, seconds")
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="the soak run, seconds")
     parser.add_argument("--small", nargs="*", metavar="FLAG",
-                        help="server flags for the small model (default: the tiny test architecture)")
-    parser.add_argument("--small-name", default="tiny (2+2 blocks, 64 px)", help="its name in the table")
+                        help="server flags for the small model (default: the shipped known-answer model)")
+    parser.add_argument("--small-name", default="shapes (known-answer, 4+3 blocks, 96 px)", help="its name in the table")
     parser.add_argument("--record", type=pathlib.Path, help="markdown file whose section to replace")
     args = parser.parse_args()
-    small = args.small or TINY
+    small = args.small or shapes_model.server_args()
     with tempfile.TemporaryDirectory() as tmp:
         weights = pathlib.Path(tmp) / "vit-b-32.safetensors"
         save_weights("ViT-B-32", weights)

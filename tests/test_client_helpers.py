@@ -225,7 +225,9 @@ def test_token_scores_of_the_whole_crop_box(explanation):
     np.testing.assert_array_equal(explanation.token_scores((0, 0, 112, 224)), np.zeros(len(TOKENS)))
 
 
-@pytest.mark.parametrize("box", [(10, 10, 10, 20), (10, 20, 30, 5), (0, 0, float("nan"), 1), (0, 0, 1)])
+@pytest.mark.parametrize(
+    "box", [(10, 10, 10, 20), (10, 20, 30, 5), (0, 0, float("nan"), 1), (0, 0, 1), (500, 0, 600, 10), (-20, 0, -10, 5)]
+)
 def test_token_scores_rejects_bad_boxes(explanation, box):
     with pytest.raises(ValueError):
         explanation.token_scores(box)

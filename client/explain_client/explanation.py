@@ -284,7 +284,8 @@ class Explanation:
             float32 (T,), cosine units; row 0 is the start token.
 
         Raises:
-            ValueError: ``box`` does not have 4 finite values, or x1 <= x0 or y1 <= y0.
+            ValueError: ``box`` does not have 4 finite values, x1 <= x0 or y1 <= y0, or it
+                lies wholly outside the image (a box in the wrong image's coordinates).
         """
         values = tuple(float(v) for v in box)
         if len(values) != 4 or not all(math.isfinite(v) for v in values):
@@ -292,6 +293,9 @@ class Explanation:
         x0, y0, x1, y1 = values
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"box {values} is empty: need x1 > x0 and y1 > y0")
+        width, height = self.image_size
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            raise ValueError(f"box {values} lies outside the {width}x{height} image")
         gh, gw = self.grid
         cx0, cy0, cx1, cy1 = self.crop_box
         weight_y = _cell_coverage(y0, y1, np.linspace(cy0, cy1, gh + 1))
