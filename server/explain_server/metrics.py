@@ -30,7 +30,9 @@ class Metrics:
 
     Attributes (the Prometheus name is the attribute's, prefixed ``explain_``; counters gain
     ``_total``):
-        requests: Explain calls by model and final gRPC code (ExplainMany counts each pair).
+        requests: Explain and ExplainMany calls by model and final gRPC code (one per call, as is
+            ``request_duration_seconds``; the queue, compute, batch, cache, score and delta
+            series count each explanation of an ExplainMany call).
         request_duration_seconds: end to end, from arrival to answer.
         queue_wait_seconds: from acceptance until the request's batch starts.
         compute_seconds: wall time of the batch that computed the request; requests dropped
