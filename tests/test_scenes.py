@@ -221,7 +221,8 @@ def _explanation(caption: str, attribution: np.ndarray, crop_box=(0.0, 0.0, 96.0
     return Explanation(
         attribution=attribution, cls_attribution=np.zeros(len(ids)), token_ids=ids,
         tokens=[token_label(tokenizer, i) for i in ids], score=0.0, logit_scale=1.0,
-        reference_terms=ReferenceTerms(0, 0, 0), convergence_delta=0.0, crop_box=crop_box, image_size=(96, 96),
+        reference_terms=ReferenceTerms(0, 0, 0), convergence_delta=0.0, crop_box=crop_box,
+        image_size=(int(crop_box[0] + crop_box[2]), int(crop_box[3])),  # the crop box centred in it
         request_id="r", model="m", options=ResolvedOptions(0, 0, 1, "gausslegendre"), queue_seconds=0, compute_seconds=0,
     )
 
