@@ -6,7 +6,7 @@ in both (``--factor-cache-mb 0``: the load cycles through a fixed mix of pairs, 
 would measure the cache, not the engine). ``explain-loadgen``'s ``run`` drives it in-process at
 concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 noise PNGs (sides 64-128
 px for the small model, whose inputs are small scenes; 224-640 px, photo sizes, for ViT-B-32) and
-10 captions of varied length. Then a soak: ``--soak-seconds`` at concurrency 16 on the
+10 captions of varied length, all at the same explanation settings (``WORKLOAD``). Then a soak: ``--soak-seconds`` at concurrency 16 on the
 small model with batching on, counting non-OK answers and the server's RSS growth after warm-up.
 
 Models: the shipped known-answer model ``shapes`` (``--small`` hosts another), and ViT-B-32 with
@@ -28,6 +28,7 @@ from bench_engine import Server, record, rss_bytes, save_weights
 
 from explain_client.client import explain_request
 from explain_client.loadgen import CAPTIONS, run, synthetic_images
+from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
 from explain_server.shapes import model as shapes_model
 
 BEGIN, END = "<!-- BEGIN bench_batching -->", "<!-- END bench_batching -->"
@@ -35,13 +36,18 @@ MODES = {"on": ["--max-batch-size", "16"], "off": ["--max-batch-size", "1"]}
 # One torch thread per server: the load generator shares the two cores, and OpenMP workers
 # spinning at barriers while another process runs slow small models down many times over.
 THREADS = ["--intra-op-threads", "1"]
+# The same settings for both models: exclip's layers (each tower's last block) and the
+# service-wide quadrature, ViT-B-32's defaults. The shapes model's own defaults (block 0, 8
+# nodes; shapes/model.py) cost about 30 times as much per explanation, which batching on a CPU
+# cannot amortise: they are measured by bench_grounding.
+WORKLOAD = {"text_layer": -1, "image_layer": -1, "method": DEFAULT_METHOD, "n_steps": DEFAULT_N_STEPS}
 # Images like each model's own inputs: small scenes for the small model, photo sizes for ViT-B-32.
 SMALL_SIDES, PHOTO_SIDES = (64, 128), (224, 640)
 
 
 def load(server: Server, concurrency: int, seconds: float, sides: tuple[int, int]):
     images = synthetic_images(16, sides=sides)
-    mix = [explain_request(image, CAPTIONS[i % len(CAPTIONS)]) for i, image in enumerate(images)]
+    mix = [explain_request(image, CAPTIONS[i % len(CAPTIONS)], **WORKLOAD) for i, image in enumerate(images)]
     return asyncio.run(run(server.target, mix, concurrency=concurrency, duration=seconds))
 
 
@@ -104,7 +110,8 @@ def main() -> int:
         f"`benchmarks/bench_batching.py`, {time.strftime('%Y-%m-%d')}, 2 CPU cores: closed-loop load from "
         f"`explain-loadgen` ({args.seconds:g} s per setting, 16 noise PNGs x 10 captions of varied length; image sides "
         f"{SMALL_SIDES[0]}-{SMALL_SIDES[1]} px for the small model, {PHOTO_SIDES[0]}-{PHOTO_SIDES[1]} px for ViT-B-32; "
-        "default explanation options, factor cache off, `--intra-op-threads 1`). Batching on: `--max-batch-size 16` (queue delay 0, the default); "
+        f"both models explained at exclip's layers, each tower's last block, with {DEFAULT_METHOD} and {DEFAULT_N_STEPS} "
+        "nodes; factor cache off, `--intra-op-threads 1`). Batching on: `--max-batch-size 16` (queue delay 0, the default); "
         "off: `--max-batch-size 1`.",
         "",
         "| model | batching | concurrency | throughput (req/s) | p50 | p99 | p99 / p50 | errors |",

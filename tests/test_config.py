@@ -11,10 +11,11 @@ import time
 import grpc
 import pytest
 from conftest import TINY, TINY_CONFIG, ServerProcess, free_port, seeded_model
+from test_end_to_end import noise_image
 from safetensors.torch import save_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from explain_client import ExplainClient, UnavailableError
+from explain_client import ExplainClient, ResolvedOptions, UnavailableError
 from explain_server.config import DEFAULT_MODEL, load_config
 
 
@@ -75,6 +76,11 @@ def test_config_file_rejects_unknown_keys(tmp_path):
         load_config(["--config", str(path)])
 
 
+def test_a_model_default_n_steps_above_the_limit_is_refused():
+    with pytest.raises(ValueError, match="model 'a': n_steps=64 exceeds --max-n-steps 50"):
+        load_config(["--model", "a=ViT-B-32:random,n_steps=64", "--max-n-steps", "50"])
+
+
 def test_malformed_model_flag_is_refused():
     with pytest.raises(ValueError, match="NAME=ARCH:PRETRAINED"):
         load_config(["--model", "ViT-B-32"])
@@ -102,6 +108,33 @@ def test_a_corrupt_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     assert f"model 'bad': cannot load weights '{corrupt}'" in result.stderr
 
 
+def test_a_default_layer_the_tower_lacks_fails_start_up():
+    result = run_server("--model-config", str(TINY_CONFIG), "--model", f"t={TINY}:random:0,image_layer=2")
+    assert result.returncode == 1
+    assert "model 't': image_layer=2 is not a block of its 2-block image tower" in result.stderr
+
+
+def test_a_model_s_default_settings_are_listed_and_used(tmp_path):
+    proc = ServerProcess(
+        ["--model-config", str(TINY_CONFIG), "--model", f"t={TINY}:random:0,text_layer=0,image_layer=1,n_steps=4,method=riemann_middle"],
+        tmp_path / "server.log",
+    ).wait_serving()
+    try:
+        with ExplainClient(proc.target, timeout=60) as client:
+            (listed,) = client.list_models()
+            assert (listed.default_text_layer, listed.default_image_layer) == (0, 1)
+            assert (listed.default_n_steps, listed.default_method) == (4, "riemann_middle")
+            image = noise_image(64, 64)
+            default = client.explain(image, "a red circle")
+            assert default.options == ResolvedOptions(0, 1, 4, "riemann_middle")
+            explicit = client.explain(image, "a red circle", text_layer=0, image_layer=1, n_steps=4, method="riemann_middle")
+            other = client.explain(image, "a red circle", text_layer=1, image_layer=1)
+        assert (default.attribution == explicit.attribution).all()
+        assert not (default.attribution == other.attribution).all()
+    finally:
+        proc.stop()
+
+
 def test_a_model_giving_non_finite_results_fails_start_up(tmp_path):
     model = seeded_model(TINY)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -119,6 +152,9 @@ def test_unknown_default_model_is_a_usage_error():
     assert "--default-model 'b' is not one of the configured models ['a']" in result.stderr
 
 
+LOAD_DEADLINE_SECONDS = 600
+
+
 def test_not_serving_and_unavailable_until_models_are_warm():
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -132,7 +168,7 @@ def test_not_serving_and_unavailable_until_models_are_warm():
     try:
         with grpc.insecure_channel(target, options=fast) as channel, ExplainClient(target, timeout=10, options=fast) as client:
             health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + LOAD_DEADLINE_SECONDS
             while time.monotonic() < deadline:
                 try:
                     status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
@@ -148,6 +184,11 @@ def test_not_serving_and_unavailable_until_models_are_warm():
                 except UnavailableError as err:
                     refusals.append(err.details)
                 time.sleep(0.05)
+            # Two large random models on a contended 2-core machine can take minutes; a missed
+            # deadline must read as that, not as a connection error from the call below.
+            assert statuses and statuses[-1] == health_pb2.HealthCheckResponse.SERVING, (
+                f"not SERVING after {LOAD_DEADLINE_SECONDS} s; statuses seen {statuses}"
+            )
             assert client.list_models()[0].name == "b32"
     finally:
         process.terminate()

@@ -16,7 +16,7 @@ from explain_server.engine.attribution import PathIntegral, choose_mode, forward
 from explain_server.engine.explainer import Explainer, NonFiniteError
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
-from explain_server.models import ModelLoadError, ModelSpec, load_model, resolve_device
+from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelLoadError, ModelSpec, load_model, resolve_device
 
 CAPTION = "a red circle and a blue square"
 
@@ -322,6 +322,29 @@ def test_model_spec_parses_tags_paths_and_seeds():
     assert ModelSpec.parse("r=ViT-B-32:random:7").random_seed == 7
     assert ModelSpec.parse("r=ViT-B-32:random").random_seed == 0
     assert ModelSpec.parse("b32=ViT-B-32:openai").random_seed is None
+
+
+def test_model_spec_takes_default_settings_as_trailing_options():
+    spec = ModelSpec.parse("s=shapes-ViT:/w/a,b.safetensors,image_layer=0,method=riemann_trapezoid,text_layer=2,n_steps=8")
+    assert (spec.pretrained, spec.text_layer, spec.image_layer) == ("/w/a,b.safetensors", 2, 0)
+    assert (spec.default_n_steps, spec.default_method) == (8, "riemann_trapezoid")
+    plain = ModelSpec.parse("r=ViT-B-32:random:7,text_layer=0")
+    assert plain == ModelSpec("r", "ViT-B-32", "random:7", text_layer=0)
+    assert (plain.default_n_steps, plain.default_method) == (DEFAULT_N_STEPS, DEFAULT_METHOD)
+    assert ModelSpec.parse("r=ViT-B-32:random:7,text_layer=-1").pretrained == "random:7,text_layer=-1"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("r=ViT-B-32:random,text_layer=0,text_layer=1", "option text_layer is given twice"),
+    ("r=ViT-B-32:random,n_steps=three", "n_steps must be a non-negative integer; got 'three'"),
+    ("r=ViT-B-32:random,method=simpson", "method must be one of riemann_right, .*; got 'simpson'"),
+    ("r=ViT-B-32:random,method=riemann_trapezoid,n_steps=1", "n_steps must be >= 2 for method riemann_trapezoid"),
+    ("r=ViT-B-32:random,n_steps=0", "n_steps must be >= 1"),
+    ("r=ViT-B-32:,image_layer=0", "NAME=ARCH:PRETRAINED"),
+])
+def test_model_spec_refuses_bad_options(text, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec.parse(text)
 
 
 def test_resolve_device():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 from .batching import BatchingConfig
 from .inputs import ImageLimits
-from .models import DTYPES, ModelSpec
+from .models import DEFAULT_METHOD, DEFAULT_N_STEPS, DTYPES, ModelSpec
 from .security import DEFAULT_AUTH_EXEMPT
 from .shapes import model as shapes_model
 from .service import Limits
@@ -26,7 +26,7 @@ from .service import Limits
 # The embedded default: the small known-answer model trained on generated shape scenes, shipped
 # with the package, so the server starts offline with trained weights (its architecture is
 # registered at start-up; see shapes/model.py).
-DEFAULT_MODEL = f"{shapes_model.NAME}={shapes_model.ARCHITECTURE}:{shapes_model.WEIGHTS}"
+DEFAULT_MODEL = shapes_model.spec()
 
 
 @dataclass
@@ -88,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         dest="models",
         action="append",
-        metavar="NAME=ARCH:PRETRAINED",
+        metavar="NAME=ARCH:PRETRAINED[,OPTION=VALUE]...",
         help="a model to host (repeatable). PRETRAINED: an open_clip tag such as 'openai' (downloaded "
         "and cached by open_clip when online), a local weights file, or 'random:SEED' (seeded random "
-        f"weights, tests only). Default: {DEFAULT_MODEL}",
+        "weights, tests only). OPTIONs, the model's default explanation settings: text_layer, "
+        f"image_layer (default: each tower's last block), n_steps ({DEFAULT_N_STEPS}), method "
+        f"({DEFAULT_METHOD}). Default: {DEFAULT_MODEL}",
     )
     p.add_argument(
         "--model-config",
@@ -151,7 +153,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
 
     Raises:
         SystemExit: bad flags (argparse prints the reason).
-        ValueError: unreadable config file, unknown keys, or malformed model specs.
+        ValueError: unreadable config file, unknown keys, malformed model specs, or a value out
+            of range (the message names the flag or the model).
     """
     args = vars(build_parser().parse_args(argv))
     values: dict = {}
@@ -179,6 +182,11 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     for name in ("grace_seconds", "max_queue_delay_ms", "factor_cache_mb"):
         if getattr(config, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(config, name)}")
+    for spec in config.model_specs:
+        if spec.default_n_steps > config.max_n_steps:
+            raise ValueError(
+                f"model {spec.name!r}: n_steps={spec.default_n_steps} exceeds --max-n-steps {config.max_n_steps}"
+            )
     if config.intra_op_threads is not None and config.intra_op_threads < 1:
         raise ValueError(f"--intra-op-threads must be positive; got {config.intra_op_threads}")
     if config.max_connection_age_seconds is not None and config.max_connection_age_seconds <= 0:

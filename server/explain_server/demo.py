@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"server ready: {info.name} ({info.architecture}, grid {info.grid[0]}x{info.grid[1]})\n")
             print(f"explaining the generated scene {scene_path} (seed {args.seed}) with the caption {caption.text!r}")
             explanation = client.explain(image, caption.text)
+        opts = explanation.options
+        print(
+            f"the model's default settings: text block {opts.text_layer}, image block {opts.image_layer}, "
+            f"{opts.method} with {opts.n_steps} nodes"
+        )
         print(f"score {explanation.score:.4f} (cosine); convergence delta {explanation.convergence_delta:.2e}\n")
         panels, hits = [], 0
         for phrase in caption.phrases:

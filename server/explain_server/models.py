@@ -1,9 +1,10 @@
-"""Loading open_clip models for serving: ``NAME=ARCH:PRETRAINED`` specs, devices, dtypes."""
+"""Loading open_clip models for serving: ``NAME=ARCH:PRETRAINED[,OPTION=VALUE]`` specs, devices, dtypes."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .engine.explainer import Explainer
+from .engine.quadrature import nodes_and_weights
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,19 @@ DEFAULT_METHOD = "gausslegendre"
 DEFAULT_N_STEPS = 3
 
 
+_OPTION = re.compile(r",(?P<key>text_layer|image_layer|n_steps|method)=(?P<value>\w+)$")
+_INT_OPTIONS = ("text_layer", "image_layer", "n_steps")
+
+
 class ModelLoadError(RuntimeError):
     """A configured model could not be loaded; the message names the model and the cause."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One ``--model NAME=ARCH:PRETRAINED`` entry.
+    """One ``--model NAME=ARCH:PRETRAINED[,OPTION=VALUE]...`` entry.
+
+    The options are the model's default explanation settings; requests may override each.
 
     Attributes:
         name: the name requests use.
@@ -38,24 +46,64 @@ class ModelSpec:
         pretrained: an open_clip pretrained tag (downloaded and cached by open_clip when online),
             a path to a local weights file (.safetensors, .pt, .bin), or ``random:SEED`` for
             seeded random weights (tests and demos; not a trained model).
+        text_layer: default text-tower attribution block; None = the last block's input, as in exclip.
+        image_layer: the same for the image tower.
+        n_steps: default quadrature nodes; None = :data:`DEFAULT_N_STEPS`.
+        method: default quadrature rule (Captum's names); None = :data:`DEFAULT_METHOD`.
     """
 
     name: str
     architecture: str
     pretrained: str
+    text_layer: int | None = None
+    image_layer: int | None = None
+    n_steps: int | None = None
+    method: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":
-        """Parse ``NAME=ARCH:PRETRAINED``.
+        """Parse ``NAME=ARCH:PRETRAINED[,OPTION=VALUE]...``; OPTION is text_layer, image_layer,
+        n_steps (non-negative integers) or method (a quadrature rule).
+
+        Only trailing ``,OPTION=VALUE`` pieces are split off; any other comma stays part of
+        PRETRAINED (a path may hold one).
 
         Raises:
-            ValueError: the text is not of that form.
+            ValueError: the text is not of that form, an option repeats or has a bad value, or
+                n_steps is too small for the method.
         """
         name, sep, rest = text.partition("=")
         architecture, sep2, pretrained = rest.partition(":")
+        options: dict[str, int | str] = {}
+        while (match := _OPTION.search(pretrained)) is not None:
+            key, value = match["key"], match["value"]
+            if key in options:
+                raise ValueError(f"--model {text!r}: option {key} is given twice")
+            if key in _INT_OPTIONS and not value.isdigit():
+                raise ValueError(f"--model {text!r}: {key} must be a non-negative integer; got {value!r}")
+            options[key] = int(value) if key in _INT_OPTIONS else value
+            pretrained = pretrained[: match.start()]
         if not (sep and sep2 and name and architecture and pretrained):
-            raise ValueError(f"--model must be NAME=ARCH:PRETRAINED (e.g. b32=ViT-B-32:openai); got {text!r}")
-        return cls(name=name, architecture=architecture, pretrained=pretrained)
+            raise ValueError(
+                "--model must be NAME=ARCH:PRETRAINED[,OPTION=VALUE]... "
+                f"(e.g. b32=ViT-B-32:openai,n_steps=5); got {text!r}"
+            )
+        spec = cls(name=name, architecture=architecture, pretrained=pretrained, **options)
+        try:
+            nodes_and_weights(spec.default_method, spec.default_n_steps)
+        except ValueError as err:
+            raise ValueError(f"--model {text!r}: {err}") from None
+        return spec
+
+    @property
+    def default_n_steps(self) -> int:
+        """``n_steps``, else the service default."""
+        return DEFAULT_N_STEPS if self.n_steps is None else self.n_steps
+
+    @property
+    def default_method(self) -> str:
+        """``method``, else the service default."""
+        return DEFAULT_METHOD if self.method is None else self.method
 
     @property
     def random_seed(self) -> int | None:
@@ -125,16 +173,23 @@ class LoadedModel:
 
     @property
     def default_text_layer(self) -> int:
-        """The input of the last text block, as in exclip."""
-        return self.explainer.text.n_layers - 1
+        """The spec's ``text_layer``, else the input of the last text block (as in exclip)."""
+        return self.explainer.text.n_layers - 1 if self.spec.text_layer is None else self.spec.text_layer
 
     @property
     def default_image_layer(self) -> int:
-        """The input of the last image block, as in exclip."""
-        return self.explainer.image.n_layers - 1
+        """The spec's ``image_layer``, else the input of the last image block (as in exclip)."""
+        return self.explainer.image.n_layers - 1 if self.spec.image_layer is None else self.spec.image_layer
 
-    default_method = DEFAULT_METHOD
-    default_n_steps = DEFAULT_N_STEPS
+    @property
+    def default_method(self) -> str:
+        """The spec's ``method``, else the service default."""
+        return self.spec.default_method
+
+    @property
+    def default_n_steps(self) -> int:
+        """The spec's ``n_steps``, else the service default."""
+        return self.spec.default_n_steps
 
 
 def _create(spec: ModelSpec, device: torch.device, dtype: str) -> torch.nn.Module:
@@ -164,8 +219,9 @@ def load_model(spec: ModelSpec, *, device: torch.device, dtype: str, memory_byte
         memory_bytes: JVP chunk budget for the explainer.
 
     Raises:
-        ModelLoadError: unknown architecture, missing or unreadable weights, or an
-            architecture the engine cannot explain; the message names the model.
+        ModelLoadError: unknown architecture, missing or unreadable weights, an
+            architecture the engine cannot explain, or a default layer the tower lacks; the
+            message names the model.
     """
     start = time.perf_counter()
     if spec.architecture not in open_clip.list_models():
@@ -195,6 +251,10 @@ def load_model(spec: ModelSpec, *, device: torch.device, dtype: str, memory_byte
         )
     except ValueError as err:
         raise ModelLoadError(f"model {spec.name!r} ({spec.architecture}) cannot be explained: {err}") from err
+    for tower, layer in (("text", spec.text_layer), ("image", spec.image_layer)):
+        blocks = getattr(explainer, tower).n_layers
+        if layer is not None and layer >= blocks:
+            raise ModelLoadError(f"model {spec.name!r}: {tower}_layer={layer} is not a block of its {blocks}-block {tower} tower")
     loaded = LoadedModel(
         spec=spec,
         model=model,
