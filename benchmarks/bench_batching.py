@@ -6,8 +6,9 @@ in both (``--factor-cache-mb 0``: the load cycles through a fixed mix of pairs, 
 would measure the cache, not the engine). ``explain-loadgen``'s ``run`` drives it in-process at
 concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 noise PNGs (sides 64-128
 px for the small model, whose inputs are small scenes; 224-640 px, photo sizes, for ViT-B-32) and
-10 captions of varied length, all at the same explanation settings (``WORKLOAD``). Then a soak: ``--soak-seconds`` at concurrency 16 on the
-small model with batching on, counting non-OK answers and the server's RSS growth after warm-up.
+10 captions of varied length, all at the same explanation settings (``WORKLOAD``). Then a soak:
+``--soak-seconds`` at concurrency 16 on the small model with batching on, counting non-OK
+answers and the server's RSS growth after warm-up.
 
 Models: the shipped known-answer model ``shapes`` (``--small`` hosts another), and ViT-B-32 with
 seeded random weights for a production-size model (speed does not depend on the weights' values).
