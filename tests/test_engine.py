@@ -331,12 +331,14 @@ def test_model_spec_takes_default_settings_as_trailing_options():
     plain = ModelSpec.parse("r=ViT-B-32:random:7,text_layer=0")
     assert plain == ModelSpec("r", "ViT-B-32", "random:7", text_layer=0)
     assert (plain.default_n_steps, plain.default_method) == (DEFAULT_N_STEPS, DEFAULT_METHOD)
-    assert ModelSpec.parse("r=ViT-B-32:random:7,text_layer=-1").pretrained == "random:7,text_layer=-1"
+    assert ModelSpec.parse("w=ViT-B-32:/w/a,b=c/d.pt").pretrained == "/w/a,b=c/d.pt"
 
 
 @pytest.mark.parametrize("text, message", [
     ("r=ViT-B-32:random,text_layer=0,text_layer=1", "option text_layer is given twice"),
+    ("r=ViT-B-32:random,nsteps=8", "unknown option 'nsteps'; options are text_layer, image_layer, n_steps, method"),
     ("r=ViT-B-32:random,n_steps=three", "n_steps must be a non-negative integer; got 'three'"),
+    ("r=ViT-B-32:random,text_layer=-1", "text_layer must be a non-negative integer; got '-1'"),
     ("r=ViT-B-32:random,method=simpson", "method must be one of riemann_right, .*; got 'simpson'"),
     ("r=ViT-B-32:random,method=riemann_trapezoid,n_steps=1", "n_steps must be >= 2 for method riemann_trapezoid"),
     ("r=ViT-B-32:random,n_steps=0", "n_steps must be >= 1"),

@@ -26,8 +26,9 @@ DEFAULT_METHOD = "gausslegendre"
 DEFAULT_N_STEPS = 3
 
 
-_OPTION = re.compile(r",(?P<key>text_layer|image_layer|n_steps|method)=(?P<value>\w+)$")
+_OPTION = re.compile(r",(?P<key>[A-Za-z_]\w*)=(?P<value>[^,=/]*)$")
 _INT_OPTIONS = ("text_layer", "image_layer", "n_steps")
+_OPTIONS = (*_INT_OPTIONS, "method")
 
 
 class ModelLoadError(RuntimeError):
@@ -65,18 +66,20 @@ class ModelSpec:
         """Parse ``NAME=ARCH:PRETRAINED[,OPTION=VALUE]...``; OPTION is text_layer, image_layer,
         n_steps (non-negative integers) or method (a quadrature rule).
 
-        Only trailing ``,OPTION=VALUE`` pieces are split off; any other comma stays part of
-        PRETRAINED (a path may hold one).
+        Trailing ``,KEY=VALUE`` pieces (KEY an identifier; VALUE without ``,``, ``=`` or ``/``)
+        are read as options; any other comma stays part of PRETRAINED (a path may hold one).
 
         Raises:
-            ValueError: the text is not of that form, an option repeats or has a bad value, or
-                n_steps is too small for the method.
+            ValueError: the text is not of that form, an option is unknown, repeats or has a
+                bad value, or n_steps is too small for the method.
         """
         name, sep, rest = text.partition("=")
         architecture, sep2, pretrained = rest.partition(":")
         options: dict[str, int | str] = {}
         while (match := _OPTION.search(pretrained)) is not None:
             key, value = match["key"], match["value"]
+            if key not in _OPTIONS:
+                raise ValueError(f"--model {text!r}: unknown option {key!r}; options are {', '.join(_OPTIONS)}")
             if key in options:
                 raise ValueError(f"--model {text!r}: option {key} is given twice")
             if key in _INT_OPTIONS and not value.isdigit():
