@@ -79,6 +79,9 @@ def test_config_file_rejects_unknown_keys(tmp_path):
 def test_a_model_default_n_steps_above_the_limit_is_refused():
     with pytest.raises(ValueError, match="model 'a': n_steps=64 exceeds --max-n-steps 50"):
         load_config(["--model", "a=ViT-B-32:random,n_steps=64", "--max-n-steps", "50"])
+    # refused by the limit, before any nodes are built (100,000 Gauss-Legendre nodes need 75 GiB)
+    with pytest.raises(ValueError, match="model 'a': n_steps=100000 exceeds --max-n-steps 512"):
+        load_config(["--model", "a=ViT-B-32:random,n_steps=100000"])
 
 
 def test_malformed_model_flag_is_refused():

@@ -14,7 +14,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .engine.explainer import Explainer
-from .engine.quadrature import nodes_and_weights
+from .engine.quadrature import check_rule
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ModelSpec:
             )
         spec = cls(name=name, architecture=architecture, pretrained=pretrained, **options)
         try:
-            nodes_and_weights(spec.default_method, spec.default_n_steps)
+            check_rule(spec.default_method, spec.default_n_steps)
         except ValueError as err:
             raise ValueError(f"--model {text!r}: {err}") from None
         return spec

@@ -12,6 +12,20 @@ import numpy as np
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 
+def check_rule(method: str, n_steps: int) -> None:
+    """Check a quadrature setting without building it (cheap for any ``n_steps``).
+
+    Raises:
+        ValueError: unknown method, or n_steps below its minimum (2 for ``riemann_trapezoid``,
+            1 otherwise).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    minimum = 2 if method == "riemann_trapezoid" else 1
+    if n_steps < minimum:
+        raise ValueError(f"n_steps must be >= {minimum} for method {method}; got {n_steps}")
+
+
 def nodes_and_weights(method: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadrature nodes in [0, 1] and their weights for ``integral_0^1 f(alpha) d alpha``.
 
@@ -25,11 +39,7 @@ def nodes_and_weights(method: str, n_steps: int) -> tuple[np.ndarray, np.ndarray
     Raises:
         ValueError: unknown method, or n_steps out of range for it.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    minimum = 2 if method == "riemann_trapezoid" else 1
-    if n_steps < minimum:
-        raise ValueError(f"n_steps must be >= {minimum} for method {method}; got {n_steps}")
+    check_rule(method, n_steps)
     n = n_steps
     if method == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(n)
