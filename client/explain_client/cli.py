@@ -94,6 +94,11 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         help='gRPC policy across the addresses the target resolves to, e.g. "round_robin" '
         "(default: gRPC's pick_first)",
     )
+    add_credential_arguments(parser)
+
+
+def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
+    """TLS and bearer-token flags, read back by :func:`connection_credentials`; shared with explain-eval."""
     parser.add_argument("--tls-ca", metavar="PEM", help="CA of the server's certificate: connect with TLS")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="client private key")
@@ -122,8 +127,8 @@ def build_health_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connection(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
-    """Channel credentials and bearer token from the connection arguments.
+def connection_credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """Channel credentials and bearer token from the :func:`add_credential_arguments` flags.
 
     Raises:
         ValueError: a client certificate without its key or the reverse.
@@ -146,7 +151,7 @@ def _health(argv: Sequence[str]) -> int:
         print(f"error: {err}; the health command needs grpcio-health-checking", file=sys.stderr)
         return EXIT_UNHEALTHY
     try:
-        credentials, token = _connection(args)
+        credentials, token = connection_credentials(args)
         with ExplainClient(
             args.target, credentials=credentials, load_balancing_policy=args.load_balancing_policy
         ) as client:
@@ -215,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _health(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        credentials, token = _connection(args)
+        credentials, token = connection_credentials(args)
         with ExplainClient(
             args.target, timeout=args.timeout, credentials=credentials, token=token,
             load_balancing_policy=args.load_balancing_policy,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
-from explain_client.client import ExplainClient, tls_credentials
+from explain_client.cli import add_credential_arguments, connection_credentials
+from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
 from explain_client.evaluation.dataset import DatasetError, load_dataset
 from explain_client.evaluation.report import markdown_table, summarise
@@ -46,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-layer", type=int, metavar="L", help="text-tower block (default: the server's)")
     parser.add_argument("--image-layer", type=int, metavar="L", help="image-tower block (default: the server's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA of the server's certificate: connect with TLS")
-    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
-    parser.add_argument("--tls-key", metavar="PEM", help="client private key")
-    parser.add_argument(
-        "--token-env", metavar="VAR", default="EXPLAIN_TOKEN",
-        help="environment variable holding a bearer token, sent when set (default: %(default)s)",
-    )
+    add_credential_arguments(parser)
     return parser
 
 
@@ -80,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }.items()
         if value is not None
     }
-    credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if (args.tls_ca or args.tls_cert) else None
-    token = os.environ.get(args.token_env) if args.token_env else None
+    credentials, token = connection_credentials(args)
     try:
         with ExplainClient(args.target, timeout=args.timeout, credentials=credentials, token=token) as client:
             models = client.wait_until_ready(timeout=args.timeout)
