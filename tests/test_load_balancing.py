@@ -68,10 +68,12 @@ def test_round_robin_spreads_calls_evenly_over_both_servers(replicas):
 
 def test_without_a_policy_every_call_goes_to_one_server(replicas):
     """gRPC's default, pick_first, sends everything to the first address that connects: why
-    the policy matters."""
+    the policy matters. Which one that is can vary: pick_first starts the next address when the
+    first is slow to connect (gRFC A61's "happy eyeballs"), as on a busy machine."""
     with ExplainClient(multi_address_target(replicas), timeout=120) as client:
         counts = collections.Counter(answering_server(client) for _ in range(10))
-    assert counts == {"a": 10}
+    ((server, calls),) = counts.items()
+    assert server in replicas and calls == 10
 
 
 def test_dns_target_with_round_robin(replicas):
