@@ -13,6 +13,10 @@ answers and the server's RSS growth after warm-up.
 Models: the shipped known-answer model ``shapes`` (``--small`` hosts another), and ViT-B-32 with
 seeded random weights for a production-size model (speed does not depend on the weights' values).
 
+Last, the engine alone on the shipped model, in this process on one torch thread: the same
+mix's caption and image factors, one side at a time against ``ENGINE_BATCH`` sides per call,
+which separates what batching saves in the engine from what each request costs around it.
+
 ``--record FILE`` replaces this benchmark's section in FILE (docs/benchmarks.md).
 """
 
@@ -44,6 +48,9 @@ THREADS = ["--intra-op-threads", "1"]
 WORKLOAD = {"text_layer": -1, "image_layer": -1, "method": DEFAULT_METHOD, "n_steps": DEFAULT_N_STEPS}
 # Images like each model's own inputs: small scenes for the small model, photo sizes for ViT-B-32.
 SMALL_SIDES, PHOTO_SIDES = (64, 128), (224, 640)
+# The mean batch the closed loop at concurrency 16 forms with queue delay 0 (explain_batch_size
+# in /metrics): while one batch computes, the callers of the previous one queue the next.
+ENGINE_BATCH = 8
 
 
 def load(server: Server, concurrency: int, seconds: float, sides: tuple[int, int]):
@@ -85,6 +92,44 @@ def soak(model_args: list[str], seconds: float, sides: tuple[int, int]) -> dict:
     return {"warm": warm, "report": report, "rss_warm": rss_warm, "rss_end": rss_end}
 
 
+def engine_seconds_per_request(repeats: int = 5) -> dict[int, float]:
+    """{batch size: median seconds per request} of the shipped model's engine for WORKLOAD's
+    factors (exclip's layers: each tower's last block), in this process on one torch thread."""
+    import open_clip
+    import torch
+
+    from explain_server.engine.explainer import Side
+    from explain_server.inputs import ImageLimits, decode_image, tokenize
+    from explain_server.models import ModelSpec, load_model
+
+    torch.set_num_threads(1)  # as the servers run (THREADS)
+    open_clip.add_model_config(shapes_model.CONFIG)
+    loaded = load_model(ModelSpec.parse(shapes_model.spec()), device=torch.device("cpu"), dtype="float32", memory_bytes=256 << 20)
+    explainer = loaded.explainer
+    texts = [tokenize(loaded.tokenizer, caption).token_ids for caption in CAPTIONS]
+    images = [loaded.transform(decode_image(data, ImageLimits())) for data in synthetic_images(16, sides=SMALL_SIDES)]
+    pairs = [(texts[i % len(texts)], images[i]) for i in range(len(images))]
+    layers = {"text": explainer.text.n_layers - 1, "image": explainer.image.n_layers - 1}
+
+    def run(batch: list) -> None:
+        for tower, inputs in (("text", [t for t, _ in batch]), ("image", [v for _, v in batch])):
+            explainer.factors(tower, [Side(x, layers[tower], DEFAULT_METHOD, DEFAULT_N_STEPS) for x in inputs])
+
+    figures = {}
+    for size in (1, ENGINE_BATCH):
+        batches = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+        for batch in batches:  # warm-up
+            run(batch)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            times.append((time.perf_counter() - start) / len(pairs))
+        figures[size] = sorted(times)[repeats // 2]
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="load per setting, seconds")
@@ -101,6 +146,7 @@ def main() -> int:
         b32 = ["--model", f"b32=ViT-B-32:{weights}"]
         rows = measure(args.small_name, small, args.seconds, SMALL_SIDES) + measure("ViT-B-32", b32, args.seconds, PHOTO_SIDES)
     soaked = soak(small, args.soak_seconds, SMALL_SIDES)
+    engine = engine_seconds_per_request()
 
     def row(model, mode, concurrency):
         return next(r for r in rows if (r["model"], r["batching"], r["concurrency"]) == (model, mode, concurrency))
@@ -138,6 +184,12 @@ def main() -> int:
         f"p50 {rep.latency_seconds['p50'] * 1000:.0f} ms, p99 {rep.latency_seconds['p99'] * 1000:.0f} ms; "
         f"server RSS {soaked['rss_warm'] / 2**20:.0f} MiB after warm-up, {soaked['rss_end'] / 2**20:.0f} MiB at the end "
         f"({soaked['rss_end'] / soaked['rss_warm'] - 1:+.1%}).",
+        "",
+        f"Engine alone (shapes, in-process, one torch thread, the same 16 pairs and settings): "
+        f"{engine[1] * 1000:.1f} ms per request one at a time, {engine[ENGINE_BATCH] * 1000:.1f} ms in calls of "
+        f"{ENGINE_BATCH} (x{engine[1] / engine[ENGINE_BATCH]:.2f}). Through the server at concurrency 16 a request "
+        f"costs {1000 / row(args.small_name, 'on', 16)['throughput']:.1f} ms with batching and "
+        f"{1000 / row(args.small_name, 'off', 16)['throughput']:.1f} ms without.",
     ]
     body = "\n".join(lines)
     print(body)

@@ -206,6 +206,26 @@ def test_cli_prints_interactions_and_writes_an_overlay(server, tmp_path, capsys)
     assert data["tokens"][2] == "red" and np.asarray(data["attribution"]).shape == (9, 4, 4)
 
 
+def test_cli_lists_the_hosted_models(server, capsys):
+    assert cli.main(["models", "--target", server.target]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["model", "architecture", "weights"]
+    tiny, b32 = lines[1:]
+    assert tiny.startswith("tiny (default)") and "random:0" in tiny and "4x4" in tiny
+    assert b32.split()[:2] == ["b32", "ViT-B-32"] and "7x7" in b32 and "12, 12" in b32
+    assert "gausslegendre, 3" in b32
+
+    assert cli.main(["models", "--target", server.target, "--json"]) == 0
+    models = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert models["tiny"]["is_default"] and not models["b32"]["is_default"]
+    assert models["b32"]["grid"] == [7, 7] and models["b32"]["preprocessing"]["resize_mode"] == "shortest"
+
+
+def test_cli_models_reports_an_unreachable_server_with_exit_code_2(capsys):
+    assert cli.main(["models", "--target", "127.0.0.1:1", "--timeout", "2"]) == cli.EXIT_SERVER_ERROR
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_cli_reports_server_errors_with_exit_code_2(server, tmp_path, capsys):
     image_path = tmp_path / "photo.png"
     image_path.write_bytes(noise_image(64, 64))

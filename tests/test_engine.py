@@ -13,7 +13,7 @@ from conftest import TINY, seeded_model
 from torch.autograd.functional import jacobian
 
 from explain_server.engine.attribution import PathIntegral, choose_mode, forward_factors, reverse_factors
-from explain_server.engine.explainer import Explainer, NonFiniteError
+from explain_server.engine.explainer import Explainer, NonFiniteError, Side
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
 from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelLoadError, ModelSpec, load_model, resolve_device
@@ -174,6 +174,56 @@ def test_batched_integrals_are_summed_apart_and_stopped_ones_dropped(tiny64, fac
         assert got[1] is None
         torch.testing.assert_close(got[0], solo[0], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got[2], solo[2], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("factors", [forward_factors, reverse_factors])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_captions_of_different_lengths_share_a_padded_pass(tiny64, factors, layer):
+    """Captions padded to the longest in one pass get the factors of their unpadded solo
+    computations, with their own number of columns, whether the pass takes every column in
+    one chunk or the shorter captions leave it part-way; a stopped one is dropped."""
+    explainer = make_explainer(tiny64)
+    tower = explainer.text
+    captions = [caption_ids(text) for text in ("a cat", CAPTION, "a red circle", "a small green triangle on the left")]
+    alphas, weights = nodes_and_weights("gausslegendre", 3)
+    with torch.no_grad():
+        reference = explainer._reference("text", layer)
+        solo = [
+            factors(tower, layer, [PathIntegral(tower.lower(ids[None], layer)[0], reference[: len(ids)], alphas, weights)], 1 << 30)[0]
+            for ids in captions
+        ]
+        hidden = tower.lower(torch.nn.utils.rnn.pad_sequence(captions, batch_first=True), layer)
+        padded = reference[: hidden.shape[1]]
+        integrals = [PathIntegral(h, padded, alphas, weights, length=len(ids)) for h, ids in zip(hidden, captions)]
+        for memory_bytes in (1 << 30, 1 << 13):  # every column at once; a few columns per chunk
+            for got, want in zip(factors(tower, layer, integrals, memory_bytes), solo):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        polls = {"n": 0}
+
+        def stops_after_first_poll() -> bool:
+            polls["n"] += 1
+            return polls["n"] > 1
+
+        stopping = PathIntegral(hidden[3], padded, alphas, weights, stops_after_first_poll, length=len(captions[3]))
+        got = factors(tower, layer, [integrals[0], integrals[1], stopping], memory_bytes=1 << 13)
+        assert got[2] is None
+        for index in (0, 1):
+            torch.testing.assert_close(got[index], solo[index], rtol=1e-9, atol=1e-12)
+
+
+def test_explainer_pools_each_padded_caption_and_its_reference_at_its_own_end_token(tiny64):
+    """Explainer.factors on captions of several lengths at once: each factor and both path
+    endpoints (the caption's embedding, and the reference pooled at the caption's end token)
+    equal those of the caption alone."""
+    explainer = make_explainer(tiny64)
+    captions = [caption_ids(text) for text in ("a cat", CAPTION, "a dog", "a red circle")]
+    sides = [Side(ids, 1, "gausslegendre", 3) for ids in captions]
+    together = explainer.factors("text", sides)
+    for side, got in zip(sides, together):
+        (want,) = explainer.factors("text", [side])
+        torch.testing.assert_close(got.factor, want.factor, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got.endpoints, want.endpoints, rtol=1e-9, atol=1e-12)
 
 
 def test_cost_model_prefers_forward_mode_unless_sequences_dwarf_the_embedding(tiny64):

@@ -132,6 +132,11 @@ def test_empty_captions_are_refused(text):
         tokenize(TOKENIZER, text)
 
 
+def test_captions_with_no_tokens_after_normalisation_are_refused():
+    with pytest.raises(InputError, match="^caption: has no tokens after normalisation"):
+        tokenize(TOKENIZER, "\x00\x00")
+
+
 def test_token_label_of_special_tokens():
     assert token_label(TOKENIZER, TOKENIZER.sot_token_id) == "<start_of_text>"
     assert token_label(TOKENIZER, TOKENIZER.eot_token_id) == "<end_of_text>"

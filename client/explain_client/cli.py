@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from explain_client.client import ExplainClient, tls_credentials
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
 
-__all__ = ["build_health_parser", "build_parser", "main"]
+__all__ = ["build_health_parser", "build_models_parser", "build_parser", "main"]
 
 EXIT_LOCAL_ERROR = 1
 """Exit code for bad local input (unreadable image, unknown span, ...)."""
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="explain-client",
         description="Explain a CLIP image-caption similarity with token x image-patch attributions. "
-        "`explain-client health --help`: the health check command.",
+        "`explain-client models --help`: list the hosted models; `explain-client health --help`: the "
+        "health check command.",
     )
     parser.add_argument("image", metavar="IMAGE", help="image file (any format Pillow reads)")
     parser.add_argument("caption", metavar="CAPTION", help="caption text")
@@ -127,6 +129,19 @@ def build_health_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_models_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``explain-client models`` (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="explain-client models",
+        description="List the models the server hosts (ListModels): names for --model, architecture, "
+        "weights, grid, blocks and default explanation settings.",
+    )
+    _add_connection_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print every field of every model as JSON")
+    parser.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="call deadline (default: %(default)s)")
+    return parser
+
+
 def connection_credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
     """Channel credentials and bearer token from the :func:`add_credential_arguments` flags.
 
@@ -171,6 +186,43 @@ def _health(argv: Sequence[str]) -> int:
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_UNHEALTHY
 
 
+def _models(argv: Sequence[str]) -> int:
+    """Run ``explain-client models``: 0 with the models on stdout, 2 when the call fails, 1 for bad local files."""
+    args = build_models_parser().parse_args(argv)
+    try:
+        credentials, token = connection_credentials(args)
+        with ExplainClient(
+            args.target, timeout=args.timeout, credentials=credentials, token=token,
+            load_balancing_policy=args.load_balancing_policy,
+        ) as client:
+            models = client.list_models()
+    except ExplainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_LOCAL_ERROR
+    if args.json:
+        print(json.dumps([dataclasses.asdict(model) for model in models]))
+        return 0
+    header = ("model", "architecture", "weights", "grid", "blocks (text, image)", "defaults (text, image, method, n_steps)")
+    rows = [
+        (
+            model.name + (" (default)" if model.is_default else ""),
+            model.architecture,
+            model.pretrained,
+            f"{model.grid[0]}x{model.grid[1]}",
+            f"{model.text_layers}, {model.image_layers}",
+            f"{model.default_text_layer}, {model.default_image_layer}, {model.default_method}, {model.default_n_steps}",
+        )
+        for model in models
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def _format_report(explanation: Explanation, top: int) -> str:
     lines = [
         f"model:             {explanation.model}",
@@ -202,8 +254,8 @@ def _format_span(explanation: Explanation, span: Span) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``explain-client``, or ``explain-client health`` when the first argument is ``health``
-    (an image file of that name: pass ``./health``).
+    """Run ``explain-client``; ``explain-client health`` or ``explain-client models`` when the first
+    argument is ``health`` or ``models`` (an image file of that name: pass ``./health``).
 
     Args:
         argv: arguments without the program name; ``None`` = ``sys.argv[1:]``.
@@ -212,12 +264,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success, 1 for bad local input (unreadable image or output path,
         span not in the caption), 2 when the server call fails; the error is
         printed to stderr as "error: ...". ``health``: 0 when the server is
-        SERVING, 1 for any other status or a failed call. Bad arguments make
+        SERVING, 1 for any other status or a failed call. ``models``: 0, or
+        2 when the call fails and 1 for unreadable TLS files. Bad arguments make
         argparse exit with status 2 (``SystemExit``), ``--help`` with status 0.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["health"]:
         return _health(argv[1:])
+    if argv[:1] == ["models"]:
+        return _models(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         credentials, token = connection_credentials(args)

@@ -198,16 +198,16 @@ def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
     for special in (tokenizer.decoder[tokenizer.sot_token_id], tokenizer.decoder[tokenizer.eot_token_id]):
         if special in caption.lower():  # the tokenizer lower-cases first
             raise InputError("caption", f"contains {special!r}, which the tokenizer reads as a special token; remove it")
-    n_tokens = len(tokenizer.encode(caption)) + 2
-    if n_tokens > tokenizer.context_length:
+    encoded = tokenizer.encode(caption)
+    if not encoded:
+        raise InputError("caption", "has no tokens after normalisation")
+    # the ids open_clip's tokenizer returns, without the padding; built from one encoding,
+    # since a caption that fits the context is never truncated or reduced
+    token_ids = torch.tensor([tokenizer.sot_token_id, *encoded, tokenizer.eot_token_id], dtype=torch.long)
+    if len(token_ids) > tokenizer.context_length:
         raise InputError(
             "caption",
-            f"has {n_tokens} tokens including the start and end tokens; "
+            f"has {len(token_ids)} tokens including the start and end tokens; "
             f"the model's limit is {tokenizer.context_length}",
         )
-    ids = tokenizer([caption])[0]
-    end = int((ids == tokenizer.eot_token_id).nonzero()[0])
-    if end < 2:
-        raise InputError("caption", "has no tokens after normalisation")
-    token_ids = ids[: end + 1].long()
     return Caption(token_ids=token_ids, labels=tuple(token_label(tokenizer, int(i)) for i in token_ids))

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -28,6 +29,10 @@ from .registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 _MAX_REQUEST_ID = 128
+# Preparing a request (tokenising, converting pixels) holds the GIL for most of its work, so
+# more threads than this only take it from the models' batch threads; two let Pillow's
+# GIL-free decoding of one image overlap the rest of another request.
+_PREPARE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         for spec in registry.specs:
             metrics.add_model(spec.name)
         self._caches = {spec.name: FactorCache(cache_bytes) for spec in registry.specs}
+        self._preparing = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix="prepare")
         self._batchers = {
             spec.name: DynamicBatcher(spec.name, self._run_batch, batching, metrics.queue_depth.labels(spec.name).set)
             for spec in registry.specs
@@ -391,9 +397,10 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
     ) -> tuple[list[_Prepared], list[_Prepared]]:
         """Tokenise the captions and decode the images not already in the cache, on a worker thread.
 
-        Decoding runs beside the model's batch thread (Pillow releases the GIL), so a batch's
-        compute never waits for its requests' decoding. Aborts with INVALID_ARGUMENT naming the
-        field (``caption``, or ``captions[i]`` / ``images[i]`` for ExplainMany).
+        Decoding runs beside the model's batch thread (Pillow releases the GIL), on a small
+        pool of its own, so a batch's compute never waits for its requests' decoding. Aborts
+        with INVALID_ARGUMENT naming the field (``caption``, or ``captions[i]`` / ``images[i]``
+        for ExplainMany).
         """
         cache = self._caches[loaded.spec.name]
 
@@ -412,7 +419,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             return texts, pixels
 
         try:
-            return await asyncio.to_thread(prepare)
+            return await asyncio.get_running_loop().run_in_executor(self._preparing, prepare)
         except InputError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
@@ -524,3 +531,4 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         """Stop the batchers after their queued work; abandoned work ends at its next chunk or with the process."""
         for batcher in self._batchers.values():
             batcher.close()
+        self._preparing.shutdown(wait=False)

@@ -15,9 +15,14 @@ node), whichever :func:`choose_mode` estimates cheaper.
 Forward mode exploits that the tangent of column s is zero on every row but s. Layer norm and
 the q/k/v projections act row-wise, so in the attribution block the tangent changes one key
 and one value row (and the query when s is a query row); the attention's tangent follows from
-the softmax derivative  d softmax(z) = a * (dz - <a, dz>). Only the rows the block must output
-are computed (the pooled row alone when it is the last block). The remaining blocks take the
-now dense tangent through ``torch.func.jvp``.
+the softmax derivative  d softmax(z) = a * (dz - <a, dz>), which for one moved score (r, s)
+collapses to a_rs dz_rs (e_s - a_r): no (rows x keys) tangent is built. Only the rows the
+block must output are computed (the pooled row alone when it is the last block). The
+remaining blocks take the now dense tangent through ``torch.func.jvp``.
+
+Inputs of different lengths (captions) share passes, padded to the longest: in a causal tower
+a tangent on a row past the end token cannot reach the pooled row, so those columns are zero,
+and they are not computed once every input still in the pass has ended.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp, vjp, vmap
 
-from .towers import Tower
+from .towers import Tower, mask_rows, select_rows
 
 class ExplanationCancelled(Exception):
     """The caller no longer wants the result (cancelled, past its deadline, or shutdown)."""
@@ -62,6 +67,8 @@ class PathIntegral:
         reference: the reference's hidden states h^r, (S, d), position-aligned with h.
         alphas, weights: quadrature nodes in [0, 1] and weights, (K,) float64 each.
         should_stop: polled between chunks; once true the integral is dropped.
+        length: the input's own rows, from the first (S when None); rows from ``length`` on
+            are padding after a caption's end token, and its factor has ``length`` columns.
     """
 
     hidden: torch.Tensor
@@ -69,32 +76,39 @@ class PathIntegral:
     alphas: np.ndarray
     weights: np.ndarray
     should_stop: StopCheck = never
+    length: int | None = None
+
+    @property
+    def own_rows(self) -> int:
+        """The number of rows that are the input's own (not padding)."""
+        return self.hidden.shape[0] if self.length is None else self.length
 
 
 class _Nodes:
     """The quadrature nodes of several integrals stacked on one axis, so one pass serves all.
 
-    ``path`` and ``delta`` are (N, S, d) with N the total node count; ``weights`` (R, N) holds
+    ``path`` and ``delta`` are (N, S, d) with N the total node count; ``owner`` and ``length``
+    (N,) say whose node it is and how many rows that input owns; ``weights`` (R, N) holds
     integral r's quadrature weights in the columns of its own nodes and zeros elsewhere, so a
     product with it sums each integral's nodes apart from every other's.
     """
 
     def __init__(self, integrals: list[PathIntegral]):
-        paths, deltas, owners = [], [], []
-        for index, item in enumerate(integrals):
-            nodes = torch.as_tensor(item.alphas, dtype=item.hidden.dtype, device=item.hidden.device)
-            delta = item.hidden - item.reference
-            paths.append(item.reference + nodes[:, None, None] * delta)  # h(a_k) = h^r + a_k (h - h^r)
-            deltas.append(delta.expand(len(nodes), -1, -1))
-            owners += [index] * len(nodes)
-        self.path = torch.cat(paths)
-        self.delta = torch.cat(deltas)
-        self.owner = torch.tensor(owners, device=self.path.device)
+        probe = integrals[0].hidden
+        counts = [len(item.alphas) for item in integrals]
+        owner = np.repeat(np.arange(len(integrals)), counts)
+        self.owner = torch.from_numpy(owner).to(probe.device)
+        self.length = torch.tensor([item.own_rows for item in integrals], device=probe.device)[self.owner]
+        alphas = torch.from_numpy(np.concatenate([item.alphas for item in integrals])).to(probe.device, probe.dtype)
+        hidden = torch.stack([item.hidden for item in integrals])
+        reference = torch.stack([item.reference for item in integrals])
+        self.delta = (hidden - reference)[self.owner]
+        self.path = reference[self.owner] + alphas[:, None, None] * self.delta  # h(a_k) = h^r + a_k (h - h^r)
         # path sums in at least float32, whatever the model's dtype
-        dtype = torch.promote_types(self.path.dtype, torch.float32)
-        self.weights = torch.zeros((len(integrals), len(owners)), dtype=dtype, device=self.path.device)
-        for index, item in enumerate(integrals):
-            self.weights[index, self.owner == index] = torch.as_tensor(item.weights, dtype=dtype, device=self.path.device)
+        dtype = torch.promote_types(probe.dtype, torch.float32)
+        weights = torch.from_numpy(np.concatenate([item.weights for item in integrals])).to(probe.device, dtype)
+        self.weights = torch.zeros((len(integrals), len(owner)), dtype=dtype, device=probe.device)
+        self.weights[self.owner, torch.arange(len(owner), device=probe.device)] = weights
 
 
 def _groups(integrals: list[PathIntegral], node_bytes: int, memory_bytes: int) -> list[list[int]]:
@@ -122,20 +136,21 @@ def forward_factors(
     on the others beyond floating-point summation order.
 
     Args:
-        tower: the tower; f_hi is ``tower.upper(., layer)``.
+        tower: the tower; f_hi is ``tower.upper(., layer, pool)``.
         layer: block whose input is attributed, in [0, n_layers - 1].
-        integrals: the integrals, all with the same sequence length S.
+        integrals: the integrals, all with the same (padded) sequence length S.
         memory_bytes: budget for the tangent activations of one chunk.
 
     Returns:
-        Per integral, in order: the factor (D, S), float32 (float64 for a float64 model), whose
-        column sum approximates f_hi(h) - f_hi(h^r) (method.md); or None when its
-        ``should_stop`` turned true (it is then dropped from the remaining chunks).
+        Per integral, in order: the factor (D, own_rows), float32 (float64 for a float64
+        model), whose column sum approximates f_hi(h) - f_hi(h^r) (method.md); or None when
+        its ``should_stop`` turned true (it is then dropped from the remaining chunks).
     """
     probe = integrals[0].hidden
     seq, width = probe.shape
     heads = tower.blocks[layer].attn.num_heads
-    n_rows = len(range(seq)[tower.query_rows(layer, seq)])
+    rows = tower.query_rows(layer, torch.zeros(1, dtype=torch.long))
+    n_rows = seq if rows is None else rows.shape[1]
     node_bytes = _OVERHEAD * probe.element_size() * (4 * heads * n_rows * seq + _TANGENT_COPIES * n_rows * width)
     results: list[torch.Tensor | None] = []
     for group in _groups(integrals, node_bytes, memory_bytes):
@@ -153,42 +168,46 @@ def _forward_group(
     heads = block.attn.num_heads
     head_dim = width // heads
     scale = 1.0 / math.sqrt(head_dim)
-    rows = tower.query_rows(layer, seq)
-    row_ids = torch.arange(seq, device=path.device)[rows]  # (Q,)
-    n_rows = len(row_ids)
-    mask = tower.mask(seq)
+    pool = tower.pool_rows(nodes.length)  # (N,)
+    rows = tower.query_rows(layer, pool)  # (N, Q), or None for all rows
+    row_ids = torch.arange(seq, device=path.device).expand(n_nodes, seq) if rows is None else rows
+    n_rows = row_ids.shape[1]
+    mask = mask_rows(tower.mask(seq), rows)
     w_q, w_k, w_v = block.attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = block.attn.in_proj_bias.chunk(3) if block.attn.in_proj_bias is not None else (None,) * 3
 
     # The primal of the attribution block, shared by every tangent.
     y = block.ln_1(path)
-    q = F.linear(y[:, rows], w_q, b_q).view(n_nodes, n_rows, heads, head_dim).transpose(1, 2)  # (N, H, Q, e)
+    q = F.linear(select_rows(y, rows), w_q, b_q).view(n_nodes, n_rows, heads, head_dim).transpose(1, 2)  # (N, H, Q, e)
     k = F.linear(y, w_k, b_k).view(n_nodes, seq, heads, head_dim).transpose(1, 2)  # (N, H, S, e)
     v = F.linear(y, w_v, b_v).view(n_nodes, seq, heads, head_dim).transpose(1, 2)
     scores = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
-        scores = scores + mask[rows].to(scores.dtype)
+        scores = scores + mask.to(scores.dtype)
     attn = scores.softmax(dim=-1)  # (N, H, Q, S)
-    out = (attn @ v).transpose(1, 2).reshape(n_nodes, n_rows, width)
-    x1 = path[:, rows] + block.ls_1(block.attn.out_proj(out))  # the attention half's output
-
-    def finish(x: torch.Tensor) -> torch.Tensor:
-        return tower.finish(x, layer)
+    o = attn @ v  # (N, H, Q, e)
+    x1 = select_rows(path, rows) + block.ls_1(block.attn.out_proj(o.transpose(1, 2).reshape(n_nodes, n_rows, width)))
 
     alive = list(range(len(integrals)))
+    stopped: set[int] = set()
     columns: dict[int, list[torch.Tensor]] = {i: [] for i in alive}
     start = 0
-    while start < seq:
-        still = [i for i in alive if not integrals[i].should_stop()]
+    while True:
+        stopped |= {i for i in alive if integrals[i].should_stop()}
+        # an integral leaves the pass once stopped, or once every column left is past its rows
+        still = [i for i in alive if i not in stopped and integrals[i].own_rows > start]
         if not still:
-            return [None] * len(integrals)
-        if still != alive:  # drop the stopped integrals' nodes from the remaining chunks
+            break
+        if still != alive:
             keep = torch.isin(owner, torch.tensor(still, device=owner.device))
-            path, delta, owner, q, k, v, attn, x1 = (t[keep] for t in (path, delta, owner, q, k, v, attn, x1))
+            path, delta, owner, pool, row_ids, q, k, v, attn, o, x1 = (
+                t[keep] for t in (path, delta, owner, pool, row_ids, q, k, v, attn, o, x1)
+            )
             w = w[still][:, keep]
             alive = still
             n_nodes = len(owner)
-        chunk = max(1, min(seq - start, memory_bytes // (node_bytes * n_nodes)))
+        end = max(integrals[i].own_rows for i in alive)
+        chunk = max(1, min(end - start, memory_bytes // (node_bytes * n_nodes)))
         cols = torch.arange(start, start + chunk, device=path.device)
         start += chunk
         c = len(cols)
@@ -197,28 +216,35 @@ def _forward_group(
         y_dot = jvp(block.ln_1, (x_rows,), (delta[:, cols].transpose(0, 1),))[1]
         k_dot = F.linear(y_dot, w_k).view(c, n_nodes, heads, head_dim)
         v_dot = F.linear(y_dot, w_v).view(c, n_nodes, heads, head_dim)
-        # Score tangent (c, N, H, Q, S): key row s moved, for every query row ...
-        z_dot = torch.zeros((c, n_nodes, heads, n_rows, seq), dtype=path.dtype, device=path.device)
-        qk = torch.einsum("khqe,ckhe->ckhq", q, k_dot) * scale
-        z_dot.scatter_(-1, cols.view(c, 1, 1, 1, 1).expand(c, n_nodes, heads, n_rows, 1), qk.unsqueeze(-1))
-        # ... and, when row s is itself a query row, its query moved against every key.
-        is_query = cols[:, None] == row_ids[None, :]  # (c, Q)
-        if is_query.any():
-            q_dot = F.linear(y_dot, w_q).view(c, n_nodes, heads, head_dim)
-            qdk = torch.einsum("ckhe,khse->ckhs", q_dot, k) * scale
-            z_dot = z_dot + is_query[:, None, None, :, None] * qdk[:, :, :, None, :]
-        a_dot = attn * (z_dot - (attn * z_dot).sum(dim=-1, keepdim=True))
-        a_at_s = attn.unsqueeze(0).expand(c, -1, -1, -1, -1).gather(
-            -1, cols.view(c, 1, 1, 1, 1).expand(c, n_nodes, heads, n_rows, 1)
-        )
-        # einsum, not a_dot @ v: broadcasting matmul would copy V once per column
-        o_dot = torch.einsum("cnhqs,nhse->cnhqe", a_dot, v) + a_at_s * v_dot[:, :, :, None, :]  # (c, N, H, Q, e)
+        # Key and value row s moved, for every query row r: only score (r, s) moves, by
+        # alpha_r = <q_r, k_dot_s> / sqrt(e), so d o_r = a_rs (alpha_r (v_s - o_r) + v_dot_s).
+        alpha = torch.einsum("nhqe,cnhe->cnhq", q, k_dot) * scale
+        a_at_s = attn.permute(3, 0, 1, 2)[cols]  # (c, N, H, Q)
+        v_s = v.permute(2, 0, 1, 3)[cols]  # (c, N, H, e)
+        o_dot = a_at_s[..., None] * (alpha[..., None] * (v_s[:, :, :, None] - o) + v_dot[:, :, :, None])  # (c, N, H, Q, e)
+        # When row s is itself a query row, its query moved against every key j by
+        # beta_j = <q_dot_s, k_j> / sqrt(e): d o_s += sum_j a_sj beta_j (v_j - o_s).
+        is_query = cols[:, None, None] == row_ids[None]  # (c, N, Q)
+        query_cols = is_query.flatten(1).any(1).nonzero().squeeze(1)
+        if len(query_cols):
+            own = is_query[query_cols]  # (c', N, Q), at most one query row per column and node
+            q_dot = F.linear(y_dot[query_cols], w_q).view(len(query_cols), n_nodes, heads, head_dim)
+            beta = torch.einsum("cnhe,nhse->cnhs", q_dot, k) * scale
+            slot = own.int().argmax(-1)  # (c', N): where row s sits among the Q query rows
+            node = torch.arange(n_nodes, device=path.device)
+            a_row, o_row = attn[node, :, slot], o[node, :, slot]  # (c', N, H, S), (c', N, H, e)
+            weighted = a_row * beta  # (c', N, H, S)
+            o_query = torch.einsum("cnhs,nhse->cnhe", weighted, v) - weighted.sum(-1, keepdim=True) * o_row
+            o_dot.index_add_(0, query_cols, own[:, :, None, :, None] * o_query[:, :, :, None, :])
         out_dot = F.linear(o_dot.transpose(2, 3).reshape(c, n_nodes, n_rows, width), block.attn.out_proj.weight)
-        x1_dot = block.ls_1(out_dot) + is_query[:, None, :, None] * delta[:, cols].transpose(0, 1)[:, :, None, :]
-        products = vmap(lambda tangent: jvp(finish, (x1,), (tangent,))[1])(x1_dot)  # (c, N, D)
+        x1_dot = block.ls_1(out_dot) + is_query[..., None] * delta[:, cols].transpose(0, 1)[:, :, None, :]
+        products = vmap(lambda tangent: jvp(lambda x: tower.finish(x, layer, pool), (x1,), (tangent,))[1])(x1_dot)  # (c, N, D)
         for index, part in zip(alive, torch.einsum("ckd,rk->rdc", products.to(w.dtype), w)):
             columns[index].append(part)
-    return [torch.cat(columns[i], dim=1) if i in alive else None for i in range(len(integrals))]
+    return [
+        None if i in stopped else torch.cat(columns[i], dim=1)[:, : integrals[i].own_rows]
+        for i in range(len(integrals))
+    ]
 
 
 def reverse_factors(
@@ -229,6 +255,7 @@ def reverse_factors(
     T[e, s] = sum_k w_k < d f_hi[e] / d h (h(a_k))[s, :], dt[s, :] >. Cheaper than forward mode
     only when the sequence is much longer than the embedding (see :func:`choose_mode`). An
     integral whose ``should_stop`` turns true gets None; the pass ends once all have stopped.
+    Padding rows get zero gradients and are cut off.
     """
     probe = integrals[0].hidden
     seq, width = probe.shape
@@ -246,7 +273,8 @@ def _reverse_group(
     n_nodes = len(nodes.owner)
     rows = []
     with torch.enable_grad():  # callers run under no_grad; reverse mode needs the graph
-        embedding, pullback = vjp(lambda h: tower.upper(h, layer), nodes.path)
+        pool = tower.pool_rows(nodes.length)
+        embedding, pullback = vjp(lambda h: tower.upper(h, layer, pool), nodes.path)
         dim = embedding.shape[1]
         eye = torch.eye(dim, dtype=embedding.dtype, device=embedding.device)
         chunk = max(1, min(dim, memory_bytes // (node_bytes * n_nodes)))
@@ -258,7 +286,7 @@ def _reverse_group(
             w = nodes.weights
             rows.append(torch.einsum("cksd,ksd,rk->rcs", grads.to(w.dtype), nodes.delta.to(w.dtype), w))
     factors = torch.cat(rows, dim=1)  # (R, D, S)
-    return [None if item.should_stop() else factor for item, factor in zip(integrals, factors)]
+    return [None if item.should_stop() else factor[:, : item.own_rows] for item, factor in zip(integrals, factors)]
 
 
 def _block_flops(seq: int, rows: int, width: int) -> float:

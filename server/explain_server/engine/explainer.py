@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from open_clip.model import CLIP
+from torch.nn.utils.rnn import pad_sequence
 
 from .attribution import FACTORS, Attribution, ExplanationCancelled, PathIntegral, StopCheck, choose_mode, combine, never
 from .quadrature import nodes_and_weights
@@ -100,10 +101,10 @@ class Explainer:
     def factors(self, tower_name: str, sides: list[Side]) -> list[Factor | None]:
         """Factors and path endpoints of many inputs on one tower, batched.
 
-        Inputs with the same attribution layer and sequence length share every pass: the
-        lower tower, the path endpoints and the JVP (or VJP) chunks. Text sequences of
-        different lengths go in separate passes: padding would change nothing for a causal
-        tower but the pooled row, and that moves with the length.
+        Inputs with the same attribution layer share every pass: the lower tower, the path
+        endpoints and the JVP (or VJP) chunks. Captions of different lengths are padded after
+        their end tokens to the longest: a causal tower's rows up to the end token do not
+        depend on the padding, and each caption is pooled at its own end token.
 
         Args:
             tower_name: "text" (inputs: token ids (S_t,) int64, start to end token) or
@@ -115,26 +116,40 @@ class Explainer:
             true before or during the work.
         """
         tower = self.text if tower_name == "text" else self.image
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for index, side in enumerate(sides):
             if not side.should_stop():
-                groups.setdefault((side.layer, side.inputs.shape[0]), []).append(index)
+                groups.setdefault(side.layer, []).append(index)
         results: list[Factor | None] = [None] * len(sides)
         with torch.no_grad():
-            for (layer, length), members in groups.items():
-                batch = torch.stack([sides[i].inputs for i in members]).to(self.device)
-                hidden = tower.lower(batch if tower_name == "text" else batch.to(self.dtype), layer)
-                # Causal tower: the reference's first S_t rows do not depend on what follows them.
+            for layer, members in groups.items():
+                inputs = [sides[i].inputs.to(self.device) for i in members]
+                if tower_name == "text":
+                    hidden = tower.lower(pad_sequence(inputs, batch_first=True), layer)
+                    lengths = torch.tensor([len(ids) for ids in inputs], device=self.device)
+                else:
+                    hidden = tower.lower(torch.stack(inputs).to(self.dtype), layer)
+                    lengths = torch.full((len(members),), hidden.shape[1], device=self.device)
+                # Causal tower: the reference's first S rows do not depend on what follows them.
                 reference = self._reference(tower_name, layer)[: hidden.shape[1]]
-                endpoints = tower.upper(torch.cat([hidden, reference[None]]), layer)
+                # The reference's endpoint is pooled where its input's is (method.md): once per such row.
+                pool = tower.pool_rows(lengths)
+                reference_pool, reference_of = pool.unique(return_inverse=True)
+                endpoints = tower.upper(
+                    torch.cat([hidden, reference.expand(len(reference_pool), -1, -1)]), layer, torch.cat([pool, reference_pool])
+                )
                 integrals = [
-                    PathIntegral(hidden[j], reference, *nodes_and_weights(sides[i].method, sides[i].n_steps), sides[i].should_stop)
+                    PathIntegral(
+                        hidden[j], reference, *nodes_and_weights(sides[i].method, sides[i].n_steps),
+                        sides[i].should_stop, int(lengths[j]),
+                    )
                     for j, i in enumerate(members)
                 ]
                 mode = choose_mode(tower, layer, hidden.shape[1], self.embed_dim)
                 for j, (i, factor) in enumerate(zip(members, FACTORS[mode](tower, layer, integrals, self.memory_bytes))):
                     if factor is not None:
-                        results[i] = Factor(factor, torch.stack([endpoints[j], endpoints[-1]]))
+                        own, ref = endpoints[j], endpoints[len(members) + reference_of[j]]
+                        results[i] = Factor(factor, torch.stack([own, ref]))
         return results
 
     def combine(self, text: Factor, image: Factor) -> Attribution:

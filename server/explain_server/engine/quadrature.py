@@ -7,6 +7,8 @@ with nodes 1, 1 - 1/N, ..., 1/N and weights 1/N, which is Captum's ``riemann_rig
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -34,19 +36,27 @@ def nodes_and_weights(method: str, n_steps: int) -> tuple[np.ndarray, np.ndarray
         n_steps: number of nodes N; ``riemann_trapezoid`` needs N >= 2, the others N >= 1.
 
     Returns:
-        ``(alphas, weights)``, two float64 arrays of shape (N,); weights sum to 1.
+        ``(alphas, weights)``, two read-only float64 arrays of shape (N,); weights sum to 1.
 
     Raises:
         ValueError: unknown method, or n_steps out of range for it.
     """
     check_rule(method, n_steps)
-    n = n_steps
+    return _rule(method, n_steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _rule(method: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # cached: every explanation asks for its rule, and Gauss-Legendre nodes come from an eigenproblem
     if method == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(n)
-        return (x + 1.0) / 2.0, w / 2.0
-    if method == "riemann_trapezoid":
-        weights = np.full(n, 1.0 / (n - 1))
+        alphas, weights = (x + 1.0) / 2.0, w / 2.0
+    elif method == "riemann_trapezoid":
+        alphas, weights = np.linspace(0.0, 1.0, n), np.full(n, 1.0 / (n - 1))
         weights[[0, -1]] /= 2.0
-        return np.linspace(0.0, 1.0, n), weights
-    offset = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}[method]
-    return (np.arange(n) + offset) / n, np.full(n, 1.0 / n)
+    else:
+        offset = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}[method]
+        alphas, weights = (np.arange(n) + offset) / n, np.full(n, 1.0 / n)
+    alphas.setflags(write=False)
+    weights.setflags(write=False)
+    return alphas, weights

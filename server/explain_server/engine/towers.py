@@ -6,6 +6,10 @@ forward-mode AD fails inside nn.MultiheadAttention's fast path and the fused CPU
 kernels. Since only the pooled position (the end token for text, the class token for images)
 reaches the embedding, the last block computes its query, attention output and MLP for that
 row alone: the same embedding at a fraction of the cost.
+
+The pooled row is given per input (``pool``), so that captions of different lengths can share
+one padded batch: a causal tower's rows up to a caption's end token do not depend on the
+padding after it.
 """
 
 from __future__ import annotations
@@ -22,11 +26,25 @@ class UnsupportedModelError(ValueError):
     """The model is not of the kind the engine explains (raised at load time)."""
 
 
+def select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``rows[b]`` of each ``x[b]``: (B, S, d), (B, Q) int64 -> (B, Q, d); None = all rows."""
+    if rows is None:
+        return x
+    return x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))
+
+
+def mask_rows(attn_mask: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive mask's rows for the query rows, broadcastable to scores (B, H, Q, S)."""
+    if attn_mask is None or rows is None:
+        return attn_mask
+    return attn_mask[rows][:, None]
+
+
 def attention_half(
     block: ResidualAttentionBlock,
     x: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
-    query_rows: slice = slice(None),
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x + ls_1(attn(ln_1(x)))`` of an open_clip ``ResidualAttentionBlock``, with explicit attention.
 
@@ -34,10 +52,11 @@ def attention_half(
         block: the block whose parameters are used.
         x: hidden states, shape (B, S, d), the block's dtype.
         attn_mask: additive float mask (S, S) or None.
-        query_rows: the rows to compute (every row still serves as key and value).
+        rows: (B, Q) int64, the rows of each input to compute (every row still serves as key
+            and value); None = all S rows.
 
     Returns:
-        (B, Q, d) for the Q rows selected by ``query_rows``.
+        (B, Q, d).
     """
     attn = block.attn
     batch, seq, width = x.shape
@@ -46,14 +65,15 @@ def attention_half(
     y = block.ln_1(x)
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
-    q = F.linear(y[:, query_rows], w_q, b_q).view(batch, -1, heads, head_dim).transpose(1, 2)
+    q = F.linear(select_rows(y, rows), w_q, b_q).view(batch, -1, heads, head_dim).transpose(1, 2)
     k = F.linear(y, w_k, b_k).view(batch, seq, heads, head_dim).transpose(1, 2)
     v = F.linear(y, w_v, b_v).view(batch, seq, heads, head_dim).transpose(1, 2)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
-    if attn_mask is not None:
-        scores = scores + attn_mask[query_rows].to(scores.dtype)
+    mask = mask_rows(attn_mask, rows)
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
     out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, -1, width)
-    return x[:, query_rows] + block.ls_1(attn.out_proj(out))
+    return select_rows(x, rows) + block.ls_1(attn.out_proj(out))
 
 
 def mlp_half(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
@@ -90,59 +110,64 @@ class Tower:
         """Additive attention mask for ``seq`` positions, or None."""
         return None
 
-    def pool_index(self, seq: int) -> int:
-        """The row that reaches the embedding."""
+    def pool_rows(self, lengths: torch.Tensor) -> torch.Tensor:
+        """The row of each input that reaches the embedding: (B,) int64 from its length (B,)
+        (rows from the length on are padding)."""
         raise NotImplementedError
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """Final norm and projection: (B, d) pooled rows -> (B, D) embeddings."""
         raise NotImplementedError
 
-    def query_rows(self, layer: int, seq: int) -> slice:
-        """Rows block ``layer`` must compute: only the pooled one in the last block."""
-        if layer == self.n_layers - 1:
-            pool = self.pool_index(seq)
-            return slice(pool, pool + 1)
-        return slice(None)
+    def query_rows(self, layer: int, pool: torch.Tensor) -> torch.Tensor | None:
+        """Rows block ``layer`` must compute, (B, Q) int64: only the pooled one (``pool``, (B,))
+        in the last block; None = all rows."""
+        return pool[:, None] if layer == self.n_layers - 1 else None
 
-    def finish(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, layer: int, pool: torch.Tensor) -> torch.Tensor:
         """The embedding from block ``layer``'s attention-half output.
 
         Args:
             x: (B, Q, d), the rows of :meth:`query_rows` (all S rows, or the pooled one).
             layer: block index in [0, n_layers - 1].
+            pool: (B,) int64, each input's pooled row.
 
         Returns:
             Unnormalised embeddings (B, D).
         """
         x = mlp_half(self.blocks[layer], x)
         for index in range(layer + 1, self.n_layers):
-            x = mlp_half(self.blocks[index], self.attention(x, index))
+            x = mlp_half(self.blocks[index], self.attention(x, index, pool))
         return self.head(x[:, 0])  # the last block computed the pooled row alone
 
-    def attention(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, layer: int, pool: torch.Tensor) -> torch.Tensor:
         """Block ``layer``'s attention half on the rows it must compute."""
-        seq = x.shape[1]
-        return attention_half(self.blocks[layer], x, self.mask(seq), self.query_rows(layer, seq))
+        return attention_half(self.blocks[layer], x, self.mask(x.shape[1]), self.query_rows(layer, pool))
 
-    def upper(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    def upper(self, hidden: torch.Tensor, layer: int, pool: torch.Tensor | None = None) -> torch.Tensor:
         """f_hi: the embedding from the hidden states entering block ``layer``.
 
         Args:
             hidden: (B, S, d).
             layer: block index in [0, n_layers - 1].
+            pool: (B,) int64, each input's pooled row (see :meth:`pool_rows`); None = that of
+                an unpadded input of S rows.
 
         Returns:
             Unnormalised embeddings (B, D).
         """
-        return self.finish(self.attention(hidden, layer), layer)
+        if pool is None:
+            batch, seq = hidden.shape[:2]
+            pool = self.pool_rows(torch.full((batch,), seq, device=hidden.device))
+        return self.finish(self.attention(hidden, layer, pool), layer, pool)
 
 
 class TextTower(Tower):
     """The causal text transformer of an open_clip ``CLIP`` model, pooled at the end token.
 
     Positions after the end token cannot affect a causal tower's pooled output, so every
-    sequence here is cut after its end token: S = position of the end token + 1.
+    sequence here is cut after its end token (S = position of the end token + 1), or after
+    the longest one's when captions of different lengths share a padded batch.
     """
 
     def __init__(self, model: CLIP):
@@ -170,9 +195,9 @@ class TextTower(Tower):
         """The causal mask, cut to ``seq`` positions."""
         return self.model.attn_mask[:seq, :seq]
 
-    def pool_index(self, seq: int) -> int:
-        """The end token: the last position, since sequences are cut after it."""
-        return seq - 1
+    def pool_rows(self, lengths: torch.Tensor) -> torch.Tensor:
+        """The end token: the last position before the padding, since sequences are cut after it."""
+        return lengths - 1
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """``ln_final`` then ``text_projection``."""
@@ -188,7 +213,8 @@ class TextTower(Tower):
         """f_lo: hidden states entering block ``layer``, with the model's own modules.
 
         Args:
-            token_ids: (B, S) int64, cut after the end token of the longest sequence.
+            token_ids: (B, S) int64, cut after the end token of the longest sequence; shorter
+                ones padded with zeros after their end token.
             layer: block index in [0, n_layers - 1].
 
         Returns:
@@ -229,9 +255,9 @@ class ImageTower(Tower):
         """Patch grid (Gh, Gw)."""
         return tuple(self.visual.grid_size)
 
-    def pool_index(self, seq: int) -> int:
+    def pool_rows(self, lengths: torch.Tensor) -> torch.Tensor:
         """The class token."""
-        return 0
+        return torch.zeros_like(lengths)
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """``ln_post`` then ``proj`` (ln_post is row-wise: applying it to the pooled row equals open_clip's order)."""
