@@ -190,7 +190,7 @@ class Server:
             port = s.getsockname()[1]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port),
-             "--device", "cpu", "--log-level", "WARNING", *args],
+             "--metrics-port", "0", "--device", "cpu", "--log-level", "WARNING", *args],
             stderr=subprocess.DEVNULL,
         )
         self.target = f"127.0.0.1:{port}"

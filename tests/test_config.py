@@ -90,8 +90,10 @@ def test_malformed_model_flag_is_refused():
 
 
 def run_server(*args: str) -> subprocess.CompletedProcess:
+    """A server start expected to fail; no metrics port, so that nothing else's 9090 matters."""
     return subprocess.run(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(free_port()), *args],
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(free_port()),
+         "--metrics-port", "0", *args],
         capture_output=True, text=True, timeout=120,
     )
 
@@ -162,7 +164,7 @@ def test_not_serving_and_unavailable_until_models_are_warm():
     port = free_port()
     target = f"127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
          "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -254,7 +256,7 @@ def test_out_of_range_settings_are_refused(flag, value):
 
 def test_a_busy_port_fails_start_up(server):
     result = subprocess.run(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(server.port),
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(server.port), "--metrics-port", "0",
          "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0"],
         capture_output=True, text=True, timeout=120,
     )
@@ -262,10 +264,21 @@ def test_a_busy_port_fails_start_up(server):
     assert f"cannot listen on 127.0.0.1:{server.port}" in result.stderr
 
 
+def test_a_busy_metrics_port_fails_start_up_naming_it(server):
+    busy = server.metrics_url.split(":")[2].split("/")[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", busy,
+         "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{busy} (--metrics-port)" in result.stderr
+
+
 def test_sigterm_while_loading_exits_promptly():
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
          "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

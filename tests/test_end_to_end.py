@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from explain_client import InvalidArgumentError, NotFoundError, cli
+from explain_client import ExplainClient, InvalidArgumentError, NotFoundError, cli
 from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
 
 CAPTION = "a red circle and a blue square"
@@ -186,6 +186,18 @@ def test_unknown_model_is_not_found(client):
 def test_client_rejects_none_caption_before_sending(client):
     with pytest.raises(TypeError, match="caption"):
         client.explain(noise_image(64, 64), None)
+
+
+def test_client_names_a_caption_utf8_cannot_encode(client):
+    with pytest.raises(ValueError, match=r"^caption: must be valid Unicode text; character '\\ud800' at index 2"):
+        client.explain(noise_image(64, 64), "a \ud800 cat")
+    with pytest.raises(ValueError, match=r"^captions\[1\]: must be valid Unicode text"):
+        client.explain_many([noise_image(64, 64)], ["a cat", "a \udc00 dog"])
+
+
+def test_client_refuses_an_empty_target():
+    with pytest.raises(ValueError, match="target must be a gRPC target such as 'localhost:50051'; got ''"):
+        ExplainClient("")
 
 
 def test_cli_prints_interactions_and_writes_an_overlay(server, tmp_path, capsys):

@@ -55,6 +55,20 @@ def _set_options(request: Any, options: dict[str, Any]) -> None:
             setattr(request, field, _checked(field, value))
 
 
+def _text(field: str, value: object) -> str:
+    """``value`` checked to be a str that protobuf can send (UTF-8 encodable)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{field} must be a str; got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{field}: must be valid Unicode text; character {value[err.start]!r} at index {err.start} "
+            "is a lone surrogate, which UTF-8 cannot encode"
+        ) from None
+    return value
+
+
 def explain_request(
     image: ImageInput,
     caption: str,
@@ -70,12 +84,11 @@ def explain_request(
 
     Raises:
         TypeError: ``caption`` or an option of the wrong type, or an unsupported image kind.
-        ValueError: an option outside the 32-bit range; an image array of the wrong shape or dtype.
+        ValueError: an option outside the 32-bit range; a caption with a lone surrogate; an image
+            array of the wrong shape or dtype.
         OSError: an image path that cannot be read.
     """
-    if not isinstance(caption, str):
-        raise TypeError(f"caption must be a str; got {type(caption).__name__}")
-    request = explain_pb2.ExplainRequest(image=encode_image(image), caption=caption)
+    request = explain_pb2.ExplainRequest(image=encode_image(image), caption=_text("caption", caption))
     _set_options(request, {"model": model, "text_layer": text_layer, "image_layer": image_layer,
                            "n_steps": n_steps, "method": method, "request_id": request_id})
     return request
@@ -138,7 +151,7 @@ class ExplainClient:
     ``UnavailableError`` on the first call, not here.
 
     Raises:
-        ValueError: ``load_balancing_policy`` given together with a
+        ValueError: an empty ``target``; ``load_balancing_policy`` given together with a
             ``grpc.service_config`` option (put ``loadBalancingConfig`` in that config).
     """
 
@@ -152,6 +165,8 @@ class ExplainClient:
         options: Iterable[tuple[str, Any]] | None = None,
         load_balancing_policy: str | None = None,
     ) -> None:
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError(f"target must be a gRPC target such as 'localhost:50051'; got {target!r}")
         merged = {
             "grpc.max_send_message_length": DEFAULT_MAX_SEND_MESSAGE_BYTES,
             "grpc.max_receive_message_length": DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
@@ -343,10 +358,7 @@ class ExplainClient:
         if isinstance(images, (str, bytes)) or isinstance(captions, str):
             raise TypeError("images and captions must be sequences (lists); wrap a single item in a list")
         request = explain_pb2.ExplainManyRequest(images=[encode_image(image) for image in images])
-        for index, caption in enumerate(captions):
-            if not isinstance(caption, str):
-                raise TypeError(f"captions[{index}] must be a str; got {type(caption).__name__}")
-        request.captions.extend(captions)
+        request.captions.extend(_text(f"captions[{index}]", caption) for index, caption in enumerate(captions))
         _set_options(request, {"model": model, "text_layer": text_layer, "image_layer": image_layer,
                                "n_steps": n_steps, "method": method, "request_id": request_id})
         self._check_size(request)

@@ -116,9 +116,16 @@ class Metrics:
         """Serve ``/metrics`` over HTTP on ``port`` (prometheus-client's server, a daemon thread).
 
         Raises:
-            OSError: the port cannot be bound.
+            OSError: the port cannot be bound; the message names it and ``--metrics-port``.
         """
-        start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+        address = f"{host or '0.0.0.0'}:{port}"
+        try:
+            start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+        except OSError as err:
+            raise OSError(
+                f"cannot serve metrics on {address} (--metrics-port): {err.strerror or err}; "
+                "choose another port, or 0 to turn the metrics server off"
+            ) from err
 
 
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
