@@ -189,15 +189,25 @@ def test_client_rejects_none_caption_before_sending(client):
 
 
 def test_client_names_a_caption_utf8_cannot_encode(client):
-    with pytest.raises(ValueError, match=r"^caption: must be valid Unicode text; character '\\ud800' at index 2"):
+    with pytest.raises(ValueError, match=r"^caption must be valid Unicode text; character '\\ud800' at index 2"):
         client.explain(noise_image(64, 64), "a \ud800 cat")
-    with pytest.raises(ValueError, match=r"^captions\[1\]: must be valid Unicode text"):
+    with pytest.raises(ValueError, match=r"^captions\[1\] must be valid Unicode text"):
         client.explain_many([noise_image(64, 64)], ["a cat", "a \udc00 dog"])
 
 
 def test_client_refuses_an_empty_target():
     with pytest.raises(ValueError, match="target must be a gRPC target such as 'localhost:50051'; got ''"):
         ExplainClient("")
+
+
+@pytest.mark.parametrize("timeout", [0, -1.5])
+def test_client_refuses_a_deadline_already_past_before_calling(client, timeout):
+    with pytest.raises(ValueError, match=f"timeout must be > 0 seconds, or None for no deadline; got {timeout}"):
+        ExplainClient("localhost:50051", timeout=timeout)
+    with pytest.raises(ValueError, match="timeout must be > 0 seconds"):
+        client.explain(noise_image(64, 64), "a cat", timeout=timeout)
+    with pytest.raises(ValueError, match="timeout must be > 0 seconds"):
+        client.list_models(timeout=timeout)
 
 
 def test_cli_prints_interactions_and_writes_an_overlay(server, tmp_path, capsys):

@@ -29,7 +29,8 @@ reads 1 as unhealthy and reserves 2."""
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """argparse type of seconds and other quantities that must be > 0; shared with explain-eval."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", type=_non_negative_int, default=5, metavar="K",
         help="token-region interactions to list (default: %(default)s)",
     )
-    parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="call deadline")
+    parser.add_argument("--timeout", type=positive_float, metavar="SECONDS", help="call deadline")
     parser.add_argument("--n-steps", type=int, metavar="N", help="quadrature nodes")
     parser.add_argument("--method", help='quadrature rule, e.g. "riemann_right", "gausslegendre"')
     parser.add_argument(
@@ -123,7 +124,7 @@ def build_health_parser() -> argparse.ArgumentParser:
         help='service whose health to ask, e.g. "explain.v1.Explain" (default: the whole server)',
     )
     parser.add_argument(
-        "--timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+        "--timeout", type=positive_float, default=5.0, metavar="SECONDS",
         help="call deadline (default: %(default)s)",
     )
     return parser
@@ -138,7 +139,7 @@ def build_models_parser() -> argparse.ArgumentParser:
     )
     _add_connection_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print every field of every model as JSON")
-    parser.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS", help="call deadline (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS", help="call deadline (default: %(default)s)")
     return parser
 
 

@@ -55,6 +55,13 @@ def _set_options(request: Any, options: dict[str, Any]) -> None:
             setattr(request, field, _checked(field, value))
 
 
+def _timeout(value: float | None) -> float | None:
+    """A call deadline in seconds: None (no deadline) or a positive number."""
+    if value is not None and not value > 0:
+        raise ValueError(f"timeout must be > 0 seconds, or None for no deadline; got {value}")
+    return value
+
+
 def _text(field: str, value: object) -> str:
     """``value`` checked to be a str that protobuf can send (UTF-8 encodable)."""
     if not isinstance(value, str):
@@ -63,7 +70,7 @@ def _text(field: str, value: object) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
         raise ValueError(
-            f"{field}: must be valid Unicode text; character {value[err.start]!r} at index {err.start} "
+            f"{field} must be valid Unicode text; character {value[err.start]!r} at index {err.start} "
             "is a lone surrogate, which UTF-8 cannot encode"
         ) from None
     return value
@@ -151,7 +158,8 @@ class ExplainClient:
     ``UnavailableError`` on the first call, not here.
 
     Raises:
-        ValueError: an empty ``target``; ``load_balancing_policy`` given together with a
+        ValueError: an empty ``target``; a ``timeout`` of 0 or less (here or on a call);
+            ``load_balancing_policy`` given together with a
             ``grpc.service_config`` option (put ``loadBalancingConfig`` in that config).
     """
 
@@ -188,7 +196,7 @@ class ExplainClient:
         else:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._stub = explain_pb2_grpc.ExplainStub(self._channel)
-        self._timeout = timeout
+        self._timeout = _timeout(timeout)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     @property
@@ -374,4 +382,4 @@ class ExplainClient:
             raise MessageTooLargeError(size, self._max_send_bytes)
 
     def _deadline(self, timeout: float | None) -> float | None:
-        return self._timeout if timeout is None else timeout
+        return self._timeout if timeout is None else _timeout(timeout)

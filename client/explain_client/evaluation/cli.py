@@ -9,7 +9,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from explain_client.cli import add_credential_arguments, connection_credentials
+from explain_client.cli import add_credential_arguments, connection_credentials, positive_float
 from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
 from explain_client.evaluation.dataset import DatasetError, load_dataset
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=_positive_int, help="evaluate only the first N captions")
     parser.add_argument("--json", dest="json_out", type=pathlib.Path, metavar="PATH", help="write the JSON report here")
     parser.add_argument("--markdown", type=pathlib.Path, metavar="PATH", help="write the Markdown table here")
-    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="deadline per call (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS", help="deadline per call (default: %(default)s)")
     parser.add_argument("--n-steps", type=int, metavar="N", help="quadrature nodes (default: the server's)")
     parser.add_argument("--method", help="quadrature rule (default: the server's)")
     parser.add_argument("--text-layer", type=int, metavar="L", help="text-tower block (default: the server's)")
