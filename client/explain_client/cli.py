@@ -111,35 +111,41 @@ def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _subcommand_parser(name: str, description: str, timeout: float) -> argparse.ArgumentParser:
+    """The parser of ``explain-client NAME``: the connection flags and a call deadline."""
+    parser = argparse.ArgumentParser(prog=f"explain-client {name}", description=description)
+    _add_connection_arguments(parser)
+    parser.add_argument(
+        "--timeout", type=positive_float, default=timeout, metavar="SECONDS",
+        help="call deadline (default: %(default)s)",
+    )
+    return parser
+
+
 def build_health_parser() -> argparse.ArgumentParser:
     """The argument parser of ``explain-client health`` (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(
-        prog="explain-client health",
-        description="Ask the server's grpc.health.v1.Health service; exit 0 only when SERVING, 1 otherwise "
+    parser = _subcommand_parser(
+        "health",
+        "Ask the server's grpc.health.v1.Health service; exit 0 only when SERVING, 1 otherwise "
         "(for container health checks).",
+        timeout=5.0,
     )
-    _add_connection_arguments(parser)
     parser.add_argument(
         "--service", default="",
         help='service whose health to ask, e.g. "explain.v1.Explain" (default: the whole server)',
-    )
-    parser.add_argument(
-        "--timeout", type=positive_float, default=5.0, metavar="SECONDS",
-        help="call deadline (default: %(default)s)",
     )
     return parser
 
 
 def build_models_parser() -> argparse.ArgumentParser:
     """The argument parser of ``explain-client models`` (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(
-        prog="explain-client models",
-        description="List the models the server hosts (ListModels): names for --model, architecture, "
+    parser = _subcommand_parser(
+        "models",
+        "List the models the server hosts (ListModels): names for --model, architecture, "
         "weights, grid, blocks and default explanation settings.",
+        timeout=10.0,
     )
-    _add_connection_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print every field of every model as JSON")
-    parser.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS", help="call deadline (default: %(default)s)")
     return parser
 
 
@@ -155,6 +161,19 @@ def connection_credentials(args: argparse.Namespace) -> tuple[grpc.ChannelCreden
         credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
     token = os.environ.get(args.token_env) if args.token_env else None
     return credentials, token
+
+
+def _connect(args: argparse.Namespace) -> ExplainClient:
+    """A client from the connection flags and ``--timeout``.
+
+    Raises:
+        ValueError, OSError: as :func:`connection_credentials`; an empty target.
+    """
+    credentials, token = connection_credentials(args)
+    return ExplainClient(
+        args.target, timeout=args.timeout, credentials=credentials, token=token,
+        load_balancing_policy=args.load_balancing_policy,
+    )
 
 
 def _health(argv: Sequence[str]) -> int:
@@ -191,11 +210,7 @@ def _models(argv: Sequence[str]) -> int:
     """Run ``explain-client models``: 0 with the models on stdout, 2 when the call fails, 1 for bad local files."""
     args = build_models_parser().parse_args(argv)
     try:
-        credentials, token = connection_credentials(args)
-        with ExplainClient(
-            args.target, timeout=args.timeout, credentials=credentials, token=token,
-            load_balancing_policy=args.load_balancing_policy,
-        ) as client:
+        with _connect(args) as client:
             models = client.list_models()
     except ExplainError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -276,11 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        credentials, token = connection_credentials(args)
-        with ExplainClient(
-            args.target, timeout=args.timeout, credentials=credentials, token=token,
-            load_balancing_policy=args.load_balancing_policy,
-        ) as client:
+        with _connect(args) as client:
             explanation = client.explain(
                 args.image,
                 args.caption,

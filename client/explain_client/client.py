@@ -38,14 +38,23 @@ _INT32 = (-(2**31), 2**31 - 1)
 
 
 def _checked(field: str, value: Any) -> Any:
-    """``value`` if it fits the request field, else an error naming the field."""
+    """``value`` if it fits the request field (an int32, or text protobuf can send as UTF-8),
+    else an error naming the field."""
     if field in _INT_FIELDS:
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{field} must be an int; got {type(value).__name__}")
         if not _INT32[0] <= value <= _INT32[1]:
             raise ValueError(f"{field} must fit in a 32-bit integer; got {value}")
-    elif not isinstance(value, str):
+        return value
+    if not isinstance(value, str):
         raise TypeError(f"{field} must be a str; got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{field} must be valid Unicode text; character {value[err.start]!r} at index {err.start} "
+            "is a lone surrogate, which UTF-8 cannot encode"
+        ) from None
     return value
 
 
@@ -59,20 +68,6 @@ def _timeout(value: float | None) -> float | None:
     """A call deadline in seconds: None (no deadline) or a positive number."""
     if value is not None and not value > 0:
         raise ValueError(f"timeout must be > 0 seconds, or None for no deadline; got {value}")
-    return value
-
-
-def _text(field: str, value: object) -> str:
-    """``value`` checked to be a str that protobuf can send (UTF-8 encodable)."""
-    if not isinstance(value, str):
-        raise TypeError(f"{field} must be a str; got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(
-            f"{field} must be valid Unicode text; character {value[err.start]!r} at index {err.start} "
-            "is a lone surrogate, which UTF-8 cannot encode"
-        ) from None
     return value
 
 
@@ -95,7 +90,8 @@ def explain_request(
             array of the wrong shape or dtype.
         OSError: an image path that cannot be read.
     """
-    request = explain_pb2.ExplainRequest(image=encode_image(image), caption=_text("caption", caption))
+    caption = _checked("caption", caption)
+    request = explain_pb2.ExplainRequest(image=encode_image(image), caption=caption)
     _set_options(request, {"model": model, "text_layer": text_layer, "image_layer": image_layer,
                            "n_steps": n_steps, "method": method, "request_id": request_id})
     return request
@@ -366,7 +362,7 @@ class ExplainClient:
         if isinstance(images, (str, bytes)) or isinstance(captions, str):
             raise TypeError("images and captions must be sequences (lists); wrap a single item in a list")
         request = explain_pb2.ExplainManyRequest(images=[encode_image(image) for image in images])
-        request.captions.extend(_text(f"captions[{index}]", caption) for index, caption in enumerate(captions))
+        request.captions.extend(_checked(f"captions[{index}]", caption) for index, caption in enumerate(captions))
         _set_options(request, {"model": model, "text_layer": text_layer, "image_layer": image_layer,
                                "n_steps": n_steps, "method": method, "request_id": request_id})
         self._check_size(request)

@@ -118,12 +118,12 @@ class Metrics:
         Raises:
             OSError: the port cannot be bound; the message names it and ``--metrics-port``.
         """
-        address = f"{host or '0.0.0.0'}:{port}"
+        addr = host or "0.0.0.0"
         try:
-            start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+            start_http_server(port, addr=addr, registry=self.registry)
         except OSError as err:
             raise OSError(
-                f"cannot serve metrics on {address} (--metrics-port): {err.strerror or err}; "
+                f"cannot serve metrics on {addr}:{port} (--metrics-port): {err.strerror or err}; "
                 "choose another port, or 0 to turn the metrics server off"
             ) from err
 

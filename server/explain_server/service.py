@@ -20,7 +20,7 @@ from .batching import BatchingConfig, DynamicBatcher, QueueFullError
 from .cache import FactorCache, ImageEntry, TextEntry, digest
 from .engine.attribution import Attribution, ExplanationCancelled
 from .engine.explainer import NonFiniteError, Side
-from .engine.quadrature import METHODS
+from .engine.quadrature import METHODS, min_n_steps
 from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, decode_image, tokenize
 from .metrics import Metrics
 from .models import LoadedModel
@@ -81,7 +81,7 @@ def resolve_options(request: explain_pb2.ExplainRequest, loaded: LoadedModel, li
     method = request.method or loaded.default_method
     if method not in METHODS:
         raise InputError("method", f"must be one of {', '.join(METHODS)}; got {method!r}")
-    minimum = 2 if method == "riemann_trapezoid" else 1
+    minimum = min_n_steps(method)
     if not minimum <= n_steps <= limits.max_n_steps:
         raise InputError("n_steps", f"must be in [{minimum}, {limits.max_n_steps}] for method {method}; got {n_steps}")
     return Options(

@@ -14,16 +14,20 @@ import numpy as np
 METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 
+def min_n_steps(method: str) -> int:
+    """The fewest nodes ``method`` takes: 2 for ``riemann_trapezoid`` (both ends), 1 otherwise."""
+    return 2 if method == "riemann_trapezoid" else 1
+
+
 def check_rule(method: str, n_steps: int) -> None:
     """Check a quadrature setting without building it (cheap for any ``n_steps``).
 
     Raises:
-        ValueError: unknown method, or n_steps below its minimum (2 for ``riemann_trapezoid``,
-            1 otherwise).
+        ValueError: unknown method, or n_steps below :func:`min_n_steps`.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    minimum = 2 if method == "riemann_trapezoid" else 1
+    minimum = min_n_steps(method)
     if n_steps < minimum:
         raise ValueError(f"n_steps must be >= {minimum} for method {method}; got {n_steps}")
 
