@@ -1,12 +1,15 @@
 """`make bench` (batching): throughput and latency under concurrent load, dynamic batching on and off.
 
-For each model, a real ``explain-server`` runs with batching on (``--max-batch-size 16``,
-queue delay 0: the defaults) and off (``--max-batch-size 1``), the factor cache off
-in both (``--factor-cache-mb 0``: the load cycles through a fixed mix of pairs, and cache hits
-would measure the cache, not the engine). ``explain-loadgen``'s ``run`` drives it in-process at
+For each model, a real ``explain-server`` runs in three settings (``MODES``): batching on at
+the defaults (``--max-batch-size 16``, queue delay 0), batching on with a queue delay of
+``QUEUE_DELAY_MS``, and batching off (``--max-batch-size 1``); the factor cache is off in all
+(``--factor-cache-mb 0``: the load cycles through a fixed mix of pairs, and cache hits would
+measure the cache, not the engine). ``explain-loadgen``'s ``run`` drives it in-process at
 concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 noise PNGs (sides 64-128
 px for the small model, whose inputs are small scenes; 224-640 px, photo sizes, for ViT-B-32) and
-10 captions of varied length, all at the same explanation settings (``WORKLOAD``). Then a soak:
+10 captions of varied length, all at the same explanation settings (``WORKLOAD``). Concurrency 16,
+where the goals are set, runs ``REPEATS`` times and the run with the median throughput is
+reported: single runs on this machine spread by about 10%. Then a soak:
 ``--soak-seconds`` at concurrency 16 on the small model with batching on, counting non-OK
 answers and the server's RSS growth after warm-up.
 
@@ -37,7 +40,18 @@ from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
 from explain_server.shapes import model as shapes_model
 
 BEGIN, END = "<!-- BEGIN bench_batching -->", "<!-- END bench_batching -->"
-MODES = {"on": ["--max-batch-size", "16"], "off": ["--max-batch-size", "1"]}
+# Triton's tuning process starts with no delay and raises it while the latency budget allows.
+# At concurrency 16 with no delay the closed loop splits into two groups of about 8 callers
+# that take turns (one computes while the other queues). A batch of 8 takes about 120 ms here,
+# so a 100 ms delay lets the group whose answers just went out rejoin: batches grow from 8 to
+# 16 (explain_batch_size). A caller alone pays the delay in full (concurrency 1).
+QUEUE_DELAY_MS = 100
+MODES = {
+    "on": ["--max-batch-size", "16"],
+    f"on, {QUEUE_DELAY_MS} ms delay": ["--max-batch-size", "16", "--max-queue-delay-ms", str(QUEUE_DELAY_MS)],
+    "off": ["--max-batch-size", "1"],
+}
+REPEATS = 3
 # One torch thread per server: the load generator shares the two cores, and OpenMP workers
 # spinning at barriers while another process runs slow small models down many times over.
 THREADS = ["--intra-op-threads", "1"]
@@ -66,7 +80,8 @@ def measure(name: str, model_args: list[str], seconds: float, sides: tuple[int, 
         try:
             load(server, 4, min(5.0, seconds), sides)  # warm-up: first-call allocations, thread pools
             for concurrency in (1, 4, 16):
-                report = load(server, concurrency, seconds, sides)
+                reports = [load(server, concurrency, seconds, sides) for _ in range(REPEATS if concurrency == 16 else 1)]
+                report = sorted(reports, key=lambda r: r.ok_per_second)[len(reports) // 2]
                 lat = report.latency_seconds
                 rows.append({
                     "model": name, "batching": mode, "concurrency": concurrency,
@@ -158,8 +173,9 @@ def main() -> int:
         f"`explain-loadgen` ({args.seconds:g} s per setting, 16 noise PNGs x 10 captions of varied length; image sides "
         f"{SMALL_SIDES[0]}-{SMALL_SIDES[1]} px for the small model, {PHOTO_SIDES[0]}-{PHOTO_SIDES[1]} px for ViT-B-32; "
         f"both models explained at exclip's layers, each tower's last block, with {DEFAULT_METHOD} and {DEFAULT_N_STEPS} "
-        "nodes; factor cache off, `--intra-op-threads 1`). Batching on: `--max-batch-size 16` (queue delay 0, the default); "
-        "off: `--max-batch-size 1`.",
+        "nodes; factor cache off, `--intra-op-threads 1`). Batching on: `--max-batch-size 16`, with the default queue "
+        f"delay 0 or with `--max-queue-delay-ms {QUEUE_DELAY_MS}`; off: `--max-batch-size 1`. Concurrency 16: the run "
+        f"with the median throughput of {REPEATS}.",
         "",
         "| model | batching | concurrency | throughput (req/s) | p50 | p99 | p99 / p50 | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -169,13 +185,27 @@ def main() -> int:
             f"| {r['model']} | {r['batching']} | {r['concurrency']} | {r['throughput']:.2f} | {r['p50'] * 1000:.0f} ms "
             f"| {r['p99'] * 1000:.0f} ms | {r['p99'] / r['p50']:.2f} | {r['errors']} |"
         )
-    lines += ["", "Ratios at concurrency 16 (batching on / off):", ""]
+    lines += ["", "At concurrency 16, against batching off:", ""]
+    gains = {}
     for model in (args.small_name, "ViT-B-32"):
-        on, off = row(model, "on", 16), row(model, "off", 16)
-        lines.append(
-            f"- {model}: throughput x{on['throughput'] / off['throughput']:.2f}; "
-            f"p99 / p50 with batching {on['p99'] / on['p50']:.2f}"
-        )
+        off = row(model, "off", 16)
+        for mode in MODES:
+            if mode != "off":
+                on = row(model, mode, 16)
+                gains[model, mode] = on["throughput"] / off["throughput"]
+                lines.append(
+                    f"- {model}, batching {mode}: throughput x{gains[model, mode]:.2f}; p99 / p50 {on['p99'] / on['p50']:.2f}"
+                )
+    on_modes = [mode for mode in MODES if mode != "off"]
+    tails = max(row(m, mode, 16)["p99"] / row(m, mode, 16)["p50"] for m in (args.small_name, "ViT-B-32") for mode in on_modes)
+    lines += [
+        "",
+        "Issue 3's goals at concurrency 16: at least x3 throughput on the small model: "
+        + "; ".join(f"{'met' if gains[args.small_name, mode] >= 3 else 'NOT met'} with batching {mode}" for mode in on_modes)
+        + ". No loss on ViT-B-32: "
+        + "; ".join(f"{'met' if gains['ViT-B-32', mode] >= 1 else 'NOT met'} with batching {mode}" for mode in on_modes)
+        + f". p99 at most 3x p50: {'met' if tails <= 3 else 'NOT met'} (at most {tails:.2f}).",
+    ]
     rep = soaked["report"]
     lines += [
         "",

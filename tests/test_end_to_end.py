@@ -228,6 +228,24 @@ def test_cli_prints_interactions_and_writes_an_overlay(server, tmp_path, capsys)
     assert data["tokens"][2] == "red" and np.asarray(data["attribution"]).shape == (9, 4, 4)
 
 
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("missing/overlay.png", "is not a writable directory"),
+        ("overlay.xyz", "Pillow cannot write .xyz"),
+        ("overlay", "Pillow cannot write files without an extension"),
+    ],
+)
+def test_cli_refuses_an_out_it_cannot_write_before_calling(tmp_path, capsys, out, message):
+    image_path = tmp_path / "photo.png"
+    image_path.write_bytes(noise_image(64, 64))
+    # nothing listens on port 1: had the call been made, it would have failed with exit code 2
+    argv = [str(image_path), CAPTION, "--target", "127.0.0.1:1", "--timeout", "2", "--out", str(tmp_path / out)]
+    assert cli.main(argv) == cli.EXIT_LOCAL_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out: ") and message in err
+
+
 def test_cli_lists_the_hosted_models(server, capsys):
     assert cli.main(["models", "--target", server.target]) == 0
     lines = capsys.readouterr().out.splitlines()

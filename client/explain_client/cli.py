@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 import grpc
+from PIL import Image
 
 from explain_client.client import ExplainClient, tls_credentials
 from explain_client.errors import ExplainError
@@ -269,6 +270,21 @@ def _format_span(explanation: Explanation, span: Span) -> str:
     )
 
 
+def _check_out(path: str) -> None:
+    """Refuse an ``--out`` the overlay could not be written to, before the (costly) call.
+
+    Raises:
+        ValueError: an extension Pillow cannot write, or a directory that does not exist or
+            is not writable.
+    """
+    extension = os.path.splitext(path)[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise ValueError(f"--out: Pillow cannot write {extension or 'files without an extension'}; use e.g. .png or .jpg")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise ValueError(f"--out: {directory} is not a writable directory")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``explain-client``; ``explain-client health`` or ``explain-client models`` when the first
     argument is ``health`` or ``models`` (an image file of that name: pass ``./health``).
@@ -291,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _models(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if args.out:
+            _check_out(args.out)
         with _connect(args) as client:
             explanation = client.explain(
                 args.image,
