@@ -37,8 +37,8 @@ inputs localise. On the first 100 held-out captions, pointing was 31% at the las
 inputs (exclip's choice, right for large pretrained CLIP) and 81% at block 0 with the
 service-wide gausslegendre/3, whose convergence delta there was 0.36 (a path through every
 block bends more); riemann_trapezoid/8 cut the delta to 0.03 and gave 87% (82% on all 500
-scenes). The price: about 1.7 s per explanation on 2 CPU cores, some thirty times the cost at
-the last blocks.
+scenes). The price: about 1.5 s per explanation on 2 CPU cores (``make demo``, a 17-token
+caption), some thirty times the cost at the last blocks.
 """
 
 
