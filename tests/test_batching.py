@@ -17,6 +17,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from explain_client import DeadlineExceededError, ExplainClient, InvalidArgumentError, ResourceExhaustedError
+from explain_client._proto import explain_pb2_grpc
+from explain_client.client import explain_request
 from explain_client.loadgen import main as loadgen_main
 
 WORDS = "red green blue small large circle square triangle cross dog cat on a the near left right".split()
@@ -186,6 +188,57 @@ def test_expired_requests_are_dropped_before_compute(batching_server):
         time.sleep(0.2)
     assert dropped == 3
     assert value(after, "explain_compute_seconds_count", model="tiny") == value(before, "explain_compute_seconds_count", model="tiny")
+    # the server counts the calls with the code their callers saw, as it counts the drops
+    for series, labels in (
+        ("explain_requests_total", {"model": "tiny"}),
+        ("grpc_server_handled_total", {"grpc_type": "unary", "grpc_service": "explain.v1.Explain", "grpc_method": "Explain"}),
+    ):
+        counts = {
+            code: value(after, series, **labels, **{"code" if series.startswith("explain") else "grpc_code": code})
+            - value(before, series, **labels, **{"code" if series.startswith("explain") else "grpc_code": code})
+            for code in ("DEADLINE_EXCEEDED", "CANCELLED")
+        }
+        assert counts == {"DEADLINE_EXCEEDED": 3, "CANCELLED": 0}, series
+
+
+@pytest.mark.parametrize(
+    "timeout, cancel_after, code",
+    [
+        (30.0, 0.1, "CANCELLED"),  # the caller went away
+        # the caller's own deadline timer fired: its cancellation may reach the server a little
+        # before the server's copy of the deadline runs out
+        (0.3, 0.28, "DEADLINE_EXCEEDED"),
+    ],
+)
+def test_a_call_ended_by_its_caller_is_counted_alike_in_every_series(batching_server, timeout, cancel_after, code):
+    url = batching_server.metrics_url
+    before = scrape(url)
+    with ExplainClient(batching_server.target) as client:
+        call = explain_pb2_grpc.ExplainStub(client.channel).Explain.future(
+            explain_request(noise_png(350), "a cat"), timeout=timeout
+        )
+        time.sleep(cancel_after)  # it waits 400 ms in the queue for its batch to fill
+        call.cancel()
+    series = {
+        "explain_requests_total": {"model": "tiny"},
+        "explain_requests_dropped_total": {"model": "tiny"},
+        "grpc_server_handled_total": {"grpc_type": "unary", "grpc_service": "explain.v1.Explain", "grpc_method": "Explain"},
+    }
+
+    def counts(samples: dict) -> dict:
+        return {
+            (name, c): value(samples, name, **labels, **{"grpc_code" if name.startswith("grpc") else "code": c})
+            for name, labels in series.items()
+            for c in ("DEADLINE_EXCEEDED", "CANCELLED")
+        }
+
+    deadline = time.monotonic() + 30
+    while True:  # the batch thread drops the request when its batch starts
+        added = {key: n - counts(before)[key] for key, n in counts(scrape(url)).items()}
+        if sum(added.values()) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert added == {(name, c): float(c == code) for name in series for c in ("DEADLINE_EXCEEDED", "CANCELLED")}
 
 
 def test_full_queue_answers_resource_exhausted(small_queue_server):
@@ -230,6 +283,9 @@ def test_one_image_against_eight_captions_computes_its_factor_once(small_queue_s
     assert delta(middle, after, "explain_image_factor_cache_hits_total") == 8  # the second call is all hits
     assert delta(middle, after, "explain_text_factor_cache_hits_total") == 8
     assert [e.request_id for e in many] == [f"many/{i}" for i in range(8)]
+    logged = [line.split("request ")[1].split()[0] for line in small_queue_server.log_path.read_text().splitlines()
+              if "request many" in line]
+    assert logged == [f"many/{i}" for i in range(8)]  # the server's log names each explanation as its response does
     for got, repeat, single in zip(many, again, singles):
         assert_same(got, single)
         assert_same(repeat, single)

@@ -83,6 +83,7 @@ def test_sigterm_drains_accepted_work_and_refuses_new_calls(tmp_path):
             assert "result" in outcome, outcome.get("error")
             assert np.isfinite(outcome["result"].attribution).all()
     assert server.process.wait(timeout=30) == 0
+    assert server.log_path.read_text().rstrip().endswith("stopped; every accepted call was answered")
 
 
 def test_work_unfinished_after_the_grace_period_gets_unavailable(tmp_path):

@@ -25,6 +25,24 @@ _SCORE_BUCKETS = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))  # cosine si
 _DELTA_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
 
 
+# The client cancels a call when its deadline passes; that cancellation can reach the server a
+# few milliseconds before the server's copy of the deadline (counted from the call's arrival)
+# runs out: 0.2 to 8 ms measured under load on 2 CPU cores.
+_DEADLINE_SLACK_SECONDS = 0.1
+
+
+def cancellation_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code a call that ended with ``asyncio.CancelledError`` is counted under.
+
+    DEADLINE_EXCEEDED when the call had a deadline and less than 100 ms of it was left (what
+    the caller saw), CANCELLED otherwise (the caller went away).
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= _DEADLINE_SLACK_SECONDS:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 class Metrics:
     """Every series the server exports, registered in one registry.
 
@@ -41,7 +59,8 @@ class Metrics:
         queue_depth: requests accepted and waiting for a batch.
         inflight_requests: requests accepted and not yet answered.
         requests_dropped: requests skipped because their deadline passed (code
-            DEADLINE_EXCEEDED) or their caller cancelled (code CANCELLED).
+            DEADLINE_EXCEEDED) or their caller cancelled (code CANCELLED), by the rule of
+            :func:`cancellation_code`, which ``requests`` and the gRPC series follow too.
         text_factor_cache_hits, text_factor_cache_misses, image_factor_cache_hits,
         image_factor_cache_misses: factor lookups; a side computed once for several requests
             of one batch counts one miss and hits for the others.
@@ -161,9 +180,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.OK
                 return response
             except asyncio.CancelledError:  # the caller went away or its deadline passed
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                code = cancellation_code(context)
                 raise
             except Exception:
                 # an aborted call leaves its code on the context; anything else ends as UNKNOWN

@@ -166,6 +166,7 @@ async def serve(config: ServerConfig) -> int:
     await service.drain(config.grace_seconds)
     await server.stop(1.0)
     service.close()
+    log.info("stopped; every accepted call was answered")
     return exit_code
 
 

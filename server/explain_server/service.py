@@ -22,7 +22,7 @@ from .engine.attribution import Attribution, ExplanationCancelled
 from .engine.explainer import NonFiniteError, Side
 from .engine.quadrature import METHODS, min_n_steps
 from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, decode_image, tokenize
-from .metrics import Metrics
+from .metrics import Metrics, cancellation_code
 from .models import LoadedModel
 from .registry import ModelRegistry
 
@@ -127,6 +127,8 @@ class _Job:
         self.enqueued = time.perf_counter()
         self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self.cancelled = threading.Event()
+        # why its call ended early, as the call is counted (set before ``cancelled``)
+        self.stop_code: grpc.StatusCode | None = None
 
     @property
     def expired(self) -> bool:
@@ -316,8 +318,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 if not self._inflight:
                     self._idle.set()
         except asyncio.CancelledError:  # the caller went away or its deadline passed
-            remaining = context.time_remaining()
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            code = cancellation_code(context)
             raise
         except Exception:
             code = context.code() or grpc.StatusCode.UNKNOWN
@@ -375,19 +376,26 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             if any(job.expired for job in jobs):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the explanation finished")
             await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
+        except asyncio.CancelledError:
+            for job in jobs:
+                job.stop_code = cancellation_code(context)
+            raise
         finally:
             for job in jobs:
                 job.cancelled.set()  # a caller that went away stops its work at the next chunk
             inflight.dec(len(jobs))
-        for result in results:
+        for index, result in enumerate(results):
             log.info(
                 "request %s model=%s tokens=%d queue=%.3fs compute=%.3fs",
-                request_id, name, len(result.caption.labels), result.queue_seconds, result.compute_seconds,
+                request_id if len(results) == 1 else f"{request_id}/{index}",  # as in ExplainMany's responses
+                name, len(result.caption.labels), result.queue_seconds, result.compute_seconds,
             )
         return results
 
     def _drop(self, job: _Job) -> ExplanationCancelled:
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if job.expired else grpc.StatusCode.CANCELLED
+        code = job.stop_code
+        if code is None:  # stopped by the server's own clock, or by shutdown
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if job.expired else grpc.StatusCode.CANCELLED
         self.metrics.requests_dropped.labels(job.loaded.spec.name, code.name).inc()
         return ExplanationCancelled()
 
