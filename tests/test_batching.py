@@ -51,6 +51,26 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+# The series that count calls ended early, each with its labels for the tiny model's Explain
+# calls and the label its gRPC code goes under.
+ENDED_SERIES = {
+    "explain_requests_total": ({"model": "tiny"}, "code"),
+    "explain_requests_dropped_total": ({"model": "tiny"}, "code"),
+    "grpc_server_handled_total": (
+        {"grpc_type": "unary", "grpc_service": "explain.v1.Explain", "grpc_method": "Explain"}, "grpc_code",
+    ),
+}
+
+
+def ended(before: dict, after: dict) -> dict[tuple[str, str], float]:
+    """{(series, code): calls added between two scrapes} for ENDED_SERIES, DEADLINE_EXCEEDED and CANCELLED."""
+    return {
+        (name, code): value(after, name, **labels, **{key: code}) - value(before, name, **labels, **{key: code})
+        for name, (labels, key) in ENDED_SERIES.items()
+        for code in ("DEADLINE_EXCEEDED", "CANCELLED")
+    }
+
+
 def start(tmp_path_factory, name: str, *flags: str) -> ServerProcess:
     return ServerProcess(
         ["--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0", "--device", "cpu", *flags],
@@ -189,16 +209,8 @@ def test_expired_requests_are_dropped_before_compute(batching_server):
     assert dropped == 3
     assert value(after, "explain_compute_seconds_count", model="tiny") == value(before, "explain_compute_seconds_count", model="tiny")
     # the server counts the calls with the code their callers saw, as it counts the drops
-    for series, labels in (
-        ("explain_requests_total", {"model": "tiny"}),
-        ("grpc_server_handled_total", {"grpc_type": "unary", "grpc_service": "explain.v1.Explain", "grpc_method": "Explain"}),
-    ):
-        counts = {
-            code: value(after, series, **labels, **{"code" if series.startswith("explain") else "grpc_code": code})
-            - value(before, series, **labels, **{"code" if series.startswith("explain") else "grpc_code": code})
-            for code in ("DEADLINE_EXCEEDED", "CANCELLED")
-        }
-        assert counts == {"DEADLINE_EXCEEDED": 3, "CANCELLED": 0}, series
+    counts = ended(before, after)
+    assert counts == {(name, code): 3.0 * (code == "DEADLINE_EXCEEDED") for name, code in counts}
 
 
 @pytest.mark.parametrize(
@@ -219,26 +231,13 @@ def test_a_call_ended_by_its_caller_is_counted_alike_in_every_series(batching_se
         )
         time.sleep(cancel_after)  # it waits 400 ms in the queue for its batch to fill
         call.cancel()
-    series = {
-        "explain_requests_total": {"model": "tiny"},
-        "explain_requests_dropped_total": {"model": "tiny"},
-        "grpc_server_handled_total": {"grpc_type": "unary", "grpc_service": "explain.v1.Explain", "grpc_method": "Explain"},
-    }
-
-    def counts(samples: dict) -> dict:
-        return {
-            (name, c): value(samples, name, **labels, **{"grpc_code" if name.startswith("grpc") else "code": c})
-            for name, labels in series.items()
-            for c in ("DEADLINE_EXCEEDED", "CANCELLED")
-        }
-
     deadline = time.monotonic() + 30
     while True:  # the batch thread drops the request when its batch starts
-        added = {key: n - counts(before)[key] for key, n in counts(scrape(url)).items()}
+        added = ended(before, scrape(url))
         if sum(added.values()) >= 3 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert added == {(name, c): float(c == code) for name in series for c in ("DEADLINE_EXCEEDED", "CANCELLED")}
+    assert added == {(name, c): float(c == code) for name, c in added}
 
 
 def test_full_queue_answers_resource_exhausted(small_queue_server):

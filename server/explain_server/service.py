@@ -120,8 +120,11 @@ class _Prepared:
 class _Job:
     """One accepted explanation: its prepared sides and stop conditions, shared by its handler and the batch thread."""
 
-    def __init__(self, loaded: LoadedModel, text: _Prepared, image: _Prepared, time_remaining: float | None):
+    def __init__(
+        self, loaded: LoadedModel, request_id: str, text: _Prepared, image: _Prepared, time_remaining: float | None
+    ):
         self.loaded = loaded
+        self.request_id = request_id  # the explanation's, as its response carries it
         self.text = text
         self.image = image
         self.enqueued = time.perf_counter()
@@ -258,7 +261,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         async def explain(loaded: LoadedModel) -> explain_pb2.ExplainResponse:
             options, request_id = await self._options(request, loaded, context)
             (text,), (image,) = await self._prepare(loaded, options, [request.caption], [request.image], context, many=False)
-            job = _Job(loaded, text, image, context.time_remaining())
+            job = _Job(loaded, request_id, text, image, context.time_remaining())
             (result,) = await self._run(loaded, [job], context, request_id)
             return _response(loaded, request_id, options, result)
 
@@ -286,12 +289,15 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             texts, pixels = await self._prepare(loaded, options, captions, images, context, many=True)
             remaining = context.time_remaining()
             jobs = [
-                _Job(loaded, texts[0 if len(texts) == 1 else i], pixels[0 if len(pixels) == 1 else i], remaining)
+                _Job(
+                    loaded, f"{request_id}/{i}", texts[0 if len(texts) == 1 else i],
+                    pixels[0 if len(pixels) == 1 else i], remaining,
+                )
                 for i in range(count)
             ]
             results = await self._run(loaded, jobs, context, request_id)
             return explain_pb2.ExplainManyResponse(
-                explanations=[_response(loaded, f"{request_id}/{i}", options, r) for i, r in enumerate(results)]
+                explanations=[_response(loaded, job.request_id, options, r) for job, r in zip(jobs, results)]
             )
 
         return await self._observed(request.model, context, explain_many)
@@ -377,18 +383,18 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the explanation finished")
             await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
         except asyncio.CancelledError:
+            code = cancellation_code(context)
             for job in jobs:
-                job.stop_code = cancellation_code(context)
+                job.stop_code = code
             raise
         finally:
             for job in jobs:
                 job.cancelled.set()  # a caller that went away stops its work at the next chunk
             inflight.dec(len(jobs))
-        for index, result in enumerate(results):
+        for job, result in zip(jobs, results):
             log.info(
                 "request %s model=%s tokens=%d queue=%.3fs compute=%.3fs",
-                request_id if len(results) == 1 else f"{request_id}/{index}",  # as in ExplainMany's responses
-                name, len(result.caption.labels), result.queue_seconds, result.compute_seconds,
+                job.request_id, name, len(result.caption.labels), result.queue_seconds, result.compute_seconds,
             )
         return results
 
