@@ -26,7 +26,7 @@ def _batch(step: int) -> training.Batch:
 
 def test_batches_are_a_function_of_seed_and_step():
     a, b, c = _batch(5), _batch(5), _batch(6)
-    for field in ("pixels", "tokens", "positives", "background"):
+    for field in ("pixels", "tokens", "positives", "kinds"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert not torch.equal(a.pixels, c.pixels)
     # 3 scenes and their twins; each image's own caption describes it, its twin's does not
@@ -64,9 +64,17 @@ def test_shipped_weights_fit_the_config_and_the_budget():
     assert tuple(model.visual.grid_size) == (8, 8)
 
 
-def test_background_patches_are_those_off_every_box():
-    scene = generate_scene(np.random.default_rng(3), n_objects=1)
-    obj = dataclasses.replace(scene.objects[0], box=(12, 12, 30, 25))  # rows 1-2, columns 1-2 of 12 px
-    free = training.background_patches(dataclasses.replace(scene, objects=(obj,)), 12).reshape(8, 8)
-    assert not free[1:3, 1:3].any()
-    assert free.sum() == 64 - 4
+def test_patch_kind_labels_name_the_object_covering_most_of_each_patch():
+    scene = generate_scene(np.random.default_rng(3), n_objects=2)
+    square = dataclasses.replace(scene.objects[0], shape="square", box=(12, 12, 36, 30))  # full rows 1, half of row 2
+    circle = dataclasses.replace(scene.objects[1], shape="circle", box=(60, 60, 84, 84))  # a disc in 2x2 patches
+    labels = training.patch_kind_labels(dataclasses.replace(scene, objects=(square, circle)), 12).reshape(8, 8)
+    kind = {o.shape: training.KINDS.index((o.colour, o.shape, o.size)) for o in (square, circle)}
+    expected = np.full((8, 8), training.BACKGROUND_KIND)
+    expected[1:3, 1:3] = kind["square"]  # row 2 is half covered
+    expected[5:7, 5:7] = kind["circle"]  # each quarter of the disc covers about 79% of its patch
+    assert (labels == expected).all()
+    # A sliver below a fifth of a patch leaves it background.
+    sliver = dataclasses.replace(square, box=(12, 12, 36, 26))  # 2 of row 2's 12 pixel rows
+    labels = training.patch_kind_labels(dataclasses.replace(scene, objects=(sliver,)), 12).reshape(8, 8)
+    assert (labels[1, 1:3] == kind["square"]).all() and (labels[2] == training.BACKGROUND_KIND).all()

@@ -14,6 +14,7 @@ scenes, captions and pixels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -220,18 +221,50 @@ def _shape_polygon(shape: str, side: float, quarter_turns: int) -> list[tuple[fl
 
 
 def _mask(obj: SceneObject) -> np.ndarray:
-    """float32 (h, w) coverage in [0, 1] of the object's box, anti-aliased."""
+    """float32 (h, w) coverage in [0, 1] of the object's box, anti-aliased (read-only: shared)."""
     x0, y0, x1, y1 = obj.box
-    w, h = (x1 - x0) * _SUPERSAMPLE, (y1 - y0) * _SUPERSAMPLE
+    return _shape_mask(obj.shape, x1 - x0, y1 - y0, obj.quarter_turns % 4)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shape_mask(shape: str, width: int, height: int, quarter_turns: int) -> np.ndarray:
+    # Cached because training renders hundreds of thousands of objects from a few hundred
+    # (shape, size, turn) masks; the read-only flag keeps a caller from editing the shared copy.
+    w, h = width * _SUPERSAMPLE, height * _SUPERSAMPLE
     mask = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(mask)
-    polygon = _shape_polygon(obj.shape, w, obj.quarter_turns)
+    polygon = _shape_polygon(shape, w, quarter_turns)
     if polygon is None:
         draw.ellipse((0, 0, w - 1, h - 1), fill=255)
     else:
         draw.polygon(polygon, fill=255)
-    small = mask.resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
+    small = np.asarray(mask.resize((width, height), Image.Resampling.BOX), dtype=np.float32) / 255.0
+    small.flags.writeable = False
+    return small
+
+
+def patch_coverage(scene: Scene, patch: int) -> np.ndarray:
+    """How much of each patch each object covers.
+
+    Args:
+        scene: the scene; its sides must be multiples of ``patch``.
+        patch: patch side, pixels (the model's, e.g. 12 for an 8x8 grid on 96 px).
+
+    Returns:
+        float32 (n_objects, height // patch, width // patch), the fraction in [0, 1] of each
+        patch's pixels the object's anti-aliased shape (not its box) covers.
+
+    Raises:
+        ValueError: a side of the scene is not a multiple of ``patch``.
+    """
+    if scene.width % patch or scene.height % patch:
+        raise ValueError(f"patch must divide the canvas; got {patch} px for {scene.width}x{scene.height}")
+    cover = np.zeros((len(scene.objects), scene.height, scene.width), dtype=np.float32)
+    for index, obj in enumerate(scene.objects):
+        x0, y0, x1, y1 = obj.box
+        cover[index, y0:y1, x0:x1] = _mask(obj)
+    rows, columns = scene.height // patch, scene.width // patch
+    return cover.reshape(len(scene.objects), rows, patch, columns, patch).mean(axis=(2, 4))
 
 
 def render(scene: Scene) -> Image.Image:
