@@ -15,7 +15,8 @@ weights (``random:0``), so that the figures can be read against chance:
   settings, 4 requests in flight: pointing game, relevance mass, box to text, per shape.
 - Settings sweep: pointing, box to text and convergence delta of the trained weights on the
   first 100 held-out captions, from exclip's layers with the service-wide quadrature to the
-  model's own defaults: the evidence for those defaults.
+  model's own defaults, then twice the nodes and one block further in: the evidence for those
+  defaults.
 
 ``--record FILE`` replaces this benchmark's section in FILE (docs/benchmarks.md).
 """
@@ -118,10 +119,11 @@ def grounding(server: Server, model: str, dataset: pathlib.Path, limit: int | No
 
 
 def settings_sweep(server: Server, model: str, dataset: pathlib.Path, limit: int) -> list[str]:
-    """Markdown rows: pointing, box to text and |delta| of ``model`` from exclip's layers to its defaults.
+    """Markdown rows: pointing, box to text and |delta| of ``model`` from exclip's layers to its defaults and past them.
 
     The evidence for the model's default settings (shapes/model.py): exclip's layers (each
-    tower's last block) and block 0, with the service-wide quadrature default and the model's.
+    tower's last block) and the default blocks, with the service-wide quadrature default and the
+    model's; then the defaults with twice the nodes, and one block further in.
     """
     from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
 
@@ -130,8 +132,13 @@ def settings_sweep(server: Server, model: str, dataset: pathlib.Path, limit: int
     first = {"text_layer": listed.default_text_layer, "image_layer": listed.default_image_layer}
     service = {"method": DEFAULT_METHOD, "n_steps": DEFAULT_N_STEPS}
     own = {"method": listed.default_method, "n_steps": listed.default_n_steps}
+    finer = {**own, "n_steps": 2 * listed.default_n_steps}
+    deeper = {"text_layer": listed.default_text_layer + 1, "image_layer": listed.default_image_layer + 1}
     rows = []
-    for settings in ({**last, **service}, {**last, "text_layer": 0, **service}, {**first, **service}, {**first, **own}):
+    for settings in (
+        {**last, **service}, {**last, "text_layer": 0, **service}, {**first, **service}, {**first, **own},
+        {**first, **finer}, {**deeper, **own},
+    ):
         report = grounding(server, model, dataset, limit, **settings)
         overall = report["overall"]
         rows.append(
@@ -214,7 +221,7 @@ def main() -> int:
         "",
         f"Choosing the default settings: the trained weights on the first {SWEEP_CAPTIONS} held-out captions, "
         "from exclip's layers (the input of each tower's last block) with the service-wide quadrature to the "
-        "model's defaults (last row):",
+        "model's defaults (fourth row), then those with twice the nodes, and one block further in:",
         "",
         "| image block | text block | method | n_steps | pointing game | box to text | mean abs(convergence delta) |",
         "|---:|---:|---|---:|---:|---:|---:|",

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import open_clip
+import pytest
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors.torch import load_file
@@ -26,7 +27,7 @@ def _batch(step: int) -> training.Batch:
 
 def test_batches_are_a_function_of_seed_and_step():
     a, b, c = _batch(5), _batch(5), _batch(6)
-    for field in ("pixels", "tokens", "positives", "kinds"):
+    for field in ("pixels", "tokens", "positives", "kinds", "pairs"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
     assert not torch.equal(a.pixels, c.pixels)
     # 3 scenes and their twins; each image's own caption describes it, its twin's does not
@@ -35,9 +36,11 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not a.positives[0, 1] and not a.positives[1, 0]
 
 
-def test_training_is_deterministic():
-    first = training.train(TINY_RECIPE, log=lambda _: None).state_dict()
-    second = training.train(TINY_RECIPE, log=lambda _: None).state_dict()
+@pytest.mark.parametrize("token_pairs", [0.0, 1.0])
+def test_training_is_deterministic(token_pairs):
+    recipe = dataclasses.replace(TINY_RECIPE, token_pairs=token_pairs)
+    first = training.train(recipe, log=lambda _: None).state_dict()
+    second = training.train(recipe, log=lambda _: None).state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["visual.proj"], training.build_model(0).state_dict()["visual.proj"])
@@ -78,3 +81,14 @@ def test_patch_kind_labels_name_the_object_covering_most_of_each_patch():
     sliver = dataclasses.replace(square, box=(12, 12, 36, 26))  # 2 of row 2's 12 pixel rows
     labels = training.patch_kind_labels(dataclasses.replace(scene, objects=(sliver,)), 12).reshape(8, 8)
     assert (labels[1, 1:3] == kind["square"]).all() and (labels[2] == training.BACKGROUND_KIND).all()
+
+
+def test_token_pair_labels_name_each_shape_word_after_a_colour_word():
+    open_clip.add_model_config(shapes_model.CONFIG)
+    tokenizer = open_clip.get_tokenizer(shapes_model.ARCHITECTURE)
+    # Every word and full stop is one token; token 0 is the start token.
+    texts = ["a small red circle next to a blue square.", "there is a cross, a large black diamond and a yellow triangle."]
+    labels = training.token_pair_labels(tokenizer(texts), tokenizer)
+    named = [{int(t): training.PAIRS[int(p)] for t, p in enumerate(row) if p != training.NO_PAIR} for row in labels]
+    # "cross" follows "a", not a colour word
+    assert named == [{4: ("red", "circle"), 9: ("blue", "square")}, {9: ("black", "diamond"), 13: ("yellow", "triangle")}]
