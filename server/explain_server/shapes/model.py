@@ -33,11 +33,11 @@ METHOD = "riemann_trapezoid"
 
 Why these defaults (measured by ``make bench``, bench_grounding, in docs/benchmarks.md): in this
 small model four blocks mix patches and tokens so thoroughly that only their first block's
-inputs localise. On the first 100 held-out captions, pointing was 43% at the last blocks'
-inputs (exclip's choice, right for large pretrained CLIP) and 77% at block 0 with the
-service-wide gausslegendre/3, whose convergence delta there was 0.44 (a path through every
-block bends more); riemann_trapezoid/8 cut the delta to 0.13 and gave 81% (79% on all 500
-scenes); 16 nodes cut it to 0.009 without pointing better (80.5%), at twice the cost. The
+inputs localise. On the first 100 held-out captions, pointing was 48% at the last blocks'
+inputs (exclip's choice, right for large pretrained CLIP) and 72.5% at block 0 with the
+service-wide gausslegendre/3, whose convergence delta there was 0.73 (a path through every
+block bends more); riemann_trapezoid/8 cut the delta to 0.20 and gave 84.4% (81.7% on all 500
+scenes); 16 nodes cut it to 0.03 without pointing better (83.8%), at twice the cost. The
 price: about 1.5 s per explanation on 2 CPU cores (``make demo``, a 17-token caption), some
 thirty times the cost at the last blocks.
 """
