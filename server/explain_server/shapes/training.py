@@ -50,7 +50,7 @@ compute as a 29.0-minute run alone (below). The runs that led there:
   extension of the engine): 89.4% / 88.2%, pointing 77.5%; with ``token_pairs=1`` and 1,800
   steps: 90.5% / 91.1%, pointing 71.2%.
 
-Why pointing stays under 90%: at block 0 a phrase's heatmap peaks where its colour word's row
+Why pointing stays under 85%: at block 0 a phrase's heatmap peaks where its colour word's row
 peaks (144 of the first 50 captions' 149 phrases with the ``patch_kinds=1`` weights). Where
 another named object has the same colour (73 of the 302 phrases) that object takes the peak
 about half the time: 36 of 73 hits, against 209 of 229 for phrases of a unique colour. The
