@@ -118,7 +118,7 @@ class Recipe:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     curriculum: tuple[tuple[float, tuple[int, int]], ...] = ((0.0, (1, 2)), (0.1, (1, 3)), (0.25, (1, 4)))
-    patch_kinds: float = 3.0
+    patch_kinds: float = 10.0
     token_pairs: float = 1.0
     init_logit_scale: float = 3.912  # log 50, rounded as the shipped weights were trained
     seed: int = 0
