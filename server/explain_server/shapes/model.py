@@ -32,14 +32,14 @@ METHOD = "riemann_trapezoid"
 """Default quadrature rule.
 
 Why these defaults (measured by ``make bench``, bench_grounding, in docs/benchmarks.md): in this
-small model four blocks mix patches and tokens so thoroughly that only their first block's
-inputs localise. On the first 100 held-out captions, pointing was 48% at the last blocks'
-inputs (exclip's choice, right for large pretrained CLIP) and 72.5% at block 0 with the
-service-wide gausslegendre/3, whose convergence delta there was 0.73 (a path through every
-block bends more); riemann_trapezoid/8 cut the delta to 0.20 and gave 84.4% (81.7% on all 500
-scenes); 16 nodes cut it to 0.03 without pointing better (83.8%), at twice the cost. The
-price: about 1.5 s per explanation on 2 CPU cores (``make demo``, a 17-token caption), some
-thirty times the cost at the last blocks.
+small model four blocks mix patches and tokens so thoroughly that their first block's inputs
+localise best. On the first 100 held-out captions, pointing was 70.9% at the last blocks'
+inputs (exclip's choice, right for large pretrained CLIP) and 82.5% at block 0 with the
+service-wide gausslegendre/3, whose convergence delta there was 0.72 (a path through every
+block bends more); riemann_trapezoid/8 cut the delta to 0.12 and gave 87.4% (84.6% on all 500
+scenes); 16 nodes cut it to 0.014 and gave 87.7% (one phrase more), at twice the cost; blocks
+1/1 gave 85.1%. The price: about 1.5 s per explanation on 2 CPU cores (``make demo``, a
+17-token caption), some thirty times the cost at the last blocks.
 """
 
 
