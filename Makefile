@@ -37,7 +37,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_grounding.py --record docs/benchmarks.md
 
 # Retrain the shipped shapes model (deterministic: seeded weights and batches; 1,800 steps, about
-# 29 minutes on this machine's 2 CPU cores) and overwrite server/explain_server/assets/shapes/shapes-ViT.safetensors.
+# 18 minutes on this machine's 2 CPU cores) and overwrite server/explain_server/assets/shapes/shapes-ViT.safetensors.
 known-answer-model: $(VENV)/.server-installed
 	$(BIN)/python -m explain_server.shapes.training
 

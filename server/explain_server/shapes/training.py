@@ -39,9 +39,9 @@ embed a scene and its twin at cosine similarity 0.98. The text probe, aimed at t
 Full runs (retrieval on bench_grounding's 1,000 held-out scenes, swap twin / top-1; pointing
 through the service at the default settings on the first 100 held-out captions, 302 phrases,
 and, for the shipped weights, on all 500, 1,529 phrases): the shipped recipe, 1,800 steps:
-99.0% / 96.4%, pointing 87.4% (84.6% on all 500); 28.3 minutes while two other training runs
-shared the 2 cores. The runs that led there, by the patch probe's weight (``token_pairs=1``
-and 1,800 steps unless stated):
+99.0% / 96.4%, pointing 87.4% (84.6% on all 500); 18.3 minutes, a test run beside it for
+most of that (28.3 while two other training runs shared the 2 cores). The runs that led
+there, by the patch probe's weight (``token_pairs=1`` and 1,800 steps unless stated):
 
 - ``patch_kinds=1``, ``token_pairs=0``, 1,600 steps, 24.9 minutes alone: 91.0% / 87.1%,
   pointing 81.1%. With ``token_pairs=1``: 91.0% / 90.8%, pointing 78.1%; 29.0 minutes alone.
