@@ -25,7 +25,7 @@ HELDOUT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "data"
 
 
 # Issue 7 asks for every phrase's peak to follow a mirror or a rotation. The shipped weights,
-# which point into the box for 84.6% of the held-out phrases (docs/benchmarks.md), do not get
+# which point into the box for 87.4% of the held-out phrases (docs/benchmarks.md), do not get
 # there yet: that threshold is kept as a strict expected failure, which turns into an error
 # once a retrained model reaches it, so that the mark is removed then.
 NOT_YET = pytest.mark.xfail(
