@@ -33,13 +33,13 @@ METHOD = "riemann_trapezoid"
 
 Why these defaults (measured by ``make bench``, bench_grounding, in docs/benchmarks.md): in this
 small model four blocks mix patches and tokens so thoroughly that their first block's inputs
-localise best. On the first 100 held-out captions, pointing was 70.9% at the last blocks'
-inputs (exclip's choice, right for large pretrained CLIP) and 82.5% at block 0 with the
-service-wide gausslegendre/3, whose convergence delta there was 0.72 (a path through every
-block bends more); riemann_trapezoid/8 cut the delta to 0.12 and gave 87.4% (84.6% on all 500
-scenes); 16 nodes cut it to 0.014 and gave 87.7% (one phrase more), at twice the cost; blocks
-1/1 gave 85.1%. The price: about 1.5 s per explanation on 2 CPU cores (``make demo``, a
-17-token caption), some thirty times the cost at the last blocks.
+localise best. On the first 100 held-out captions, pointing was 78.1% at the last blocks'
+inputs (exclip's choice, right for large pretrained CLIP) and 79.5% at block 0 with the
+service-wide gausslegendre/3, whose convergence delta there was 0.74 (a path through every
+block bends more); riemann_trapezoid/8 cut the delta to 0.18 and gave 86.4% (87.4% on all 500
+scenes); 16 nodes cut it to 0.019 and gave 87.1% (two phrases more), at twice the cost; blocks
+1/1 gave 85.4%. The price: about 1.6 s per explanation on 2 CPU cores (812 s for the 500
+held-out pairs with nothing else running), some thirty times the cost at the last blocks.
 """
 
 
