@@ -2,7 +2,8 @@
 
 The model is an open_clip ``CLIP`` built from :data:`CONFIG` (registered with open_clip under
 the architecture name :data:`ARCHITECTURE`, the file's stem) with the trained weights in
-:data:`WEIGHTS`. Serve it with::
+:data:`WEIGHTS`, whose image tower commutes with mirrors and quarter turns of the image
+(:mod:`.symmetry`). Serve it with::
 
     explain-server --model-config CONFIG --model shapes=shapes-ViT:WEIGHTS,text_layer=0,image_layer=0,n_steps=8,method=riemann_trapezoid
 """
