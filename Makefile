@@ -36,8 +36,8 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_batching.py --record docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_grounding.py --record docs/benchmarks.md
 
-# Retrain the shipped shapes model (deterministic: seeded weights and batches; 2,400 steps, about
-# 20 minutes on this machine's 2 CPU cores) and overwrite server/explain_server/assets/shapes/shapes-ViT.safetensors.
+# Retrain the shipped shapes model (deterministic: seeded weights and batches; 2,400 steps, 23.5
+# minutes on this machine's 2 CPU cores beside a second training run) and overwrite server/explain_server/assets/shapes/shapes-ViT.safetensors.
 known-answer-model: $(VENV)/.server-installed
 	$(BIN)/python -m explain_server.shapes.training
 

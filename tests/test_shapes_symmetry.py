@@ -5,14 +5,10 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from explain_server.shapes import model as shapes_model
 from explain_server.shapes import symmetry, training
-
-
-def _symmetries(x: torch.Tensor) -> list[torch.Tensor]:
-    turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
-    return turns + [t.flip(-1) for t in turns]
 
 
 def _is_tied(state: dict[str, torch.Tensor]) -> bool:
@@ -22,7 +18,7 @@ def _is_tied(state: dict[str, torch.Tensor]) -> bool:
     grid = state["visual.positional_embedding"][1:].float().T.reshape(-1, 8, 8)
     return all(
         torch.allclose(t, x, rtol=0, atol=1e-3 * x.abs().max())
-        for x in (kernels, grid) for t in _symmetries(x)
+        for x in (kernels, grid) for t in symmetry.dihedral_images(x)
     )
 
 
@@ -32,7 +28,7 @@ def test_a_tied_image_tower_embeds_every_mirror_and_quarter_turn_alike():
     model.eval()
     images = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        embeddings = [model.encode_image(x) for x in _symmetries(images)]
+        embeddings = [model.encode_image(x) for x in symmetry.dihedral_images(images)]
     for other in embeddings[1:]:
         torch.testing.assert_close(other, embeddings[0], rtol=0, atol=1e-5)
     untied = training.build_model(0).eval()
@@ -59,6 +55,4 @@ def test_tie_refuses_a_grid_that_is_not_square():
 
 
 def test_the_shipped_weights_are_tied():
-    from safetensors.torch import load_file
-
     assert _is_tied(load_file(str(shapes_model.WEIGHTS)))

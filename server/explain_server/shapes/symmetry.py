@@ -19,22 +19,31 @@ training; :func:`untie` bakes it into plain open_clip weights that any loader re
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn.utils import parametrize
 
 
-def dihedral_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the 8 symmetries of the square acting on its last two dimensions.
+def dihedral_images(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 images of ``x`` under the symmetries of the square acting on its last two dimensions:
+    quarter turns 0-3 (``torch.rot90``), then each of them mirrored (``flip(-1)``).
 
     Args:
-        x: (..., n, n) tensor, any dtype torch.rot90 and flip accept.
+        x: (..., n, n) tensor.
 
     Returns:
-        Same shape and dtype; invariant under ``torch.rot90`` and ``torch.flip`` of those
-        dimensions (exactly, when its values are representable).
+        8 tensors shaped like ``x``.
     """
     turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
-    return torch.stack(turns + [t.flip(-1) for t in turns]).mean(0)
+    return turns + [t.flip(-1) for t in turns]
+
+
+def dihedral_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of :func:`dihedral_images` of ``x``: same shape and dtype, invariant under mirrors and
+    quarter turns of its last two dimensions up to rounding (each member of an orbit sums the
+    same 8 values in a different order)."""
+    return torch.stack(dihedral_images(x)).mean(0)
 
 
 class SymmetricKernels(torch.nn.Module):
@@ -49,14 +58,11 @@ class OrbitPositions(torch.nn.Module):
     """Parametrisation of a ViT positional embedding (1 + g * g, D) with the class token first:
     each patch's row is the mean over the rows of the cells its grid cell's orbit holds."""
 
-    def __init__(self, grid: int):
-        super().__init__()
-        self.grid = grid
-
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """(1 + g * g, D) -> same, patch rows tied across each D4 orbit of the g x g grid."""
         cls, patches = positions[:1], positions[1:]
-        grid = patches.T.reshape(-1, self.grid, self.grid)  # (D, g, g)
+        side = math.isqrt(len(patches))
+        grid = patches.T.reshape(-1, side, side)  # (D, g, g)
         return torch.cat([cls, dihedral_mean(grid).reshape(len(grid), -1).T])
 
 
@@ -71,7 +77,7 @@ def tie(model) -> None:
     if grid_h != grid_w or visual.conv1.weight.shape[-1] != visual.conv1.weight.shape[-2]:
         raise ValueError(f"a dihedral tie needs square patches and grid; got grid {visual.grid_size}")
     parametrize.register_parametrization(visual.conv1, "weight", SymmetricKernels())
-    parametrize.register_parametrization(visual, "positional_embedding", OrbitPositions(grid_h))
+    parametrize.register_parametrization(visual, "positional_embedding", OrbitPositions())
 
 
 def plain_state_dict(model) -> dict[str, torch.Tensor]:
