@@ -14,6 +14,7 @@ import open_clip
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, settings
 from safetensors.torch import save_file
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -125,3 +126,13 @@ def client(server):
 
     with ExplainClient(server.target, timeout=300) as c:
         yield c
+
+
+# Randomised tests: few examples in CI, many with `pytest --hypothesis-profile thorough`.
+settings.register_profile(
+    "ci", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile(
+    "thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("ci")

@@ -203,7 +203,8 @@ def _forward_group(
             path, delta, owner, pool, row_ids, q, k, v, attn, o, x1 = (
                 t[keep] for t in (path, delta, owner, pool, row_ids, q, k, v, attn, o, x1)
             )
-            w = w[still][:, keep]
+            # w's rows follow ``alive`` (positions), ``still`` holds integral indices
+            w = w[[alive.index(i) for i in still]][:, keep]
             alive = still
             n_nodes = len(owner)
         end = max(integrals[i].own_rows for i in alive)
