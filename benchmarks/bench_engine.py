@@ -137,6 +137,7 @@ def quadrature_sweep(max_n: int = 16) -> tuple[list[str], tuple[str, int]]:
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
 
+    from explain_server.engine.attribution import ChunkBudget
     from explain_server.engine.explainer import Explainer
     from explain_server.engine.quadrature import METHODS
     from explain_server.inputs import tokenize
@@ -145,7 +146,7 @@ def quadrature_sweep(max_n: int = 16) -> tuple[list[str], tuple[str, int]]:
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-B-32", pretrained=None).eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    explainer = Explainer(model, sot_token_id=tokenizer.sot_token_id, eot_token_id=tokenizer.eot_token_id, memory_bytes=128 * MIB)
+    explainer = Explainer(model, sot_token_id=tokenizer.sot_token_id, eot_token_id=tokenizer.eot_token_id, budget=ChunkBudget(128 * MIB))
     transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     rng = np.random.default_rng(0)
     images = [Image.open(PHOTO).convert("RGB")] + [

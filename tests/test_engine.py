@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, seeded_model
 from torch.autograd.functional import jacobian
 
-from explain_server.engine.attribution import PathIntegral, choose_mode, forward_factors, reverse_factors
+from explain_server.engine.attribution import ChunkBudget, PathIntegral, choose_mode, forward_factors, reverse_factors
 from explain_server.engine.explainer import Explainer, NonFiniteError, Side
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
@@ -23,7 +23,7 @@ CAPTION = "a red circle and a blue square"
 
 def make_explainer(model) -> Explainer:
     tok = open_clip.get_tokenizer(TINY)
-    return Explainer(model, sot_token_id=tok.sot_token_id, eot_token_id=tok.eot_token_id, memory_bytes=1 << 20)
+    return Explainer(model, sot_token_id=tok.sot_token_id, eot_token_id=tok.eot_token_id, budget=ChunkBudget(1 << 20))
 
 
 def caption_ids(text: str = CAPTION) -> torch.Tensor:
@@ -141,7 +141,7 @@ def test_row_sparse_forward_and_reverse_mode_equal_the_dense_jvp(tiny64, tower_n
         alphas, weights = nodes_and_weights("gausslegendre", 3)
         oracle = dense_factor(lambda h: tower.upper(h, layer), hidden, reference, alphas, weights)
         for factors in (forward_factors, reverse_factors):
-            (got,) = factors(tower, layer, [PathIntegral(hidden, reference, alphas, weights)], memory_bytes=1 << 16)
+            (got,) = factors(tower, layer, [PathIntegral(hidden, reference, alphas, weights)], ChunkBudget(1 << 16))
             torch.testing.assert_close(got, oracle, rtol=1e-9, atol=1e-12, msg=factors.__name__)
 
 
@@ -159,9 +159,9 @@ def test_batched_integrals_are_summed_apart_and_stopped_ones_dropped(tiny64, fac
         reference = explainer._reference("image", layer)
         rules = [("gausslegendre", 3), ("riemann_right", 5), ("riemann_trapezoid", 2), ("gausslegendre", 4)]
         integrals = [PathIntegral(h, reference, *nodes_and_weights(*rule)) for h, rule in zip(hidden, rules)]
-        solo = [factors(tower, layer, [item], memory_bytes=1 << 30)[0] for item in integrals]
+        solo = [factors(tower, layer, [item], ChunkBudget(1 << 30))[0] for item in integrals]
         for memory_bytes in (1 << 30, 1 << 16):  # one group, then many groups and chunks
-            for got, want in zip(factors(tower, layer, integrals, memory_bytes), solo):
+            for got, want in zip(factors(tower, layer, integrals, ChunkBudget(memory_bytes)), solo):
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         calls = {"n": 0}
 
@@ -170,7 +170,7 @@ def test_batched_integrals_are_summed_apart_and_stopped_ones_dropped(tiny64, fac
             return calls["n"] > 1
 
         stopping = PathIntegral(hidden[1], reference, *nodes_and_weights("gausslegendre", 3), stops_after_first_poll)
-        got = factors(tower, layer, [integrals[0], stopping, integrals[2]], memory_bytes=1 << 14)
+        got = factors(tower, layer, [integrals[0], stopping, integrals[2]], ChunkBudget(1 << 14))
         assert got[1] is None
         torch.testing.assert_close(got[0], solo[0], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got[2], solo[2], rtol=1e-9, atol=1e-12)
@@ -189,14 +189,14 @@ def test_captions_of_different_lengths_share_a_padded_pass(tiny64, factors, laye
     with torch.no_grad():
         reference = explainer._reference("text", layer)
         solo = [
-            factors(tower, layer, [PathIntegral(tower.lower(ids[None], layer)[0], reference[: len(ids)], alphas, weights)], 1 << 30)[0]
+            factors(tower, layer, [PathIntegral(tower.lower(ids[None], layer)[0], reference[: len(ids)], alphas, weights)], ChunkBudget(1 << 30))[0]
             for ids in captions
         ]
         hidden = tower.lower(torch.nn.utils.rnn.pad_sequence(captions, batch_first=True), layer)
         padded = reference[: hidden.shape[1]]
         integrals = [PathIntegral(h, padded, alphas, weights, length=len(ids)) for h, ids in zip(hidden, captions)]
         for memory_bytes in (1 << 30, 1 << 13):  # every column at once; a few columns per chunk
-            for got, want in zip(factors(tower, layer, integrals, memory_bytes), solo):
+            for got, want in zip(factors(tower, layer, integrals, ChunkBudget(memory_bytes)), solo):
                 assert got.shape == want.shape
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         polls = {"n": 0}
@@ -206,7 +206,7 @@ def test_captions_of_different_lengths_share_a_padded_pass(tiny64, factors, laye
             return polls["n"] > 1
 
         stopping = PathIntegral(hidden[3], padded, alphas, weights, stops_after_first_poll, length=len(captions[3]))
-        got = factors(tower, layer, [integrals[0], integrals[1], stopping], memory_bytes=1 << 13)
+        got = factors(tower, layer, [integrals[0], integrals[1], stopping], ChunkBudget(1 << 13))
         assert got[2] is None
         for index in (0, 1):
             torch.testing.assert_close(got[index], solo[index], rtol=1e-9, atol=1e-12)
@@ -290,9 +290,9 @@ def test_chunking_does_not_change_the_result(tiny64):
     """One tangent per chunk and all tangents in one chunk give the same factors."""
     ids, pixels = caption_ids(), random_pixels(dtype=torch.float64)
     small = make_explainer(tiny64)
-    small.memory_bytes = 1
+    small.budget = ChunkBudget(1)
     large = make_explainer(tiny64)
-    large.memory_bytes = 1 << 40
+    large.budget = ChunkBudget(1 << 40)
     a = small.explain(ids, pixels, text_layer=0, image_layer=0, method="gausslegendre", n_steps=3)
     b = large.explain(ids, pixels, text_layer=0, image_layer=0, method="gausslegendre", n_steps=3)
     np.testing.assert_allclose(a.interactions, b.interactions, rtol=1e-10, atol=1e-14)

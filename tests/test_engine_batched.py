@@ -20,7 +20,7 @@ from conftest import TINY, seeded_model
 from hypothesis import given
 from hypothesis import strategies as st
 
-from explain_server.engine.attribution import PathIntegral, forward_factors, reverse_factors
+from explain_server.engine.attribution import ChunkBudget, PathIntegral, forward_costs, forward_factors, reverse_factors
 from explain_server.engine.explainer import Explainer, Side
 from explain_server.engine.quadrature import METHODS, min_n_steps, nodes_and_weights
 
@@ -34,7 +34,7 @@ AMPLE = 1 << 40
 def explainer(request) -> Explainer:
     model = seeded_model(TINY).to(request.param).requires_grad_(False)
     # ids of the tiny model's tokenizer (open_clip's CLIP BPE)
-    return Explainer(model, sot_token_id=49406, eot_token_id=49407, memory_bytes=AMPLE)
+    return Explainer(model, sot_token_id=49406, eot_token_id=49407, budget=ChunkBudget(AMPLE))
 
 
 class StopAfter:
@@ -136,33 +136,33 @@ def test_factor_passes_equal_each_integral_alone(explainer, tower, layer, mode, 
             PathIntegral(h, reference[:seq], *nodes_and_weights(side.method, side.n_steps), stop, length)
             for h, side, stop, length in zip(hidden, drawn, stops, lengths)
         ]
-        results = mode(tower_, layer, integrals, rows * seq * width * hidden.element_size())
+        results = mode(tower_, layer, integrals, ChunkBudget(rows * seq * width * hidden.element_size()))
         for i in check_stops(drawn, stops, results):
             own = hidden[i : i + 1, : lengths[i]] if tower == "text" else hidden[i : i + 1]
             alone = PathIntegral(own[0], reference[: own.shape[1]], *nodes_and_weights(drawn[i].method, drawn[i].n_steps))
-            (want,) = mode(tower_, layer, [alone], AMPLE)
+            (want,) = mode(tower_, layer, [alone], ChunkBudget(AMPLE))
             assert_equal_to_solo(results[i], want, explainer.dtype)
 
 
 @given(drawn=batches(), rows=ROWS)
 def test_explainer_batches_equal_each_side_alone(explainer, drawn, rows):
     """Explainer.factors on a mixed batch (layers, rules, lengths, stops): factors and endpoints."""
-    budget = explainer.memory_bytes
-    explainer.memory_bytes = rows * CONTEXT * explainer.text.blocks[0].attn.embed_dim * explainer.dtype.itemsize
+    budget = explainer.budget
+    explainer.budget = ChunkBudget(rows * CONTEXT * explainer.text.blocks[0].attn.embed_dim * explainer.dtype.itemsize)
     try:
         for tower in ("text", "image"):
             mine = [side for side in drawn if side.tower == tower]
             stops = [StopAfter(side.stop_after) for side in mine]
             batch = [Side(side.inputs(explainer), side.layer, side.method, side.n_steps, stop) for side, stop in zip(mine, stops)]
             results = explainer.factors(tower, batch)
-            explainer.memory_bytes, saved = AMPLE, explainer.memory_bytes
+            explainer.budget, saved = ChunkBudget(AMPLE), explainer.budget
             for i in check_stops(mine, stops, results):
                 (want,) = explainer.factors(tower, [Side(batch[i].inputs, mine[i].layer, mine[i].method, mine[i].n_steps)])
                 assert_equal_to_solo(results[i].factor, want.factor, explainer.dtype)
                 assert_equal_to_solo(results[i].endpoints, want.endpoints, explainer.dtype)
-            explainer.memory_bytes = saved
+            explainer.budget = saved
     finally:
-        explainer.memory_bytes = budget
+        explainer.budget = budget
 
 
 @pytest.mark.parametrize("lengths", [(3, 4, 5), (3, 5, 4)])
@@ -178,7 +178,56 @@ def test_captions_leaving_a_pass_one_after_another(explainer, lengths):
         reference = explainer._reference("text", 1)
         seq, width = hidden.shape[1:]
         integrals = [PathIntegral(h, reference[:seq], alphas, weights, length=n) for h, n in zip(hidden, lengths)]
-        results = forward_factors(explainer.text, 1, integrals, 64 * seq * width * hidden.element_size())
+        results = forward_factors(explainer.text, 1, integrals, ChunkBudget(64 * seq * width * hidden.element_size()))
         for got, ids in zip(results, inputs):
             alone = PathIntegral(explainer.text.lower(ids[None], 1)[0], reference[: len(ids)], alphas, weights)
-            assert_equal_to_solo(got, forward_factors(explainer.text, 1, [alone], AMPLE)[0], explainer.dtype)
+            assert_equal_to_solo(got, forward_factors(explainer.text, 1, [alone], ChunkBudget(AMPLE))[0], explainer.dtype)
+
+
+class LoggedBudget(ChunkBudget):
+    """A time budget at a fixed rate (so that plans do not depend on this machine's speed)
+    that logs every pass's multiply-adds beside every poll of the stop checks."""
+
+    def __init__(self, memory_bytes: int, max_flops: float, events: list):
+        super().__init__(memory_bytes, seconds=1.0)
+        self.seconds_per_flop = 1.0 / max_flops
+        self.events = events
+
+    def record(self, flops: float, seconds: float) -> None:
+        self.events.append(("pass", flops))
+
+
+@pytest.mark.parametrize("mode", [forward_factors, reverse_factors])
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_a_time_budget_bounds_every_pass_and_stopped_work_ends_at_the_next_poll(explainer, mode, tower):
+    """With a time budget no pass exceeds it (beyond the smallest pass there is: one node and
+    one column, or one pullback), and once every integral's stop check has fired no further
+    pass runs: a cancelled request keeps the model busy for at most one pass."""
+    events: list = []
+
+    def stops_at_poll(n: int, who: int):
+        polls = {"n": 0}
+
+        def check() -> bool:
+            polls["n"] += 1
+            events.append(("poll", who, polls["n"] >= n))
+            return polls["n"] >= n
+
+        return check
+
+    tower_ = getattr(explainer, tower)
+    inputs = [DrawnSide(tower, seed, 40, 0, "gausslegendre", 4, None).inputs(explainer) for seed in range(3)]
+    with torch.no_grad():
+        batch = torch.stack(inputs) if tower == "image" else torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)
+        hidden = tower_.lower(batch, 0)
+        reference = explainer._reference(tower, 0)[: hidden.shape[1]]
+        alphas, weights = nodes_and_weights("gausslegendre", 4)
+        integrals = [PathIntegral(h, reference, alphas, weights, stops_at_poll(4 + 2 * i, i)) for i, h in enumerate(hidden)]
+        primal, column = forward_costs(tower_, 0, hidden.shape[1])
+        smallest, max_flops = (primal + column, 2 * (primal + 5 * column)) if mode is forward_factors else (2 * primal, 12 * primal)
+        results = mode(tower_, 0, integrals, LoggedBudget(AMPLE, max_flops, events))
+    assert results == [None, None, None]
+    passes = [event[1] for event in events if event[0] == "pass"]
+    assert len(passes) > 3 and all(flops <= max(max_flops, smallest) for flops in passes)
+    last_fired = max(next(i for i, e in enumerate(events) if e == ("poll", who, True)) for who in range(3))
+    assert all(event[0] == "poll" for event in events[last_fired:])

@@ -15,6 +15,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from conftest import TINY, seeded_model
 from PIL import Image
 
+from explain_server.engine.attribution import ChunkBudget
 from explain_server.engine.explainer import Explainer
 
 CAPTION = "a cat sitting on a wooden floor"
@@ -62,7 +63,7 @@ def test_every_layer_equals_exclip_on_a_four_block_model(tmp_path, text_layer, i
         tokens, pixels, text_layer=text_layer, image_layer=image_layer, N=10
     ).numpy()
     explainer = Explainer(model.requires_grad_(False), sot_token_id=tokenizer.sot_token_id,
-                          eot_token_id=tokenizer.eot_token_id, memory_bytes=1 << 20)
+                          eot_token_id=tokenizer.eot_token_id, budget=ChunkBudget(1 << 20))
     ids = tokens[0, : int(tokens[0].argmax()) + 1].long()
     got = explainer.explain(ids, pixels[0], text_layer=text_layer, image_layer=image_layer,
                             method="riemann_right", n_steps=10).interactions[:, 1:].reshape(reference.shape)

@@ -46,6 +46,7 @@ class ServerConfig:
     max_image_side: int = ImageLimits.max_side
     max_message_mb: int = Limits.max_message_bytes >> 20
     jvp_memory_mb: int = 256
+    jvp_chunk_seconds: float = 0.25
     max_batch_size: int = BatchingConfig.max_batch_size
     max_queue_delay_ms: float = BatchingConfig.max_queue_delay_seconds * 1000
     max_queue_size: int = BatchingConfig.max_queue_size
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=int, help="largest request and response, MiB (default 64)")
     p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 256; raise it on GPUs)")
     p.add_argument(
+        "--jvp-chunk-seconds",
+        type=float,
+        help="wall time one JVP chunk aims at, seconds (default 0.25): cancelled and expired requests are "
+        "dropped between chunks, so this bounds how long they keep a model busy; 0 = memory budget only",
+    )
+    p.add_argument(
         "--max-batch-size", type=int, help="most requests per model run together (dynamic batching; 1 turns it off; default 16)"
     )
     p.add_argument(
@@ -179,7 +186,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(config, name)}")
-    for name in ("grace_seconds", "max_queue_delay_ms", "factor_cache_mb"):
+    for name in ("grace_seconds", "max_queue_delay_ms", "factor_cache_mb", "jvp_chunk_seconds"):
         if getattr(config, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(config, name)}")
     for spec in config.model_specs:

@@ -13,6 +13,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
+from .engine.attribution import ChunkBudget
 from .engine.explainer import Explainer
 from .engine.quadrature import check_rule
 
@@ -211,7 +212,9 @@ def _create(spec: ModelSpec, device: torch.device, dtype: str) -> torch.nn.Modul
     )
 
 
-def load_model(spec: ModelSpec, *, device: torch.device, dtype: str, memory_bytes: int) -> LoadedModel:
+def load_model(
+    spec: ModelSpec, *, device: torch.device, dtype: str, memory_bytes: int, chunk_seconds: float | None = None
+) -> LoadedModel:
     """Build, load and check one model; weights come from ``spec.pretrained``.
 
     Args:
@@ -219,7 +222,8 @@ def load_model(spec: ModelSpec, *, device: torch.device, dtype: str, memory_byte
         device: where the model runs.
         dtype: ``float32``, ``float16`` or ``bfloat16`` (weights and activations; path sums
             are accumulated in float32).
-        memory_bytes: JVP chunk budget for the explainer.
+        memory_bytes, chunk_seconds: the memory and wall time one pass of the explainer may
+            take (see :class:`ChunkBudget`); no time bound when ``chunk_seconds`` is None.
 
     Raises:
         ModelLoadError: unknown architecture, missing or unreadable weights, an
@@ -250,7 +254,7 @@ def load_model(spec: ModelSpec, *, device: torch.device, dtype: str, memory_byte
             model,
             sot_token_id=tokenizer.sot_token_id,
             eot_token_id=tokenizer.eot_token_id,
-            memory_bytes=memory_bytes,
+            budget=ChunkBudget(memory_bytes, chunk_seconds),
         )
     except ValueError as err:
         raise ModelLoadError(f"model {spec.name!r} ({spec.architecture}) cannot be explained: {err}") from err

@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 class ModelRegistry:
     """Hosted models by name. Not ``ready`` until every configured model is loaded and warmed up."""
 
-    def __init__(self, specs: list[ModelSpec], default_model: str, *, device: torch.device, dtype: str, memory_bytes: int):
+    def __init__(
+        self, specs: list[ModelSpec], default_model: str, *, device: torch.device, dtype: str, memory_bytes: int,
+        chunk_seconds: float | None = None,
+    ):
         """Record what to host; nothing is loaded until :meth:`load_all`.
 
         Raises:
@@ -32,7 +35,8 @@ class ModelRegistry:
             raise ValueError(f"--default-model {default_model!r} is not one of the configured models {names}")
         self.specs = specs
         self.default_model = default_model
-        self.device, self.dtype, self.memory_bytes = device, dtype, memory_bytes
+        self.device, self.dtype = device, dtype
+        self.memory_bytes, self.chunk_seconds = memory_bytes, chunk_seconds
         self.models: dict[str, LoadedModel] = {}
         self.ready = False
 
@@ -43,7 +47,9 @@ class ModelRegistry:
             ModelLoadError: a model failed to load or to explain a warm-up pair; the message names it.
         """
         for spec in self.specs:
-            loaded = load_model(spec, device=self.device, dtype=self.dtype, memory_bytes=self.memory_bytes)
+            loaded = load_model(
+                spec, device=self.device, dtype=self.dtype, memory_bytes=self.memory_bytes, chunk_seconds=self.chunk_seconds
+            )
             try:
                 _warm_up(loaded)
             except NonFiniteError as err:

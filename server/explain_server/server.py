@@ -78,6 +78,7 @@ async def serve(config: ServerConfig) -> int:
         device=resolve_device(config.device),
         dtype=config.dtype,
         memory_bytes=config.jvp_memory_mb << 20,
+        chunk_seconds=config.jvp_chunk_seconds or None,
     )
     max_bytes = config.max_message_mb << 20
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)

@@ -23,11 +23,16 @@ remaining blocks take the now dense tangent through ``torch.func.jvp``.
 Inputs of different lengths (captions) share passes, padded to the longest: in a causal tower
 a tangent on a row past the end token cannot reach the pooled row, so those columns are zero,
 and they are not computed once every input still in the pass has ended.
+
+The work is split into passes (a set of quadrature nodes, then their columns or embedding
+dimensions in chunks), each chunk sized by a :class:`ChunkBudget` of memory and wall time;
+stop checks run between chunks.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,12 +55,76 @@ def never() -> bool:
     return False
 
 
-# Live tangent-sized copies per dense row in one JVP pass through a block (ln, q/k/v,
-# attention, 4x-wide MLP): turns a memory budget into a chunk size.
+# Live tangent-sized copies per dense row in one JVP through a block (ln, q/k/v, attention,
+# 4x-wide MLP): turns a memory budget into a chunk size.
 _TANGENT_COPIES = 12
 # Measured (ViT-B-16, CPU): the peak a chunk adds is about 8x that simple count (vmap and
 # autograd-forward temporaries), so budgets are divided by it.
 _OVERHEAD = 8
+
+
+class ChunkBudget:
+    """How much one chunk of the engine's work may take: memory, and optionally wall time.
+
+    A chunk is a set of quadrature nodes times a set of columns (forward mode) or of embedding
+    dimensions (reverse mode). Stop checks are polled between chunks, so the size of a chunk
+    bounds how long a stopped request keeps the model busy.
+
+    Time is budgeted through the cost model's multiply-adds (:func:`forward_costs`) and a rate
+    learned from the chunks run so far: the seconds per multiply-add of this model on this
+    device, averaged with a weight that halves at every chunk. Until a chunk has been timed, a
+    time-bounded budget plans chunks of one node and one column.
+    """
+
+    def __init__(self, memory_bytes: int, seconds: float | None = None):
+        """Budget ``memory_bytes`` of activations per chunk and, when given, ``seconds`` of wall time."""
+        self.memory_bytes = memory_bytes
+        self.seconds = seconds
+        self.seconds_per_flop: float | None = None
+
+    def max_flops(self) -> float:
+        """The multiply-adds one chunk may take: infinite without a time budget, 0 before calibration."""
+        if self.seconds is None:
+            return math.inf
+        if self.seconds_per_flop is None:
+            return 0.0
+        return self.seconds / self.seconds_per_flop
+
+    def record(self, flops: float, seconds: float) -> None:
+        """Learn from a chunk of ``flops`` multiply-adds that took ``seconds``."""
+        rate = seconds / max(flops, 1.0)
+        self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.5 * (self.seconds_per_flop + rate)
+
+    def plan(self, unit_bytes: float, primal_flops: float, unit_flops: float, units: int, nodes: int) -> tuple[int, int]:
+        """The shape of the next chunk: (nodes, units per node), each at least 1.
+
+        A chunk costs ``nodes * (primal_flops + units * unit_flops)`` and adds
+        ``nodes * units * unit_bytes`` of memory. Units (columns, or embedding dimensions) are
+        filled first, since each one more shares the nodes' primal work; then nodes.
+        """
+        by_memory = max(1, int(self.memory_bytes // unit_bytes))
+        budget = self.max_flops()
+        per_node = units if math.isinf(budget) else int((budget - primal_flops) // unit_flops)
+        width = max(1, min(units, by_memory, per_node))
+        node_flops = primal_flops + width * unit_flops
+        by_time = nodes if math.isinf(budget) else int(budget // node_flops)
+        return max(1, min(nodes, by_memory // width, by_time)), width
+
+
+class _Timed:
+    """Times one chunk into a :class:`ChunkBudget` (synchronising CUDA, whose kernels run asynchronously)."""
+
+    def __init__(self, budget: ChunkBudget, flops: float, device: torch.device):
+        self.budget, self.flops, self.device = budget, flops, device
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and self.budget.seconds is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.budget.record(self.flops, time.perf_counter() - self.start)
 
 
 @dataclass(frozen=True)
@@ -68,7 +137,8 @@ class PathIntegral:
         alphas, weights: quadrature nodes in [0, 1] and weights, (K,) float64 each.
         should_stop: polled between chunks; once true the integral is dropped.
         length: the input's own rows, from the first (S when None); rows from ``length`` on
-            are padding after a caption's end token, and its factor has ``length`` columns.
+            are padding after a caption's end token (a causal tower: no row before ``length``
+            depends on them), and its factor has ``length`` columns.
     """
 
     hidden: torch.Tensor
@@ -85,85 +155,124 @@ class PathIntegral:
 
 
 class _Nodes:
-    """The quadrature nodes of several integrals stacked on one axis, so one pass serves all.
+    """Quadrature nodes of several integrals stacked on one axis, so one pass serves all.
 
-    ``path`` and ``delta`` are (N, S, d) with N the total node count; ``owner`` and ``length``
-    (N,) say whose node it is and how many rows that input owns; ``weights`` (R, N) holds
-    integral r's quadrature weights in the columns of its own nodes and zeros elsewhere, so a
-    product with it sums each integral's nodes apart from every other's.
+    ``path`` and ``delta`` are (N, S, d), cut to the ``seq`` rows the pass needs; ``owner``
+    (N,) holds each node's integral and ``length`` (N,) that integral's own rows; ``members``
+    lists the integrals present, and ``weights`` (len(members), N) holds member r's quadrature
+    weights in the columns of its own nodes and zeros elsewhere, so a product with it sums
+    each integral's nodes apart from every other's.
     """
 
-    def __init__(self, integrals: list[PathIntegral]):
+    def __init__(self, integrals: list[PathIntegral], nodes: list[tuple[int, int]], seq: int):
         probe = integrals[0].hidden
-        counts = [len(item.alphas) for item in integrals]
-        owner = np.repeat(np.arange(len(integrals)), counts)
-        self.owner = torch.from_numpy(owner).to(probe.device)
-        self.length = torch.tensor([item.own_rows for item in integrals], device=probe.device)[self.owner]
-        alphas = torch.from_numpy(np.concatenate([item.alphas for item in integrals])).to(probe.device, probe.dtype)
-        hidden = torch.stack([item.hidden for item in integrals])
-        reference = torch.stack([item.reference for item in integrals])
-        self.delta = (hidden - reference)[self.owner]
-        self.path = reference[self.owner] + alphas[:, None, None] * self.delta  # h(a_k) = h^r + a_k (h - h^r)
+        device = probe.device
+        owners = [i for i, _ in nodes]
+        self.members = list(dict.fromkeys(owners))
+        self.owner = torch.tensor(owners, device=device)
+        self.length = torch.tensor([integrals[i].own_rows for i in owners], device=device)
+        alphas = torch.tensor([float(integrals[i].alphas[k]) for i, k in nodes], device=device, dtype=probe.dtype)
+        hidden = torch.stack([integrals[i].hidden[:seq] for i in owners])
+        reference = torch.stack([integrals[i].reference[:seq] for i in owners])
+        self.delta = hidden - reference
+        self.path = reference + alphas[:, None, None] * self.delta  # h(a_k) = h^r + a_k (h - h^r)
         # path sums in at least float32, whatever the model's dtype
         dtype = torch.promote_types(probe.dtype, torch.float32)
-        weights = torch.from_numpy(np.concatenate([item.weights for item in integrals])).to(probe.device, dtype)
-        self.weights = torch.zeros((len(integrals), len(owner)), dtype=dtype, device=probe.device)
-        self.weights[self.owner, torch.arange(len(owner), device=probe.device)] = weights
+        self.weights = torch.zeros((len(self.members), len(nodes)), dtype=dtype, device=device)
+        row = {index: r for r, index in enumerate(self.members)}
+        for column, (i, k) in enumerate(nodes):
+            self.weights[row[i], column] = float(integrals[i].weights[k])
 
 
-def _groups(integrals: list[PathIntegral], node_bytes: int, memory_bytes: int) -> list[list[int]]:
-    """Consecutive integrals packed so that one column over all their nodes fits ``memory_bytes``."""
-    groups: list[list[int]] = []
-    used = 0
-    for index, item in enumerate(integrals):
-        cost = node_bytes * len(item.alphas)
-        if groups and used + cost <= memory_bytes:
-            groups[-1].append(index)
-            used += cost
-        else:
-            groups.append([index])
-            used = cost
-    return groups
+def _schedule(integrals: list[PathIntegral]) -> list[tuple[int, int]]:
+    """Every (integral, node) pair, longest inputs first, so that passes hold inputs of similar length."""
+    order = sorted(range(len(integrals)), key=lambda i: -integrals[i].own_rows)
+    return [(i, k) for i in order for k in range(len(integrals[i].alphas))]
+
+
+def _similar(integrals: list[PathIntegral], queue: list[tuple[int, int]], seq: int) -> int:
+    """How many nodes at the head of ``queue`` belong to inputs longer than half of ``seq``.
+
+    A pass computes every input on ``seq`` rows and up to ``seq`` columns: sharing it with far
+    shorter inputs would cost them more than computing them apart.
+    """
+    return next((n for n, (i, _) in enumerate(queue) if 2 * integrals[i].own_rows <= seq), len(queue))
+
+
+class _Factors:
+    """The factors being summed, pass by pass, and which integrals have stopped.
+
+    ``stopped`` holds every integral whose stop check returned true at a poll; its factor is
+    None. An integral is polled only while it still has work.
+    """
+
+    def __init__(self, integrals: list[PathIntegral], dim: int):
+        probe = integrals[0].hidden
+        dtype = torch.promote_types(probe.dtype, torch.float32)
+        self.integrals = integrals
+        self.sums = [torch.zeros((dim, item.own_rows), dtype=dtype, device=probe.device) for item in integrals]
+        self.stopped: set[int] = set()
+
+    def poll(self, members: list[int]) -> list[int]:
+        """Poll ``members`` not yet stopped; those still wanted, in order."""
+        self.stopped |= {i for i in members if i not in self.stopped and self.integrals[i].should_stop()}
+        return [i for i in members if i not in self.stopped]
+
+    def pending(self, queue: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``queue`` without the nodes of stopped integrals, polling the integrals it holds."""
+        wanted = set(self.poll(list(dict.fromkeys(i for i, _ in queue))))
+        return [node for node in queue if node[0] in wanted]
+
+    def results(self) -> list[torch.Tensor | None]:
+        return [None if i in self.stopped else total for i, total in enumerate(self.sums)]
 
 
 def forward_factors(
-    tower: Tower, layer: int, integrals: list[PathIntegral], memory_bytes: int
+    tower: Tower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget
 ) -> list[torch.Tensor | None]:
     """Factors by forward mode: column s = sum_k w_k J_hi(h(a_k)) [dt on row s, 0 elsewhere].
 
-    The nodes of all integrals go through each pass together (batching across requests);
-    each integral's columns are summed from its own nodes only, so its factor does not depend
-    on the others beyond floating-point summation order.
+    The nodes of all integrals share passes (batching across requests), longest inputs first;
+    each pass takes a set of nodes through the attribution block's primal once and then
+    columns in chunks. Each integral's columns are summed from its own nodes only, so its
+    factor does not depend on the others beyond floating-point summation order.
 
     Args:
         tower: the tower; f_hi is ``tower.upper(., layer, pool)``.
         layer: block whose input is attributed, in [0, n_layers - 1].
         integrals: the integrals, all with the same (padded) sequence length S.
-        memory_bytes: budget for the tangent activations of one chunk.
+        budget: the memory and time one chunk may take.
 
     Returns:
         Per integral, in order: the factor (D, own_rows), float32 (float64 for a float64
         model), whose column sum approximates f_hi(h) - f_hi(h^r) (method.md); or None when
-        its ``should_stop`` turned true (it is then dropped from the remaining chunks).
+        its ``should_stop`` returned true at a poll (polls run before every chunk).
     """
     probe = integrals[0].hidden
-    seq, width = probe.shape
+    width = probe.shape[1]
     heads = tower.blocks[layer].attn.num_heads
-    rows = tower.query_rows(layer, torch.zeros(1, dtype=torch.long))
-    n_rows = seq if rows is None else rows.shape[1]
-    node_bytes = _OVERHEAD * probe.element_size() * (4 * heads * n_rows * seq + _TANGENT_COPIES * n_rows * width)
-    results: list[torch.Tensor | None] = []
-    for group in _groups(integrals, node_bytes, memory_bytes):
-        results += _forward_group(tower, layer, [integrals[i] for i in group], node_bytes, memory_bytes)
-    return results
+    factors = _Factors(integrals, tower.embed_dim)
+    queue = _schedule(integrals)
+    while queue := factors.pending(queue):
+        seq = integrals[queue[0][0]].own_rows  # the longest input left: later passes need no more rows
+        rows = tower.query_rows(layer, torch.zeros(1, dtype=torch.long))
+        n_rows = seq if rows is None else rows.shape[1]
+        unit_bytes = _OVERHEAD * probe.element_size() * (4 * heads * n_rows * seq + _TANGENT_COPIES * n_rows * width)
+        primal, tangent = forward_costs(tower, layer, seq)
+        n_nodes, n_columns = budget.plan(unit_bytes, primal, tangent, seq, _similar(integrals, queue, seq))
+        group, queue = queue[:n_nodes], queue[n_nodes:]
+        _forward_pass(tower, layer, integrals, group, seq, n_columns, factors, budget, primal, tangent)
+    return factors.results()
 
 
-def _forward_group(
-    tower: Tower, layer: int, integrals: list[PathIntegral], node_bytes: int, memory_bytes: int
-) -> list[torch.Tensor | None]:
-    nodes = _Nodes(integrals)
-    path, delta, owner, w = nodes.path, nodes.delta, nodes.owner, nodes.weights
-    n_nodes, seq, width = path.shape
+def _forward_pass(
+    tower: Tower, layer: int, integrals: list[PathIntegral], group: list[tuple[int, int]], seq: int,
+    n_columns: int, factors: _Factors, budget: ChunkBudget, primal_flops: float, tangent_flops: float,
+) -> None:
+    """Add the contributions of the nodes in ``group`` to ``factors``, ``n_columns`` columns at a time."""
+    nodes = _Nodes(integrals, group, seq)
+    path, delta, owner, w, members = nodes.path, nodes.delta, nodes.owner, nodes.weights, nodes.members
+    n_nodes, _, width = path.shape
     block = tower.blocks[layer]
     heads = block.attn.num_heads
     head_dim = width // heads
@@ -188,106 +297,110 @@ def _forward_group(
     o = attn @ v  # (N, H, Q, e)
     x1 = select_rows(path, rows) + block.ls_1(block.attn.out_proj(o.transpose(1, 2).reshape(n_nodes, n_rows, width)))
 
-    alive = list(range(len(integrals)))
-    stopped: set[int] = set()
-    columns: dict[int, list[torch.Tensor]] = {i: [] for i in alive}
     start = 0
     while True:
-        stopped |= {i for i in alive if integrals[i].should_stop()}
-        # an integral leaves the pass once stopped, or once every column left is past its rows
-        still = [i for i in alive if i not in stopped and integrals[i].own_rows > start]
+        # an integral leaves the pass once every column left is past its rows, or once stopped
+        still = factors.poll([i for i in members if integrals[i].own_rows > start])
         if not still:
-            break
-        if still != alive:
+            return
+        if still != members:
             keep = torch.isin(owner, torch.tensor(still, device=owner.device))
             path, delta, owner, pool, row_ids, q, k, v, attn, o, x1 = (
                 t[keep] for t in (path, delta, owner, pool, row_ids, q, k, v, attn, o, x1)
             )
-            # w's rows follow ``alive`` (positions), ``still`` holds integral indices
-            w = w[[alive.index(i) for i in still]][:, keep]
-            alive = still
+            # w's rows follow ``members`` (positions), ``still`` holds integral indices
+            w = w[[members.index(i) for i in still]][:, keep]
+            members = still
             n_nodes = len(owner)
-        end = max(integrals[i].own_rows for i in alive)
-        chunk = max(1, min(end - start, memory_bytes // (node_bytes * n_nodes)))
-        cols = torch.arange(start, start + chunk, device=path.device)
-        start += chunk
-        c = len(cols)
-        # ln_1 is row-wise: the tangent stays on row s.
-        x_rows = path[:, cols].transpose(0, 1)  # (c, N, d)
-        y_dot = jvp(block.ln_1, (x_rows,), (delta[:, cols].transpose(0, 1),))[1]
-        k_dot = F.linear(y_dot, w_k).view(c, n_nodes, heads, head_dim)
-        v_dot = F.linear(y_dot, w_v).view(c, n_nodes, heads, head_dim)
-        # Key and value row s moved, for every query row r: only score (r, s) moves, by
-        # alpha_r = <q_r, k_dot_s> / sqrt(e), so d o_r = a_rs (alpha_r (v_s - o_r) + v_dot_s).
-        alpha = torch.einsum("nhqe,cnhe->cnhq", q, k_dot) * scale
-        a_at_s = attn.permute(3, 0, 1, 2)[cols]  # (c, N, H, Q)
-        v_s = v.permute(2, 0, 1, 3)[cols]  # (c, N, H, e)
-        o_dot = a_at_s[..., None] * (alpha[..., None] * (v_s[:, :, :, None] - o) + v_dot[:, :, :, None])  # (c, N, H, Q, e)
-        # When row s is itself a query row, its query moved against every key j by
-        # beta_j = <q_dot_s, k_j> / sqrt(e): d o_s += sum_j a_sj beta_j (v_j - o_s).
-        is_query = cols[:, None, None] == row_ids[None]  # (c, N, Q)
-        query_cols = is_query.flatten(1).any(1).nonzero().squeeze(1)
-        if len(query_cols):
-            own = is_query[query_cols]  # (c', N, Q), at most one query row per column and node
-            q_dot = F.linear(y_dot[query_cols], w_q).view(len(query_cols), n_nodes, heads, head_dim)
-            beta = torch.einsum("cnhe,nhse->cnhs", q_dot, k) * scale
-            slot = own.int().argmax(-1)  # (c', N): where row s sits among the Q query rows
-            node = torch.arange(n_nodes, device=path.device)
-            a_row, o_row = attn[node, :, slot], o[node, :, slot]  # (c', N, H, S), (c', N, H, e)
-            weighted = a_row * beta  # (c', N, H, S)
-            o_query = torch.einsum("cnhs,nhse->cnhe", weighted, v) - weighted.sum(-1, keepdim=True) * o_row
-            o_dot.index_add_(0, query_cols, own[:, :, None, :, None] * o_query[:, :, :, None, :])
-        out_dot = F.linear(o_dot.transpose(2, 3).reshape(c, n_nodes, n_rows, width), block.attn.out_proj.weight)
-        x1_dot = block.ls_1(out_dot) + is_query[..., None] * delta[:, cols].transpose(0, 1)[:, :, None, :]
-        products = vmap(lambda tangent: jvp(lambda x: tower.finish(x, layer, pool), (x1,), (tangent,))[1])(x1_dot)  # (c, N, D)
-        for index, part in zip(alive, torch.einsum("ckd,rk->rdc", products.to(w.dtype), w)):
-            columns[index].append(part)
-    return [
-        None if i in stopped else torch.cat(columns[i], dim=1)[:, : integrals[i].own_rows]
-        for i in range(len(integrals))
-    ]
+        c = min(n_columns, max(integrals[i].own_rows for i in members) - start)
+        cols = torch.arange(start, start + c, device=path.device)
+        with _Timed(budget, n_nodes * (primal_flops + c * tangent_flops), path.device):
+            # ln_1 is row-wise: the tangent stays on row s.
+            x_rows = path[:, cols].transpose(0, 1)  # (c, N, d)
+            y_dot = jvp(block.ln_1, (x_rows,), (delta[:, cols].transpose(0, 1),))[1]
+            k_dot = F.linear(y_dot, w_k).view(c, n_nodes, heads, head_dim)
+            v_dot = F.linear(y_dot, w_v).view(c, n_nodes, heads, head_dim)
+            # Key and value row s moved, for every query row r: only score (r, s) moves, by
+            # alpha_r = <q_r, k_dot_s> / sqrt(e), so d o_r = a_rs (alpha_r (v_s - o_r) + v_dot_s).
+            alpha = torch.einsum("nhqe,cnhe->cnhq", q, k_dot) * scale
+            a_at_s = attn.permute(3, 0, 1, 2)[cols]  # (c, N, H, Q)
+            v_s = v.permute(2, 0, 1, 3)[cols]  # (c, N, H, e)
+            o_dot = a_at_s[..., None] * (alpha[..., None] * (v_s[:, :, :, None] - o) + v_dot[:, :, :, None])  # (c, N, H, Q, e)
+            # When row s is itself a query row, its query moved against every key j by
+            # beta_j = <q_dot_s, k_j> / sqrt(e): d o_s += sum_j a_sj beta_j (v_j - o_s).
+            is_query = cols[:, None, None] == row_ids[None]  # (c, N, Q)
+            query_cols = is_query.flatten(1).any(1).nonzero().squeeze(1)
+            if len(query_cols):
+                own = is_query[query_cols]  # (c', N, Q), at most one query row per column and node
+                q_dot = F.linear(y_dot[query_cols], w_q).view(len(query_cols), n_nodes, heads, head_dim)
+                beta = torch.einsum("cnhe,nhse->cnhs", q_dot, k) * scale
+                slot = own.int().argmax(-1)  # (c', N): where row s sits among the Q query rows
+                node = torch.arange(n_nodes, device=path.device)
+                a_row, o_row = attn[node, :, slot], o[node, :, slot]  # (c', N, H, S), (c', N, H, e)
+                weighted = a_row * beta  # (c', N, H, S)
+                o_query = torch.einsum("cnhs,nhse->cnhe", weighted, v) - weighted.sum(-1, keepdim=True) * o_row
+                o_dot.index_add_(0, query_cols, own[:, :, None, :, None] * o_query[:, :, :, None, :])
+            out_dot = F.linear(o_dot.transpose(2, 3).reshape(c, n_nodes, n_rows, width), block.attn.out_proj.weight)
+            x1_dot = block.ls_1(out_dot) + is_query[..., None] * delta[:, cols].transpose(0, 1)[:, :, None, :]
+            products = vmap(lambda tangent: jvp(lambda x: tower.finish(x, layer, pool), (x1,), (tangent,))[1])(x1_dot)  # (c, N, D)
+            for index, part in zip(members, torch.einsum("ckd,rk->rdc", products.to(w.dtype), w)):
+                own_columns = min(c, integrals[index].own_rows - start)
+                factors.sums[index][:, start : start + own_columns] += part[:, :own_columns]
+        start += c
 
 
 def reverse_factors(
-    tower: Tower, layer: int, integrals: list[PathIntegral], memory_bytes: int
+    tower: Tower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget
 ) -> list[torch.Tensor | None]:
     """The same factors as :func:`forward_factors` by reverse mode: one pullback per embedding dimension.
 
     T[e, s] = sum_k w_k < d f_hi[e] / d h (h(a_k))[s, :], dt[s, :] >. Cheaper than forward mode
-    only when the sequence is much longer than the embedding (see :func:`choose_mode`). An
-    integral whose ``should_stop`` turns true gets None; the pass ends once all have stopped.
-    Padding rows get zero gradients and are cut off.
+    only when the sequence is much longer than the embedding (see :func:`choose_mode`). Each
+    pass takes a set of nodes forward once and pulls back embedding dimensions in chunks; an
+    integral whose ``should_stop`` returns true at a poll (before every chunk) gets None, and
+    a pass whose integrals have all stopped ends. Padding rows get zero gradients and are cut off.
     """
     probe = integrals[0].hidden
-    seq, width = probe.shape
-    node_bytes = _OVERHEAD * probe.element_size() * seq * width * 3 * _TANGENT_COPIES
-    results: list[torch.Tensor | None] = []
-    for group in _groups(integrals, node_bytes, memory_bytes):
-        results += _reverse_group(tower, layer, [integrals[i] for i in group], node_bytes, memory_bytes)
-    return results
+    width = probe.shape[1]
+    dim = tower.embed_dim
+    factors = _Factors(integrals, dim)
+    queue = _schedule(integrals)
+    while queue := factors.pending(queue):
+        seq = integrals[queue[0][0]].own_rows
+        unit_bytes = _OVERHEAD * probe.element_size() * seq * width * 3 * _TANGENT_COPIES
+        upper = forward_costs(tower, layer, seq)[0]
+        n_nodes, n_dims = budget.plan(unit_bytes, upper, 2 * upper, dim, _similar(integrals, queue, seq))
+        group, queue = queue[:n_nodes], queue[n_nodes:]
+        nodes = _Nodes(integrals, group, seq)
+        members = nodes.members
+        with torch.enable_grad():  # callers run under no_grad; reverse mode needs the graph
+            pool = tower.pool_rows(nodes.length)
+            with _Timed(budget, len(group) * upper, probe.device):
+                pullback = vjp(lambda h: tower.upper(h, layer, pool), nodes.path)[1]
+            eye = torch.eye(dim, dtype=probe.dtype, device=probe.device)
+            for start in range(0, dim, n_dims):
+                if not factors.poll(members):
+                    break
+                cotangents = eye[start : start + n_dims, None, :].expand(-1, len(group), -1)  # (c, N, D)
+                with _Timed(budget, len(group) * len(cotangents) * 2 * upper, probe.device):
+                    grads = vmap(pullback)(cotangents)[0].detach()  # (c, N, S, d)
+                    w = nodes.weights
+                    parts = torch.einsum("cksd,ksd,rk->rcs", grads.to(w.dtype), nodes.delta.to(w.dtype), w)
+                for index, part in zip(members, parts):
+                    own = integrals[index].own_rows
+                    factors.sums[index][start : start + n_dims] += part[:, :own]
+    return factors.results()
 
 
-def _reverse_group(
-    tower: Tower, layer: int, integrals: list[PathIntegral], node_bytes: int, memory_bytes: int
-) -> list[torch.Tensor | None]:
-    nodes = _Nodes(integrals)
-    n_nodes = len(nodes.owner)
-    rows = []
-    with torch.enable_grad():  # callers run under no_grad; reverse mode needs the graph
-        pool = tower.pool_rows(nodes.length)
-        embedding, pullback = vjp(lambda h: tower.upper(h, layer, pool), nodes.path)
-        dim = embedding.shape[1]
-        eye = torch.eye(dim, dtype=embedding.dtype, device=embedding.device)
-        chunk = max(1, min(dim, memory_bytes // (node_bytes * n_nodes)))
-        for start in range(0, dim, chunk):
-            if all(item.should_stop() for item in integrals):
-                return [None] * len(integrals)
-            cotangents = eye[start : start + chunk, None, :].expand(-1, n_nodes, -1)  # (c, N, D)
-            grads = vmap(pullback)(cotangents)[0].detach()  # (c, N, S, d)
-            w = nodes.weights
-            rows.append(torch.einsum("cksd,ksd,rk->rcs", grads.to(w.dtype), nodes.delta.to(w.dtype), w))
-    factors = torch.cat(rows, dim=1)  # (R, D, S)
-    return [None if item.should_stop() else factor[:, : item.own_rows] for item, factor in zip(integrals, factors)]
+def forward_costs(tower: Tower, layer: int, seq: int) -> tuple[float, float]:
+    """The cost model: multiply-adds of f_hi on one node of ``seq`` rows (its primal), and of
+    one column's tangent through it in forward mode (a pullback costs about twice the primal)."""
+    width = tower.blocks[layer].attn.embed_dim
+    last = tower.n_layers - 1
+    later = sum(_block_flops(seq, 1 if i == last else seq, width) for i in range(layer + 1, tower.n_layers))
+    query_rows = 1 if layer == last else seq
+    first_sparse = 3 * width**2 + query_rows * (9 * width**2 + 4 * seq * width)
+    return _block_flops(seq, query_rows, width) + later, first_sparse + later
 
 
 def _block_flops(seq: int, rows: int, width: int) -> float:
@@ -301,15 +414,8 @@ def choose_mode(tower: Tower, layer: int, seq: int, embed_dim: int) -> str:
     Forward mode: S columns, each an attribution block on one row (about 13 d^2) plus the later
     blocks at full cost. Reverse mode: D pullbacks, each about twice the forward cost of f_hi.
     """
-    width = tower.blocks[layer].attn.embed_dim
-    last = tower.n_layers - 1
-    later = sum(_block_flops(seq, 1 if i == last else seq, width) for i in range(layer + 1, tower.n_layers))
-    query_rows = 1 if layer == last else seq
-    first_sparse = 3 * width**2 + query_rows * (9 * width**2 + 4 * seq * width)
-    upper = _block_flops(seq, query_rows, width) + later
-    forward_cost = seq * (first_sparse + later)
-    reverse_cost = embed_dim * 2 * upper
-    return "forward" if forward_cost <= reverse_cost else "reverse"
+    upper, tangent = forward_costs(tower, layer, seq)
+    return "forward" if seq * tangent <= embed_dim * 2 * upper else "reverse"
 
 
 FACTORS = {"forward": forward_factors, "reverse": reverse_factors}

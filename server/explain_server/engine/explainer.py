@@ -9,7 +9,9 @@ import torch
 from open_clip.model import CLIP
 from torch.nn.utils.rnn import pad_sequence
 
-from .attribution import FACTORS, Attribution, ExplanationCancelled, PathIntegral, StopCheck, choose_mode, combine, never
+from .attribution import (
+    FACTORS, Attribution, ChunkBudget, ExplanationCancelled, PathIntegral, StopCheck, choose_mode, combine, never,
+)
 from .quadrature import nodes_and_weights
 from .towers import ImageTower, TextTower
 
@@ -63,20 +65,21 @@ class Explainer:
     they are computed once per layer.
     """
 
-    def __init__(self, model: CLIP, *, sot_token_id: int, eot_token_id: int, memory_bytes: int):
+    def __init__(self, model: CLIP, *, sot_token_id: int, eot_token_id: int, budget: ChunkBudget):
         """Wrap an eval-mode ``model``.
 
         Args:
             model: open_clip CLIP in eval mode, on its device and dtype.
             sot_token_id, eot_token_id: the tokenizer's start and end token ids.
-            memory_bytes: budget for the tangent activations of one JVP chunk.
+            budget: the memory and time one pass of the engine may take (it learns this
+                model's speed as it runs, so give each explainer its own).
 
         Raises:
             UnsupportedModelError: a tower the engine cannot explain.
         """
         self.text = TextTower(model)
         self.image = ImageTower(model)
-        self.memory_bytes = memory_bytes
+        self.budget = budget
         self.embed_dim = int(model.visual.output_dim)
         # the patch embedding's weights say what the image tower computes in
         weight = model.visual.conv1.weight
@@ -146,7 +149,7 @@ class Explainer:
                     for j, i in enumerate(members)
                 ]
                 mode = choose_mode(tower, layer, hidden.shape[1], self.embed_dim)
-                for j, (i, factor) in enumerate(zip(members, FACTORS[mode](tower, layer, integrals, self.memory_bytes))):
+                for j, (i, factor) in enumerate(zip(members, FACTORS[mode](tower, layer, integrals, self.budget))):
                     if factor is not None:
                         own, ref = endpoints[j], endpoints[len(members) + reference_of[j]]
                         results[i] = Factor(factor, torch.stack([own, ref]))

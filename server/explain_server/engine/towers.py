@@ -100,6 +100,8 @@ class Tower:
     """
 
     blocks: torch.nn.ModuleList
+    embed_dim: int
+    """D, the width of the embedding :meth:`head` returns."""
 
     @property
     def n_layers(self) -> int:
@@ -190,6 +192,13 @@ class TextTower(Tower):
         self.model = model
         self.blocks = model.transformer.resblocks
         _check_blocks(self.blocks, "text")
+        projection = model.text_projection
+        if projection is None:
+            self.embed_dim = model.transformer.width
+        elif isinstance(projection, torch.nn.Linear):
+            self.embed_dim = projection.out_features
+        else:
+            self.embed_dim = projection.shape[1]
 
     def mask(self, seq: int) -> torch.Tensor:
         """The causal mask, cut to ``seq`` positions."""
@@ -249,6 +258,7 @@ class ImageTower(Tower):
         self.visual = visual
         self.blocks = visual.transformer.resblocks
         _check_blocks(self.blocks, "image")
+        self.embed_dim = visual.output_dim
 
     @property
     def grid_size(self) -> tuple[int, int]:
