@@ -58,9 +58,12 @@ def never() -> bool:
 # Live tangent-sized copies per dense row in one JVP through a block (ln, q/k/v, attention,
 # 4x-wide MLP): turns a memory budget into a chunk size.
 _TANGENT_COPIES = 12
-# Measured (ViT-B-16, CPU): the peak a chunk adds is about 8x that simple count (vmap and
-# autograd-forward temporaries), so budgets are divided by it.
-_OVERHEAD = 8
+# Temporaries beyond that count: on ViT-B-16 (CPU, block 6) a chunk planned for 256 MiB or
+# 1 GiB added a peak of 40-45% of it, primal included, with this factor.
+_OVERHEAD = 2
+# Row-sized tensors a block's primal keeps for its derivative (normalised inputs, q/k/v,
+# attention output, the 4x-wide MLP's input and slope), beside its heads x rows attention.
+_PRIMAL_COPIES = 16
 
 
 class ChunkBudget:
@@ -95,20 +98,23 @@ class ChunkBudget:
         rate = seconds / max(flops, 1.0)
         self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.5 * (self.seconds_per_flop + rate)
 
-    def plan(self, unit_bytes: float, primal_flops: float, unit_flops: float, units: int, nodes: int) -> tuple[int, int]:
-        """The shape of the next chunk: (nodes, units per node), each at least 1.
+    def plan(
+        self, node_bytes: float, unit_bytes: float, node_flops: float, unit_flops: float, units: int, nodes: int
+    ) -> tuple[int, int]:
+        """The shape of the next pass: (nodes, units per chunk), each at least 1.
 
-        A chunk costs ``nodes * (primal_flops + units * unit_flops)`` and adds
-        ``nodes * units * unit_bytes`` of memory. Units (columns, or embedding dimensions) are
-        filled first, since each one more shares the nodes' primal work; then nodes.
+        A pass of n nodes first computes their primal (``n * node_flops``, holding
+        ``n * node_bytes``), then runs their units (columns, or embedding dimensions) in chunks
+        of ``n * width * unit_flops`` that each add ``n * width * unit_bytes``. Chunks are made
+        wide before a pass takes more nodes, which would hold more primal memory.
         """
-        by_memory = max(1, int(self.memory_bytes // unit_bytes))
         budget = self.max_flops()
-        per_node = units if math.isinf(budget) else int((budget - primal_flops) // unit_flops)
-        width = max(1, min(units, by_memory, per_node))
-        node_flops = primal_flops + width * unit_flops
-        by_time = nodes if math.isinf(budget) else int(budget // node_flops)
-        return max(1, min(nodes, by_memory // width, by_time)), width
+        by_memory = int((self.memory_bytes - node_bytes) // unit_bytes)
+        by_time = units if math.isinf(budget) else int(budget // unit_flops)
+        width = max(1, min(units, by_memory, by_time))
+        by_memory = int(self.memory_bytes // (node_bytes + width * unit_bytes))
+        by_time = nodes if math.isinf(budget) else int(budget // max(node_flops, width * unit_flops))
+        return max(1, min(nodes, by_memory, by_time)), width
 
 
 class _Timed:
@@ -259,7 +265,9 @@ def forward_factors(
         n_rows = seq if rows is None else rows.shape[1]
         unit_bytes = _OVERHEAD * probe.element_size() * (4 * heads * n_rows * seq + _TANGENT_COPIES * n_rows * width)
         primal, tangent = forward_costs(tower, layer, seq)
-        n_nodes, n_columns = budget.plan(unit_bytes, primal, tangent, seq, _similar(integrals, queue, seq))
+        n_nodes, n_columns = budget.plan(
+            _primal_bytes(tower, layer, probe, seq), unit_bytes, primal, tangent, seq, _similar(integrals, queue, seq)
+        )
         group, queue = queue[:n_nodes], queue[n_nodes:]
         _forward_pass(tower, layer, integrals, group, seq, n_columns, factors, budget, primal, tangent)
     return factors.results()
@@ -285,17 +293,19 @@ def _forward_pass(
     w_q, w_k, w_v = block.attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = block.attn.in_proj_bias.chunk(3) if block.attn.in_proj_bias is not None else (None,) * 3
 
-    # The primal of the attribution block, shared by every tangent.
-    y = block.ln_1(path)
-    q = F.linear(select_rows(y, rows), w_q, b_q).view(n_nodes, n_rows, heads, head_dim).transpose(1, 2)  # (N, H, Q, e)
-    k = F.linear(y, w_k, b_k).view(n_nodes, seq, heads, head_dim).transpose(1, 2)  # (N, H, S, e)
-    v = F.linear(y, w_v, b_v).view(n_nodes, seq, heads, head_dim).transpose(1, 2)
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if mask is not None:
-        scores = scores + mask.to(scores.dtype)
-    attn = scores.softmax(dim=-1)  # (N, H, Q, S)
-    o = attn @ v  # (N, H, Q, e)
-    x1 = select_rows(path, rows) + block.ls_1(block.attn.out_proj(o.transpose(1, 2).reshape(n_nodes, n_rows, width)))
+    # The primal of the attribution block and the later blocks' derivative, shared by every tangent.
+    with _Timed(budget, n_nodes * primal_flops, path.device):
+        y = block.ln_1(path)
+        q = F.linear(select_rows(y, rows), w_q, b_q).view(n_nodes, n_rows, heads, head_dim).transpose(1, 2)  # (N, H, Q, e)
+        k = F.linear(y, w_k, b_k).view(n_nodes, seq, heads, head_dim).transpose(1, 2)  # (N, H, S, e)
+        v = F.linear(y, w_v, b_v).view(n_nodes, seq, heads, head_dim).transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1)) * scale
+        if mask is not None:
+            scores = scores + mask.to(scores.dtype)
+        attn = scores.softmax(dim=-1)  # (N, H, Q, S)
+        o = attn @ v  # (N, H, Q, e)
+        x1 = select_rows(path, rows) + block.ls_1(block.attn.out_proj(o.transpose(1, 2).reshape(n_nodes, n_rows, width)))
+        finish = tower.linearize_finish(x1, layer, pool)[1]
 
     start = 0
     while True:
@@ -312,9 +322,10 @@ def _forward_pass(
             w = w[[members.index(i) for i in still]][:, keep]
             members = still
             n_nodes = len(owner)
+            finish = tower.linearize_finish(x1, layer, pool)[1]
         c = min(n_columns, max(integrals[i].own_rows for i in members) - start)
         cols = torch.arange(start, start + c, device=path.device)
-        with _Timed(budget, n_nodes * (primal_flops + c * tangent_flops), path.device):
+        with _Timed(budget, n_nodes * c * tangent_flops, path.device):
             # ln_1 is row-wise: the tangent stays on row s.
             x_rows = path[:, cols].transpose(0, 1)  # (c, N, d)
             y_dot = jvp(block.ln_1, (x_rows,), (delta[:, cols].transpose(0, 1),))[1]
@@ -342,7 +353,7 @@ def _forward_pass(
                 o_dot.index_add_(0, query_cols, own[:, :, None, :, None] * o_query[:, :, :, None, :])
             out_dot = F.linear(o_dot.transpose(2, 3).reshape(c, n_nodes, n_rows, width), block.attn.out_proj.weight)
             x1_dot = block.ls_1(out_dot) + is_query[..., None] * delta[:, cols].transpose(0, 1)[:, :, None, :]
-            products = vmap(lambda tangent: jvp(lambda x: tower.finish(x, layer, pool), (x1,), (tangent,))[1])(x1_dot)  # (c, N, D)
+            products = finish(x1_dot)  # (c, N, D)
             for index, part in zip(members, torch.einsum("ckd,rk->rdc", products.to(w.dtype), w)):
                 own_columns = min(c, integrals[index].own_rows - start)
                 factors.sums[index][:, start : start + own_columns] += part[:, :own_columns]
@@ -369,7 +380,9 @@ def reverse_factors(
         seq = integrals[queue[0][0]].own_rows
         unit_bytes = _OVERHEAD * probe.element_size() * seq * width * 3 * _TANGENT_COPIES
         upper = forward_costs(tower, layer, seq)[0]
-        n_nodes, n_dims = budget.plan(unit_bytes, upper, 2 * upper, dim, _similar(integrals, queue, seq))
+        n_nodes, n_dims = budget.plan(
+            _primal_bytes(tower, layer, probe, seq), unit_bytes, upper, 2 * upper, dim, _similar(integrals, queue, seq)
+        )
         group, queue = queue[:n_nodes], queue[n_nodes:]
         nodes = _Nodes(integrals, group, seq)
         members = nodes.members
@@ -390,6 +403,12 @@ def reverse_factors(
                     own = integrals[index].own_rows
                     factors.sums[index][start : start + n_dims] += part[:, :own]
     return factors.results()
+
+
+def _primal_bytes(tower: Tower, layer: int, probe: torch.Tensor, seq: int) -> float:
+    """Memory the primal of f_hi holds for one node while its tangents run (or its pullbacks)."""
+    width, heads = tower.blocks[layer].attn.embed_dim, tower.blocks[layer].attn.num_heads
+    return probe.element_size() * seq * (_PRIMAL_COPIES * width + heads * seq) * (tower.n_layers - layer)
 
 
 def forward_costs(tower: Tower, layer: int, seq: int) -> tuple[float, float]:

@@ -10,16 +10,27 @@ row alone: the same embedding at a fraction of the cost.
 The pooled row is given per input (``pool``), so that captions of different lengths can share
 one padded batch: a causal tower's rows up to a caption's end token do not depend on the
 padding after it.
+
+``linearize_finish`` gives the forward-mode derivative of the blocks after the attribution
+block as a linear map, built once per set of path nodes from their primal (layer-norm
+statistics, attention weights, the activation's slope) and then applied to many tangents. A
+JVP through the blocks would recompute all of that, and the activation's derivative, for every
+tangent.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+from torch.func import jvp, vmap
+
+# A tangent map: tangents (C, B, S, d) at a fixed primal -> their images.
+Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 class UnsupportedModelError(ValueError):
@@ -81,6 +92,84 @@ def mlp_half(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def linear_layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, Linear]:
+    """``norm(x)`` and its derivative at ``x``, a map on tangents with any leading dimensions.
+
+    d y = w * (dx - mean(dx) - x_hat mean(dx x_hat)) / sigma, with x_hat and sigma from the
+    primal, computed in float32 for half-precision models as open_clip's LayerNorm does.
+    """
+    y = norm(x)
+    exact = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    inverse = torch.rsqrt(exact.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    x_hat = (exact - exact.mean(-1, keepdim=True)) * inverse
+
+    def tangent(t: torch.Tensor) -> torch.Tensor:
+        u = t.to(x_hat.dtype)
+        out = (u - u.mean(-1, keepdim=True) - x_hat * (u * x_hat).mean(-1, keepdim=True)) * inverse
+        return (out if norm.weight is None else out * norm.weight).to(t.dtype)
+
+    return y, tangent
+
+
+def linear_attention_half(
+    block: ResidualAttentionBlock, x: torch.Tensor, attn_mask: torch.Tensor | None, rows: torch.Tensor | None
+) -> tuple[torch.Tensor, Linear]:
+    """:func:`attention_half` and its derivative at ``x``: tangents (C, B, S, d) -> (C, B, Q, d).
+
+    With the attention weights a of the primal: ds = (dq k^T + q dk^T) / sqrt(e),
+    da = a * (ds - <a, ds>), do = da v + a dv.
+    """
+    attn = block.attn
+    batch, seq, width = x.shape
+    heads = attn.num_heads
+    head_dim = width // heads
+    scale = 1.0 / math.sqrt(head_dim)
+    y, d_norm = linear_layer_norm(block.ln_1, x)
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
+    q = F.linear(select_rows(y, rows), w_q, b_q).view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, Q, e)
+    k = F.linear(y, w_k, b_k).view(batch, seq, heads, head_dim).transpose(1, 2)
+    v = F.linear(y, w_v, b_v).view(batch, seq, heads, head_dim).transpose(1, 2)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    mask = mask_rows(attn_mask, rows)
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    a = scores.softmax(dim=-1)  # (B, H, Q, S)
+    query_rows = q.shape[2]
+    out = select_rows(x, rows) + block.ls_1(attn.out_proj((a @ v).transpose(1, 2).reshape(batch, query_rows, width)))
+
+    def own_rows(t: torch.Tensor) -> torch.Tensor:
+        return t if rows is None else vmap(lambda u: select_rows(u, rows))(t)
+
+    def tangent(t: torch.Tensor) -> torch.Tensor:
+        count = t.shape[0]
+        t_y = d_norm(t)
+        t_q = F.linear(own_rows(t_y), w_q).view(count, batch, query_rows, heads, head_dim).transpose(2, 3)
+        t_k = F.linear(t_y, w_k).view(count, batch, seq, heads, head_dim).transpose(2, 3)
+        t_v = F.linear(t_y, w_v).view(count, batch, seq, heads, head_dim).transpose(2, 3)
+        t_scores = (t_q @ k.transpose(-2, -1) + q @ t_k.transpose(-2, -1)) * scale
+        t_a = a * (t_scores - (a * t_scores).sum(-1, keepdim=True))
+        t_o = (t_a @ v + a @ t_v).transpose(2, 3).reshape(count, batch, query_rows, width)
+        return own_rows(t) + block.ls_1(F.linear(t_o, attn.out_proj.weight))
+
+    return out, tangent
+
+
+def linear_mlp_half(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, Linear]:
+    """:func:`mlp_half` and its derivative at ``x``; the activation's slope is taken once, from the primal."""
+    z, d_norm = linear_layer_norm(block.ln_2, x)
+    fc, activation, projection = block.mlp.c_fc, block.mlp.gelu, block.mlp.c_proj
+    hidden = fc(z)
+    # an elementwise activation's JVP with a tangent of ones is its slope at each element
+    activated, slope = jvp(activation, (hidden,), (torch.ones_like(hidden),))
+    out = x + block.ls_2(projection(activated))
+
+    def tangent(t: torch.Tensor) -> torch.Tensor:
+        return t + block.ls_2(F.linear(slope * F.linear(d_norm(t), fc.weight), projection.weight))
+
+    return out, tangent
+
+
 def _check_blocks(blocks: torch.nn.ModuleList, tower: str) -> None:
     for i, block in enumerate(blocks):
         if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
@@ -90,13 +179,22 @@ def _check_blocks(blocks: torch.nn.ModuleList, tower: str) -> None:
             )
         if not block.attn.batch_first or not block.attn._qkv_same_embed_dim:
             raise UnsupportedModelError(f"{tower} tower block {i}: attention must be batch-first with packed q/k/v")
+        layout = [(name, type(module)) for name, module in block.mlp.named_children()]
+        if layout not in [[("c_fc", torch.nn.Linear), ("gelu", act), ("c_proj", torch.nn.Linear)] for act in _ACTIVATIONS]:
+            raise UnsupportedModelError(
+                f"{tower} tower block {i}: the MLP must be Linear, GELU or QuickGELU, Linear; got {layout}"
+            )
+
+
+# Elementwise activations, whose slope linear_mlp_half takes from one JVP.
+_ACTIVATIONS = (torch.nn.GELU, QuickGELU)
 
 
 class Tower:
     """One tower split at a block: ``lower`` (f_lo) and ``upper`` (f_hi) of method.md.
 
-    Subclasses say where the blocks are, which row is pooled, the attention mask and the head
-    (final norm and projection of the pooled row).
+    Subclasses say where the blocks are, which row is pooled, the attention mask, and the final
+    norm and projection of the pooled row.
     """
 
     blocks: torch.nn.ModuleList
@@ -117,9 +215,16 @@ class Tower:
         (rows from the length on are padding)."""
         raise NotImplementedError
 
+    final_norm: torch.nn.LayerNorm
+    """The layer norm of the pooled row, before the projection."""
+
+    def project(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The final projection (B, d) -> (B, D); without its bias, its derivative."""
+        raise NotImplementedError
+
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """Final norm and projection: (B, d) pooled rows -> (B, D) embeddings."""
-        raise NotImplementedError
+        return self.project(self.final_norm(pooled))
 
     def query_rows(self, layer: int, pool: torch.Tensor) -> torch.Tensor | None:
         """Rows block ``layer`` must compute, (B, Q) int64: only the pooled one (``pool``, (B,))
@@ -141,6 +246,27 @@ class Tower:
         for index in range(layer + 1, self.n_layers):
             x = mlp_half(self.blocks[index], self.attention(x, index, pool))
         return self.head(x[:, 0])  # the last block computed the pooled row alone
+
+    def linearize_finish(self, x: torch.Tensor, layer: int, pool: torch.Tensor) -> tuple[torch.Tensor, Linear]:
+        """:meth:`finish` and its derivative at ``x``: tangents (C, B, Q, d) -> (C, B, D).
+
+        The map holds the primal's intermediates, so applying it costs the tangents' work only.
+        """
+        x, step = linear_mlp_half(self.blocks[layer], x)
+        steps = [step]
+        for index in range(layer + 1, self.n_layers):
+            x, step = linear_attention_half(self.blocks[index], x, self.mask(x.shape[1]), self.query_rows(index, pool))
+            steps.append(step)
+            x, step = linear_mlp_half(self.blocks[index], x)
+            steps.append(step)
+        pooled, d_norm = linear_layer_norm(self.final_norm, x[:, 0])  # the last block computed the pooled row alone
+
+        def tangent(t: torch.Tensor) -> torch.Tensor:
+            for step in steps:
+                t = step(t)
+            return self.project(d_norm(t[:, :, 0]), bias=False)
+
+        return self.project(pooled), tangent
 
     def attention(self, x: torch.Tensor, layer: int, pool: torch.Tensor) -> torch.Tensor:
         """Block ``layer``'s attention half on the rows it must compute."""
@@ -191,6 +317,7 @@ class TextTower(Tower):
             raise UnsupportedModelError("text tower has no causal attention mask")
         self.model = model
         self.blocks = model.transformer.resblocks
+        self.final_norm = model.ln_final
         _check_blocks(self.blocks, "text")
         projection = model.text_projection
         if projection is None:
@@ -208,15 +335,14 @@ class TextTower(Tower):
         """The end token: the last position before the padding, since sequences are cut after it."""
         return lengths - 1
 
-    def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``ln_final`` then ``text_projection``."""
-        m = self.model
-        x = m.ln_final(pooled)
-        if m.text_projection is None:
+    def project(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``text_projection`` (none, a matrix, or a Linear layer)."""
+        projection = self.model.text_projection
+        if projection is None:
             return x
-        if isinstance(m.text_projection, torch.nn.Linear):
-            return m.text_projection(x)
-        return x @ m.text_projection
+        if isinstance(projection, torch.nn.Linear):
+            return F.linear(x, projection.weight, projection.bias if bias else None)
+        return x @ projection
 
     def lower(self, token_ids: torch.Tensor, layer: int) -> torch.Tensor:
         """f_lo: hidden states entering block ``layer``, with the model's own modules.
@@ -257,6 +383,7 @@ class ImageTower(Tower):
             raise UnsupportedModelError("image tower must pool the class token (pool_type 'tok', no attentional pooling)")
         self.visual = visual
         self.blocks = visual.transformer.resblocks
+        self.final_norm = visual.ln_post
         _check_blocks(self.blocks, "image")
         self.embed_dim = visual.output_dim
 
@@ -269,9 +396,8 @@ class ImageTower(Tower):
         """The class token."""
         return torch.zeros_like(lengths)
 
-    def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """``ln_post`` then ``proj`` (ln_post is row-wise: applying it to the pooled row equals open_clip's order)."""
-        x = self.visual.ln_post(pooled)
+    def project(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``proj`` (ln_post, the final norm, is row-wise: applying it to the pooled row equals open_clip's order)."""
         return x @ self.visual.proj if self.visual.proj is not None else x
 
     def lower(self, pixels: torch.Tensor, layer: int) -> torch.Tensor:
