@@ -22,7 +22,7 @@ from .engine.attribution import Attribution, ExplanationCancelled
 from .engine.explainer import NonFiniteError, Side
 from .engine.quadrature import METHODS, min_n_steps
 from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, decode_image, tokenize
-from .metrics import Metrics, cancellation_code
+from .metrics import Metrics, abort_internal, cancellation_code
 from .models import LoadedModel
 from .registry import ModelRegistry
 
@@ -265,7 +265,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             (result,) = await self._run(loaded, [job], context, request_id)
             return _response(loaded, request_id, options, result)
 
-        return await self._observed(request.model, context, explain)
+        return await self._observed("Explain", request.model, context, explain)
 
     async def ExplainMany(self, request: explain_pb2.ExplainManyRequest, context: grpc.aio.ServicerContext):
         """See proto/explain/v1/explain.proto."""
@@ -300,10 +300,15 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 explanations=[_response(loaded, job.request_id, options, r) for job, r in zip(jobs, results)]
             )
 
-        return await self._observed(request.model, context, explain_many)
+        return await self._observed("ExplainMany", request.model, context, explain_many)
 
-    async def _observed(self, model: str, context: grpc.aio.ServicerContext, body: Callable[[LoadedModel], Awaitable[Any]]):
-        """Check the server can serve, resolve the model, run ``body``; count the call by its final code."""
+    async def _observed(
+        self, method: str, model: str, context: grpc.aio.ServicerContext, body: Callable[[LoadedModel], Awaitable[Any]]
+    ):
+        """Check the server can serve, resolve the model, run ``body``; count the call by its final code.
+
+        An unexpected exception ends the call INTERNAL (:func:`abort_internal`), never UNKNOWN.
+        """
         start = time.perf_counter()
         name = ""  # unknown models are not labels: callers choose those names
         code = grpc.StatusCode.OK
@@ -326,9 +331,12 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         except asyncio.CancelledError:  # the caller went away or its deadline passed
             code = cancellation_code(context)
             raise
-        except Exception:
-            code = context.code() or grpc.StatusCode.UNKNOWN
+        except grpc.aio.AbortError:  # the code the call was ended with
+            code = context.code()
             raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            await abort_internal(context, self.metrics, name, method)
         finally:
             self.metrics.requests.labels(name, code.name).inc()
             if name:
@@ -472,7 +480,6 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 outcomes[index] = self._drop(job)
                 continue
             live.append(index)
-            m.queue_wait_seconds.labels(name).observe(started - job.enqueued)
             for tower, side in (("text", job.text), ("image", job.image)):
                 # the cache may have gained the side since the request was prepared
                 entry = entries.get(side.key) or side.entry or cache.get(side.key)
@@ -494,6 +501,8 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         finished = time.perf_counter()
         for index in live:
             job = jobs[index]
+            # observed here, once the batch has not raised: a batch that raises is run again
+            m.queue_wait_seconds.labels(name).observe(started - job.enqueued)
             text_key, image_key = job.text.key, job.image.key
             if job.should_stop() or text_key not in entries or image_key not in entries:
                 outcomes[index] = self._drop(job)
@@ -513,7 +522,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         return outcomes
 
     async def ListModels(self, request: explain_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
-        """See proto/explain/v1/explain.proto."""
+        """See proto/explain/v1/explain.proto. A bug here is answered INTERNAL by :class:`GrpcMetricsInterceptor`."""
         await self._check_serving(context)
         return explain_pb2.ListModelsResponse(
             models=[_model_info(m, self.limits) for m in self.registry.models.values()],

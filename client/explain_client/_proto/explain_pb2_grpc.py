@@ -64,7 +64,9 @@ class ExplainServicer:
         RESOURCE_EXHAUSTED (the model's request queue is full: retry with
         backoff or on another replica),
         FAILED_PRECONDITION (the result would not be finite in the model's dtype,
-        e.g. float16 overflow), DEADLINE_EXCEEDED, CANCELLED.
+        e.g. float16 overflow), DEADLINE_EXCEEDED, CANCELLED, INTERNAL (a server
+        bug, never the request's fault: the message carries an error id under
+        which the server logged the traceback). Never UNKNOWN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
