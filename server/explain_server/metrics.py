@@ -84,7 +84,8 @@ class Metrics:
             ``request_duration_seconds``; the queue, compute, batch, cache, score and delta
             series count each explanation of an ExplainMany call).
         request_duration_seconds: end to end, from arrival to answer.
-        queue_wait_seconds: from acceptance until the request's batch starts.
+        queue_wait_seconds: time spent waiting, first for a thread to decode the call's
+            images, then in the model's queue until the batch that computed the request started.
         compute_seconds: wall time of the batch that computed the request; requests dropped
             before compute record nothing.
         batch_size: requests per batch the dynamic batcher ran. A batch that raises as a whole
@@ -95,6 +96,9 @@ class Metrics:
         requests_dropped: requests skipped because their deadline passed (code
             DEADLINE_EXCEEDED) or their caller cancelled (code CANCELLED), by the rule of
             :func:`cancellation_code`, which ``requests`` and the gRPC series follow too.
+        images_skipped: images never decoded because their call ended first (deadline passed
+            or cancelled, by ``code`` as for ``requests_dropped``): decoding stops at the next
+            image of a call that ended.
         internal_errors: calls answered INTERNAL because of a server bug (an unexpected
             exception; see :func:`abort_internal`); model "" for calls that had not resolved
             a model (ListModels, other services).
@@ -117,7 +121,7 @@ class Metrics:
             "explain_request_duration_seconds", "End-to-end request duration.", model, buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_wait_seconds = Histogram(
-            "explain_queue_wait_seconds", "Time from acceptance until the request's batch starts.", model,
+            "explain_queue_wait_seconds", "Time waiting for a decoding thread and for the request's batch to start.", model,
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.compute_seconds = Histogram(
@@ -130,6 +134,9 @@ class Metrics:
         self.requests_dropped = Counter(
             "explain_requests_dropped", "Requests skipped before or during compute: deadline passed or cancelled.",
             ["model", "code"], registry=r,
+        )
+        self.images_skipped = Counter(
+            "explain_images_skipped", "Images never decoded because their call ended first.", ["model", "code"], registry=r
         )
         self.internal_errors = Counter(
             "explain_internal_errors", "Calls answered INTERNAL because of a server bug.", model, registry=r
@@ -170,6 +177,7 @@ class Metrics:
             metric.labels(name)
         for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
             self.requests_dropped.labels(name, code)
+            self.images_skipped.labels(name, code)
 
     def serve(self, port: int, host: str = "") -> None:
         """Serve ``/metrics`` over HTTP on ``port`` (prometheus-client's server, a daemon thread).
