@@ -21,7 +21,9 @@ from .cache import FactorCache, ImageEntry, TextEntry, digest
 from .engine.attribution import Attribution, ExplanationCancelled
 from .engine.explainer import NonFiniteError, Side
 from .engine.quadrature import METHODS, min_n_steps
-from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, decode_image, tokenize
+from .inputs import (
+    CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, load_image, open_image, tokenize,
+)
 from .metrics import Metrics, abort_internal, cancellation_code
 from .models import LoadedModel
 from .registry import ModelRegistry
@@ -44,12 +46,16 @@ class Limits:
         image: image size limits.
         max_message_bytes: the largest request or response message, bytes.
         max_explanations_per_call: the most explanations one ExplainMany call may ask for.
+        max_pixels_per_call: the most pixels (width * height, summed over its images) one call
+            may send, so that one call cannot hold the decoding threads for long; the default
+            admits 64 photos of 12.5 megapixels.
     """
 
     max_n_steps: int = 512
     image: ImageLimits = ImageLimits()
     max_message_bytes: int = 64 << 20
     max_explanations_per_call: int = 64
+    max_pixels_per_call: int = 800_000_000
 
 
 @dataclass(frozen=True)
@@ -447,7 +453,8 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             The prepared captions and images, and the seconds the call waited for a thread.
 
         Aborts with INVALID_ARGUMENT naming the field (``caption``, or ``captions[i]`` /
-        ``images[i]`` for ExplainMany), or DEADLINE_EXCEEDED once the deadline passed.
+        ``images[i]`` for ExplainMany; ``images`` or ``image`` for the per-call pixel limit),
+        or DEADLINE_EXCEEDED once the deadline passed.
         """
         cache = self._caches[loaded.spec.name]
         stop = _Stop(context.time_remaining())
@@ -488,28 +495,45 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         self, loaded: LoadedModel, o: Options, images: list[bytes], cache: FactorCache, stop: _Stop, request_id: str,
         many: bool,
     ) -> list[_Prepared]:
-        """A call's images, on a prepare thread, decoded one by one while the call lasts.
+        """A call's images, on a prepare thread: sizes checked from the headers, then decoded one by one.
 
         Raises:
-            InputError: an image breaks a rule (``image`` / ``images[i]``).
+            InputError: an image breaks a rule (``image`` / ``images[i]``), or all together
+                have more than ``max_pixels_per_call`` pixels (``image`` / ``images``).
             ExplanationCancelled: ``stop`` turned true before every image was decoded.
         """
+        keys = [("image", o.image_layer, o.method, o.n_steps, digest(data)) for data in images]
+        entries = [cache.get(key) for key in keys]
+        opened, pixels = [], 0
+        for index, (data, entry) in enumerate(zip(images, entries)):
+            try:
+                # a cached entry's bytes were decoded and checked when it was made
+                image = None if entry is not None else open_image(data, self.limits.image)
+            except InputError as err:
+                raise err.renamed({"image": f"images[{index}]"} if many else {})
+            opened.append(image)
+            width, height = entry.image_size if image is None else image.size
+            pixels += width * height
+        if pixels > self.limits.max_pixels_per_call:
+            raise InputError(
+                "images" if many else "image",
+                f"{len(images)} image(s) of {pixels} pixels in all; the limit is {self.limits.max_pixels_per_call} "
+                "pixels per call (send fewer or smaller images per call)",
+            )
         prepared = []
-        for index, data in enumerate(images):
-            key = ("image", o.image_layer, o.method, o.n_steps, digest(data))
-            entry = cache.get(key)
-            if entry is not None:  # the bytes were decoded and checked when the entry was made
+        for index, (key, entry, image) in enumerate(zip(keys, entries, opened)):
+            if entry is not None:
                 prepared.append(_Prepared(key, entry, None, entry.image_size))
                 continue
             if stop.should_stop():
                 self._skip_images(loaded, request_id, stop, len(images) - index, len(images))
                 raise ExplanationCancelled()
             try:
-                image = decode_image(data, self.limits.image)
-                check_resize(*image.size, loaded.preprocess_cfg, self.limits.image)
+                decoded = load_image(image)
+                check_resize(*decoded.size, loaded.preprocess_cfg, self.limits.image)
             except InputError as err:
                 raise err.renamed({"image": f"images[{index}]"} if many else {})
-            prepared.append(_Prepared(key, None, loaded.transform(image), image.size))
+            prepared.append(_Prepared(key, None, loaded.transform(decoded), decoded.size))
         return prepared
 
     def _skip_images(self, loaded: LoadedModel, request_id: str, stop: _Stop, skipped: int, total: int) -> None:
@@ -591,6 +615,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 max_image_pixels=self.limits.image.max_pixels,
                 max_image_side=self.limits.image.max_side,
                 max_explanations_per_call=self.limits.max_explanations_per_call,
+                max_pixels_per_call=self.limits.max_pixels_per_call,
             ),
         )
 
