@@ -306,6 +306,7 @@ SERIES = [
     "explain_requests_dropped_total", "explain_text_factor_cache_hits_total", "explain_text_factor_cache_misses_total",
     "explain_image_factor_cache_hits_total", "explain_image_factor_cache_misses_total", "explain_factor_cache_bytes",
     "explain_model_load_seconds", "explain_similarity_score_bucket", "explain_convergence_delta_abs_bucket",
+    "explain_images_skipped_total", "explain_internal_errors_total",
     "grpc_server_started_total", "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
 ]
 

@@ -248,7 +248,10 @@ def test_offline_start_up_makes_no_network_attempt(tmp_path):
     assert not attempts.exists(), attempts.read_text()
 
 
-@pytest.mark.parametrize("flag, value", [("--max-n-steps", "0"), ("--port", "99999"), ("--max-message-mb", "-1")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--max-n-steps", "0"), ("--port", "99999"), ("--max-message-mb", "-1"), ("--max-pixels-per-call", "0")],
+)
 def test_out_of_range_settings_are_refused(flag, value):
     with pytest.raises(ValueError, match=flag):
         load_config([flag, value])

@@ -20,6 +20,7 @@ def test_list_models_reports_the_limits_the_client_assumes(client):
     limits = client.server_limits()
     assert limits.max_message_bytes == DEFAULT_MAX_SEND_MESSAGE_BYTES == DEFAULT_MAX_RECEIVE_MESSAGE_BYTES
     assert (limits.max_image_pixels, limits.max_image_side) == (50_000_000, 20_000)
+    assert limits.max_pixels_per_call == 800_000_000  # 64 photos of 12.5 megapixels
 
 
 def test_a_16_mb_image_is_accepted(client):
@@ -55,3 +56,19 @@ def test_image_size_limits_are_enforced_by_the_server(client):
     Image.new("L", (20_001, 1)).save(out, format="PNG")
     with pytest.raises(InvalidArgumentError, match="image: is 20001x1; the limit is 20000 pixels per side"):
         client.explain(out.getvalue(), CAPTION)
+
+
+def test_the_pixels_of_a_call_are_capped_from_the_headers_before_decoding(client):
+    out = io.BytesIO()
+    Image.new("RGB", (7000, 7000), (200, 30, 30)).save(out, format="PNG")
+    # a valid header (49 M pixels, under the per-image limit) on pixel data cut short: decoding
+    # it fails, so only a check made before decoding can answer with the per-call limit
+    cut = out.getvalue()[: len(out.getvalue()) // 2]
+    with pytest.raises(InvalidArgumentError) as info:
+        client.explain_many([cut] * 17, [CAPTION])
+    assert str(info.value) == (
+        "INVALID_ARGUMENT: images: 17 image(s) of 833000000 pixels in all; the limit is 800000000 pixels per call "
+        "(send fewer or smaller images per call)"
+    )
+    with pytest.raises(InvalidArgumentError, match=r"^INVALID_ARGUMENT: images\[0\]: could not be decoded"):
+        client.explain_many([cut] * 16, [CAPTION])  # 784 M pixels: within the limit, so it is decoded

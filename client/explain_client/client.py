@@ -356,8 +356,9 @@ class ExplainClient:
         Raises:
             TypeError, ValueError, OSError, MessageTooLargeError: as in :meth:`explain`.
             ExplainError: the call failed as a whole; an ``InvalidArgumentError`` names the
-                element, e.g. ``captions[3]``; ``ResourceExhaustedError`` when the server's
-                queue cannot take every pair.
+                element, e.g. ``captions[3]``, or ``images`` when their pixels together exceed
+                :attr:`ServerLimits.max_pixels_per_call`; ``ResourceExhaustedError`` when the
+                server's queue cannot take every pair.
         """
         if isinstance(images, (str, bytes)) or isinstance(captions, str):
             raise TypeError("images and captions must be sequences (lists); wrap a single item in a list")

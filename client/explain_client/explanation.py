@@ -124,7 +124,8 @@ class Explanation:
     options: ResolvedOptions
     """Layers, steps and quadrature rule used."""
     queue_seconds: float
-    """Time from acceptance until the request's batch started, seconds."""
+    """Time the request waited, seconds: for a server thread to decode its call's images, then
+    until the batch that computed it started."""
     compute_seconds: float
     """Wall time of the batch that computed this explanation (with any other requests in it), seconds."""
 

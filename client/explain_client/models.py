@@ -113,11 +113,14 @@ class ServerLimits:
     """Largest width or height of an image, pixels."""
     max_explanations_per_call: int
     """Most explanations one ``explain_many`` call may ask for."""
+    max_pixels_per_call: int
+    """Most pixels (width * height) of all the images of one call together; 0 from servers
+    that predate the limit."""
 
     @classmethod
     def from_proto(cls, msg: explain_pb2.ServerLimits) -> ServerLimits:
         """Convert the proto message."""
         return cls(
             int(msg.max_message_bytes), int(msg.max_image_pixels), int(msg.max_image_side),
-            int(msg.max_explanations_per_call),
+            int(msg.max_explanations_per_call), int(msg.max_pixels_per_call),
         )

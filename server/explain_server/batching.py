@@ -4,16 +4,24 @@ Requests wait in a bounded queue. The model's thread takes the oldest and, while
 holds fewer than ``max_batch_size`` items, waits for more until ``max_queue_delay_seconds``
 after that oldest one arrived; then it runs the whole batch as one call. One batch runs at
 a time per model: torch already spreads a batch over its intra-op threads (or the GPU).
+
+A batch that raises as a whole is run again one item at a time, so that an item that trips
+a bug fails alone, not the unrelated items queued beside it. That policy lives here rather
+than in the batch function because the batcher is what put those items together; every
+batch function gets it, and needs to handle only the failures it expects, item by item.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 class QueueFullError(Exception):
@@ -52,12 +60,14 @@ class DynamicBatcher:
         """Start the thread, named after the model.
 
         Args:
-            name: model name, for the thread name.
-            run_batch: computes a batch; an exception it raises fails every item of that batch.
+            name: model name, for the thread name and the log.
+            run_batch: computes a batch. When it raises, each item of the batch is run alone,
+                and an exception from that run fails the item.
             config: the limits.
             on_depth: told the queue depth whenever it changes (for a gauge).
         """
         self.config = config
+        self._name = name
         self._run_batch = run_batch
         self._on_depth = on_depth
         self._pending: collections.deque = collections.deque()
@@ -111,15 +121,22 @@ class DynamicBatcher:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            try:
-                outcomes = self._run_batch([item for _, _, item, _ in batch])
-            except Exception as err:  # handed to every awaiting caller, which maps it to a status
-                outcomes = [err] * len(batch)
+            outcomes = self._outcomes([item for _, _, item, _ in batch])
             for (loop, future, _, _), outcome in zip(batch, outcomes):
                 try:
                     loop.call_soon_threadsafe(_settle, future, outcome)
                 except RuntimeError:  # the loop closed during shutdown; nobody awaits this result
                     pass
+
+    def _outcomes(self, items: list[Any]) -> list[Any]:
+        try:
+            return self._run_batch(items)
+        except Exception as err:
+            if len(items) == 1:  # handed to the awaiting caller, which maps it to a status
+                return [err]
+            # logged here: when every item then succeeds alone, this is the only trace of the bug
+            log.exception("model %s: a batch of %d raised; running each of its items alone", self._name, len(items))
+        return [self._outcomes([item])[0] for item in items]
 
 
 def _settle(future: asyncio.Future, outcome: Any) -> None:

@@ -44,6 +44,7 @@ class ServerConfig:
     max_n_steps: int = Limits.max_n_steps
     max_image_pixels: int = ImageLimits.max_pixels
     max_image_side: int = ImageLimits.max_side
+    max_pixels_per_call: int = Limits.max_pixels_per_call
     max_message_mb: int = Limits.max_message_bytes >> 20
     jvp_memory_mb: int = 256
     jvp_chunk_seconds: float = 0.25
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n-steps", type=int, help="largest n_steps a request may ask for (default 512)")
     p.add_argument("--max-image-pixels", type=int, help="largest width*height of an image (default 50000000)")
     p.add_argument("--max-image-side", type=int, help="largest width or height of an image, pixels (default 20000)")
+    p.add_argument(
+        "--max-pixels-per-call", type=int,
+        help=f"most pixels of all the images of one call together (default {Limits.max_pixels_per_call})",
+    )
     p.add_argument("--max-message-mb", type=int, help="largest request and response, MiB (default 64)")
     p.add_argument("--jvp-memory-mb", type=int, help="memory budget of one JVP chunk, MiB (default 256; raise it on GPUs)")
     p.add_argument(
@@ -182,7 +187,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
         if not 0 <= getattr(config, name) <= 65535:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 65535]; got {getattr(config, name)}")
     positive = ("max_n_steps", "max_image_pixels", "max_image_side", "max_message_mb", "jvp_memory_mb",
-                "max_batch_size", "max_queue_size")
+                "max_batch_size", "max_queue_size", "max_pixels_per_call")
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(config, name)}")

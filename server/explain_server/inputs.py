@@ -70,6 +70,18 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         InputError: empty, undecodable or truncated data, a size beyond the limits, or a mode
             that cannot be converted to RGB.
     """
+    return load_image(open_image(data, limits))
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Read the header of encoded image bytes and check its size; no pixel is decoded yet.
+
+    Returns:
+        The opened image, for :func:`load_image`; its ``size`` is before EXIF orientation.
+
+    Raises:
+        InputError: empty data, no header Pillow reads, or a size beyond the limits.
+    """
     if not data:
         raise InputError("image", "is empty; send encoded image bytes (JPEG, PNG, WebP, ...)")
     try:
@@ -83,6 +95,15 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InputError("image", f"is {width}x{height}; the limit is {limits.max_side} pixels per side")
     if width * height > limits.max_pixels:
         raise InputError("image", f"has {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode an image from :func:`open_image` into RGB in display orientation, as :func:`decode_image`.
+
+    Raises:
+        InputError: undecodable or truncated data, or a mode that cannot be converted to RGB.
+    """
     try:
         image.load()  # decode now: truncated data raises here instead of being padded
         return _to_rgb(ImageOps.exif_transpose(image))

@@ -6,16 +6,23 @@ cardinality stays bounded whatever callers send. The gRPC series use the labels 
 go-grpc-prometheus (``grpc_type``, ``grpc_service``, ``grpc_method``, ``grpc_code``), which
 dashboards for gRPC services expect. py-grpc-prometheus provides those only for the
 synchronous server, hence :class:`GrpcMetricsInterceptor` for grpc.aio.
+
+How a call ends is decided here too, so that every series counts it as its caller saw it:
+:func:`cancellation_code` for calls that ended early, :func:`abort_internal` for server bugs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NoReturn
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
 
 # Explanations take milliseconds on small models and up to minutes for large models at high
 # n_steps on a CPU: the buckets span both.
@@ -43,6 +50,31 @@ def cancellation_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+async def abort_internal(context: grpc.aio.ServicerContext, metrics: Metrics, model: str, where: str) -> NoReturn:
+    """End the call INTERNAL for the exception being handled: a server bug, never the caller's fault.
+
+    Call it from an ``except`` block. The traceback is logged under a new error id, which the
+    status message gives the caller, and ``internal_errors`` counts the call.
+
+    Args:
+        context: the call's context.
+        metrics: where to count.
+        model: the hosted model the call resolved to, or "" before one is resolved.
+        where: what failed, for the log (e.g. the RPC method).
+
+    Raises:
+        grpc.aio.AbortError: always (how grpc.aio ends a call).
+    """
+    error_id = secrets.token_hex(6)
+    log.exception("internal error %s in %s (model %r)", error_id, where, model)
+    metrics.internal_errors.labels(model).inc()
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal server error {error_id}: a bug in the server, not a problem with the request; "
+        "the server's log has the traceback under this id",
+    )
+
+
 class Metrics:
     """Every series the server exports, registered in one registry.
 
@@ -52,15 +84,24 @@ class Metrics:
             ``request_duration_seconds``; the queue, compute, batch, cache, score and delta
             series count each explanation of an ExplainMany call).
         request_duration_seconds: end to end, from arrival to answer.
-        queue_wait_seconds: from acceptance until the request's batch starts.
+        queue_wait_seconds: time spent waiting, first for a thread to decode the call's
+            images, then in the model's queue until the batch that computed the request started.
         compute_seconds: wall time of the batch that computed the request; requests dropped
             before compute record nothing.
-        batch_size: requests per batch the dynamic batcher ran.
+        batch_size: requests per batch the dynamic batcher ran. A batch that raises as a whole
+            is run again one request at a time: those runs count as batches too, and the cache
+            series count their lookups again.
         queue_depth: requests accepted and waiting for a batch.
         inflight_requests: requests accepted and not yet answered.
         requests_dropped: requests skipped because their deadline passed (code
             DEADLINE_EXCEEDED) or their caller cancelled (code CANCELLED), by the rule of
             :func:`cancellation_code`, which ``requests`` and the gRPC series follow too.
+        images_skipped: images never decoded because their call ended first (deadline passed
+            or cancelled, by ``code`` as for ``requests_dropped``): decoding stops at the next
+            image of a call that ended.
+        internal_errors: calls answered INTERNAL because of a server bug (an unexpected
+            exception; see :func:`abort_internal`); model "" for calls that had not resolved
+            a model (ListModels, other services).
         text_factor_cache_hits, text_factor_cache_misses, image_factor_cache_hits,
         image_factor_cache_misses: factor lookups; a side computed once for several requests
             of one batch counts one miss and hits for the others.
@@ -80,7 +121,7 @@ class Metrics:
             "explain_request_duration_seconds", "End-to-end request duration.", model, buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_wait_seconds = Histogram(
-            "explain_queue_wait_seconds", "Time from acceptance until the request's batch starts.", model,
+            "explain_queue_wait_seconds", "Time waiting for a decoding thread and for the request's batch to start.", model,
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.compute_seconds = Histogram(
@@ -93,6 +134,12 @@ class Metrics:
         self.requests_dropped = Counter(
             "explain_requests_dropped", "Requests skipped before or during compute: deadline passed or cancelled.",
             ["model", "code"], registry=r,
+        )
+        self.images_skipped = Counter(
+            "explain_images_skipped", "Images never decoded because their call ended first.", ["model", "code"], registry=r
+        )
+        self.internal_errors = Counter(
+            "explain_internal_errors", "Calls answered INTERNAL because of a server bug.", model, registry=r
         )
         for side in ("text", "image"):
             for outcome in ("hits", "misses"):
@@ -125,11 +172,12 @@ class Metrics:
             self.request_duration_seconds, self.queue_wait_seconds, self.compute_seconds, self.batch_size,
             self.queue_depth, self.inflight_requests, self.text_factor_cache_hits, self.text_factor_cache_misses,
             self.image_factor_cache_hits, self.image_factor_cache_misses, self.factor_cache_bytes,
-            self.model_load_seconds, self.similarity_score, self.convergence_delta_abs,
+            self.model_load_seconds, self.similarity_score, self.convergence_delta_abs, self.internal_errors,
         ):
             metric.labels(name)
         for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
             self.requests_dropped.labels(name, code)
+            self.images_skipped.labels(name, code)
 
     def serve(self, port: int, host: str = "") -> None:
         """Serve ``/metrics`` over HTTP on ``port`` (prometheus-client's server, a daemon thread).
@@ -150,7 +198,10 @@ class Metrics:
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times unary-unary RPCs as ``grpc_server_*`` series (go-grpc-prometheus names).
 
-    Streaming RPCs (health Watch, reflection) pass through uncounted.
+    As the outermost interceptor it is also the last line against server bugs: an unexpected
+    exception from any unary handler ends the call INTERNAL (:func:`abort_internal`, model ""),
+    where grpc.aio would answer UNKNOWN. Streaming RPCs (health Watch, reflection) pass through
+    uncounted.
     """
 
     def __init__(self, metrics: Metrics):
@@ -182,10 +233,12 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:  # the caller went away or its deadline passed
                 code = cancellation_code(context)
                 raise
-            except Exception:
-                # an aborted call leaves its code on the context; anything else ends as UNKNOWN
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            except grpc.aio.AbortError:  # the code the handler ended the call with
+                code = context.code()
                 raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                await abort_internal(context, m, "", handler_call_details.method)
             finally:
                 m.grpc_handled.labels(*labels, code.name).inc()
                 m.grpc_handling_seconds.labels(*labels).observe(time.perf_counter() - start)

@@ -106,6 +106,7 @@ async def serve(config: ServerConfig) -> int:
         max_n_steps=config.max_n_steps,
         image=ImageLimits(max_pixels=config.max_image_pixels, max_side=config.max_image_side),
         max_message_bytes=max_bytes,
+        max_pixels_per_call=config.max_pixels_per_call,
     )
     batching = BatchingConfig(
         max_batch_size=config.max_batch_size,

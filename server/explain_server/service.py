@@ -21,8 +21,10 @@ from .cache import FactorCache, ImageEntry, TextEntry, digest
 from .engine.attribution import Attribution, ExplanationCancelled
 from .engine.explainer import NonFiniteError, Side
 from .engine.quadrature import METHODS, min_n_steps
-from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, decode_image, tokenize
-from .metrics import Metrics, cancellation_code
+from .inputs import (
+    CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, load_image, open_image, tokenize,
+)
+from .metrics import Metrics, abort_internal, cancellation_code
 from .models import LoadedModel
 from .registry import ModelRegistry
 
@@ -44,12 +46,16 @@ class Limits:
         image: image size limits.
         max_message_bytes: the largest request or response message, bytes.
         max_explanations_per_call: the most explanations one ExplainMany call may ask for.
+        max_pixels_per_call: the most pixels (width * height, summed over its images) one call
+            may send, so that one call cannot hold the decoding threads for long; the default
+            admits 64 photos of 12.5 megapixels.
     """
 
     max_n_steps: int = 512
     image: ImageLimits = ImageLimits()
     max_message_bytes: int = 64 << 20
     max_explanations_per_call: int = 64
+    max_pixels_per_call: int = 800_000_000
 
 
 @dataclass(frozen=True)
@@ -117,17 +123,10 @@ class _Prepared:
     extra: Caption | tuple[int, int]
 
 
-class _Job:
-    """One accepted explanation: its prepared sides and stop conditions, shared by its handler and the batch thread."""
+class _Stop:
+    """When work for a call should stop, shared by its handler and the thread doing the work."""
 
-    def __init__(
-        self, loaded: LoadedModel, request_id: str, text: _Prepared, image: _Prepared, time_remaining: float | None
-    ):
-        self.loaded = loaded
-        self.request_id = request_id  # the explanation's, as its response carries it
-        self.text = text
-        self.image = image
-        self.enqueued = time.perf_counter()
+    def __init__(self, time_remaining: float | None):
         self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self.cancelled = threading.Event()
         # why its call ended early, as the call is counted (set before ``cancelled``)
@@ -139,6 +138,33 @@ class _Job:
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or self.expired
+
+    def code(self) -> grpc.StatusCode:
+        """The code a stopped call is counted under."""
+        if self.stop_code is not None:
+            return self.stop_code
+        # stopped by the server's own clock, or by shutdown
+        return grpc.StatusCode.DEADLINE_EXCEEDED if self.expired else grpc.StatusCode.CANCELLED
+
+
+class _Job(_Stop):
+    """One accepted explanation: its prepared sides and stop conditions, shared by its handler and the batch thread."""
+
+    def __init__(
+        self, loaded: LoadedModel, request_id: str, text: _Prepared, image: _Prepared, time_remaining: float | None,
+        waited: float,
+    ):
+        super().__init__(time_remaining)
+        self.loaded = loaded
+        self.request_id = request_id  # the explanation's, as its response carries it
+        self.text = text
+        self.image = image
+        self.waited = waited  # for a thread to prepare its call, seconds: part of its queue time
+        self.enqueued = time.perf_counter()
+
+    def queue_seconds(self, batch_started: float) -> float:
+        """Seconds waited before the batch that started at ``batch_started``: for a thread, then in the queue."""
+        return self.waited + batch_started - self.enqueued
 
 
 @dataclass(frozen=True)
@@ -260,12 +286,14 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
 
         async def explain(loaded: LoadedModel) -> explain_pb2.ExplainResponse:
             options, request_id = await self._options(request, loaded, context)
-            (text,), (image,) = await self._prepare(loaded, options, [request.caption], [request.image], context, many=False)
-            job = _Job(loaded, request_id, text, image, context.time_remaining())
+            (text,), (image,), waited = await self._prepare(
+                loaded, options, [request.caption], [request.image], context, request_id, many=False
+            )
+            job = _Job(loaded, request_id, text, image, context.time_remaining(), waited)
             (result,) = await self._run(loaded, [job], context, request_id)
             return _response(loaded, request_id, options, result)
 
-        return await self._observed(request.model, context, explain)
+        return await self._observed("Explain", request.model, context, explain)
 
     async def ExplainMany(self, request: explain_pb2.ExplainManyRequest, context: grpc.aio.ServicerContext):
         """See proto/explain/v1/explain.proto."""
@@ -286,12 +314,12 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                     f"{'captions' if len(captions) > 1 else 'images'}: at most {self.limits.max_explanations_per_call} "
                     f"explanations per call; got {count}",
                 )
-            texts, pixels = await self._prepare(loaded, options, captions, images, context, many=True)
+            texts, pixels, waited = await self._prepare(loaded, options, captions, images, context, request_id, many=True)
             remaining = context.time_remaining()
             jobs = [
                 _Job(
                     loaded, f"{request_id}/{i}", texts[0 if len(texts) == 1 else i],
-                    pixels[0 if len(pixels) == 1 else i], remaining,
+                    pixels[0 if len(pixels) == 1 else i], remaining, waited,
                 )
                 for i in range(count)
             ]
@@ -300,10 +328,15 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 explanations=[_response(loaded, job.request_id, options, r) for job, r in zip(jobs, results)]
             )
 
-        return await self._observed(request.model, context, explain_many)
+        return await self._observed("ExplainMany", request.model, context, explain_many)
 
-    async def _observed(self, model: str, context: grpc.aio.ServicerContext, body: Callable[[LoadedModel], Awaitable[Any]]):
-        """Check the server can serve, resolve the model, run ``body``; count the call by its final code."""
+    async def _observed(
+        self, method: str, model: str, context: grpc.aio.ServicerContext, body: Callable[[LoadedModel], Awaitable[Any]]
+    ):
+        """Check the server can serve, resolve the model, run ``body``; count the call by its final code.
+
+        An unexpected exception ends the call INTERNAL (:func:`abort_internal`), never UNKNOWN.
+        """
         start = time.perf_counter()
         name = ""  # unknown models are not labels: callers choose those names
         code = grpc.StatusCode.OK
@@ -326,9 +359,12 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         except asyncio.CancelledError:  # the caller went away or its deadline passed
             code = cancellation_code(context)
             raise
-        except Exception:
-            code = context.code() or grpc.StatusCode.UNKNOWN
+        except grpc.aio.AbortError:  # the code the call was ended with
+            code = context.code()
             raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            await abort_internal(context, self.metrics, name, method)
         finally:
             self.metrics.requests.labels(name, code.name).inc()
             if name:
@@ -399,43 +435,54 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         return results
 
     def _drop(self, job: _Job) -> ExplanationCancelled:
-        code = job.stop_code
-        if code is None:  # stopped by the server's own clock, or by shutdown
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if job.expired else grpc.StatusCode.CANCELLED
-        self.metrics.requests_dropped.labels(job.loaded.spec.name, code.name).inc()
+        self.metrics.requests_dropped.labels(job.loaded.spec.name, job.code().name).inc()
         return ExplanationCancelled()
 
     async def _prepare(
         self, loaded: LoadedModel, options: Options, captions: list[str], images: list[bytes],
-        context: grpc.aio.ServicerContext, many: bool,
-    ) -> tuple[list[_Prepared], list[_Prepared]]:
+        context: grpc.aio.ServicerContext, request_id: str, many: bool,
+    ) -> tuple[list[_Prepared], list[_Prepared], float]:
         """Tokenise the captions and decode the images not already in the cache, on a worker thread.
 
         Decoding runs beside the model's batch thread (Pillow releases the GIL), on a small
-        pool of its own, so a batch's compute never waits for its requests' decoding. Aborts
-        with INVALID_ARGUMENT naming the field (``caption``, or ``captions[i]`` / ``images[i]``
-        for ExplainMany).
+        pool of its own, so a batch's compute never waits for its requests' decoding. A call
+        that ends (deadline passed, or cancelled) stops decoding at its next image, so that it
+        does not keep a thread from the calls waiting for one.
+
+        Returns:
+            The prepared captions and images, and the seconds the call waited for a thread.
+
+        Aborts with INVALID_ARGUMENT naming the field (``caption``, or ``captions[i]`` /
+        ``images[i]`` for ExplainMany; ``images`` or ``image`` for the per-call pixel limit),
+        or DEADLINE_EXCEEDED once the deadline passed.
         """
         cache = self._caches[loaded.spec.name]
+        stop = _Stop(context.time_remaining())
+        submitted = time.perf_counter()
 
-        def prepare() -> tuple[list[_Prepared], list[_Prepared]]:
-            texts, pixels = [], []
+        def prepare() -> tuple[list[_Prepared], list[_Prepared], float]:
+            waited = time.perf_counter() - submitted
+            texts = []
             for index, caption in enumerate(captions):
                 try:
                     texts.append(self._prepare_text(loaded, options, caption, cache))
                 except InputError as err:
                     raise err.renamed({"caption": f"captions[{index}]"} if many else {})
-            for index, image in enumerate(images):
-                try:
-                    pixels.append(self._prepare_image(loaded, options, image, cache))
-                except InputError as err:
-                    raise err.renamed({"image": f"images[{index}]"} if many else {})
-            return texts, pixels
+            return texts, self._prepare_images(loaded, options, images, cache, stop, request_id, many), waited
 
+        work = self._preparing.submit(prepare)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._preparing, prepare)
+            return await asyncio.wrap_future(work)
         except InputError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except ExplanationCancelled:  # the server's clock ran out first; a cancelled handler is gone
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while its images were being decoded")
+        except asyncio.CancelledError:
+            stop.stop_code = cancellation_code(context)
+            stop.cancelled.set()
+            if work.cancel():  # it never got a thread; once running, it stops at its next image
+                self._skip_images(loaded, request_id, stop, len(images), len(images))
+            raise
 
     @staticmethod
     def _prepare_text(loaded: LoadedModel, o: Options, text: str, cache: FactorCache) -> _Prepared:
@@ -444,14 +491,58 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         entry = cache.get(key)
         return _Prepared(key, entry, caption.token_ids if entry is None else None, caption)
 
-    def _prepare_image(self, loaded: LoadedModel, o: Options, data: bytes, cache: FactorCache) -> _Prepared:
-        key = ("image", o.image_layer, o.method, o.n_steps, digest(data))
-        entry = cache.get(key)
-        if entry is not None:  # the bytes were decoded and checked when the entry was made
-            return _Prepared(key, entry, None, entry.image_size)
-        image = decode_image(data, self.limits.image)
-        check_resize(*image.size, loaded.preprocess_cfg, self.limits.image)
-        return _Prepared(key, None, loaded.transform(image), image.size)
+    def _prepare_images(
+        self, loaded: LoadedModel, o: Options, images: list[bytes], cache: FactorCache, stop: _Stop, request_id: str,
+        many: bool,
+    ) -> list[_Prepared]:
+        """A call's images, on a prepare thread: sizes checked from the headers, then decoded one by one.
+
+        Raises:
+            InputError: an image breaks a rule (``image`` / ``images[i]``), or all together
+                have more than ``max_pixels_per_call`` pixels (``image`` / ``images``).
+            ExplanationCancelled: ``stop`` turned true before every image was decoded.
+        """
+        keys = [("image", o.image_layer, o.method, o.n_steps, digest(data)) for data in images]
+        entries = [cache.get(key) for key in keys]
+        opened, pixels = [], 0
+        for index, (data, entry) in enumerate(zip(images, entries)):
+            try:
+                # a cached entry's bytes were decoded and checked when it was made
+                image = None if entry is not None else open_image(data, self.limits.image)
+            except InputError as err:
+                raise err.renamed({"image": f"images[{index}]"} if many else {})
+            opened.append(image)
+            width, height = entry.image_size if image is None else image.size
+            pixels += width * height
+        if pixels > self.limits.max_pixels_per_call:
+            raise InputError(
+                "images" if many else "image",
+                f"{len(images)} image(s) of {pixels} pixels in all; the limit is {self.limits.max_pixels_per_call} "
+                "pixels per call (send fewer or smaller images per call)",
+            )
+        prepared = []
+        for index, (key, entry, image) in enumerate(zip(keys, entries, opened)):
+            if entry is not None:
+                prepared.append(_Prepared(key, entry, None, entry.image_size))
+                continue
+            if stop.should_stop():
+                self._skip_images(loaded, request_id, stop, len(images) - index, len(images))
+                raise ExplanationCancelled()
+            try:
+                decoded = load_image(image)
+                check_resize(*decoded.size, loaded.preprocess_cfg, self.limits.image)
+            except InputError as err:
+                raise err.renamed({"image": f"images[{index}]"} if many else {})
+            prepared.append(_Prepared(key, None, loaded.transform(decoded), decoded.size))
+        return prepared
+
+    def _skip_images(self, loaded: LoadedModel, request_id: str, stop: _Stop, skipped: int, total: int) -> None:
+        code = stop.code()
+        self.metrics.images_skipped.labels(loaded.spec.name, code.name).inc(skipped)
+        log.info(
+            "request %s model=%s: ended (%s) with %d of its %d image(s) not decoded; skipped them",
+            request_id, loaded.spec.name, code.name, skipped, total,
+        )
 
     def _run_batch(self, jobs: list[_Job]) -> list:
         """One batch on the model's batcher thread: one outcome per job, a :class:`_Result` or an exception.
@@ -472,7 +563,6 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 outcomes[index] = self._drop(job)
                 continue
             live.append(index)
-            m.queue_wait_seconds.labels(name).observe(started - job.enqueued)
             for tower, side in (("text", job.text), ("image", job.image)):
                 # the cache may have gained the side since the request was prepared
                 entry = entries.get(side.key) or side.entry or cache.get(side.key)
@@ -494,6 +584,8 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         finished = time.perf_counter()
         for index in live:
             job = jobs[index]
+            # observed here, once the batch has not raised: a batch that raises is run again
+            m.queue_wait_seconds.labels(name).observe(job.queue_seconds(started))
             text_key, image_key = job.text.key, job.image.key
             if job.should_stop() or text_key not in entries or image_key not in entries:
                 outcomes[index] = self._drop(job)
@@ -508,12 +600,12 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             m.convergence_delta_abs.labels(name).observe(abs(attribution.convergence_delta))
             outcomes[index] = _Result(
                 entries[image_key].image_size, entries[text_key].caption, attribution,
-                started - job.enqueued, finished - started,
+                job.queue_seconds(started), finished - started,
             )
         return outcomes
 
     async def ListModels(self, request: explain_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
-        """See proto/explain/v1/explain.proto."""
+        """See proto/explain/v1/explain.proto. A bug here is answered INTERNAL by :class:`GrpcMetricsInterceptor`."""
         await self._check_serving(context)
         return explain_pb2.ListModelsResponse(
             models=[_model_info(m, self.limits) for m in self.registry.models.values()],
@@ -523,6 +615,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 max_image_pixels=self.limits.image.max_pixels,
                 max_image_side=self.limits.image.max_side,
                 max_explanations_per_call=self.limits.max_explanations_per_call,
+                max_pixels_per_call=self.limits.max_pixels_per_call,
             ),
         )
 

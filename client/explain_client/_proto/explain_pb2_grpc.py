@@ -64,7 +64,9 @@ class ExplainServicer:
         RESOURCE_EXHAUSTED (the model's request queue is full: retry with
         backoff or on another replica),
         FAILED_PRECONDITION (the result would not be finite in the model's dtype,
-        e.g. float16 overflow), DEADLINE_EXCEEDED, CANCELLED.
+        e.g. float16 overflow), DEADLINE_EXCEEDED, CANCELLED, INTERNAL (a server
+        bug, never the request's fault: the message carries an error id under
+        which the server logged the traceback). Never UNKNOWN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,8 +79,10 @@ class ExplainServicer:
         Explain calls. The call fails as a whole: an error names the offending
         element, e.g. "captions[3]: ...". Errors as for Explain, plus
         INVALID_ARGUMENT when neither list has exactly one element or the
-        number of explanations exceeds ServerLimits.max_explanations_per_call,
-        and RESOURCE_EXHAUSTED when the model's queue cannot take them all.
+        number of explanations exceeds ServerLimits.max_explanations_per_call
+        or the images' pixels together exceed ServerLimits.max_pixels_per_call
+        ("images: ..."), and RESOURCE_EXHAUSTED when the model's queue cannot
+        take them all.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
