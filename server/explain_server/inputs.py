@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,9 @@ _BACKGROUND = (255, 255, 255)
 # Far above any caption that fits a CLIP context; bounds the tokenizer's work per request.
 MAX_CAPTION_CHARS = 4096
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel, by IHDR colour type
+# Adam7 interlacing: each pass's (first row, first column, row step, column step).
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 
 # Pillow's own decompression-bomb check would refuse large images before ours can name the
 # limit; decode_image checks the header's size against the configured limits instead.
@@ -85,9 +90,62 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InputError("image", f"has {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
     try:
         image.load()  # decode now: truncated data raises here instead of being padded
-        return _to_rgb(ImageOps.exif_transpose(image))
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, SyntaxError) as err:
         raise InputError("image", f"could not be decoded: {err}") from err
+    if image.format == "PNG":
+        _check_png_data(data)
+    return rgb
+
+
+def _check_png_data(data: bytes) -> None:
+    """Refuse a PNG whose image data ends before its header's last row.
+
+    Pillow's PNG decoder stops without an error when the zlib stream in the IDAT chunks ends
+    early, leaving the remaining rows black (its check that image and data end together is
+    commented out in libImaging/ZipDecode.c). A stream cut inside a chunk raises in
+    ``Image.load`` already; this catches a complete stream that is too short. Call it after
+    Pillow has loaded the image, so the chunk layout and the stream are known to be sound.
+
+    Raises:
+        InputError: the IDAT stream inflates to fewer bytes than the header requires.
+    """
+    header, idat, pos = b"", [], len(b"\x89PNG\r\n\x1a\n")
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IHDR":
+            header = data[pos + 8 : pos + 8 + length]
+        elif kind == b"IDAT":
+            idat.append(data[pos + 8 : pos + 8 + length])
+        elif idat:  # Pillow, as the PNG spec, reads the image from one run of consecutive IDATs
+            break
+        pos += 12 + length  # length, type, data, CRC
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    need = _png_scanline_bytes(width, height, depth * _PNG_CHANNELS[colour], interlace == 1)
+    inflater, pending, got = zlib.decompressobj(), b"".join(idat), 0
+    while got < need:
+        # in bounded pieces, and no further than the header needs: Pillow ignores the rest
+        rows = inflater.decompress(pending, min(need - got, 1 << 20))
+        if not rows:  # the stream, or the data, ended
+            break
+        got, pending = got + len(rows), inflater.unconsumed_tail
+    if got < need:
+        raise InputError(
+            "image",
+            f"is truncated: its PNG image data holds {got} of the {need} bytes of rows its {width}x{height} "
+            "header declares",
+        )
+
+
+def _png_scanline_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes of filtered PNG scanlines (a filter-type byte per row) an image's header declares."""
+    total = 0
+    for row, column, row_step, column_step in _ADAM7 if interlaced else ((0, 0, 1, 1),):
+        rows = max(0, -(-(height - row) // row_step))
+        columns = max(0, -(-(width - column) // column_step))
+        if columns:  # a pass without columns has no rows either, not even filter bytes
+            total += rows * (1 + (columns * bits_per_pixel + 7) // 8)
+    return total
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
