@@ -186,6 +186,14 @@ def test_png_data_ending_early_is_refused_not_padded_with_black(client):
         client.explain(truncated, CAPTION)
 
 
+def test_a_control_character_in_a_caption_reads_as_a_space(client):
+    image = noise_image(64, 64)
+    got = client.explain(image, "a red\x00circle and\x1ba blue square")
+    want = client.explain(image, "a red circle and a blue square")
+    assert got.tokens == want.tokens and got.score == want.score
+    np.testing.assert_array_equal(got.attribution, want.attribution)
+
+
 def test_unknown_model_is_not_found(client):
     with pytest.raises(NotFoundError, match="model: no model named 'nope'; hosted: tiny, b32"):
         client.explain(noise_image(64, 64), CAPTION, model="nope")

@@ -240,7 +240,32 @@ def test_empty_captions_are_refused(text):
 
 def test_captions_with_no_tokens_after_normalisation_are_refused():
     with pytest.raises(InputError, match="^caption: has no tokens after normalisation"):
-        tokenize(TOKENIZER, "\x00\x00")
+        tokenize(TOKENIZER, "\ufeff")  # a byte order mark, which the tokenizer's cleaning deletes
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x01", "\x07", "\x0b", "\x1b", "\x1f", "\x7f", "\x85", "\x9f"])
+def test_control_characters_separate_words_as_whitespace_does(control):
+    assert tokenize(TOKENIZER, f"a{control}cat").labels == tokenize(TOKENIZER, "a cat").labels
+    caption = f"a small{control}{control}red circle{control}"
+    spaced = "a small  red circle "
+    assert tokenize(TOKENIZER, caption).token_ids.tolist() == tokenize(TOKENIZER, spaced).token_ids.tolist()
+
+
+@pytest.mark.parametrize("text", ["a\tcat", "a\ncat", "a\r\ncat", "a\x0ccat", "a \t\n cat\n"])
+def test_tabs_and_newlines_still_separate_words(text):
+    assert tokenize(TOKENIZER, text).labels == ("<start_of_text>", "a", "cat", "<end_of_text>")
+
+
+@pytest.mark.parametrize("text", ["\x00", "\x00\x00 \t", "\x1b\x7f\x85"])
+def test_captions_of_only_control_characters_are_refused_as_empty(text):
+    with pytest.raises(InputError, match="^caption: must contain text; it is empty or only whitespace and control"):
+        tokenize(TOKENIZER, text)
+
+
+def test_a_control_character_cannot_join_a_special_token():
+    """Read as a space, a NUL inside a special token's text leaves ordinary tokens."""
+    caption = tokenize(TOKENIZER, "a <end_of\x00_text> cat")
+    assert caption.token_ids.tolist().count(TOKENIZER.eot_token_id) == 1 and caption.labels[-2] == "cat"
 
 
 def test_token_label_of_special_tokens():

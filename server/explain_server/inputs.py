@@ -25,6 +25,11 @@ CONVERSION_RULES = (
 _BACKGROUND = (255, 255, 255)
 # Far above any caption that fits a CLIP context; bounds the tokenizer's work per request.
 MAX_CAPTION_CHARS = 4096
+# Unicode's control characters (category Cc: C0, DEL, C1) read as spaces. The tokenizer's
+# cleaning (ftfy) would delete most of them and join the words around them ("a\x00cat" -> "ac",
+# "at"); sampled real traffic carries them (NUL padding, Word's vertical tab line breaks), so
+# they are not refused, and a one-for-one replacement keeps every character offset.
+_CONTROLS_AS_SPACES = dict.fromkeys([*range(0x00, 0x20), *range(0x7F, 0xA0)], " ")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel, by IHDR colour type
 # Adam7 interlacing: each pass's (first row, first column, row step, column step).
@@ -239,16 +244,19 @@ def token_label(tokenizer: SimpleTokenizer, token_id: int) -> str:
 def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
     """Tokenise with open_clip's tokenizer and cut after the end token.
 
-    Policy for long captions: refused, never truncated (a truncated caption would be
+    Control characters (U+0000-U+001F, U+007F-U+009F) count as whitespace, as tab and newline
+    do. Policy for long captions: refused, never truncated (a truncated caption would be
     explained as if it were the whole one).
 
     Raises:
-        InputError: the caption is empty or whitespace only, longer than
-            :data:`MAX_CAPTION_CHARS`, contains the text of a special token, has no tokens, or
-            needs more tokens (start and end included) than the model's context length.
+        InputError: the caption is empty or only whitespace and control characters, longer
+            than :data:`MAX_CAPTION_CHARS`, contains the text of a special token, has no
+            tokens, or needs more tokens (start and end included) than the model's context
+            length.
     """
+    caption = caption.translate(_CONTROLS_AS_SPACES)
     if not caption.strip():
-        raise InputError("caption", "must contain text; it is empty or whitespace only")
+        raise InputError("caption", "must contain text; it is empty or only whitespace and control characters")
     if len(caption) > MAX_CAPTION_CHARS:
         raise InputError(
             "caption", f"has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS} (models read at most a few dozen tokens)"
