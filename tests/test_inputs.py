@@ -262,6 +262,20 @@ def test_captions_of_only_control_characters_are_refused_as_empty(text):
         tokenize(TOKENIZER, text)
 
 
+@pytest.mark.parametrize(
+    "text, special",
+    [
+        ("a cat <end_of_text> on a mat", "<end_of_text>"),
+        ("<START_OF_TEXT> a cat", "<start_of_text>"),
+        ("a &lt;end_of_text&gt; cat", "<end_of_text>"),  # the tokenizer decodes HTML entities
+        ("a <end_of\ufeff_text> cat", "<end_of_text>"),  # and deletes byte order marks
+    ],
+)
+def test_special_tokens_are_refused_however_they_are_spelled(text, special):
+    with pytest.raises(InputError, match=f"^caption: contains '{special}', which the tokenizer reads as a special"):
+        tokenize(TOKENIZER, text)
+
+
 def test_a_control_character_cannot_join_a_special_token():
     """Read as a space, a NUL inside a special token's text leaves ordinary tokens."""
     caption = tokenize(TOKENIZER, "a <end_of\x00_text> cat")

@@ -250,9 +250,9 @@ def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
 
     Raises:
         InputError: the caption is empty or only whitespace and control characters, longer
-            than :data:`MAX_CAPTION_CHARS`, contains the text of a special token, has no
-            tokens, or needs more tokens (start and end included) than the model's context
-            length.
+            than :data:`MAX_CAPTION_CHARS`, spells a special token (also through the
+            tokenizer's cleaning, e.g. an HTML entity), has no tokens, or needs more tokens
+            (start and end included) than the model's context length.
     """
     caption = caption.translate(_CONTROLS_AS_SPACES)
     if not caption.strip():
@@ -261,10 +261,16 @@ def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
         raise InputError(
             "caption", f"has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS} (models read at most a few dozen tokens)"
         )
-    for special in (tokenizer.decoder[tokenizer.sot_token_id], tokenizer.decoder[tokenizer.eot_token_id]):
-        if special in caption.lower():  # the tokenizer lower-cases first
-            raise InputError("caption", f"contains {special!r}, which the tokenizer reads as a special token; remove it")
     encoded = tokenizer.encode(caption)
+    # checked on the ids: the tokenizer's cleaning (lower-casing, HTML entities, deleting
+    # invisible characters) can spell a special token the raw text does not
+    for special in (tokenizer.sot_token_id, tokenizer.eot_token_id):
+        if special in encoded:
+            raise InputError(
+                "caption",
+                f"contains {tokenizer.decoder[special]!r}, which the tokenizer reads as a special token (after "
+                "lower-casing, decoding HTML entities and deleting invisible characters); remove it",
+            )
     if not encoded:
         raise InputError("caption", "has no tokens after normalisation")
     # the ids open_clip's tokenizer returns, without the padding; built from one encoding,
