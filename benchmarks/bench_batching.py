@@ -5,13 +5,13 @@ the defaults (``--max-batch-size 16``, queue delay 0), batching on with a queue 
 ``QUEUE_DELAY_MS``, and batching off (``--max-batch-size 1``); the factor cache is off in all
 (``--factor-cache-mb 0``: the load cycles through a fixed mix of pairs, and cache hits would
 measure the cache, not the engine). ``explain-loadgen``'s ``run`` drives it in-process at
-concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 noise PNGs (sides 64-128
-px for the small model, whose inputs are small scenes; 224-640 px, photo sizes, for ViT-B-32) and
-10 captions of varied length, all at the same explanation settings (``WORKLOAD``). Concurrency 16,
-where the goals are set, runs ``REPEATS`` times and the run with the median throughput is
-reported: single runs on this machine spread by about 10%. Then a soak:
-``--soak-seconds`` at concurrency 16 on the small model with batching on, counting non-OK
-answers and the server's RSS growth after warm-up.
+concurrency 1, 4 and 16 for ``--seconds`` each, after a warm-up, with 16 photo-like images and
+captions of 1-30 words (``explain_client.workload``; sides 64-128 px for the small model, whose
+inputs are small scenes; 224-640 px, photo sizes, for ViT-B-32), all at the same explanation
+settings (``WORKLOAD``). Concurrency 16, where the goals are set, runs ``REPEATS`` times and the
+run with the median throughput is reported: single runs on this machine spread by about 10%.
+Then a soak: ``--soak-seconds`` at concurrency 16 on the small model with batching on, counting
+non-OK answers and the server's RSS growth after warm-up.
 
 Models: the shipped known-answer model ``shapes`` (``--small`` hosts another), and ViT-B-32 with
 seeded random weights for a production-size model (speed does not depend on the weights' values).
@@ -35,7 +35,8 @@ import time
 from bench_engine import Server, record, rss_bytes, save_weights
 
 from explain_client.client import explain_request
-from explain_client.loadgen import CAPTIONS, run, synthetic_images
+from explain_client.loadgen import run
+from explain_client.workload import distinct_requests
 from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
 from explain_server.shapes import model as shapes_model
 
@@ -68,8 +69,7 @@ ENGINE_BATCH = 8
 
 
 def load(server: Server, concurrency: int, seconds: float, sides: tuple[int, int]):
-    images = synthetic_images(16, sides=sides)
-    mix = [explain_request(image, CAPTIONS[i % len(CAPTIONS)], **WORKLOAD) for i, image in enumerate(images)]
+    mix = [explain_request(image, caption, **WORKLOAD) for image, caption in distinct_requests(16, sides=sides)]
     return asyncio.run(run(server.target, mix, concurrency=concurrency, duration=seconds))
 
 
@@ -121,9 +121,10 @@ def engine_seconds_per_request(repeats: int = 5) -> dict[int, float]:
     open_clip.add_model_config(shapes_model.CONFIG)
     loaded = load_model(ModelSpec.parse(shapes_model.spec()), device=torch.device("cpu"), dtype="float32", memory_bytes=256 << 20)
     explainer = loaded.explainer
-    texts = [tokenize(loaded.tokenizer, caption).token_ids for caption in CAPTIONS]
-    images = [loaded.transform(decode_image(data, ImageLimits())) for data in synthetic_images(16, sides=SMALL_SIDES)]
-    pairs = [(texts[i % len(texts)], images[i]) for i in range(len(images))]
+    pairs = [
+        (tokenize(loaded.tokenizer, caption).token_ids, loaded.transform(decode_image(data, ImageLimits())))
+        for data, caption in distinct_requests(16, sides=SMALL_SIDES)
+    ]
     layers = {"text": explainer.text.n_layers - 1, "image": explainer.image.n_layers - 1}
 
     def run(batch: list) -> None:
@@ -170,7 +171,7 @@ def main() -> int:
         "## Dynamic batching under concurrent load (issue 3)",
         "",
         f"`benchmarks/bench_batching.py`, {time.strftime('%Y-%m-%d')}, 2 CPU cores: closed-loop load from "
-        f"`explain-loadgen` ({args.seconds:g} s per setting, 16 noise PNGs x 10 captions of varied length; image sides "
+        f"`explain-loadgen` ({args.seconds:g} s per setting, 16 photo-like images and captions of 1-30 words; image sides "
         f"{SMALL_SIDES[0]}-{SMALL_SIDES[1]} px for the small model, {PHOTO_SIDES[0]}-{PHOTO_SIDES[1]} px for ViT-B-32; "
         f"both models explained at exclip's layers, each tower's last block, with {DEFAULT_METHOD} and {DEFAULT_N_STEPS} "
         "nodes; factor cache off, `--intra-op-threads 1`). Batching on: `--max-batch-size 16`, with the default queue "

@@ -12,13 +12,14 @@ import urllib.request
 import numpy as np
 import open_clip
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess
+from conftest import TINY, TINY_CONFIG, ServerProcess, free_port
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from explain_client import DeadlineExceededError, ExplainClient, InvalidArgumentError, ResourceExhaustedError
 from explain_client._proto import explain_pb2_grpc
 from explain_client.client import explain_request
+from explain_client.loadgen import factor_cache_counts
 from explain_client.loadgen import main as loadgen_main
 
 WORDS = "red green blue small large circle square triangle cross dog cat on a the near left right".split()
@@ -329,13 +330,74 @@ def test_metrics_expose_every_series(batching_server):
     assert value(samples, "explain_model_load_seconds", model="tiny") > 0
 
 
-def test_loadgen_reports_throughput_latency_and_codes(batching_server, tmp_path):
+def test_loadgen_reports_throughput_latency_and_codes(batching_server, tmp_path, capsys):
     report = tmp_path / "report.json"
+    unreachable = f"http://127.0.0.1:{free_port()}/metrics"
     code = loadgen_main([
         "--target", batching_server.target, "--concurrency", "4", "--requests", "12", "--json", str(report),
+        "--metrics-url", unreachable,
     ])
     assert code == 0
     result = json.loads(report.read_text())
     assert result["requests"] == 12 and result["codes"] == {"OK": 12}
     assert result["throughput_per_second"] > 0
     assert 0 < result["latency_seconds"]["p50"] <= result["latency_seconds"]["p90"] <= result["latency_seconds"]["p99"]
+    # no metrics page: the run still reports, and says why the hit ratio is missing
+    assert result["factor_cache"] is None
+    missing = f"the server's factor cache hit ratio is not reported: {unreachable}"
+    assert [note for note in result["notes"] if note.startswith(missing)]
+    assert "hit ratio is not reported" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """The server's defaults: batching, and the factor cache on."""
+    proc = start(tmp_path_factory, "defaults")
+    yield proc
+    proc.stop()
+
+
+def cache_lookups(samples: dict) -> dict[str, float]:
+    return {f"{side}_{outcome}": value(samples, f"explain_{side}_factor_cache_{outcome}_total", model="tiny")
+            for side in ("text", "image") for outcome in ("hits", "misses")}
+
+
+def test_loadgen_by_default_sends_new_inputs_that_the_cache_never_answers(default_server, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    before = scrape(default_server.metrics_url)
+    code = loadgen_main([
+        "--target", default_server.target, "--metrics-url", default_server.metrics_url,
+        "--concurrency", "4", "--requests", "24", "--json", str(report),
+    ])
+    out = capsys.readouterr().out
+    after = scrape(default_server.metrics_url)
+    assert code == 0
+    result = json.loads(report.read_text())
+    assert result["codes"] == {"OK": 24} and result["inputs"] == "distinct"
+    # every request was a text and an image lookup, and every one missed
+    cache = result["factor_cache"]
+    assert cache["text"] == cache["image"] == {"hits": 0, "misses": 24, "hit_ratio": 0}
+    assert cache["hit_ratio"] == 0 and cache["url"] == default_server.metrics_url
+    assert "hit ratio 0.0% (hits: text 0 of 24, image 0 of 24" in out
+    assert f"inputs: distinct, seed {result['seed']}" in out
+    # what loadgen read is what the server counted (prometheus-client's parser)
+    counted = cache_lookups(after)
+    assert {key: counted[key] - old for key, old in cache_lookups(before).items()} == {
+        "text_hits": 0, "text_misses": 24, "image_hits": 0, "image_misses": 24,
+    }
+    with urllib.request.urlopen(default_server.metrics_url, timeout=10) as response:
+        assert factor_cache_counts(response.read().decode()) == counted
+
+
+def test_loadgen_repeat_inputs_is_answered_by_the_cache(default_server, tmp_path):
+    report = tmp_path / "report.json"
+    code = loadgen_main([
+        "--target", default_server.target, "--metrics-url", default_server.metrics_url, "--repeat-inputs",
+        "--seed", "1", "--image-sides", "64", "160", "--concurrency", "4", "--requests", "40", "--json", str(report),
+    ])
+    assert code == 0
+    cache = json.loads(report.read_text())["factor_cache"]
+    # the fixed mix holds 8 images and 10 captions: each is computed once, then answered by the cache
+    assert (cache["image"]["misses"], cache["image"]["hits"]) == (8, 32)
+    assert (cache["text"]["misses"], cache["text"]["hits"]) == (10, 30)
+    assert cache["hit_ratio"] == pytest.approx(62 / 80)

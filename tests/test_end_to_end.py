@@ -14,6 +14,7 @@ from conftest import TINY
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
+from test_inputs import with_scanlines
 
 from explain_client import ExplainClient, InvalidArgumentError, NotFoundError, cli
 from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
@@ -176,6 +177,21 @@ def test_truncated_image_is_refused_not_padded(client):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, format="JPEG")
     with pytest.raises(InvalidArgumentError, match="image: could not be decoded"):
         client.explain(out.getvalue()[: len(out.getvalue()) // 2], CAPTION)
+
+
+def test_png_data_ending_early_is_refused_not_padded_with_black(client):
+    """A complete PNG file whose zlib stream holds 30 of its 96 rows: Pillow alone pads the rest."""
+    truncated = with_scanlines(noise_image(96, 96), lambda scanlines: scanlines[: 30 * (1 + 96 * 3)])
+    with pytest.raises(InvalidArgumentError, match="INVALID_ARGUMENT: image: is truncated: .* 8670 of the 27744 bytes"):
+        client.explain(truncated, CAPTION)
+
+
+def test_a_control_character_in_a_caption_reads_as_a_space(client):
+    image = noise_image(64, 64)
+    got = client.explain(image, "a red\x00circle and\x1ba blue square")
+    want = client.explain(image, "a red circle and a blue square")
+    assert got.tokens == want.tokens and got.score == want.score
+    np.testing.assert_array_equal(got.attribution, want.attribution)
 
 
 def test_unknown_model_is_not_found(client):

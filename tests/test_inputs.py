@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 
 import numpy as np
@@ -93,6 +94,111 @@ def test_truncated_jpeg_is_refused():
         decode_image(data[: len(data) // 2], ImageLimits(max_pixels=10_000))
 
 
+# Adam7 passes: (first row, first column, row step, column step), as the PNG spec lists them.
+ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk of a PNG file."""
+    chunks, pos = [], 8
+    while pos < len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks.append((kind, data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def png_file(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d)) for k, d in chunks)
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def with_scanlines(png: bytes, keep) -> bytes:
+    """``png`` with its image data replaced by one complete zlib stream of ``keep(scanlines)``."""
+    chunks = png_chunks(png)
+    scanlines = zlib.decompress(b"".join(d for k, d in chunks if k == b"IDAT"))
+    first = next(i for i, (k, _) in enumerate(chunks) if k == b"IDAT")
+    rest = [c for c in chunks[first:] if c[0] != b"IDAT"]
+    return png_file(chunks[:first] + [(b"IDAT", zlib.compress(keep(scanlines)))] + rest)
+
+
+def interlaced_png(rgb: np.ndarray) -> bytes:
+    """An Adam7-interlaced 8-bit RGB PNG (Pillow writes none), every row with filter type 0."""
+    height, width, _ = rgb.shape
+    passes = (rgb[r::dr, c::dc] for r, c, dr, dc in ADAM7)
+    scanlines = b"".join(b"\x00" + row.tobytes() for sub in passes if sub.shape[1] for row in sub)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
+    return png_file([(b"IHDR", ihdr), (b"IDAT", zlib.compress(scanlines)), (b"IEND", b"")])
+
+
+def valid_pngs():
+    """(name, PNG bytes, the RGB pixels decode_image must return) for PNG variants that must load."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)  # odd sizes: partial bytes and passes
+    gray = rgb[..., 0]
+    yield "RGB", encoded(Image.fromarray(rgb), "PNG"), rgb
+    yield "L", encoded(Image.fromarray(gray), "PNG"), np.dstack([gray] * 3)
+    bits = gray > 127
+    yield "1-bit", encoded(Image.fromarray(bits), "PNG"), np.dstack([np.where(bits, 255, 0).astype(np.uint8)] * 3)
+    for colours in (4, 16):  # Pillow writes these with 2 and 4 bits per pixel
+        palette = Image.fromarray(rgb).quantize(colours)
+        yield f"palette-{colours}", encoded(palette, "PNG"), np.asarray(palette.convert("RGB"))
+    opaque = np.full(gray.shape, 255, dtype=np.uint8)
+    yield "RGBA", encoded(Image.fromarray(np.dstack([rgb, opaque])), "PNG"), rgb
+    yield "LA", encoded(Image.fromarray(np.dstack([gray, opaque]), mode="LA"), "PNG"), np.dstack([gray] * 3)
+    sixteen = rng.integers(0, 65536, gray.shape).astype(np.uint16)
+    yield "16-bit", encoded(Image.fromarray(sixteen), "PNG"), np.dstack([np.rint(sixteen / 257).astype(np.uint8)] * 3)
+    apng = encoded(Image.fromarray(rgb), "PNG", save_all=True, append_images=[Image.fromarray(255 - rgb)])
+    yield "APNG", apng, rgb
+    big = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    several = encoded(Image.fromarray(big), "PNG")
+    assert [k for k, _ in png_chunks(several)].count(b"IDAT") > 1
+    yield "several IDATs", several, big
+    yield "interlaced", interlaced_png(rgb), rgb
+    yield "interlaced 1x1", interlaced_png(rgb[:1, :1]), rgb[:1, :1]
+    yield "data past the last row", with_scanlines(encoded(Image.fromarray(rgb), "PNG"), lambda s: s + bytes(500)), rgb
+
+
+VALID_PNGS = list(valid_pngs())
+
+
+@pytest.mark.parametrize("name, data, want", VALID_PNGS, ids=[c[0] for c in VALID_PNGS])
+def test_valid_pngs_decode_to_their_pixels(name, data, want):
+    np.testing.assert_array_equal(np.asarray(decode_image(data, ImageLimits())), want)
+
+
+def truncated_pngs():
+    """(name, PNG bytes) whose image data ends before the header's last row."""
+    rgb = np.random.default_rng(6).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    row = 1 + 96 * 3  # filter byte and pixels
+    png = encoded(Image.fromarray(rgb), "PNG")
+    yield "30 of 96 rows", with_scanlines(png, lambda s: s[: 30 * row])
+    yield "one row short", with_scanlines(png, lambda s: s[:-row])
+    yield "ends inside a row", with_scanlines(png, lambda s: s[: 30 * row + 100])
+    yield "no rows", with_scanlines(png, lambda s: b"")
+    palette = encoded(Image.fromarray(rgb).quantize(4), "PNG")  # 2 bits per pixel: 25 bytes a row
+    yield "2-bit palette, one row short", with_scanlines(palette, lambda s: s[: -(1 + 24)])
+    last_pass = 48 * row  # Adam7's pass 7 holds the odd rows, whole
+    yield "interlaced, last pass missing", with_scanlines(interlaced_png(rgb), lambda s: s[:-last_pass])
+    yield "cut inside the data", png[: len(png) // 2]
+
+
+TRUNCATED_PNGS = list(truncated_pngs())
+
+
+@pytest.mark.parametrize("name, data", TRUNCATED_PNGS, ids=[c[0] for c in TRUNCATED_PNGS])
+def test_truncated_pngs_are_refused(name, data):
+    with pytest.raises(InputError, match="^image: .*truncated"):
+        decode_image(data, ImageLimits())
+
+
+def test_a_truncated_png_names_what_is_missing():
+    rgb = np.zeros((96, 96, 3), dtype=np.uint8)
+    data = with_scanlines(encoded(Image.fromarray(rgb), "PNG"), lambda s: s[: 30 * 289])
+    with pytest.raises(InputError, match="^image: is truncated: its PNG image data holds 8670 of the 27744 bytes"):
+        decode_image(data, ImageLimits())
+
+
 def test_pixel_limits_are_checked_before_decoding():
     data = encoded(Image.new("RGB", (200, 100)), "PNG")
     with pytest.raises(InputError, match="200x100 = 20000 pixels; the limit is 19999"):
@@ -134,7 +240,46 @@ def test_empty_captions_are_refused(text):
 
 def test_captions_with_no_tokens_after_normalisation_are_refused():
     with pytest.raises(InputError, match="^caption: has no tokens after normalisation"):
-        tokenize(TOKENIZER, "\x00\x00")
+        tokenize(TOKENIZER, "\ufeff")  # a byte order mark, which the tokenizer's cleaning deletes
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x01", "\x07", "\x0b", "\x1b", "\x1f", "\x7f", "\x85", "\x9f"])
+def test_control_characters_separate_words_as_whitespace_does(control):
+    assert tokenize(TOKENIZER, f"a{control}cat").labels == tokenize(TOKENIZER, "a cat").labels
+    caption = f"a small{control}{control}red circle{control}"
+    spaced = "a small  red circle "
+    assert tokenize(TOKENIZER, caption).token_ids.tolist() == tokenize(TOKENIZER, spaced).token_ids.tolist()
+
+
+@pytest.mark.parametrize("text", ["a\tcat", "a\ncat", "a\r\ncat", "a\x0ccat", "a \t\n cat\n"])
+def test_tabs_and_newlines_still_separate_words(text):
+    assert tokenize(TOKENIZER, text).labels == ("<start_of_text>", "a", "cat", "<end_of_text>")
+
+
+@pytest.mark.parametrize("text", ["\x00", "\x00\x00 \t", "\x1b\x7f\x85"])
+def test_captions_of_only_control_characters_are_refused_as_empty(text):
+    with pytest.raises(InputError, match="^caption: must contain text; it is empty or only whitespace and control"):
+        tokenize(TOKENIZER, text)
+
+
+@pytest.mark.parametrize(
+    "text, special",
+    [
+        ("a cat <end_of_text> on a mat", "<end_of_text>"),
+        ("<START_OF_TEXT> a cat", "<start_of_text>"),
+        ("a &lt;end_of_text&gt; cat", "<end_of_text>"),  # the tokenizer decodes HTML entities
+        ("a <end_of\ufeff_text> cat", "<end_of_text>"),  # and deletes byte order marks
+    ],
+)
+def test_special_tokens_are_refused_however_they_are_spelled(text, special):
+    with pytest.raises(InputError, match=f"^caption: contains '{special}', which the tokenizer reads as a special"):
+        tokenize(TOKENIZER, text)
+
+
+def test_a_control_character_cannot_join_a_special_token():
+    """Read as a space, a NUL inside a special token's text leaves ordinary tokens."""
+    caption = tokenize(TOKENIZER, "a <end_of\x00_text> cat")
+    assert caption.token_ids.tolist().count(TOKENIZER.eot_token_id) == 1 and caption.labels[-2] == "cat"
 
 
 def test_token_label_of_special_tokens():

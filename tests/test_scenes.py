@@ -248,6 +248,15 @@ def test_phrase_rows_are_the_tokenizers_rows_and_only_they_make_the_heatmap():
             assert result.peak == (2, 5) and result.pointing_hit
 
 
+def test_phrase_offsets_hold_across_control_characters():
+    """The service reads a NUL as a space: the words around it stay apart and keep their offsets."""
+    text = "a red\x00circle\x1band a blue square"
+    exp = _explanation(text, np.zeros((9, 8, 8)))
+    assert exp.tokens[1:-1] == ("a", "red", "circle", "and", "a", "blue", "square")
+    assert phrase_rows(exp, text, text.index("circle"), text.index("circle") + 6) == [3]
+    assert phrase_rows(exp, text, text.index("blue"), len(text)) == [6, 7]
+
+
 def test_pointing_maps_cells_through_the_crop_box():
     caption = "a red circle"
     attribution = np.zeros((5, 4, 4))

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_end_to_end import noise_image
 
 from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials
+from explain_server.security import load_tokens
 
 CAPTION = "SECRET-CAPTION-a red circle"
 TOKEN = "s3cret-token-value"
@@ -112,11 +113,27 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(tmp_path, 
         server.stop()
 
 
+COMMENT = "# a comment"
+
+
+def test_token_files_skip_blank_and_comment_lines(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{COMMENT}\n\n  other-token  \n   #indented comment\n{TOKEN}\n#\n")
+    assert load_tokens(str(tokens), None) == ["other-token", TOKEN]
+
+
+def test_a_token_file_of_comments_only_fails_start_up(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{COMMENT}\n\n# {TOKEN}\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        load_tokens(str(tokens), None)
+
+
 @pytest.mark.parametrize("source", ["file", "env"])
 def test_bearer_tokens(tmp_path, source, monkeypatch):
     if source == "file":
         tokens = tmp_path / "tokens"
-        tokens.write_text(f"other-token\n{TOKEN}\n")
+        tokens.write_text(f"{COMMENT}\nother-token\n{TOKEN}\n")
         args = ["--auth-tokens-file", str(tokens)]
     else:
         monkeypatch.setenv("EXPLAIN_TEST_TOKENS", f"other-token,{TOKEN}")
@@ -127,7 +144,7 @@ def test_bearer_tokens(tmp_path, source, monkeypatch):
         wait_serving(server.target, server.process)  # health is exempt by default: no token
         with ExplainClient(server.target, token=TOKEN, timeout=60) as client:
             assert client.explain(noise_image(64, 64), CAPTION).model == "tiny"
-        for token in (None, "wrong", TOKEN + "x"):
+        for token in (None, "wrong", TOKEN + "x", COMMENT):
             with ExplainClient(server.target, token=token, timeout=10) as client:
                 with pytest.raises(UnauthenticatedError, match="bearer token"):
                     client.explain(noise_image(64, 64), CAPTION)

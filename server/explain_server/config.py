@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="server private key")
     p.add_argument("--tls-client-ca", metavar="PEM", help="CA of client certificates: require mutual TLS")
-    p.add_argument("--auth-tokens-file", metavar="PATH", help="accepted bearer tokens, one per line")
+    p.add_argument(
+        "--auth-tokens-file", metavar="PATH", help="accepted bearer tokens, one per line (blank lines and # comments skipped)"
+    )
     p.add_argument("--auth-tokens-env", metavar="VAR", help="environment variable with comma-separated bearer tokens")
     p.add_argument(
         "--auth-exempt",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +25,15 @@ CONVERSION_RULES = (
 _BACKGROUND = (255, 255, 255)
 # Far above any caption that fits a CLIP context; bounds the tokenizer's work per request.
 MAX_CAPTION_CHARS = 4096
+# Unicode's control characters (category Cc: C0, DEL, C1) read as spaces. The tokenizer's
+# cleaning (ftfy) would delete most of them and join the words around them ("a\x00cat" -> "ac",
+# "at"); sampled real traffic carries them (NUL padding, Word's vertical tab line breaks), so
+# they are not refused, and a one-for-one replacement keeps every character offset.
+_CONTROLS_AS_SPACES = dict.fromkeys([*range(0x00, 0x20), *range(0x7F, 0xA0)], " ")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel, by IHDR colour type
+# Adam7 interlacing: each pass's (first row, first column, row step, column step).
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 
 # Pillow's own decompression-bomb check would refuse large images before ours can name the
 # limit; decode_image checks the header's size against the configured limits instead.
@@ -70,7 +80,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         InputError: empty, undecodable or truncated data, a size beyond the limits, or a mode
             that cannot be converted to RGB.
     """
-    return load_image(open_image(data, limits))
+    return load_image(open_image(data, limits), data)
 
 
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -98,17 +108,70 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     return image
 
 
-def load_image(image: Image.Image) -> Image.Image:
-    """Decode an image from :func:`open_image` into RGB in display orientation, as :func:`decode_image`.
+def load_image(image: Image.Image, data: bytes) -> Image.Image:
+    """Decode an image from :func:`open_image` of ``data`` into RGB in display orientation, as :func:`decode_image`.
 
     Raises:
         InputError: undecodable or truncated data, or a mode that cannot be converted to RGB.
     """
     try:
         image.load()  # decode now: truncated data raises here instead of being padded
-        return _to_rgb(ImageOps.exif_transpose(image))
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, SyntaxError) as err:
         raise InputError("image", f"could not be decoded: {err}") from err
+    if image.format == "PNG":
+        _check_png_data(data)
+    return rgb
+
+
+def _check_png_data(data: bytes) -> None:
+    """Refuse a PNG whose image data ends before its header's last row.
+
+    Pillow's PNG decoder stops without an error when the zlib stream in the IDAT chunks ends
+    early, leaving the remaining rows black (its check that image and data end together is
+    commented out in libImaging/ZipDecode.c). A stream cut inside a chunk raises in
+    ``Image.load`` already; this catches a complete stream that is too short. Call it after
+    Pillow has loaded the image, so the chunk layout and the stream are known to be sound.
+
+    Raises:
+        InputError: the IDAT stream inflates to fewer bytes than the header requires.
+    """
+    header, idat, pos = b"", [], len(b"\x89PNG\r\n\x1a\n")
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IHDR":
+            header = data[pos + 8 : pos + 8 + length]
+        elif kind == b"IDAT":
+            idat.append(data[pos + 8 : pos + 8 + length])
+        elif idat:  # Pillow, as the PNG spec, reads the image from one run of consecutive IDATs
+            break
+        pos += 12 + length  # length, type, data, CRC
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    need = _png_scanline_bytes(width, height, depth * _PNG_CHANNELS[colour], interlace == 1)
+    inflater, pending, got = zlib.decompressobj(), b"".join(idat), 0
+    while got < need:
+        # in bounded pieces, and no further than the header needs: Pillow ignores the rest
+        rows = inflater.decompress(pending, min(need - got, 1 << 20))
+        if not rows:  # the stream, or the data, ended
+            break
+        got, pending = got + len(rows), inflater.unconsumed_tail
+    if got < need:
+        raise InputError(
+            "image",
+            f"is truncated: its PNG image data holds {got} of the {need} bytes of rows its {width}x{height} "
+            "header declares",
+        )
+
+
+def _png_scanline_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes of filtered PNG scanlines (a filter-type byte per row) an image's header declares."""
+    total = 0
+    for row, column, row_step, column_step in _ADAM7 if interlaced else ((0, 0, 1, 1),):
+        rows = max(0, -(-(height - row) // row_step))
+        columns = max(0, -(-(width - column) // column_step))
+        if columns:  # a pass without columns has no rows either, not even filter bytes
+            total += rows * (1 + (columns * bits_per_pixel + 7) // 8)
+    return total
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -202,24 +265,33 @@ def token_label(tokenizer: SimpleTokenizer, token_id: int) -> str:
 def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
     """Tokenise with open_clip's tokenizer and cut after the end token.
 
-    Policy for long captions: refused, never truncated (a truncated caption would be
+    Control characters (U+0000-U+001F, U+007F-U+009F) count as whitespace, as tab and newline
+    do. Policy for long captions: refused, never truncated (a truncated caption would be
     explained as if it were the whole one).
 
     Raises:
-        InputError: the caption is empty or whitespace only, longer than
-            :data:`MAX_CAPTION_CHARS`, contains the text of a special token, has no tokens, or
-            needs more tokens (start and end included) than the model's context length.
+        InputError: the caption is empty or only whitespace and control characters, longer
+            than :data:`MAX_CAPTION_CHARS`, spells a special token (also through the
+            tokenizer's cleaning, e.g. an HTML entity), has no tokens, or needs more tokens
+            (start and end included) than the model's context length.
     """
+    caption = caption.translate(_CONTROLS_AS_SPACES)
     if not caption.strip():
-        raise InputError("caption", "must contain text; it is empty or whitespace only")
+        raise InputError("caption", "must contain text; it is empty or only whitespace and control characters")
     if len(caption) > MAX_CAPTION_CHARS:
         raise InputError(
             "caption", f"has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS} (models read at most a few dozen tokens)"
         )
-    for special in (tokenizer.decoder[tokenizer.sot_token_id], tokenizer.decoder[tokenizer.eot_token_id]):
-        if special in caption.lower():  # the tokenizer lower-cases first
-            raise InputError("caption", f"contains {special!r}, which the tokenizer reads as a special token; remove it")
     encoded = tokenizer.encode(caption)
+    # checked on the ids: the tokenizer's cleaning (lower-casing, HTML entities, deleting
+    # invisible characters) can spell a special token the raw text does not
+    for special in (tokenizer.sot_token_id, tokenizer.eot_token_id):
+        if special in encoded:
+            raise InputError(
+                "caption",
+                f"contains {tokenizer.decoder[special]!r}, which the tokenizer reads as a special token (after "
+                "lower-casing, decoding HTML entities and deleting invisible characters); remove it",
+            )
     if not encoded:
         raise InputError("caption", "has no tokens after normalisation")
     # the ids open_clip's tokenizer returns, without the padding; built from one encoding,

@@ -37,8 +37,9 @@ def server_credentials(cert: str | None, key: str | None, client_ca: str | None)
 
 
 def load_tokens(tokens_file: str | None, tokens_env: str | None) -> list[str]:
-    """Accepted bearer tokens: one per non-empty line of ``tokens_file``, and/or comma-separated
-    in the environment variable named ``tokens_env``.
+    """Accepted bearer tokens: one per line of ``tokens_file``, skipping blank lines and comment
+    lines (first non-blank character ``#``), and/or comma-separated in the environment variable
+    named ``tokens_env``.
 
     Raises:
         ValueError: the variable is unset, or a source yields no token.
@@ -46,7 +47,9 @@ def load_tokens(tokens_file: str | None, tokens_env: str | None) -> list[str]:
     """
     tokens: list[str] = []
     if tokens_file:
-        from_file = [line.strip() for line in pathlib.Path(tokens_file).read_text().splitlines() if line.strip()]
+        lines = (line.strip() for line in pathlib.Path(tokens_file).read_text().splitlines())
+        # '#' cannot occur in a bearer token (RFC 6750's b64token), so no token is lost
+        from_file = [line for line in lines if line and not line.startswith("#")]
         if not from_file:
             raise ValueError(f"--auth-tokens-file {tokens_file} holds no token")
         tokens += from_file

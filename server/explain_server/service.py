@@ -521,7 +521,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 "pixels per call (send fewer or smaller images per call)",
             )
         prepared = []
-        for index, (key, entry, image) in enumerate(zip(keys, entries, opened)):
+        for index, (data, key, entry, image) in enumerate(zip(images, keys, entries, opened)):
             if entry is not None:
                 prepared.append(_Prepared(key, entry, None, entry.image_size))
                 continue
@@ -529,7 +529,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 self._skip_images(loaded, request_id, stop, len(images) - index, len(images))
                 raise ExplanationCancelled()
             try:
-                decoded = load_image(image)
+                decoded = load_image(image, data)
                 check_resize(*decoded.size, loaded.preprocess_cfg, self.limits.image)
             except InputError as err:
                 raise err.renamed({"image": f"images[{index}]"} if many else {})

@@ -16,6 +16,7 @@ of the response's crop box ``(cx0, cy0, cx1, cy1)`` in original-image pixels, wi
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ def token_char_spans(explanation: Explanation, text: str) -> list[tuple[int, int
     """Character range ``[a, b)`` of ``text`` that each content token (rows 1..T-2) spells.
 
     The tokenizer lower-cases and collapses whitespace, so tokens are matched in order,
-    case-insensitively, skipping whitespace in ``text``.
+    case-insensitively, skipping whitespace and control characters in ``text`` (the service
+    reads control characters as spaces).
 
     Returns:
         One (a, b) per content row, in row order.
@@ -51,7 +53,7 @@ def token_char_spans(explanation: Explanation, text: str) -> list[tuple[int, int
     lowered = text.lower()
     for row in range(1, len(explanation.tokens) - 1):
         label = "".join(explanation.tokens[row].split()).lower()
-        while at < len(text) and text[at].isspace():
+        while at < len(text) and (text[at].isspace() or unicodedata.category(text[at]) == "Cc"):
             at += 1
         if not label or lowered[at : at + len(label)] != label:
             raise AlignmentError(
