@@ -180,19 +180,30 @@ def quadrature_sweep(max_n: int = 16) -> tuple[list[str], tuple[str, int]]:
     return rows, best
 
 
-class Server:
-    """``explain-server`` with ``args`` on a free loopback port, and a client of it, once ready."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, args: list[str]):
+
+class Server:
+    """``explain-server`` with ``args`` on a free loopback port, and a client of it, once ready.
+
+    By default the server runs on the CPU, logs warnings only and serves no metrics. With
+    ``defaults=True`` it gets nothing but ``args`` and its ports (metrics at ``metrics_url``),
+    as a user who starts it without flags does.
+    """
+
+    def __init__(self, args: list[str], *, defaults: bool = False):
         from explain_client import ExplainClient
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port, metrics_port = free_port(), free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if defaults else None
+        quiet = [] if defaults else ["--metrics-port", "0", "--device", "cpu", "--log-level", "WARNING"]
+        ports = ["--port", str(port), *(["--metrics-port", str(metrics_port)] if defaults else [])]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port),
-             "--metrics-port", "0", "--device", "cpu", "--log-level", "WARNING", *args],
-            stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "explain_server", *ports, *quiet, *args], stderr=subprocess.DEVNULL
         )
         self.target = f"127.0.0.1:{port}"
         self.client = ExplainClient(self.target, timeout=3600)

@@ -8,10 +8,12 @@ an ample budget): within 1e-9 relative in float64 and 1e-5 in float32. A side co
 exactly when its stop check returned true.
 
 The CI profile draws few examples; ``pytest --hypothesis-profile thorough`` draws many more.
+``EXPLAIN_TEST_DEVICE=cuda`` runs them on a GPU (benchmarks/gpu/run.sh).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -28,11 +30,12 @@ CONTEXT = 77  # the tiny model's text context: start and end token included
 LAYERS = 2  # blocks per tower of the tiny model
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 AMPLE = 1 << 40
+DEVICE = torch.device(os.environ.get("EXPLAIN_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])
 def explainer(request) -> Explainer:
-    model = seeded_model(TINY).to(request.param).requires_grad_(False)
+    model = seeded_model(TINY).to(DEVICE, request.param).requires_grad_(False)
     # ids of the tiny model's tokenizer (open_clip's CLIP BPE)
     return Explainer(model, sot_token_id=49406, eot_token_id=49407, budget=ChunkBudget(AMPLE))
 
@@ -67,9 +70,9 @@ class DrawnSide:
         if self.tower == "text":
             # ids below the merges' start are single bytes: any sequence of them is a caption
             body = torch.randint(1, 256, (self.length - 2,), generator=generator)
-            return torch.cat([torch.tensor([49406]), body, torch.tensor([49407])])
+            return torch.cat([torch.tensor([49406]), body, torch.tensor([49407])]).to(DEVICE)
         height, width = explainer.image.visual.image_size
-        return torch.randn((3, height, width), generator=generator, dtype=explainer.dtype)
+        return torch.randn((3, height, width), generator=generator, dtype=explainer.dtype).to(DEVICE)
 
 
 @st.composite

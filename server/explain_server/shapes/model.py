@@ -41,8 +41,8 @@ block bends more); riemann_trapezoid/8 cut the delta to 0.17 and gave 85.8% (85.
 scenes); 16 nodes cut it to 0.019 and gave 86.3%, at twice the cost. Blocks 1/1 gave 91.1%:
 block 0 was chosen for the weights shipped before (86.4% there, 85.4% at blocks 1/1), and the
 sweep's captions are held-out ones, so a new choice waits for the validation set. The price:
-about 1.6 s per explanation on 2 CPU cores (812 s for the 500 held-out pairs with nothing else
-running), some thirty times the cost at the last blocks.
+an explanation through every block costs some twenty times one at the last blocks
+(bench_batching, in docs/benchmarks.md).
 """
 
 
