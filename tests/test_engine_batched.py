@@ -188,16 +188,32 @@ def test_captions_leaving_a_pass_one_after_another(explainer, lengths):
 
 
 class LoggedBudget(ChunkBudget):
-    """A time budget at a fixed rate (so that plans do not depend on this machine's speed)
-    that logs every pass's multiply-adds beside every poll of the stop checks."""
+    """A time budget of a fixed number of multiply-adds (so that plans do not depend on this
+    machine's speed) that logs every chunk's multiply-adds beside every poll of the stop checks."""
 
     def __init__(self, memory_bytes: int, max_flops: float, events: list):
         super().__init__(memory_bytes, seconds=1.0)
-        self.seconds_per_flop = 1.0 / max_flops
+        self.fixed = max_flops
         self.events = events
+
+    def max_flops(self) -> float:
+        return self.fixed
 
     def record(self, flops: float, seconds: float) -> None:
         self.events.append(("pass", flops))
+
+
+@pytest.mark.parametrize("overhead, seconds", [(0.0, 0.25), (0.01, 0.25), (0.1, 0.5), (2.0, 10.0)])
+def test_the_time_budget_fits_overhead_and_rate(overhead, seconds):
+    """Chunks timed at ``overhead + 1e-9 s per multiply-add``: a 0.25 s budget leaves room for
+    the overhead, but a chunk never shrinks until the overhead takes more than a fifth of it:
+    the next chunk is planned to take ``seconds``."""
+    budget = ChunkBudget(AMPLE, seconds=0.25)
+    assert budget.max_flops() == 0.0  # nothing timed yet: the smallest chunk
+    for flops in (1e6, 4e6, 3e7, 2e8, 1e8, 5e7):
+        budget.record(flops, overhead + 1e-9 * flops)
+    assert overhead + 1e-9 * budget.max_flops() == pytest.approx(seconds, rel=1e-6)
+    assert ChunkBudget(AMPLE).max_flops() == float("inf")  # no time budget
 
 
 @pytest.mark.parametrize("mode", [forward_factors, reverse_factors])

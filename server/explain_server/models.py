@@ -222,8 +222,8 @@ def load_model(
         device: where the model runs.
         dtype: ``float32``, ``float16`` or ``bfloat16`` (weights and activations; path sums
             are accumulated in float32).
-        memory_bytes, chunk_seconds: the memory and wall time one pass of the explainer may
-            take (see :class:`ChunkBudget`); no time bound when ``chunk_seconds`` is None.
+        memory_bytes, chunk_seconds: the memory and wall time one chunk of the explainer's
+            work may take (see :class:`ChunkBudget`); no time bound when ``chunk_seconds`` is None.
 
     Raises:
         ModelLoadError: unknown architecture, missing or unreadable weights, an

@@ -63,8 +63,8 @@ class ModelRegistry:
 
 
 def _warm_up(loaded: LoadedModel) -> None:
-    """One explanation at the default options: first-call allocations and the cached
-    reference hidden states are paid here, not by the first caller."""
+    """One explanation at the default options: first-call allocations, the cached reference
+    hidden states and the chunk budget's first timings are paid here, not by the first caller."""
     height, width = loaded.image_size
     pixels = loaded.transform(Image.new("RGB", (width, height), (128, 128, 128)))
     loaded.explainer.explain(

@@ -64,6 +64,10 @@ _OVERHEAD = 2
 # Row-sized tensors a block's primal keeps for its derivative (normalised inputs, q/k/v,
 # attention output, the 4x-wide MLP's input and slope), beside its heads x rows attention.
 _PRIMAL_COPIES = 16
+# How much each older chunk's timing counts against the next one's, in the time fit.
+_DECAY = 0.8
+# Chunks are never so small that their fixed overhead takes more than 1 / (1 + this) of them.
+_OVERHEAD_SHARE = 4.0
 
 
 class ChunkBudget:
@@ -73,30 +77,39 @@ class ChunkBudget:
     dimensions (reverse mode). Stop checks are polled between chunks, so the size of a chunk
     bounds how long a stopped request keeps the model busy.
 
-    Time is budgeted through the cost model's multiply-adds (:func:`forward_costs`) and a rate
-    learned from the chunks run so far: the seconds per multiply-add of this model on this
-    device, averaged with a weight that halves at every chunk. Until a chunk has been timed, a
-    time-bounded budget plans chunks of one node and one column.
+    Time is budgeted through the cost model's multiply-adds (:func:`forward_costs`): the chunks
+    timed so far, weighted down by :data:`_DECAY` per chunk, are fitted by least squares to
+    ``seconds = overhead + rate * flops``, and a chunk gets what is left of the target after
+    the overhead. The overhead matters on a busy machine, where threads wait on each other at
+    every operation: smaller chunks would only multiply it, so a chunk is never so small that
+    the overhead takes more than a fifth of it, whatever the target. Until a chunk has been
+    timed, a time-bounded budget plans chunks of one node and one column.
     """
 
     def __init__(self, memory_bytes: int, seconds: float | None = None):
         """Budget ``memory_bytes`` of activations per chunk and, when given, ``seconds`` of wall time."""
         self.memory_bytes = memory_bytes
         self.seconds = seconds
-        self.seconds_per_flop: float | None = None
+        self._sums = np.zeros(5)  # decayed sums of 1, flops, seconds, flops^2, flops * seconds
 
     def max_flops(self) -> float:
-        """The multiply-adds one chunk may take: infinite without a time budget, 0 before calibration."""
+        """The multiply-adds one chunk may take: infinite without a time budget, 0 before any
+        chunk was timed."""
         if self.seconds is None:
             return math.inf
-        if self.seconds_per_flop is None:
+        count, flops, seconds, flops2, product = self._sums
+        if count == 0:
             return 0.0
-        return self.seconds / self.seconds_per_flop
+        spread = count * flops2 - flops * flops
+        rate = (count * product - flops * seconds) / spread if spread > 1e-6 * count * flops2 else 0.0
+        if rate <= 0:  # chunks of one size, or noise: no overhead can be told apart
+            rate = seconds / max(flops, 1.0)
+        overhead = max(0.0, (seconds - rate * flops) / count)
+        return max(self.seconds - overhead, _OVERHEAD_SHARE * overhead) / rate
 
     def record(self, flops: float, seconds: float) -> None:
         """Learn from a chunk of ``flops`` multiply-adds that took ``seconds``."""
-        rate = seconds / max(flops, 1.0)
-        self.seconds_per_flop = rate if self.seconds_per_flop is None else 0.5 * (self.seconds_per_flop + rate)
+        self._sums = _DECAY * self._sums + np.array([1.0, flops, seconds, flops * flops, flops * seconds])
 
     def plan(
         self, node_bytes: float, unit_bytes: float, node_flops: float, unit_flops: float, units: int, nodes: int

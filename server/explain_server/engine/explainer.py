@@ -71,8 +71,8 @@ class Explainer:
         Args:
             model: open_clip CLIP in eval mode, on its device and dtype.
             sot_token_id, eot_token_id: the tokenizer's start and end token ids.
-            budget: the memory and time one pass of the engine may take (it learns this
-                model's speed as it runs, so give each explainer its own).
+            budget: the memory and time one chunk of the engine's work may take (it learns
+                this model's speed as it runs, so give each explainer its own).
 
         Raises:
             UnsupportedModelError: a tower the engine cannot explain.
