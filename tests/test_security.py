@@ -17,6 +17,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_end_to_end import noise_image
 
 from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials
+from explain_client._proto import explain_pb2
+from explain_client._proto.explain_pb2_grpc import ExplainStub
+from explain_client.cli import main as cli_main
+from explain_client.client import bearer_metadata
 from explain_server.security import load_tokens
 
 CAPTION = "SECRET-CAPTION-a red circle"
@@ -144,10 +148,17 @@ def test_bearer_tokens(tmp_path, source, monkeypatch):
         wait_serving(server.target, server.process)  # health is exempt by default: no token
         with ExplainClient(server.target, token=TOKEN, timeout=60) as client:
             assert client.explain(noise_image(64, 64), CAPTION).model == "tiny"
-        for token in (None, "wrong", TOKEN + "x", COMMENT):
+        for token in (None, "wrong", TOKEN + "x"):
             with ExplainClient(server.target, token=token, timeout=10) as client:
                 with pytest.raises(UnauthenticatedError, match="bearer token"):
                     client.explain(noise_image(64, 64), CAPTION)
+        # the client refuses to send a comment line ('#' and spaces are no bearer token); a raw caller can
+        with grpc.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                ExplainStub(channel).ListModels(
+                    explain_pb2.ListModelsRequest(), metadata=(("authorization", f"Bearer {COMMENT}"),), timeout=10
+                )
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with grpc.insecure_channel(server.target) as channel:  # reflection is not exempt
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             with pytest.raises(grpc.RpcError) as info:
@@ -177,3 +188,18 @@ def test_exempting_reflection_by_config(tmp_path):
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("token", [TOKEN + "\n", " " + TOKEN, "two words", "tok\u00e9n", "#comment"])
+def test_the_client_refuses_what_is_no_bearer_token_before_sending(token, monkeypatch, capsys):
+    """gRPC itself would fail such metadata with INTERNAL ("Invalid metadata") before sending:
+    the client says what is wrong instead, without repeating the token, and the CLI exits 1
+    (a local error) without contacting anyone (the target does not exist)."""
+    with pytest.raises(ValueError, match="token: not a bearer token") as info:
+        ExplainClient("127.0.0.1:1", token=token)
+    assert token.strip() not in str(info.value)
+    monkeypatch.setenv("EXPLAIN_TOKEN", token)
+    assert cli_main(["image.png", "a caption", "--target", "127.0.0.1:1"]) == 1
+    assert "token: not a bearer token" in capsys.readouterr().err
+    assert bearer_metadata(TOKEN + "==") == (("authorization", f"Bearer {TOKEN}=="),)
+    assert bearer_metadata(None) is None

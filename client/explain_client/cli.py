@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import grpc
 from PIL import Image
 
-from explain_client.client import ExplainClient, tls_credentials
+from explain_client.client import ExplainClient, bearer_metadata, tls_credentials
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
 
@@ -194,7 +194,7 @@ def _health(argv: Sequence[str]) -> int:
             response = health_pb2_grpc.HealthStub(client.channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service),
                 timeout=args.timeout,
-                metadata=(("authorization", f"Bearer {token}"),) if token else None,
+                metadata=bearer_metadata(token),
             )
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)

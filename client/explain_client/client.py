@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_MAX_RECEIVE_MESSAGE_BYTES",
     "DEFAULT_MAX_SEND_MESSAGE_BYTES",
     "ExplainClient",
+    "bearer_metadata",
     "explain_request",
     "tls_credentials",
 ]
@@ -62,6 +64,29 @@ def _set_options(request: Any, options: dict[str, Any]) -> None:
     for field, value in options.items():
         if value is not None:
             setattr(request, field, _checked(field, value))
+
+
+# RFC 6750's b64token: what may follow "Bearer " in an authorization header
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying ``token`` as ``authorization: Bearer <token>``; None without one.
+
+    Raises:
+        ValueError: ``token`` is not a bearer token (RFC 6750: letters, digits, ``-._~+/``, then
+            any ``=``), such as one read from a file with its newline; gRPC would refuse to send
+            it. The message does not repeat the token.
+    """
+    if not token:
+        return None
+    if not _BEARER_TOKEN.fullmatch(token):
+        bad = next((i for i, char in enumerate(token) if not _BEARER_TOKEN.fullmatch(char)), len(token) - 1)
+        raise ValueError(
+            f"token: not a bearer token: character {bad + 1} of {len(token)} is {token[bad]!r}; RFC 6750 allows "
+            "letters, digits and -._~+/, then '=' (a newline or space read from a file?)"
+        )
+    return (("authorization", f"Bearer {token}"),)
 
 
 def _timeout(value: float | None) -> float | None:
@@ -193,7 +218,7 @@ class ExplainClient:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._stub = explain_pb2_grpc.ExplainStub(self._channel)
         self._timeout = _timeout(timeout)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._metadata = bearer_metadata(token)
 
     @property
     def channel(self) -> grpc.Channel:

@@ -32,7 +32,9 @@ import grpc
 import numpy as np
 
 from explain_client._proto import explain_pb2, explain_pb2_grpc
-from explain_client.client import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES, explain_request
+from explain_client.client import (
+    DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES, bearer_metadata, explain_request,
+)
 from explain_client.workload import SIDES, distinct_captions, distinct_images, load_photos
 
 __all__ = ["LoadReport", "build_parser", "build_requests", "default_metrics_url", "factor_cache_counts", "main", "run"]
@@ -204,7 +206,7 @@ async def run(
         ("grpc.max_send_message_length", DEFAULT_MAX_SEND_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", DEFAULT_MAX_RECEIVE_MESSAGE_BYTES),
     ]
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    metadata = bearer_metadata(token)
     latencies: list[float] = []
     codes: collections.Counter[str] = collections.Counter()
     waited = 0.0
@@ -363,10 +365,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"explain-loadgen: {err}", file=sys.stderr)
         return 2
+    token = args.token or os.environ.get("EXPLAIN_TOKEN")
+    try:
+        bearer_metadata(token)
+    except ValueError as err:
+        print(f"explain-loadgen: {err}", file=sys.stderr)
+        return 2
     metrics_url = args.metrics_url or default_metrics_url(args.target)
     report = asyncio.run(run(
         args.target, requests, concurrency=args.concurrency, total=args.requests, duration=args.duration,
-        deadline=args.deadline, token=args.token or os.environ.get("EXPLAIN_TOKEN"), metrics_url=metrics_url,
+        deadline=args.deadline, token=token, metrics_url=metrics_url,
     ))
     notes = report.notes if metrics_url else (*report.notes, f"no /metrics URL for target {args.target!r}: "
                                                              "pass --metrics-url for the factor cache hit ratio")
