@@ -401,3 +401,15 @@ def test_loadgen_repeat_inputs_is_answered_by_the_cache(default_server, tmp_path
     assert (cache["image"]["misses"], cache["image"]["hits"]) == (8, 32)
     assert (cache["text"]["misses"], cache["text"]["hits"]) == (10, 30)
     assert cache["hit_ratio"] == pytest.approx(62 / 80)
+
+
+def test_loadgen_reports_no_latency_when_no_call_succeeds(default_server, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    code = loadgen_main([
+        "--target", default_server.target, "--metrics-url", default_server.metrics_url, "--model", "no-such-model",
+        "--concurrency", "2", "--requests", "4", "--json", str(report),
+    ])
+    assert code == 1
+    result = json.loads(report.read_text())
+    assert result["codes"] == {"NOT_FOUND": 4} and result["latency_seconds"] == {}
+    assert "latency: no call succeeded" in capsys.readouterr().out

@@ -60,7 +60,8 @@ class LoadReport:
         duration_seconds: wall time of the run, seconds.
         throughput_per_second: completed calls per second.
         ok_per_second: successful calls per second.
-        latency_seconds: p50, p90, p99, mean and max latency of successful calls, seconds.
+        latency_seconds: p50, p90, p99, mean and max latency of successful calls, seconds;
+            empty when no call succeeded.
         codes: count of calls by final gRPC status code name, e.g. {"OK": 98, "RESOURCE_EXHAUSTED": 2}.
         concurrency: callers sending at once.
         input_wait_seconds: time callers spent waiting for the next request to be generated,
@@ -96,7 +97,7 @@ class LoadReport:
             f"{self.requests} requests in {self.duration_seconds:.2f} s at concurrency {self.concurrency}: "
             f"{self.throughput_per_second:.2f} req/s ({self.ok_per_second:.2f} OK/s)",
             f"latency of OK calls: p50 {lat['p50'] * 1000:.1f} ms, p90 {lat['p90'] * 1000:.1f} ms, "
-            f"p99 {lat['p99'] * 1000:.1f} ms, max {lat['max'] * 1000:.1f} ms",
+            f"p99 {lat['p99'] * 1000:.1f} ms, max {lat['max'] * 1000:.1f} ms" if lat else "latency: no call succeeded",
             f"status codes: {codes}",
         ]
         if self.inputs:
@@ -266,7 +267,7 @@ async def run(
         except (OSError, ValueError) as err:
             notes.append(f"the server's factor cache hit ratio is not reported: {metrics_url}: {err}")
     done = sum(codes.values())
-    lat = np.asarray(latencies) if latencies else np.zeros(1)
+    lat = np.asarray(latencies)
     return LoadReport(
         requests=done,
         duration_seconds=elapsed,
@@ -278,7 +279,7 @@ async def run(
             "p99": float(np.percentile(lat, 99)),
             "mean": float(lat.mean()),
             "max": float(lat.max()),
-        },
+        } if latencies else {},
         codes=dict(codes),
         concurrency=concurrency,
         input_wait_seconds=waited,
