@@ -16,7 +16,9 @@ from test_end_to_end import noise_image
 from explain_client import ExplainClient, ExplainError, UnavailableError
 
 CAPTION = "a red circle and a blue square"
-SLOWER = {"method": "riemann_right", "n_steps": 40000}  # seconds to tens of seconds on the tiny model
+# Through every block of the tiny model: about 6 s of an idle 2-core machine, long enough to be
+# unfinished a second after the grace period of 1 s that follows a second of it.
+SLOWER = {"text_layer": 0, "image_layer": 0, "method": "riemann_right", "n_steps": 16000}
 
 
 def tiny_server(tmp_path, *extra: str) -> ServerProcess:
@@ -66,8 +68,8 @@ def test_results_are_bitwise_identical_across_calls_and_restarts(tmp_path):
 
 
 def test_sigterm_drains_accepted_work_and_refuses_new_calls(tmp_path):
-    # A tenth of SLOWER's nodes took 0.3 s per call on an idle machine: all three calls ended
-    # within the second before the signal, leaving nothing to drain.
+    # SLOWER takes seconds: when the signal comes one call computes and two wait, so there is
+    # work to drain.
     server = tiny_server(tmp_path, "--grace-seconds", "300")
     with ExplainClient(server.target, timeout=600) as client:
         slow = [in_background(client.explain, noise_image(64, 64, seed=i), CAPTION, **SLOWER) for i in range(3)]
