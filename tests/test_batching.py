@@ -242,7 +242,8 @@ def test_a_call_ended_by_its_caller_is_counted_alike_in_every_series(batching_se
 
 
 def test_full_queue_answers_resource_exhausted(small_queue_server):
-    slow = {"n_steps": 512, "method": "riemann_right"}  # keeps the single batch slot busy
+    # through every block: keeps the single batch slot busy while all 24 calls arrive
+    slow = {"text_layer": 0, "image_layer": 0, "n_steps": 512, "method": "riemann_right"}
     with ExplainClient(small_queue_server.target, timeout=300) as client:
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             futures = [pool.submit(client.explain, noise_png(400 + i), "a dog", **slow) for i in range(24)]
