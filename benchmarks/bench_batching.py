@@ -160,7 +160,7 @@ def engine_seconds_per_request(spec: str, device: str = "cpu", repeats: int = 3)
     def explain(batch: list) -> None:
         for tower, inputs in (("text", [t for t, _ in batch]), ("image", [v for _, v in batch])):
             sides = [Side(x, settings[tower], loaded.default_method, loaded.default_n_steps) for x in inputs]
-            explainer.factors(tower, sides)
+            explainer.factors(getattr(explainer, tower), sides)
         if loaded.device.type == "cuda":
             torch.cuda.synchronize(loaded.device)
 

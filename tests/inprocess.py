@@ -1,10 +1,17 @@
-"""The real Explain service on a grpc.aio server inside the test process, where faults can be injected."""
+"""The real Explain service on a grpc.aio server inside the test process, where faults can be injected.
+
+The front end is the production one; its model worker runs the production message loop
+(worker/serve.py) on a thread of this process instead of in a process of its own, over the
+same kind of connection, so that a test can reach into the worker's explainer.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import grpc
 import torch
@@ -13,21 +20,49 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from explain_client._proto import explain_pb2_grpc
 from explain_server.batching import BatchingConfig
+from explain_server.lifecycle import Lifecycle
 from explain_server.malformed import MalformedRequestInterceptor
 from explain_server.metrics import GrpcMetricsInterceptor, Metrics
-from explain_server.models import ModelSpec
-from explain_server.registry import ModelRegistry
+from explain_server.models import LoadedModel, ModelSpec, load_model
+from explain_server.registry import ModelRegistry, ServedModel
 from explain_server.service import ExplainService, Limits
+from explain_server.worker.factor_cache import FactorCache
+from explain_server.worker.process import describe, warm_up
+from explain_server.worker.protocol import Ready
+from explain_server.worker.serve import serve
+from explain_server.worker_pool import ModelWorkers, WorkerInstance
 
 
-def tiny_registry() -> ModelRegistry:
+def tiny_model() -> LoadedModel:
     """``tiny`` (seeded random weights, as ``tiny=tiny-ViT:random:0``) loaded and warmed up."""
-    registry = ModelRegistry(
-        [ModelSpec.parse(f"tiny={TINY}:random:0")], "tiny", device=torch.device("cpu"), dtype="float32",
-        memory_bytes=256 << 20,
+    loaded = load_model(
+        ModelSpec.parse(f"tiny={TINY}:random:0"), device=torch.device("cpu"), dtype="float32", memory_bytes=256 << 20
     )
-    registry.load_all()
-    return registry
+    warm_up(loaded)
+    return loaded
+
+
+class ThreadWorker:
+    """A worker serving ``loaded`` on a thread: what ``worker_pool.spawn`` starts as a process."""
+
+    def __init__(self, loaded: LoadedModel, connection: Connection, batching: BatchingConfig, cache_bytes: int):
+        def run() -> None:
+            connection.send(Ready(describe(loaded)))
+            serve(connection, loaded.spec.name, loaded.explainer, FactorCache(cache_bytes), batching)
+            connection.close()
+
+        self._thread = threading.Thread(target=run, name="thread-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if self._thread.is_alive() else 0
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def kill(self) -> None:
+        """A thread cannot be killed; :meth:`join` after Stop suffices."""
 
 
 @dataclass
@@ -49,12 +84,17 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(
-    registry: ModelRegistry, *, batching: BatchingConfig = BatchingConfig(), limits: Limits = Limits(),
+    loaded: LoadedModel, *, batching: BatchingConfig = BatchingConfig(), limits: Limits = Limits(),
     cache_bytes: int = 256 << 20,
 ) -> AsyncIterator[Served]:
-    """Serve ``registry`` on a free loopback port, wired as server.py wires it (interceptors, health)."""
+    """Serve ``loaded`` on a free loopback port, wired as server.py wires it (interceptors, health)."""
     metrics = Metrics()
-    service = ExplainService(registry, limits, batching, cache_bytes, metrics)
+    instance = WorkerInstance(
+        loaded.spec.name, 0, lambda connection: ThreadWorker(loaded, connection, batching, cache_bytes), metrics,
+        on_change=lambda: None,
+    )
+    registry = ModelRegistry([ServedModel(loaded.spec, ModelWorkers(loaded.spec.name, [instance]))], loaded.spec.name)
+    service = ExplainService(registry, limits, metrics, Lifecycle())
     server = grpc.aio.server(
         interceptors=[GrpcMetricsInterceptor(metrics), MalformedRequestInterceptor()],
         options=[("grpc.max_send_message_length", limits.max_message_bytes),
@@ -63,6 +103,7 @@ async def serving(
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await registry.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -74,3 +115,4 @@ async def serving(
     finally:
         await server.stop(None)
         service.close()
+        registry.stop(60)

@@ -15,7 +15,7 @@ import time
 
 import grpc
 import pytest
-from inprocess import Served, serving, tiny_registry
+from inprocess import Served, serving, tiny_model
 from PIL import Image
 from test_batching import noise_png
 
@@ -27,8 +27,8 @@ SKIPPED = re.compile(r"request (\S+) model=tiny: ended \((\w+)\) with (\d+) of i
 
 
 @pytest.fixture(scope="module")
-def registry():
-    return tiny_registry()
+def loaded():
+    return tiny_model()
 
 
 def skipped_by_request(caplog) -> dict[str, tuple[str, int, int]]:
@@ -52,10 +52,10 @@ async def until(condition, what: str) -> None:
 
 async def accepted(served: Served, calls: int) -> None:
     # A handler hands its call to the prepare pool in the same step that counts it accepted.
-    await until(lambda: served.service._inflight >= calls, f"{calls} accepted call(s)")
+    await until(lambda: served.service.lifecycle.inflight >= calls, f"{calls} accepted call(s)")
 
 
-def test_calls_past_their_deadline_stop_decoding_and_a_cheap_call_still_succeeds(registry, caplog):
+def test_calls_past_their_deadline_stop_decoding_and_a_cheap_call_still_succeeds(loaded, caplog):
     caplog.set_level(logging.INFO, logger="explain_server")
     out = io.BytesIO()
     Image.new("RGB", (4000, 4000), (200, 30, 30)).save(out, "PNG")  # 16 M pixels in 56 KB
@@ -64,7 +64,7 @@ def test_calls_past_their_deadline_stop_decoding_and_a_cheap_call_still_succeeds
     cheap = explain_request(noise_png(960), "a red circle", request_id="cheap")
 
     async def scenario():
-        async with serving(registry) as served:
+        async with serving(loaded) as served:
             first = await served.stub.Explain(cheap, timeout=300)  # its factors are cached from now on
             expiring = [
                 served.stub.ExplainMany(
@@ -91,12 +91,12 @@ def test_calls_past_their_deadline_stop_decoding_and_a_cheap_call_still_succeeds
     assert served.sample("explain_requests_total", model="tiny", code="DEADLINE_EXCEEDED") == 2
 
 
-def test_waiting_for_a_prepare_thread_counts_as_queue_time(registry, caplog):
+def test_waiting_for_a_prepare_thread_counts_as_queue_time(loaded, caplog):
     caplog.set_level(logging.INFO, logger="explain_server")
     release = threading.Event()
 
     async def scenario():
-        async with serving(registry) as served:
+        async with serving(loaded) as served:
             for _ in range(_PREPARE_THREADS):  # stand-ins for other calls' decoding
                 served.service._preparing.submit(release.wait)
             call = served.stub.Explain(explain_request(noise_png(970), "a cat", request_id="waits"), timeout=300)
@@ -115,12 +115,12 @@ def test_waiting_for_a_prepare_thread_counts_as_queue_time(registry, caplog):
     assert len(logged) == 1 and f"queue={response.timings.queue_seconds:.3f}s" in logged[0]
 
 
-def test_a_call_cancelled_while_waiting_for_a_thread_decodes_nothing(registry, caplog):
+def test_a_call_cancelled_while_waiting_for_a_thread_decodes_nothing(loaded, caplog):
     caplog.set_level(logging.INFO, logger="explain_server")
     release = threading.Event()
 
     async def scenario():
-        async with serving(registry) as served:
+        async with serving(loaded) as served:
             for _ in range(_PREPARE_THREADS):
                 served.service._preparing.submit(release.wait)
             call = served.stub.ExplainMany(

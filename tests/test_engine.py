@@ -134,10 +134,10 @@ def test_row_sparse_forward_and_reverse_mode_equal_the_dense_jvp(tiny64, tower_n
         if tower_name == "text":
             ids = caption_ids()
             hidden = tower.lower(ids[None], layer)[0]
-            reference = explainer._reference("text", layer)[: len(ids)]
+            reference = explainer._reference(explainer.text, layer)[: len(ids)]
         else:
             hidden = tower.lower(random_pixels(dtype=torch.float64)[None], layer)[0]
-            reference = explainer._reference("image", layer)
+            reference = explainer._reference(explainer.image, layer)
         alphas, weights = nodes_and_weights("gausslegendre", 3)
         oracle = dense_factor(lambda h: tower.upper(h, layer), hidden, reference, alphas, weights)
         for factors in (forward_factors, reverse_factors):
@@ -156,7 +156,7 @@ def test_batched_integrals_are_summed_apart_and_stopped_ones_dropped(tiny64, fac
     with torch.no_grad():
         pixels = torch.stack([random_pixels(seed=seed, dtype=torch.float64) for seed in range(4)])
         hidden = tower.lower(pixels, layer)
-        reference = explainer._reference("image", layer)
+        reference = explainer._reference(explainer.image, layer)
         rules = [("gausslegendre", 3), ("riemann_right", 5), ("riemann_trapezoid", 2), ("gausslegendre", 4)]
         integrals = [PathIntegral(h, reference, *nodes_and_weights(*rule)) for h, rule in zip(hidden, rules)]
         solo = [factors(tower, layer, [item], ChunkBudget(1 << 30))[0] for item in integrals]
@@ -187,7 +187,7 @@ def test_captions_of_different_lengths_share_a_padded_pass(tiny64, factors, laye
     captions = [caption_ids(text) for text in ("a cat", CAPTION, "a red circle", "a small green triangle on the left")]
     alphas, weights = nodes_and_weights("gausslegendre", 3)
     with torch.no_grad():
-        reference = explainer._reference("text", layer)
+        reference = explainer._reference(explainer.text, layer)
         solo = [
             factors(tower, layer, [PathIntegral(tower.lower(ids[None], layer)[0], reference[: len(ids)], alphas, weights)], ChunkBudget(1 << 30))[0]
             for ids in captions
@@ -219,9 +219,9 @@ def test_explainer_pools_each_padded_caption_and_its_reference_at_its_own_end_to
     explainer = make_explainer(tiny64)
     captions = [caption_ids(text) for text in ("a cat", CAPTION, "a dog", "a red circle")]
     sides = [Side(ids, 1, "gausslegendre", 3) for ids in captions]
-    together = explainer.factors("text", sides)
+    together = explainer.factors(explainer.text, sides)
     for side, got in zip(sides, together):
-        (want,) = explainer.factors("text", [side])
+        (want,) = explainer.factors(explainer.text, [side])
         torch.testing.assert_close(got.factor, want.factor, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got.endpoints, want.endpoints, rtol=1e-9, atol=1e-12)
 

@@ -131,7 +131,7 @@ def test_factor_passes_equal_each_integral_alone(explainer, tower, layer, mode, 
             hidden = tower_.lower(torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True), layer)
         else:
             hidden = tower_.lower(torch.stack(inputs), layer)
-        reference = explainer._reference(tower, layer)
+        reference = explainer._reference(tower_, layer)
         seq, width = hidden.shape[1:]
         stops = [StopAfter(side.stop_after) for side in drawn]
         lengths = [len(x) if tower == "text" else seq for x in inputs]
@@ -157,10 +157,10 @@ def test_explainer_batches_equal_each_side_alone(explainer, drawn, rows):
             mine = [side for side in drawn if side.tower == tower]
             stops = [StopAfter(side.stop_after) for side in mine]
             batch = [Side(side.inputs(explainer), side.layer, side.method, side.n_steps, stop) for side, stop in zip(mine, stops)]
-            results = explainer.factors(tower, batch)
+            results = explainer.factors(getattr(explainer, tower), batch)
             explainer.budget, saved = ChunkBudget(AMPLE), explainer.budget
             for i in check_stops(mine, stops, results):
-                (want,) = explainer.factors(tower, [Side(batch[i].inputs, mine[i].layer, mine[i].method, mine[i].n_steps)])
+                (want,) = explainer.factors(getattr(explainer, tower), [Side(batch[i].inputs, mine[i].layer, mine[i].method, mine[i].n_steps)])
                 assert_equal_to_solo(results[i].factor, want.factor, explainer.dtype)
                 assert_equal_to_solo(results[i].endpoints, want.endpoints, explainer.dtype)
             explainer.budget = saved
@@ -178,7 +178,7 @@ def test_captions_leaving_a_pass_one_after_another(explainer, lengths):
     alphas, weights = nodes_and_weights("riemann_right", 1)
     with torch.no_grad():
         hidden = explainer.text.lower(torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True), 1)
-        reference = explainer._reference("text", 1)
+        reference = explainer._reference(explainer.text, 1)
         seq, width = hidden.shape[1:]
         integrals = [PathIntegral(h, reference[:seq], alphas, weights, length=n) for h, n in zip(hidden, lengths)]
         results = forward_factors(explainer.text, 1, integrals, ChunkBudget(64 * seq * width * hidden.element_size()))
@@ -239,7 +239,7 @@ def test_a_time_budget_bounds_every_pass_and_stopped_work_ends_at_the_next_poll(
     with torch.no_grad():
         batch = torch.stack(inputs) if tower == "image" else torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)
         hidden = tower_.lower(batch, 0)
-        reference = explainer._reference(tower, 0)[: hidden.shape[1]]
+        reference = explainer._reference(tower_, 0)[: hidden.shape[1]]
         alphas, weights = nodes_and_weights("gausslegendre", 4)
         integrals = [PathIntegral(h, reference, alphas, weights, stops_at_poll(4 + 2 * i, i)) for i, h in enumerate(hidden)]
         primal, column = forward_costs(tower_, 0, hidden.shape[1])

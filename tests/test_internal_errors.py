@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from inprocess import serving, tiny_registry
+from inprocess import serving, tiny_model
 from test_batching import noise_png
 
 from explain_client._proto import explain_pb2
@@ -30,8 +30,8 @@ EXPLAIN = {"grpc_type": "unary", "grpc_service": "explain.v1.Explain"}
 
 
 @pytest.fixture(scope="module")
-def registry():
-    return tiny_registry()
+def loaded():
+    return tiny_model()
 
 
 def error_id(err: grpc.aio.AioRpcError) -> str:
@@ -48,9 +48,8 @@ def logged_traceback(caplog, error_id: str) -> str:
     return logging.Formatter().formatException(records[0].exc_info)
 
 
-def test_a_request_that_trips_a_bug_fails_alone_and_the_rest_of_its_batch_succeeds(registry, monkeypatch, caplog):
+def test_a_request_that_trips_a_bug_fails_alone_and_the_rest_of_its_batch_succeeds(loaded, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="explain_server")
-    loaded = registry.get("tiny")
     pairs = [(noise_png(900 + i), text) for i, text in enumerate(["a red circle", POISON, "a cat", "two blue squares"])]
     expected = {
         text: loaded.explainer.explain(
@@ -64,7 +63,7 @@ def test_a_request_that_trips_a_bug_fails_alone_and_the_rest_of_its_batch_succee
     factors = loaded.explainer.factors
 
     def poisoned(tower: str, sides: list) -> list:
-        if tower == "text" and any(torch.equal(side.inputs, poison_ids) for side in sides):
+        if tower is loaded.explainer.text and any(torch.equal(side.inputs, poison_ids) for side in sides):
             raise RuntimeError("injected fault: the engine cannot take this caption")
         return factors(tower, sides)
 
@@ -74,7 +73,7 @@ def test_a_request_that_trips_a_bug_fails_alone_and_the_rest_of_its_batch_succee
     batching = BatchingConfig(max_batch_size=4, max_queue_delay_seconds=300)
 
     async def scenario():
-        async with serving(registry, batching=batching, cache_bytes=0) as served:
+        async with serving(loaded, batching=batching, cache_bytes=0) as served:
             calls = [served.stub.Explain(explain_request(image, text), timeout=300) for image, text in pairs]
             return served, await asyncio.gather(*calls, return_exceptions=True)
 
@@ -103,7 +102,7 @@ def test_a_request_that_trips_a_bug_fails_alone_and_the_rest_of_its_batch_succee
     assert handled == {"OK": 3, "INTERNAL": 1, "UNKNOWN": 0}
 
 
-def test_a_bug_while_building_a_response_is_internal(registry, monkeypatch, caplog):
+def test_a_bug_while_building_a_response_is_internal(loaded, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="explain_server")
 
     def broken_crop_box(*args):
@@ -112,7 +111,7 @@ def test_a_bug_while_building_a_response_is_internal(registry, monkeypatch, capl
     monkeypatch.setattr(service_module, "crop_box", broken_crop_box)
 
     async def scenario():
-        async with serving(registry) as served:
+        async with serving(loaded) as served:
             outcomes = {}
             for method, call in [
                 ("Explain", served.stub.Explain(explain_request(noise_png(950), "a cat"), timeout=300)),
@@ -134,7 +133,7 @@ def test_a_bug_while_building_a_response_is_internal(registry, monkeypatch, capl
     assert served.sample("explain_requests_total", model="tiny", code="INTERNAL") == 2
 
 
-def test_a_bug_in_list_models_or_another_service_is_internal(registry, monkeypatch, caplog):
+def test_a_bug_in_list_models_or_another_service_is_internal(loaded, monkeypatch, caplog):
     """The metrics interceptor answers INTERNAL for any unary handler that raises, counted under model ""."""
     caplog.set_level(logging.INFO, logger="explain_server")
 
@@ -148,7 +147,7 @@ def test_a_bug_in_list_models_or_another_service_is_internal(registry, monkeypat
     monkeypatch.setattr(health.aio.HealthServicer, "Check", broken_check)
 
     async def scenario():
-        async with serving(registry) as served:
+        async with serving(loaded) as served:
             errors = []
             for call in (served.stub.ListModels(explain_pb2.ListModelsRequest(), timeout=60),
                          health_pb2_grpc.HealthStub(served.channel).Check(health_pb2.HealthCheckRequest(), timeout=60)):
@@ -185,7 +184,7 @@ def test_the_batcher_runs_each_item_of_a_failed_batch_alone():
         try:
             futures = batcher.submit([1, 13, 3, 4])
             all_queued.set()
-            return await asyncio.gather(*futures, return_exceptions=True)
+            return await asyncio.gather(*map(asyncio.wrap_future, futures), return_exceptions=True)
         finally:
             batcher.close()
 

@@ -13,11 +13,11 @@ batch function gets it, and needs to handle only the failures it expects, item b
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -76,14 +76,13 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, items: list[Any]) -> list[asyncio.Future]:
-        """Queue ``items`` together (all or none); each future (of the running loop) gets its outcome.
+    def submit(self, items: list[Any]) -> list[Future]:
+        """Queue ``items`` together (all or none); each future gets its item's outcome.
 
         Raises:
             QueueFullError: fewer than ``len(items)`` free places in the queue.
         """
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in items]
+        futures: list[Future] = [Future() for _ in items]
         with self._cond:
             if len(self._pending) + len(items) > self.config.max_queue_size:
                 raise QueueFullError(
@@ -91,16 +90,17 @@ class DynamicBatcher:
                     f"and {len(self._pending)} are waiting; retry with backoff or on another replica"
                 )
             now = time.monotonic()
-            self._pending.extend((loop, future, item, now) for future, item in zip(futures, items))
+            self._pending.extend((future, item, now) for future, item in zip(futures, items))
             self._on_depth(len(self._pending))
             self._cond.notify()
         return futures
 
-    def close(self) -> None:
-        """Run what is queued, then stop the thread."""
+    def close(self, timeout: float | None = None) -> None:
+        """Run what is queued, then stop the thread; wait up to ``timeout`` seconds for it (None: no limit)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+        self._thread.join(timeout)
 
     def _next_batch(self) -> list[tuple] | None:
         with self._cond:
@@ -108,7 +108,7 @@ class DynamicBatcher:
                 if self._closed:
                     return None
                 self._cond.wait()
-            fill_by = self._pending[0][3] + self.config.max_queue_delay_seconds
+            fill_by = self._pending[0][2] + self.config.max_queue_delay_seconds
             while len(self._pending) < self.config.max_batch_size and not self._closed:
                 remaining = fill_by - time.monotonic()
                 if remaining <= 0:
@@ -121,12 +121,12 @@ class DynamicBatcher:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            outcomes = self._outcomes([item for _, _, item, _ in batch])
-            for (loop, future, _, _), outcome in zip(batch, outcomes):
-                try:
-                    loop.call_soon_threadsafe(_settle, future, outcome)
-                except RuntimeError:  # the loop closed during shutdown; nobody awaits this result
-                    pass
+            outcomes = self._outcomes([item for _, item, _ in batch])
+            for (future, _, _), outcome in zip(batch, outcomes):
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
 
     def _outcomes(self, items: list[Any]) -> list[Any]:
         try:
@@ -138,11 +138,3 @@ class DynamicBatcher:
             log.exception("model %s: a batch of %d raised; running each of its items alone", self._name, len(items))
         return [self._outcomes([item])[0] for item in items]
 
-
-def _settle(future: asyncio.Future, outcome: Any) -> None:
-    if future.cancelled():
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)

@@ -39,6 +39,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "auto"
+    instances: int = 1
     dtype: str = "float32"
     # one source for the limits' defaults: the service's own
     max_n_steps: int = Limits.max_n_steps
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
     p.add_argument("--device", help="auto, cpu or cuda[:i] (default auto: CUDA when present)")
+    p.add_argument(
+        "--instances", type=int,
+        help="worker processes per model (default 1); with --device auto, instance i uses GPU i modulo the GPUs present",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model weights and activations (default float32)")
     p.add_argument("--max-n-steps", type=int, help="largest n_steps a request may ask for (default 512)")
     p.add_argument("--max-image-pixels", type=int, help="largest width*height of an image (default 50000000)")
@@ -188,7 +193,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(config, name) <= 65535:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 65535]; got {getattr(config, name)}")
-    positive = ("max_n_steps", "max_image_pixels", "max_image_side", "max_message_mb", "jvp_memory_mb",
+    positive = ("instances", "max_n_steps", "max_image_pixels", "max_image_side", "max_message_mb", "jvp_memory_mb",
                 "max_batch_size", "max_queue_size", "max_pixels_per_call")
     for name in positive:
         if getattr(config, name) < 1:

@@ -22,6 +22,8 @@ from typing import Any, Awaitable, Callable, NoReturn
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .worker.protocol import BatchReport, Tower
+
 log = logging.getLogger(__name__)
 
 # Explanations take milliseconds on small models and up to minutes for large models at high
@@ -91,7 +93,7 @@ class Metrics:
         batch_size: requests per batch the dynamic batcher ran. A batch that raises as a whole
             is run again one request at a time: those runs count as batches too, and the cache
             series count their lookups again.
-        queue_depth: requests accepted and waiting for a batch.
+        queue_depth: requests accepted and waiting for a batch, over the model's workers.
         inflight_requests: requests accepted and not yet answered.
         requests_dropped: requests skipped because their deadline passed (code
             DEADLINE_EXCEEDED) or their caller cancelled (code CANCELLED), by the rule of
@@ -102,10 +104,12 @@ class Metrics:
         internal_errors: calls answered INTERNAL because of a server bug (an unexpected
             exception; see :func:`abort_internal`); model "" for calls that had not resolved
             a model (ListModels, other services).
-        text_factor_cache_hits, text_factor_cache_misses, image_factor_cache_hits,
-        image_factor_cache_misses: factor lookups; a side computed once for several requests
-            of one batch counts one miss and hits for the others.
-        factor_cache_bytes: bytes held by the model's factor cache.
+        factor_cache_lookups: by (tower, hit), the series ``explain_{text,image}_factor_cache_{hits,misses}``:
+            factor lookups; a side computed once for several requests of one batch counts one
+            miss and hits for the others.
+        factor_cache_bytes: bytes held by the factor cache of the model's worker that ran the
+            latest batch.
+        worker_restarts: worker processes of the model started again after they died.
         model_load_seconds: how long loading and warming up the model took.
         similarity_score: cosine score of successful explanations.
         convergence_delta_abs: |convergence delta| of successful explanations.
@@ -141,10 +145,18 @@ class Metrics:
         self.internal_errors = Counter(
             "explain_internal_errors", "Calls answered INTERNAL because of a server bug.", model, registry=r
         )
-        for side in ("text", "image"):
-            for outcome in ("hits", "misses"):
-                name = f"{side}_factor_cache_{outcome}"
-                setattr(self, name, Counter(f"explain_{name}", f"{side.capitalize()} factor cache {outcome}.", model, registry=r))
+        # exported as four series, the names dashboards and explain-loadgen read
+        self.factor_cache_lookups = {
+            (tower, hit): Counter(
+                f"explain_{tower.value}_factor_cache_{'hits' if hit else 'misses'}",
+                f"{tower.value.capitalize()} factor cache {'hits' if hit else 'misses'}.", model, registry=r,
+            )
+            for tower in Tower
+            for hit in (True, False)
+        }
+        self.worker_restarts = Counter(
+            "explain_worker_restarts", "Worker processes restarted after they died.", model, registry=r
+        )
         self.factor_cache_bytes = Gauge("explain_factor_cache_bytes", "Bytes held by the factor cache.", model, registry=r)
         self.model_load_seconds = Gauge("explain_model_load_seconds", "Time to load and warm up the model.", model, registry=r)
         self.similarity_score = Histogram(
@@ -170,14 +182,22 @@ class Metrics:
         """Create ``name``'s series at zero, so that dashboards and rate() see them before the first event."""
         for metric in (
             self.request_duration_seconds, self.queue_wait_seconds, self.compute_seconds, self.batch_size,
-            self.queue_depth, self.inflight_requests, self.text_factor_cache_hits, self.text_factor_cache_misses,
-            self.image_factor_cache_hits, self.image_factor_cache_misses, self.factor_cache_bytes,
+            self.queue_depth, self.inflight_requests, *self.factor_cache_lookups.values(), self.factor_cache_bytes,
             self.model_load_seconds, self.similarity_score, self.convergence_delta_abs, self.internal_errors,
+            self.worker_restarts,
         ):
             metric.labels(name)
         for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
             self.requests_dropped.labels(name, code)
             self.images_skipped.labels(name, code)
+
+    def record_batch(self, model: str, report: BatchReport) -> None:
+        """Record one batch a worker of ``model`` ran."""
+        self.batch_size.labels(model).observe(report.size)
+        for tower in Tower:
+            self.factor_cache_lookups[tower, True].labels(model).inc(report.cache_hits[tower])
+            self.factor_cache_lookups[tower, False].labels(model).inc(report.cache_misses[tower])
+        self.factor_cache_bytes.labels(model).set(report.cache_bytes)
 
     def serve(self, port: int, host: str = "") -> None:
         """Serve ``/metrics`` over HTTP on ``port`` (prometheus-client's server, a daemon thread).

@@ -1,78 +1,117 @@
-"""The set of hosted models: loading and warm-up at start, lookup by name."""
+"""The hosted models as the front end sees them: their workers, tokenizers and preprocessing."""
 
 from __future__ import annotations
 
-import logging
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
-import torch
-from PIL import Image
+import open_clip
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from .engine.explainer import NonFiniteError
-from .inputs import tokenize
-from .models import LoadedModel, ModelLoadError, ModelSpec, load_model
+from .models import ModelLoadError, ModelSpec
+from .worker.protocol import ModelDescription
+from .worker_pool import ModelWorkers
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class ServedModel:
+    """One hosted model: its spec, its workers, and once they started, what the front end needs to prepare inputs."""
+
+    spec: ModelSpec
+    workers: ModelWorkers
+    description: ModelDescription | None = None
+    tokenizer: SimpleTokenizer | None = None
+    preprocess_cfg: PreprocessCfg | None = None
+    transform: Callable | None = field(default=None, repr=False)
+
+    def describe(self, description: ModelDescription) -> None:
+        """Take the first ready worker's description and build the tokenizer and preprocessing from it."""
+        self.description = description
+        self.tokenizer = open_clip.get_tokenizer(self.spec.architecture)
+        self.preprocess_cfg = PreprocessCfg(**description.preprocess_cfg)
+        self.transform = image_transform_v2(self.preprocess_cfg, is_train=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def default_text_layer(self) -> int:
+        """The spec's ``text_layer``, else the input of the last text block (as in exclip)."""
+        return self.description.text_layers - 1 if self.spec.text_layer is None else self.spec.text_layer
+
+    @property
+    def default_image_layer(self) -> int:
+        """The spec's ``image_layer``, else the input of the last image block (as in exclip)."""
+        return self.description.image_layers - 1 if self.spec.image_layer is None else self.spec.image_layer
+
+    @property
+    def default_method(self) -> str:
+        return self.spec.default_method
+
+    @property
+    def default_n_steps(self) -> int:
+        return self.spec.default_n_steps
 
 
 class ModelRegistry:
-    """Hosted models by name. Not ``ready`` until every configured model is loaded and warmed up."""
+    """Hosted models by name. Not ``ready`` until every model has a worker that takes jobs."""
 
-    def __init__(
-        self, specs: list[ModelSpec], default_model: str, *, device: torch.device, dtype: str, memory_bytes: int,
-        chunk_seconds: float | None = None,
-    ):
-        """Record what to host; nothing is loaded until :meth:`load_all`.
+    def __init__(self, models: list[ServedModel], default_model: str):
+        """Record what to host; nothing starts until :meth:`start`.
 
         Raises:
             ValueError: no models, duplicate names, or ``default_model`` not among them.
         """
-        names = [s.name for s in specs]
-        if not specs:
+        names = [m.name for m in models]
+        if not models:
             raise ValueError("at least one --model is required")
         if len(set(names)) != len(names):
             raise ValueError(f"--model names must be unique; got {names}")
         if default_model not in names:
             raise ValueError(f"--default-model {default_model!r} is not one of the configured models {names}")
-        self.specs = specs
+        self.models = {m.name: m for m in models}
         self.default_model = default_model
-        self.device, self.dtype = device, dtype
-        self.memory_bytes, self.chunk_seconds = memory_bytes, chunk_seconds
-        self.models: dict[str, LoadedModel] = {}
-        self.ready = False
+        self.started = False
 
-    def load_all(self) -> None:
-        """Load and warm up every model (blocking; run it off the event loop).
+    @property
+    def specs(self) -> list[ModelSpec]:
+        return [m.spec for m in self.models.values()]
+
+    @property
+    def ready(self) -> bool:
+        """Every model has started and has a worker taking jobs now."""
+        return self.started and all(m.workers.ready for m in self.models.values())
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has loaded and warmed up its model (on the event loop).
 
         Raises:
-            ModelLoadError: a model failed to load or to explain a warm-up pair; the message names it.
+            ModelLoadError: a worker could not load its model; the message names it.
         """
-        for spec in self.specs:
-            loaded = load_model(
-                spec, device=self.device, dtype=self.dtype, memory_bytes=self.memory_bytes, chunk_seconds=self.chunk_seconds
-            )
-            try:
-                _warm_up(loaded)
-            except NonFiniteError as err:
-                raise ModelLoadError(f"model {spec.name!r}: warm-up explanation failed: {err}") from err
-            self.models[spec.name] = loaded
-        self.ready = True
+        instances = [instance for m in self.models.values() for instance in m.workers.instances]
+        for instance in instances:
+            instance.start()
+        await asyncio.gather(*(instance.started() for instance in instances))
+        for m in self.models.values():
+            for instance in m.workers.instances:
+                if instance.failure is not None:
+                    raise ModelLoadError(f"model {m.name!r} worker {instance.index}: {instance.failure}")
+            m.describe(m.workers.instances[0].description)
+        self.started = True
 
-    def get(self, name: str) -> LoadedModel | None:
+    def get(self, name: str) -> ServedModel | None:
         """The model called ``name`` (empty = the default), or None."""
         return self.models.get(name or self.default_model)
 
-
-def _warm_up(loaded: LoadedModel) -> None:
-    """One explanation at the default options: first-call allocations, the cached reference
-    hidden states and the chunk budget's first timings are paid here, not by the first caller."""
-    height, width = loaded.image_size
-    pixels = loaded.transform(Image.new("RGB", (width, height), (128, 128, 128)))
-    loaded.explainer.explain(
-        tokenize(loaded.tokenizer, "a photo").token_ids,
-        pixels,
-        text_layer=loaded.default_text_layer,
-        image_layer=loaded.default_image_layer,
-        method=loaded.default_method,
-        n_steps=loaded.default_n_steps,
-    )
-    log.info("warmed up model %s", loaded.spec.name)
+    def stop(self, timeout: float) -> None:
+        """Stop every worker after its queued jobs, killing those that take longer than ``timeout`` seconds. Blocking."""
+        instances = [instance for m in self.models.values() for instance in m.workers.instances]
+        for instance in instances:
+            instance.request_stop()
+        deadline = time.monotonic() + timeout
+        for instance in instances:
+            instance.wait_stopped(max(0.0, deadline - time.monotonic()))

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 import grpc
 import open_clip
@@ -19,71 +18,112 @@ from grpc_reflection.v1alpha import reflection
 from .batching import BatchingConfig
 from .config import ServerConfig, load_config
 from .inputs import ImageLimits
+from .lifecycle import Lifecycle
 from .malformed import MalformedRequestInterceptor
 from .metrics import GrpcMetricsInterceptor, Metrics
 from .models import ModelLoadError, resolve_device
-from .registry import ModelRegistry
+from .registry import ModelRegistry, ServedModel
 from .security import BearerTokenInterceptor, load_tokens, server_credentials
 from .service import ExplainService, Limits
 from .shapes import model as shapes_model
+from .worker.process import WorkerSettings
+from .worker_pool import ModelWorkers, WorkerInstance, spawn
 
 log = logging.getLogger("explain_server")
 
 SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["Explain"].full_name
+# how long a worker may take to drop its abandoned jobs and exit before it is killed
+_WORKER_STOP_SECONDS = 5.0
 
 
-async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
-    # "" is the whole server (what probes ask by default), then the Explain service itself
+def model_health_service(model: str) -> str:
+    """The health service name that reports one model: SERVING while one of its workers takes jobs."""
+    return f"{SERVICE_NAME}/{model}"
+
+
+async def _set_health(servicer: health.aio.HealthServicer, registry: ModelRegistry, draining: bool) -> None:
+    """"" (the whole server, what probes ask by default) and the Explain service: SERVING while every
+    model can serve; ``explain.v1.Explain/MODEL``: that model alone."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    for model in registry.models.values():
+        ok = registry.started and model.workers.ready and not draining
+        await servicer.set(model_health_service(model.name), serving if ok else not_serving)
     for name in ("", SERVICE_NAME):
-        await servicer.set(name, status)
+        await servicer.set(name, serving if registry.ready and not draining else not_serving)
 
 
-def _load_in_background(registry: ModelRegistry) -> asyncio.Future:
-    """``registry.load_all()`` on a daemon thread: SIGTERM during loading must not wait for the load."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
+def _worker_threads(config: ServerConfig, instances: int) -> int:
+    """Torch threads per worker: the configured count, else the cores this process may use
+    shared out among the workers, so that no two processes spin for the same core."""
+    if config.intra_op_threads:
+        return config.intra_op_threads
+    return max(1, len(os.sched_getaffinity(0)) // instances)
 
-    def load() -> None:
-        try:
-            outcome, settle = registry.load_all(), future.set_result
-        except Exception as err:  # handed to the awaiting server, which reports it
-            outcome, settle = err, future.set_exception
-        try:
-            loop.call_soon_threadsafe(settle, outcome)
-        except RuntimeError:  # the loop closed: the server stopped during loading
-            pass
 
-    threading.Thread(target=load, name="loader", daemon=True).start()
-    return future
+def _instance_device(device: str, index: int) -> str:
+    """``auto``: CUDA device ``index`` modulo the GPUs present, else the CPU; anything else as given."""
+    if device != "auto":
+        return str(resolve_device(device))
+    count = torch.cuda.device_count()
+    return f"cuda:{index % count}" if count else "cpu"
+
+
+def build_registry(config: ServerConfig, metrics: Metrics, on_change) -> ModelRegistry:
+    """The configured models, each with its worker instances (not started).
+
+    ``on_change`` runs on the event loop whenever a worker becomes ready or stops being ready.
+    """
+    specs = config.model_specs
+    batching = BatchingConfig(
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_seconds=config.max_queue_delay_ms / 1000,
+        max_queue_size=config.max_queue_size,
+    )
+    threads = _worker_threads(config, config.instances * len(specs))
+    models = []
+    for spec in specs:
+        instances = []
+        for index in range(config.instances):
+            settings = WorkerSettings(
+                spec=spec, model_configs=tuple(config.model_configs), device=_instance_device(config.device, index),
+                dtype=config.dtype, memory_bytes=config.jvp_memory_mb << 20,
+                chunk_seconds=config.jvp_chunk_seconds or None, cache_bytes=config.factor_cache_mb << 20,
+                batching=batching, threads=threads, log_level=config.log_level,
+            )
+            instances.append(WorkerInstance(spec.name, index, spawn(settings), metrics, on_change))
+        models.append(ServedModel(spec, ModelWorkers(spec.name, instances)))
+    return ModelRegistry(models, config.default_model_name)
 
 
 async def serve(config: ServerConfig) -> int:
     """Run the server until SIGTERM or SIGINT.
 
-    Health is NOT_SERVING while models load and warm up, SERVING after. On a signal, health
-    turns NOT_SERVING, new calls get UNAVAILABLE and calls in progress get ``grace_seconds``
-    to finish.
+    Health is NOT_SERVING while models load and warm up, SERVING after, and NOT_SERVING again
+    for a model while none of its workers is ready. On a signal, health turns NOT_SERVING,
+    new calls get UNAVAILABLE, calls in progress get ``grace_seconds`` to finish, and then
+    the workers stop.
 
     Returns:
         The process exit code: 0 after a clean shutdown, 1 if a model failed to load.
     """
-    if config.intra_op_threads:
-        torch.set_num_threads(config.intra_op_threads)
+    # the front end's torch work is preprocessing; the cores are for the workers
+    torch.set_num_threads(1)
     # the shipped shapes architecture is always known, like open_clip's own
     for path in [shapes_model.CONFIG, *config.model_configs]:
         open_clip.add_model_config(path)
-    registry = ModelRegistry(
-        config.model_specs,
-        config.default_model_name,
-        device=resolve_device(config.device),
-        dtype=config.dtype,
-        memory_bytes=config.jvp_memory_mb << 20,
-        chunk_seconds=config.jvp_chunk_seconds or None,
-    )
+    metrics = Metrics()
+    lifecycle = Lifecycle()
+    health_servicer = health.aio.HealthServicer()
+
+    def on_change() -> None:
+        for model in registry.models.values():
+            metrics.queue_depth.labels(model.name).set(model.workers.queue_depth)
+        asyncio.ensure_future(_set_health(health_servicer, registry, lifecycle.shutting_down))
+
+    registry = build_registry(config, metrics, on_change)
     max_bytes = config.max_message_mb << 20
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens_env)
-    metrics = Metrics()
     # metrics first: it counts the calls the token check refuses too
     interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor(metrics), MalformedRequestInterceptor()]
     if tokens:
@@ -108,16 +148,10 @@ async def serve(config: ServerConfig) -> int:
         max_message_bytes=max_bytes,
         max_pixels_per_call=config.max_pixels_per_call,
     )
-    batching = BatchingConfig(
-        max_batch_size=config.max_batch_size,
-        max_queue_delay_seconds=config.max_queue_delay_ms / 1000,
-        max_queue_size=config.max_queue_size,
-    )
-    service = ExplainService(registry, limits, batching, config.factor_cache_mb << 20, metrics)
+    service = ExplainService(registry, limits, metrics, lifecycle)
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health_servicer, registry, draining=False)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
@@ -146,28 +180,33 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    loading = _load_in_background(registry)
+    loading = asyncio.ensure_future(registry.start())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     if loading.done():
         try:
             loading.result()
-            for name, loaded in registry.models.items():
-                metrics.model_load_seconds.labels(name).set(loaded.load_seconds)
-            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+            for model in registry.models.values():
+                metrics.model_load_seconds.labels(model.name).set(model.description.load_seconds)
+            await _set_health(health_servicer, registry, draining=False)
             log.info("all models loaded and warmed up; SERVING")
             await stopping
         except ModelLoadError as err:
             log.error("start-up failed: %s", err)
             exit_code = 1
+    else:
+        loading.cancel()
     log.info("shutting down (grace %g s)", config.grace_seconds)
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    lifecycle.shutting_down = True
+    await _set_health(health_servicer, registry, draining=True)
     # Keep listening while draining, so that new calls get our UNAVAILABLE message, not a
     # refused connection.
-    await service.drain(config.grace_seconds)
+    await lifecycle.drain(config.grace_seconds)
     await server.stop(1.0)
     service.close()
+    # every accepted call is answered: what the workers still hold is abandoned work
+    await asyncio.get_running_loop().run_in_executor(None, registry.stop, _WORKER_STOP_SECONDS)
     log.info("stopped; every accepted call was answered")
     return exit_code
 

@@ -89,19 +89,16 @@ class Explainer:
         self._text_reference_ids = ref_ids
         height, width = model.visual.image_size
         self._image_reference = torch.zeros((1, 3, height, width), dtype=self.dtype, device=self.device)
-        self._reference_hidden: dict[tuple[str, int], torch.Tensor] = {}
+        self._reference_hidden: dict[tuple[TextTower | ImageTower, int], torch.Tensor] = {}
 
-    def _reference(self, tower: str, layer: int) -> torch.Tensor:
+    def _reference(self, tower: TextTower | ImageTower, layer: int) -> torch.Tensor:
         key = (tower, layer)
         if key not in self._reference_hidden:
-            if tower == "text":
-                hidden = self.text.lower(self._text_reference_ids, layer)
-            else:
-                hidden = self.image.lower(self._image_reference, layer)
-            self._reference_hidden[key] = hidden[0]
+            reference = self._text_reference_ids if tower is self.text else self._image_reference
+            self._reference_hidden[key] = tower.lower(reference, layer)[0]
         return self._reference_hidden[key]
 
-    def factors(self, tower_name: str, sides: list[Side]) -> list[Factor | None]:
+    def factors(self, tower: TextTower | ImageTower, sides: list[Side]) -> list[Factor | None]:
         """Factors and path endpoints of many inputs on one tower, batched.
 
         Inputs with the same attribution layer share every pass: the lower tower, the path
@@ -110,15 +107,14 @@ class Explainer:
         depend on the padding, and each caption is pooled at its own end token.
 
         Args:
-            tower_name: "text" (inputs: token ids (S_t,) int64, start to end token) or
-                "image" (inputs: normalised pixels (3, H, W)).
+            tower: ``self.text`` (inputs: token ids (S_t,) int64, start to end token) or
+                ``self.image`` (inputs: normalised pixels (3, H, W)).
             sides: what to compute.
 
         Returns:
             Per side, in order: its :class:`Factor`, or None when its ``should_stop`` turned
             true before or during the work.
         """
-        tower = self.text if tower_name == "text" else self.image
         groups: dict[int, list[int]] = {}
         for index, side in enumerate(sides):
             if not side.should_stop():
@@ -127,14 +123,14 @@ class Explainer:
         with torch.no_grad():
             for layer, members in groups.items():
                 inputs = [sides[i].inputs.to(self.device) for i in members]
-                if tower_name == "text":
+                if tower is self.text:
                     hidden = tower.lower(pad_sequence(inputs, batch_first=True), layer)
                     lengths = torch.tensor([len(ids) for ids in inputs], device=self.device)
                 else:
                     hidden = tower.lower(torch.stack(inputs).to(self.dtype), layer)
                     lengths = torch.full((len(members),), hidden.shape[1], device=self.device)
                 # Causal tower: the reference's first S rows do not depend on what follows them.
-                reference = self._reference(tower_name, layer)[: hidden.shape[1]]
+                reference = self._reference(tower, layer)[: hidden.shape[1]]
                 # The reference's endpoint is pooled where its input's is (method.md): once per such row.
                 pool = tower.pool_rows(lengths)
                 reference_pool, reference_of = pool.unique(return_inverse=True)
@@ -197,8 +193,8 @@ class Explainer:
             NonFiniteError: a NaN or infinity in the result.
             ExplanationCancelled: ``should_stop()`` turned true.
         """
-        text = self.factors("text", [Side(token_ids, text_layer, method, n_steps, should_stop)])[0]
-        image = None if text is None else self.factors("image", [Side(pixels, image_layer, method, n_steps, should_stop)])[0]
+        text = self.factors(self.text, [Side(token_ids, text_layer, method, n_steps, should_stop)])[0]
+        image = None if text is None else self.factors(self.image, [Side(pixels, image_layer, method, n_steps, should_stop)])[0]
         if text is None or image is None:
             raise ExplanationCancelled()
         return self.combine(text, image)
