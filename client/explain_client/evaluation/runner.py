@@ -12,7 +12,7 @@ from tqdm import tqdm
 from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
 from explain_client.evaluation.dataset import CaptionEntry, Dataset
-from explain_client.evaluation.metrics import AlignmentError, PhraseScore, phrase_rows, score_phrase
+from explain_client.evaluation.scoring import AlignmentError, PhraseScore, phrase_rows, score_phrase
 from explain_client.explanation import Explanation
 
 __all__ = ["PairResult", "PhraseResult", "evaluate"]
