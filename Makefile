@@ -36,8 +36,10 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_batching.py --record docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_grounding.py --record docs/benchmarks.md
 
-# Retrain the shipped shapes model (deterministic: seeded weights and batches; 2,400 steps, 23.5
-# minutes on this machine's 2 CPU cores beside a second training run) and overwrite server/explain_server/assets/shapes/shapes-ViT.safetensors.
+# Retrain the shipped shapes model on the CPU and overwrite
+# server/explain_server/assets/shapes/shapes-ViT.safetensors. Deterministic (seeded weights and
+# batches), so the result is the shipped file; the recipe and how to evaluate a new one are in
+# docs/shapes-model.md.
 known-answer-model: $(VENV)/.server-installed
 	$(BIN)/python -m explain_server.shapes.training
 

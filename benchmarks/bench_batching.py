@@ -3,9 +3,10 @@
 1. **Defaults.** Each model at its own default settings, behind a server started with no flags
    but its ports (and, for ViT-B-32, the model): dynamic batching on (`--max-batch-size 16`,
    queue delay 0, the defaults) against off (`--max-batch-size 1`). Closed-loop load from
-   ``explain-loadgen``'s ``run`` at concurrency 16: ``--requests`` requests, each with a new
-   photo-like image (crops of photographs, 64-800 px, JPEG and PNG) and a new caption of 1-30
-   words (``explain_client.workload``), generated before the clock starts and sent once each.
+   ``explain-loadgen``'s ``generate_load`` at concurrency 16: ``--requests`` requests, each
+   with a new photo-like image (crops of photographs, 64-800 px, JPEG and PNG) and a new
+   caption of 1-30 words (``explain_client.workload``), generated before the clock starts and
+   sent once each.
    The factor cache keeps its default size; with inputs that never repeat its hit ratio is
    reported, near 0. Then a lone caller (concurrency 1) on the same server, batching on.
 2. **Tuned.** The shipped model at exclip's layers (each tower's last block, the service-wide
@@ -41,7 +42,7 @@ import time
 from bench_engine import Server, record, rss_bytes, save_weights
 
 from explain_client.client import explain_request
-from explain_client.loadgen import run
+from explain_client.loadgen import generate_load
 from explain_client.workload import distinct_requests
 
 BEGIN, END = "<!-- BEGIN bench_batching -->", "<!-- END bench_batching -->"
@@ -60,7 +61,7 @@ def requests(count: int, seed: int, **options) -> list:
 
 def load(server: Server, batch: list, concurrency: int):
     """Send every request of ``batch`` once, ``concurrency`` at a time."""
-    return asyncio.run(run(server.target, iter(batch), concurrency=concurrency, total=len(batch), metrics_url=server.metrics_url))
+    return asyncio.run(generate_load(server.target, iter(batch), concurrency=concurrency, total=len(batch), metrics_url=server.metrics_url))
 
 
 def measure(name: str, model_args: list[str], count: int, seed: int, **options) -> list[dict]:
@@ -91,7 +92,7 @@ def soak(seconds: float) -> dict:
         load(server, requests(2 * CONCURRENCY, 101), CONCURRENCY)
         rss_warm = rss_bytes(server.process.pid, "VmRSS")
         endless = (explain_request(image, caption) for image, caption in distinct_requests(seed=102))
-        report = asyncio.run(run(server.target, endless, concurrency=CONCURRENCY, duration=seconds, metrics_url=server.metrics_url))
+        report = asyncio.run(generate_load(server.target, endless, concurrency=CONCURRENCY, duration=seconds, metrics_url=server.metrics_url))
         rss_end = rss_bytes(server.process.pid, "VmRSS")
     finally:
         server.close()

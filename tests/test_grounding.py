@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from explain_client import ExplainClient
 from explain_client.evaluation import cli
 from explain_client.evaluation.dataset import load_dataset
-from explain_client.evaluation.metrics import phrase_rows, score_phrase
+from explain_client.evaluation.scoring import phrase_rows, score_phrase
 from explain_server.shapes import model as shapes_model
 
 HELDOUT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "shapes-heldout" / "dataset.json"

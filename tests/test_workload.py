@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from explain_client.client import explain_request
 from explain_client.loadgen import (
-    PREFETCH, build_parser, build_requests, default_metrics_url, factor_cache_counts, run,
+    PREFETCH, build_parser, build_requests, default_metrics_url, factor_cache_counts, generate_load,
 )
 from explain_client.workload import SIDES, WORDS, distinct_captions, distinct_images, distinct_requests, load_photos
 
@@ -167,4 +167,4 @@ def test_a_failing_request_source_ends_the_run_with_its_error():
         raise RuntimeError("the generator broke")
 
     with pytest.raises(RuntimeError, match="the generator broke"):  # nothing listens on the port
-        asyncio.run(run(f"127.0.0.1:{free_port()}", requests(), concurrency=2, duration=60))
+        asyncio.run(generate_load(f"127.0.0.1:{free_port()}", requests(), concurrency=2, duration=60))

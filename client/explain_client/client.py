@@ -16,7 +16,7 @@ from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_client.errors import MessageTooLargeError, UnavailableError, from_rpc_error
 from explain_client.explanation import Explanation
 from explain_client.images import ImageInput, encode_image
-from explain_client.models import ModelInfo, ServerLimits
+from explain_client.server_info import ModelInfo, ServerLimits
 
 __all__ = [
     "DEFAULT_MAX_RECEIVE_MESSAGE_BYTES",

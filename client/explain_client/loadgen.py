@@ -37,7 +37,7 @@ from explain_client.client import (
 )
 from explain_client.workload import SIDES, distinct_captions, distinct_images, load_photos
 
-__all__ = ["LoadReport", "build_parser", "build_requests", "default_metrics_url", "factor_cache_counts", "main", "run"]
+__all__ = ["LoadReport", "build_parser", "build_requests", "default_metrics_url", "factor_cache_counts", "generate_load", "main"]
 
 # Requests generated ahead of the callers: enough that a burst of answers never waits for the
 # generator, few enough that photo-sized images stay a few MiB.
@@ -162,7 +162,7 @@ def _hit_ratios(url: str, before: dict[str, float], after: dict[str, float]) -> 
     return {"url": url, "text": text, "image": image, "hit_ratio": both["hit_ratio"]}
 
 
-async def run(
+async def generate_load(
     target: str,
     requests: Sequence[explain_pb2.ExplainRequest] | Iterable[explain_pb2.ExplainRequest],
     *,
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_requests(
     args: argparse.Namespace, seed: int
 ) -> list[explain_pb2.ExplainRequest] | Iterator[explain_pb2.ExplainRequest]:
-    """The requests a command line (:func:`build_parser`) asks for, for :func:`run`: with
+    """The requests a command line (:func:`build_parser`) asks for, for :func:`generate_load`: with
     ``--repeat-inputs`` a list to cycle, else an endless generator of requests that each carry
     a new image and, unless ``--caption`` is given, a new caption.
 
@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"explain-loadgen: {err}", file=sys.stderr)
         return 2
     metrics_url = args.metrics_url or default_metrics_url(args.target)
-    report = asyncio.run(run(
+    report = asyncio.run(generate_load(
         args.target, requests, concurrency=args.concurrency, total=args.requests, duration=args.duration,
         deadline=args.deadline, token=token, metrics_url=metrics_url,
     ))

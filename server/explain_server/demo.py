@@ -18,7 +18,7 @@ import sys
 from PIL import Image, ImageDraw
 
 from explain_client import ExplainClient
-from explain_client.evaluation.metrics import cell_edges, phrase_rows, score_phrase
+from explain_client.evaluation.scoring import cell_edges, phrase_rows, score_phrase
 
 from .shapes import model as shapes_model
 from .shapes.dataset import scenes_with_captions

@@ -2,7 +2,7 @@
 explained through a running service with the thin client. Needs the ``eval`` extra (tqdm).
 
 - :mod:`.dataset`: the dataset format and its loader;
-- :mod:`.metrics`: the three metrics of one explanation, and phrase spans to token rows;
+- :mod:`.scoring`: the three grounding scores of one explanation, and phrase spans to token rows;
 - :mod:`.runner`: concurrent evaluation through :class:`explain_client.ExplainClient`;
 - :mod:`.report`: overall and per-class aggregation, JSON and Markdown;
 - :mod:`.convert`: COCO and Flickr30k Entities converters (``explain-eval-convert``);

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
 from explain_client.evaluation.dataset import CaptionEntry, Dataset
-from explain_client.evaluation.metrics import AlignmentError, PhraseScore, phrase_rows, score_phrase
+from explain_client.evaluation.scoring import AlignmentError, PhraseScore, phrase_rows, score_phrase
 from explain_client.explanation import Explanation
 
 __all__ = ["PairResult", "PhraseResult", "evaluate"]
@@ -101,7 +101,7 @@ def evaluate(
     captions = dataset.captions[:limit] if limit is not None else dataset.captions
     options = dict(explain_options or {})
 
-    def run(index: int, entry: CaptionEntry) -> PairResult:
+    def explain_and_score(index: int, entry: CaptionEntry) -> PairResult:
         image = dataset.images[entry.image_id].path.read_bytes()
         try:
             explanation = client.explain(image, entry.text, **options)
@@ -119,7 +119,7 @@ def evaluate(
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
         total=len(captions), desc="explain-eval", unit="pair", disable=not progress
     ) as bar:
-        futures = [pool.submit(run, i, entry) for i, entry in enumerate(captions)]
+        futures = [pool.submit(explain_and_score, i, entry) for i, entry in enumerate(captions)]
         for future in as_completed(futures):
             result = future.result()
             results[result.index] = result

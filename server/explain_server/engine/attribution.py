@@ -58,8 +58,8 @@ def never() -> bool:
 # Live tangent-sized copies per dense row in one JVP through a block (ln, q/k/v, attention,
 # 4x-wide MLP): turns a memory budget into a chunk size.
 _TANGENT_COPIES = 12
-# Temporaries beyond that count: on ViT-B-16 (CPU, block 6) a chunk planned for 256 MiB or
-# 1 GiB added a peak of 40-45% of it, primal included, with this factor.
+# Temporaries beyond that count, as a factor on the estimate: with it a chunk stays within its
+# budget (measured in docs/benchmarks.md, "Memory of one chunk").
 _OVERHEAD = 2
 # Row-sized tensors a block's primal keeps for its derivative (normalised inputs, q/k/v,
 # attention output, the 4x-wide MLP's input and slope), beside its heads x rows attention.

@@ -17,12 +17,12 @@ import numpy as np
 
 from explain_client.evaluation.dataset import FORMAT, save_dataset
 
-from .scenes import DEFAULT_CANVAS, Caption, Scene, describe, generate_scene, random_style, render
+from .scenes import DEFAULT_CANVAS, Scene, SceneCaption, describe, generate_scene, random_style, render
 
 
 def scenes_with_captions(
     seed: int, count: int, *, n_objects: tuple[int, int] = (2, 4), size: int = DEFAULT_CANVAS
-) -> Iterator[tuple[Scene, Caption]]:
+) -> Iterator[tuple[Scene, SceneCaption]]:
     """``count`` scenes and their captions, a pure function of the arguments.
 
     Args:
@@ -37,7 +37,7 @@ def scenes_with_captions(
         yield scene, describe(scene, random_style(scene, rng))
 
 
-def dataset_entry(image_id: str, file: str, scene: Scene, caption: Caption) -> tuple[dict, dict]:
+def dataset_entry(image_id: str, file: str, scene: Scene, caption: SceneCaption) -> tuple[dict, dict]:
     """The ``images`` and ``captions`` entries of one scene (phrase class = shape name)."""
     image = {"id": image_id, "file": file, "width": scene.width, "height": scene.height}
     phrases = [

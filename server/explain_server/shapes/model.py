@@ -32,17 +32,8 @@ N_STEPS = 8
 METHOD = "riemann_trapezoid"
 """Default quadrature rule.
 
-Why these defaults (measured by ``make bench``, bench_grounding, in docs/benchmarks.md): in this
-small model four blocks mix patches and tokens so thoroughly that the last blocks' inputs
-(exclip's choice, right for large pretrained CLIP) localise worst. With the shipped weights, on
-the first 100 held-out captions, pointing was 73.2% there and 81.8% at block 0 with the
-service-wide gausslegendre/3, whose convergence delta there was 0.83 (a path through every
-block bends more); riemann_trapezoid/8 cut the delta to 0.17 and gave 85.8% (85.5% on all 500
-scenes); 16 nodes cut it to 0.019 and gave 86.3%, at twice the cost. Blocks 1/1 gave 91.1%:
-block 0 was chosen for the weights shipped before (86.4% there, 85.4% at blocks 1/1), and the
-sweep's captions are held-out ones, so a new choice waits for the validation set. The price:
-an explanation through every block costs some twenty times one at the last blocks
-(bench_batching, in docs/benchmarks.md).
+Why these four defaults, rather than exclip's last blocks and the service-wide rule: the model
+card docs/shapes-model.md, section "The default explanation settings".
 """
 
 

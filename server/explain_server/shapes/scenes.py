@@ -100,8 +100,8 @@ class Phrase:
 
 
 @dataclass(frozen=True)
-class Caption:
-    """A caption and the phrases in it (in caption order)."""
+class SceneCaption:
+    """A generated caption of a scene and the phrases in it (in caption order)."""
 
     text: str
     phrases: tuple[Phrase, ...]
@@ -312,11 +312,11 @@ def random_style(scene: Scene, rng: np.random.Generator, *, subset: bool = False
     )
 
 
-def describe(scene: Scene, style: CaptionStyle) -> Caption:
+def describe(scene: Scene, style: CaptionStyle) -> SceneCaption:
     """The caption of ``scene`` in ``style``, with the span of every phrase; it ends with a full stop.
 
     Returns:
-        A :class:`Caption`; ``text[p.start:p.end]`` is "[size ]colour shape" for each phrase.
+        A :class:`SceneCaption`; ``text[p.start:p.end]`` is "[size ]colour shape" for each phrase.
 
     Raises:
         IndexError: ``style.order`` names an object the scene does not have.
@@ -338,7 +338,7 @@ def describe(scene: Scene, style: CaptionStyle) -> Caption:
             text += "an " if words[0] in "aeiou" else "a "
         phrases.append(Phrase(index, len(text), len(text) + len(words)))
         text += words
-    return Caption(text + ".", tuple(phrases))
+    return SceneCaption(text + ".", tuple(phrases))
 
 
 def colour_swapped(scene: Scene, rng: np.random.Generator) -> Scene | None:

@@ -1,97 +1,28 @@
 """Contrastive training of the ``shapes`` model on generated scenes (``make known-answer-model``).
 
-Recipe (the shipped weights' figures are in docs/benchmarks.md, section bench_grounding):
+:func:`train` builds the ``shapes-ViT`` architecture from seeded random weights and trains it
+by a :class:`Recipe`; :func:`save_weights` writes the result as plain open_clip weights
+(float16 safetensors, which the server casts to its dtype on loading). Training is
+deterministic: the weights come from ``torch.manual_seed(recipe.seed)`` and batch ``k`` from
+the seed and ``k`` alone (:func:`make_batch`), so the default recipe rewrites the shipped file
+bit for bit.
 
-- Batches of scenes, each beside its hard negative: the same layout with the colours of two
-  objects swapped (a one-object scene gets its object recoloured), so the caption of one is
-  false for the other and colour must be bound to shape and place. Each image also gets a
-  text-only hard negative: its caption with one object's colour or shape changed.
-- Curriculum: few objects first, up to four later (``Recipe.curriculum``).
-- Symmetric InfoNCE over the batch; a caption is a positive for every image it describes
-  exactly (two one-object scenes may share a caption), not only for its own. Captions end with
-  a full stop, so that the end token, which has read the whole caption, is not part of a phrase.
-- An auxiliary patch loss (weight ``Recipe.patch_kinds``, 10): a linear probe, trained
-  alongside and not saved, reads each patch entering the image tower's last block and names the
-  (colour, shape, size) of the object covering most of it, or background
-  (:func:`patch_kind_labels`, from the generator's shapes). A ViT trained from scratch on a few
-  tens of thousands of scenes otherwise learns slowly which patches make up which object.
-- Its text counterpart (weight ``Recipe.token_pairs``, 1): a second probe reads each shape word
-  entering the text tower's last block and names the (colour, shape) its phrase gives
-  (:func:`token_pair_labels`), so that the text tower binds a colour to its shape before it
-  pools.
-- The image tower commutes with mirrors and quarter turns (``Recipe.dihedral``,
-  :mod:`.symmetry`): each patch-embedding kernel is tied to its mirror and rotation images and
-  each patch's position to those of the cells a symmetry maps its cell to. Captions name
-  nothing a mirror or a quarter turn changes, so the tower loses nothing the task needs, and a
-  phrase's heatmap moves exactly as the image does, which issue 7 asks of every phrase; an
-  untied tower had about one peak in twenty stray from the mirrored or rotated cell.
-- The logit scale starts at 50 (CLIP's 1/0.07 is about 14): twins differ by a few hundredths of
-  cosine similarity early on, and a sharper softmax weights them more.
-- AdamW, linear warm-up then cosine decay; weight decay on matrices only.
-- Deterministic: weights from ``torch.manual_seed(seed)``, batch ``k`` from the seed and ``k``.
+What a training step does:
 
-Pilots of 400 steps (retrieval on 500 held-out scenes; swap twin / top-1 among 100):
-the previous recipe, a regulariser that kept the class and end tokens entering the last block
-the same for every input, 52.6% / 58.6%; with the patch loss 58.9% / 61.8%; without the
-regulariser and at twice the learning rate 64.6% / 63.2% (the regulariser at that rate: 46.9% /
-52.8%); with the logit scale at 50, 64.6% / 65.0%. No gain from three times the rate (64.6% /
-62.4%), fixed 2-D sine-cosine patch positions (60.1% / 63.8%), a multi-label (colour, shape)
-classifier on both towers' embeddings (54.6% / 61.6%), or colour-swapped captions in place of
-the changed ones (63.8% / 63.4%). What holds the figures back is binding: those models beat a
-caption with one colour changed in 99% of scenes but its colour-swapped twin in about 62%, and
-embed a scene and its twin at cosine similarity 0.98. The text probe, aimed at that, gave
-70.3% / 68.0%.
+- Each scene of a batch comes with a hard negative: the same layout with the colours of two
+  objects swapped (:func:`hard_negative`). Each image also gets a text-only hard negative, its
+  caption with one object's colour or shape changed (:func:`altered`).
+- The loss is a symmetric InfoNCE in which a caption is a positive for every image it describes
+  exactly (:func:`contrastive_loss`).
+- Two auxiliary losses use linear probes that are trained alongside and not saved. One names,
+  for each patch entering the image tower's last block, the object covering it
+  (:func:`patch_kind_labels`). The other names, for each shape word entering the text tower's
+  last block, its phrase's (colour, shape) (:func:`token_pair_labels`).
+- With ``Recipe.dihedral`` the image tower is tied to commute with mirrors and quarter turns
+  (:mod:`.symmetry`).
 
-Full runs (retrieval on bench_grounding's 1,000 held-out scenes, swap twin / top-1; pointing
-through the service at the default settings on the first 100 held-out captions, 302 phrases,
-and, for the shipped weights, on all 500, 1,529 phrases). The last two choices were made on a
-validation set the evaluation never sees, 150 scenes (466 phrases) from ``shapes-scenes --seed
-11`` (the held-out set is seed 7, training batches seed 0); the earlier ones on the first 100
-held-out captions. The shipped recipe, 2,400 steps with the dihedral tie: 99.8% / 98.0%,
-pointing 85.8% on 100 captions, 85.5% on all 500, 86.1% on the validation set, where no peak
-of the first 20 captions' 67 phrases strays from its mirrored or rotated cell; 23.5 minutes
-beside a second training run (29.5 beside a benchmark). The runs that led there, by the patch
-probe's weight (``token_pairs=1`` and 1,800 steps unless stated):
-
-- ``patch_kinds=1``, ``token_pairs=0``, 1,600 steps, 24.9 minutes alone: 91.0% / 87.1%,
-  pointing 81.1%. With ``token_pairs=1``: 91.0% / 90.8%, pointing 78.1%; 29.0 minutes alone.
-- ``patch_kinds=3``, ``token_pairs=0``, 1,600 steps: 92.4% / 89.2%, pointing 81.1%; along the
-  run, pointing was 82.8% after 400 steps, 85.8% after 800 (72.4% top-1), 83.1% after 1,200.
-  With ``token_pairs=1`` (shipped three recipes ago): 97.0% / 94.9%, pointing 84.4% (81.7% on
-  all 500).
-- ``patch_kinds=10``, 1,800 steps (shipped two recipes ago): 99.0% / 96.4%, pointing
-  87.4% on 100 captions, 84.6% on all 500; 82.4% on the validation set. 18.3 minutes.
-- On the validation set, ``patch_kinds=6``: 76.8%; ``patch_kinds=15``: 78.8%.
-- ``patch_kinds=10``, 2,400 steps, untied (the weights shipped before these): 99.9% / 98.4%,
-  pointing 86.4% on 100 captions, 87.4% on all 500, 83.5% on the validation set; 19.9 minutes
-  alone. Of the first 20 held-out captions' phrases that pointed into their box, 50 of 52
-  peaks followed a mirror and 49 of 52 a rotation; the rest strayed a cell or to a neighbour.
-  Tied, ``patch_kinds=3``: 99.8% / 97.8%, 79.6% on the validation set.
-- ``patch_kinds=30``: 97.9% / 96.8%, pointing 79.8%.
-- Probes on the patches entering each of the image tower's last three blocks, not the last
-  only, each at the full weight: at 3, 97.9% / 96.5%, pointing 83.1%; at 10, 98.8% / 97.1%,
-  pointing 77.5%. Patches that must name their object in earlier blocks too localise worse.
-- An image tower pooling the patch mean (open_clip's ``pool_type='avg'``, explained by a trial
-  extension of the engine): 89.4% / 88.2%, pointing 77.5%; with ``token_pairs=1`` and 1,800
-  steps: 90.5% / 91.1%, pointing 71.2%.
-
-Where pointing fails: at block 0 a phrase's heatmap peaks where its colour word's row peaks (144
-of the first 50 captions' 149 phrases with the ``patch_kinds=1`` weights). Where another named
-object has the same colour, that object often takes the peak: of the 411 such phrases of the 500
-held-out scenes the shipped weights hit 294 (72%; the untied 2,400-step weights 297, the
-1,800-step ones 255, 62%), against 1,014 of the 1,118 phrases of a unique colour (91%; untied
-1,040, 93%). On the first 100 captions these groups
-reached 47 of 73 and 217 of 229 with the 1,800-step weights (``patch_kinds=3``: 40 and 215;
-``patch_kinds=1``, ``token_pairs=0``: 36 and 209, chance for the first). The shape rows are what
-tell such objects apart; with ``patch_kinds=3`` they alone point into their object for 181 of
-the 302 phrases, against 160 with ``patch_kinds=1`` and ``token_pairs=0``. 400-step pilots did
-not raise the shared-colour hits by making shared colours common in training (half the scenes
-drawn from two colours: 37 of 73, the same as without), nor with one object's shape changed in
-half the image hard negatives as well (33 of 73); the shape negatives alone lowered retrieval
-(55.1% / 58.8% against 64.6% / 65.0% on 500 scenes).
-
-The weights are saved in float16 (the 49,408-row token embedding dominates; float32 would
-exceed the 10 MB budget); the server casts them to its dtype on loading.
+The model card, docs/shapes-model.md, gives the reasons for each part of the recipe, the
+figures of the shipped weights and the runs that led to them.
 """
 
 from __future__ import annotations

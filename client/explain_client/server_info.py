@@ -1,4 +1,5 @@
-"""Plain-Python descriptions of the models a server hosts (``ListModels``)."""
+"""What a server reports about itself in ``ListModels``, as plain Python: its hosted models and its
+request limits."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 from explain_client._proto import explain_pb2
 
-__all__ = ["ModelInfo", "Preprocessing"]
+__all__ = ["ModelInfo", "Preprocessing", "ServerLimits"]
 
 
 @dataclass(frozen=True)

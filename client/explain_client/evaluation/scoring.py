@@ -1,4 +1,4 @@
-"""Grounding metrics of one explanation: pointing game, relevance mass, box to text.
+"""Grounding scores of one explanation: pointing game, relevance mass, box to text.
 
 Geometry is the client's own (:meth:`Explanation.token_scores` and the overlay): grid cell
 ``(i, j)`` covers ``x in [cx0 + j*cw, cx0 + (j+1)*cw)``, ``y in [cy0 + i*ch, cy0 + (i+1)*ch)``
