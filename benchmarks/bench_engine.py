@@ -58,17 +58,29 @@ def record(path: pathlib.Path, body: str, begin: str, end: str) -> None:
     path.write_text(text)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the server's front end and its workers)."""
+    tree = [pid]
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            tree += process_tree(int(child))
+    return tree
+
+
 def rss_bytes(pid: int, field: str) -> int:
-    """VmRSS or VmHWM of a process, bytes."""
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+    """VmRSS or VmHWM of a process and its descendants together, bytes (a sum of each one's peak for VmHWM)."""
+    total = 0
+    for member in process_tree(pid):
+        for line in pathlib.Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 def reset_peak(pid: int) -> None:
-    """Reset VmHWM to the current RSS (Linux clear_refs value 5)."""
-    pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
+    """Reset VmHWM to the current RSS (Linux clear_refs value 5) in the process and its descendants."""
+    for member in process_tree(pid):
+        pathlib.Path(f"/proc/{member}/clear_refs").write_text("5")
 
 
 def save_weights(architecture: str, path: pathlib.Path) -> None:
@@ -195,7 +207,7 @@ class Server:
     as a user who starts it without flags does.
     """
 
-    def __init__(self, args: list[str], *, defaults: bool = False):
+    def __init__(self, args: list[str], *, defaults: bool = False, env: dict[str, str] | None = None):
         from explain_client import ExplainClient
 
         port, metrics_port = free_port(), free_port()
@@ -203,7 +215,8 @@ class Server:
         quiet = [] if defaults else ["--metrics-port", "0", "--device", "cpu", "--log-level", "WARNING"]
         ports = ["--port", str(port), *(["--metrics-port", str(metrics_port)] if defaults else [])]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "explain_server", *ports, *quiet, *args], stderr=subprocess.DEVNULL
+            [sys.executable, "-m", "explain_server", *ports, *quiet, *args], stderr=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
         )
         self.target = f"127.0.0.1:{port}"
         self.client = ExplainClient(self.target, timeout=3600)
