@@ -11,7 +11,7 @@ import torch
 from conftest import TINY
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from explain_client._proto import explain_pb2_grpc
+from explain_api import explain_pb2_grpc
 from explain_server.batching import BatchingConfig
 from explain_server.malformed import MalformedRequestInterceptor
 from explain_server.metrics import GrpcMetricsInterceptor, Metrics

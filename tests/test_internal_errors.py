@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from inprocess import serving, tiny_registry
 from test_batching import noise_png
 
-from explain_client._proto import explain_pb2
+from explain_api import explain_pb2
 from explain_client.client import explain_request
 from explain_server import service as service_module
 from explain_server.batching import BatchingConfig, DynamicBatcher

@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_end_to_end import noise_image
 
+from explain_api import explain_pb2
+from explain_api.explain_pb2_grpc import ExplainStub
 from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials
-from explain_client._proto import explain_pb2
-from explain_client._proto.explain_pb2_grpc import ExplainStub
 from explain_client.cli import main as cli_main
 from explain_client.client import bearer_metadata
 from explain_server.security import load_tokens

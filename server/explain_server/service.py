@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 import numpy as np
 import torch
-from explain_client._proto import explain_pb2, explain_pb2_grpc
+from explain_api import explain_pb2, explain_pb2_grpc
 
 from .batching import BatchingConfig, DynamicBatcher, QueueFullError
 from .cache import FactorCache, ImageEntry, TextEntry, digest
