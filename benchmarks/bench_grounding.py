@@ -104,7 +104,7 @@ def grounding(server: Server, model: str, dataset: pathlib.Path, limit: int | No
     ``options``: explanation settings (text_layer, image_layer, method, n_steps) overriding
     the model's defaults.
     """
-    from explain_client.evaluation.dataset import load_dataset
+    from explain_api.grounding import load_dataset
     from explain_client.evaluation.report import summarise
     from explain_client.evaluation.runner import evaluate
 
@@ -159,7 +159,7 @@ def main() -> int:
     parser.add_argument("--dataset", type=pathlib.Path, default=HELDOUT, help="grounding dataset (default: the shipped set)")
     args = parser.parse_args()
 
-    from explain_client.evaluation.dataset import load_dataset
+    from explain_api.grounding import load_dataset
     from explain_client.evaluation.report import markdown_table
     from explain_server.shapes import model as shapes_model
 
