@@ -12,12 +12,12 @@ from conftest import TINY
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from explain_api import explain_pb2_grpc
-from explain_server.batching import BatchingConfig
 from explain_server.malformed import MalformedRequestInterceptor
 from explain_server.metrics import GrpcMetricsInterceptor, Metrics
 from explain_server.models import ModelSpec
 from explain_server.registry import ModelRegistry
-from explain_server.service import ExplainService, Limits
+from explain_server.service import ExplainService
+from explain_server.settings import BatchingConfig, Limits
 
 
 def tiny_registry() -> ModelRegistry:

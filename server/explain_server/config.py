@@ -16,12 +16,9 @@ import argparse
 import tomllib
 from dataclasses import dataclass, field, fields
 
-from .batching import BatchingConfig
-from .inputs import ImageLimits
-from .models import DEFAULT_METHOD, DEFAULT_N_STEPS, DTYPES, ModelSpec
-from .security import DEFAULT_AUTH_EXEMPT
+from .models import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelSpec
+from .settings import DEFAULT_AUTH_EXEMPT, DTYPES, BatchingConfig, ImageLimits, Limits
 from .shapes import model as shapes_model
-from .service import Limits
 
 # The embedded default: the small known-answer model trained on generated shape scenes, shipped
 # with the package, so the server starts offline with trained weights (its architecture is
@@ -108,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051)")
     p.add_argument("--device", help="auto, cpu or cuda[:i] (default auto: CUDA when present)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="model weights and activations (default float32)")
+    p.add_argument("--dtype", choices=DTYPES, help="model weights and activations (default float32)")
     p.add_argument("--max-n-steps", type=int, help="largest n_steps a request may ask for (default 512)")
     p.add_argument("--max-image-pixels", type=int, help="largest width*height of an image (default 50000000)")
     p.add_argument("--max-image-side", type=int, help="largest width or height of an image, pixels (default 20000)")

@@ -19,7 +19,6 @@ from .engine.quadrature import check_rule
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # The service default: chosen by `make bench` (benchmarks/bench_engine.py), the cheapest rule
 # whose convergence delta is no larger than both first-order Riemann rules' at n_steps=50.

@@ -9,8 +9,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-# Kubernetes' gRPC probes and load balancers cannot send tokens.
-DEFAULT_AUTH_EXEMPT = ("grpc.health.v1.Health",)
+from .settings import DEFAULT_AUTH_EXEMPT
 
 
 def server_credentials(cert: str | None, key: str | None, client_ca: str | None) -> grpc.ServerCredentials | None:

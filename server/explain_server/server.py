@@ -16,15 +16,14 @@ from explain_api import explain_pb2, explain_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .batching import BatchingConfig
 from .config import ServerConfig, load_config
-from .inputs import ImageLimits
 from .malformed import MalformedRequestInterceptor
 from .metrics import GrpcMetricsInterceptor, Metrics
 from .models import ModelLoadError, resolve_device
 from .registry import ModelRegistry
 from .security import BearerTokenInterceptor, load_tokens, server_credentials
-from .service import ExplainService, Limits
+from .service import ExplainService
+from .settings import BatchingConfig, ImageLimits, Limits
 from .shapes import model as shapes_model
 
 log = logging.getLogger("explain_server")

@@ -16,17 +16,18 @@ import numpy as np
 import torch
 from explain_api import explain_pb2, explain_pb2_grpc
 
-from .batching import BatchingConfig, DynamicBatcher, QueueFullError
+from .batching import DynamicBatcher, QueueFullError
 from .cache import FactorCache, ImageEntry, TextEntry, digest
 from .engine.attribution import Attribution, ExplanationCancelled
 from .engine.explainer import NonFiniteError, Side
 from .engine.quadrature import METHODS, min_n_steps
 from .inputs import (
-    CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, load_image, open_image, tokenize,
+    CONVERSION_RULES, Caption, InputError, check_resize, crop_box, load_image, open_image, tokenize,
 )
 from .metrics import Metrics, abort_internal, cancellation_code
 from .models import LoadedModel
 from .registry import ModelRegistry
+from .settings import BatchingConfig, Limits
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +36,6 @@ _MAX_REQUEST_ID = 128
 # more threads than this only take it from the models' batch threads; two let Pillow's
 # GIL-free decoding of one image overlap the rest of another request.
 _PREPARE_THREADS = 2
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Request limits, all reported in ListModels.
-
-    Attributes:
-        max_n_steps: the largest ``n_steps`` accepted.
-        image: image size limits.
-        max_message_bytes: the largest request or response message, bytes.
-        max_explanations_per_call: the most explanations one ExplainMany call may ask for.
-        max_pixels_per_call: the most pixels (width * height, summed over its images) one call
-            may send, so that one call cannot hold the decoding threads for long; the default
-            admits 64 photos of 12.5 megapixels.
-    """
-
-    max_n_steps: int = 512
-    image: ImageLimits = ImageLimits()
-    max_message_bytes: int = 64 << 20
-    max_explanations_per_call: int = 64
-    max_pixels_per_call: int = 800_000_000
 
 
 @dataclass(frozen=True)
