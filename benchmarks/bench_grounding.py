@@ -125,7 +125,7 @@ def settings_sweep(server: Server, model: str, dataset: pathlib.Path, limit: int
     tower's last block) and the default blocks, with the service-wide quadrature default and the
     model's; then the defaults with twice the nodes, and one block further in.
     """
-    from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
+    from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS
 
     (listed,) = [m for m in server.client.list_models() if m.name == model]
     last = {"text_layer": listed.text_layers - 1, "image_layer": listed.image_layers - 1}

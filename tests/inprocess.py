@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from explain_api import explain_pb2_grpc
 from explain_server.malformed import MalformedRequestInterceptor
 from explain_server.metrics import GrpcMetricsInterceptor, Metrics
-from explain_server.models import ModelSpec
+from explain_server.model_spec import ModelSpec
 from explain_server.registry import ModelRegistry
 from explain_server.service import ExplainService
 from explain_server.settings import BatchingConfig, Limits

@@ -9,7 +9,8 @@ from PIL import Image
 
 from .engine.explainer import NonFiniteError
 from .inputs import tokenize
-from .models import LoadedModel, ModelLoadError, ModelSpec, load_model
+from .model_spec import ModelSpec
+from .models import LoadedModel, ModelLoadError, load_model
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ async def serve(config: ServerConfig) -> int:
     for path in [shapes_model.CONFIG, *config.model_configs]:
         open_clip.add_model_config(path)
     registry = ModelRegistry(
-        config.model_specs,
+        list(config.models),
         config.default_model_name,
         device=resolve_device(config.device),
         dtype=config.dtype,
