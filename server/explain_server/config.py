@@ -34,6 +34,7 @@ from typing import Any
 from .model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, DEVICE_FORMS, ModelSpec, is_device
 from .settings import DEFAULT_AUTH_EXEMPT, DTYPES, BatchingConfig, ImageLimits, Limits
 from .shapes import model as shapes_model
+from .tls_files import check_tls_files
 
 # The embedded default: the small known-answer model trained on generated shape scenes, shipped
 # with the package, so the server starts offline with trained weights (its architecture is
@@ -353,9 +354,9 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     Raises:
         SystemExit: bad flags (argparse prints the reason).
         ValueError: an unreadable or invalid config file, an unknown key, a setting of the wrong
-            type or out of range, a malformed model, or a default model that is not configured;
-            the one-line message names the setting (as the flag, or as the file's key after the
-            file's path) and the rule.
+            type or out of range, a malformed model, a default model that is not configured, or
+            TLS files grpc could not use; the one-line message names the setting (as the flag,
+            or as the file's key after the file's path) and the rule.
     """
     flags = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
     path = flags.pop("config", None)
@@ -397,3 +398,4 @@ def _check_together(config: ServerConfig, origin: _Origin) -> None:
                 f"{origin.where('models')}model {spec.name!r}: n_steps={spec.n_steps} exceeds "
                 f"{origin.label('max_n_steps')} {config.max_n_steps}"
             )
+    check_tls_files(config.tls_cert, config.tls_key, config.tls_client_ca, origin.label)
