@@ -145,8 +145,10 @@ def engine_seconds_per_request(spec: str, device: str = "cpu", repeats: int = 3)
     import torch
 
     from explain_server.engine.explainer import Side
-    from explain_server.inputs import ImageLimits, decode_image, tokenize
-    from explain_server.models import ModelSpec, load_model
+    from explain_server.inputs import decode_image, tokenize
+    from explain_server.model_spec import ModelSpec
+    from explain_server.models import load_model
+    from explain_server.settings import ImageLimits
     from explain_server.shapes import model as shapes_model
 
     open_clip.add_model_config(shapes_model.CONFIG)

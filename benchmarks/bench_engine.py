@@ -17,7 +17,7 @@ Everything is measured in one run on this machine, so the ratios compare like wi
 - Quadrature sweep (in-process, ViT-B-32): for every rule, the fewest n_steps whose
   |convergence delta| is no larger, on every pair, than the smaller of riemann_right's (exclip's
   rule) and riemann_left's at n_steps=50.
-  The cheapest such setting is the service default (``models.DEFAULT_METHOD`` / ``DEFAULT_N_STEPS``).
+  The cheapest such setting is the service default (``model_spec.DEFAULT_METHOD`` / ``DEFAULT_N_STEPS``).
 
 ``--record FILE`` replaces this benchmark's section in FILE (docs/benchmarks.md).
 """
@@ -258,7 +258,7 @@ def main() -> int:
 
     import torch
 
-    from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
+    from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS
 
     sweep_rows, best = quadrature_sweep()
     default = (DEFAULT_METHOD, DEFAULT_N_STEPS)
@@ -347,7 +347,7 @@ def main() -> int:
         "",
         f"Cheapest setting as accurate as both first-order rules at n_steps=50: **{best[0]}, n_steps={best[1]}**; "
         f"service default: **{default[0]}, n_steps={default[1]}**"
-        + ("." if best == default else " (differs from the sweep: update models.DEFAULT_METHOD / DEFAULT_N_STEPS)."),
+        + ("." if best == default else " (differs from the sweep: update model_spec.DEFAULT_METHOD / DEFAULT_N_STEPS)."),
     ])
     print(body)
     if args.record:

@@ -104,7 +104,7 @@ def grounding(server: Server, model: str, dataset: pathlib.Path, limit: int | No
     ``options``: explanation settings (text_layer, image_layer, method, n_steps) overriding
     the model's defaults.
     """
-    from explain_client.evaluation.dataset import load_dataset
+    from explain_api.grounding import load_dataset
     from explain_client.evaluation.report import summarise
     from explain_client.evaluation.runner import evaluate
 
@@ -125,7 +125,7 @@ def settings_sweep(server: Server, model: str, dataset: pathlib.Path, limit: int
     tower's last block) and the default blocks, with the service-wide quadrature default and the
     model's; then the defaults with twice the nodes, and one block further in.
     """
-    from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
+    from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS
 
     (listed,) = [m for m in server.client.list_models() if m.name == model]
     last = {"text_layer": listed.text_layers - 1, "image_layer": listed.image_layers - 1}
@@ -159,7 +159,7 @@ def main() -> int:
     parser.add_argument("--dataset", type=pathlib.Path, default=HELDOUT, help="grounding dataset (default: the shipped set)")
     args = parser.parse_args()
 
-    from explain_client.evaluation.dataset import load_dataset
+    from explain_api.grounding import load_dataset
     from explain_client.evaluation.report import markdown_table
     from explain_server.shapes import model as shapes_model
 

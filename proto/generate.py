@@ -1,10 +1,10 @@
-"""Generate the Python stubs of ``explain/v1/explain.proto`` into ``explain_client._proto``.
+"""Generate the Python stubs of ``explain/v1/explain.proto`` into the ``explain_api`` package.
 
 ``make proto`` runs this; ``--check`` (used by the test suite) exits 1 when the committed
 stubs differ from what the pinned grpcio-tools generates now.
 
 protoc writes absolute imports (``from explain.v1 import explain_pb2``) that only resolve
-with ``proto/`` on ``sys.path``; the stubs live inside the client package instead, so that
+with ``proto/`` on ``sys.path``; the stubs live in the ``explain_api`` package instead, so that
 one import line is rewritten to the package path.
 """
 
@@ -20,12 +20,12 @@ from grpc_tools import protoc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 PROTO_FILE = "explain/v1/explain.proto"
-OUT_DIR = ROOT / "client" / "explain_client" / "_proto"
+OUT_DIR = ROOT / "api" / "explain_api"
 GENERATED = ("explain_pb2.py", "explain_pb2.pyi", "explain_pb2_grpc.py")
 
 
 def generate() -> dict[str, str]:
-    """Run protoc and return {file name: text} of the stubs for ``explain_client._proto``.
+    """Run protoc and return {file name: text} of the stubs for ``explain_api``.
 
     Raises:
         RuntimeError: protoc failed (its message is on stderr).
@@ -44,7 +44,7 @@ def generate() -> dict[str, str]:
         out = pathlib.Path(tmp) / "explain" / "v1"
         texts = {name: (out / name).read_text() for name in GENERATED}
     texts["explain_pb2_grpc.py"] = texts["explain_pb2_grpc.py"].replace(
-        "from explain.v1 import explain_pb2", "from explain_client._proto import explain_pb2"
+        "from explain.v1 import explain_pb2", "from explain_api import explain_pb2"
     )
     return texts
 

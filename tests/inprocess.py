@@ -18,14 +18,15 @@ import torch
 from conftest import TINY
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from explain_client._proto import explain_pb2_grpc
-from explain_server.batching import BatchingConfig
+from explain_api import explain_pb2_grpc
 from explain_server.lifecycle import Lifecycle
 from explain_server.malformed import MalformedRequestInterceptor
 from explain_server.metrics import GrpcMetricsInterceptor, Metrics
-from explain_server.models import LoadedModel, ModelSpec, load_model
+from explain_server.model_spec import ModelSpec
+from explain_server.models import LoadedModel, load_model
 from explain_server.registry import ModelRegistry, ServedModel
-from explain_server.service import ExplainService, Limits
+from explain_server.service import ExplainService
+from explain_server.settings import BatchingConfig, Limits
 from explain_server.worker.factor_cache import FactorCache
 from explain_server.worker.process import describe, warm_up
 from explain_server.worker.protocol import Ready

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import explain_client
+from explain_api import explain_pb2
 from explain_client import cli, errors
-from explain_client._proto import explain_pb2
 from explain_client.explanation import Explanation
 from explain_client.images import encode_image, load_image
 from explain_client.overlay import diverging_colors

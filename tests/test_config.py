@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from explain_client import ExplainClient, ResolvedOptions, UnavailableError
-from explain_server.config import DEFAULT_MODEL, load_config
+from explain_server.config import DEFAULT_MODEL, instance_devices, load_config
+from explain_server.model_spec import ModelSpec
 
 
 # Reconnect at once when the port opens: gRPC's default backoff could skip the loading window.
@@ -29,18 +30,150 @@ FAST_RECONNECT = [
 
 def test_defaults_host_the_embedded_model():
     config = load_config([])
-    assert config.models == [DEFAULT_MODEL] and config.default_model_name == "shapes"
+    assert config.models == (ModelSpec.parse(DEFAULT_MODEL),) and config.default_model_name == "shapes"
     assert (config.host, config.port, config.device, config.dtype) == ("127.0.0.1", 50051, "auto", "float32")
+    assert config.instances == 1 and (config.models[0].instances, config.models[0].device) == (1, "auto")
 
 
 def test_config_file_and_flag_precedence(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text('models = ["a=ViT-B-32:random:1", "b=ViT-B-16:openai"]\nport = 6000\nhost = "0.0.0.0"\n')
     config = load_config(["--config", str(path), "--port", "7000"])
-    assert [s.name for s in config.model_specs] == ["a", "b"]
+    assert [s.name for s in config.models] == ["a", "b"]
     assert (config.port, config.host, config.default_model_name) == (7000, "0.0.0.0", "a")
     flagged = load_config(["--config", str(path), "--model", "c=ViT-L-14:openai"])
-    assert [s.name for s in flagged.model_specs] == ["c"]
+    assert [s.name for s in flagged.models] == ["c"]
+
+
+TABLES = """instances = 2
+device = "cpu"
+
+[[models]]
+name = "a"
+architecture = "ViT-B-32"
+pretrained = "random:1"
+text_layer = 0
+image_layer = 1
+n_steps = 5
+method = "riemann_middle"
+instances = 3
+device = "cuda:1"
+
+[[models]]
+name = "b"
+architecture = "ViT-B-16"
+pretrained = "openai"
+"""
+
+
+def test_models_are_tables_whose_instances_and_device_default_to_the_server_wide_ones(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text(TABLES)
+    a, b = load_config(["--config", str(path)]).models
+    assert a == ModelSpec(
+        "a", "ViT-B-32", "random:1", text_layer=0, image_layer=1, n_steps=5, method="riemann_middle",
+        instances=3, device="cuda:1",
+    )
+    assert b == ModelSpec("b", "ViT-B-16", "openai", instances=2, device="cpu")
+    shorthand = "a=ViT-B-32:random:1,text_layer=0,image_layer=1,n_steps=5,method=riemann_middle,instances=3,device=cuda:1"
+    assert ModelSpec.parse(shorthand) == a
+    flagged = load_config(["--config", str(path), "--instances", "4", "--device", "auto"])
+    assert (flagged.instances, flagged.device) == (4, "auto")
+    assert [(s.instances, s.device) for s in flagged.models] == [(3, "cuda:1"), (4, "auto")]
+    assert load_config(["--instances", "2"]).models[0].instances == 2
+
+
+def test_instance_devices_spread_instances_over_the_gpus():
+    assert instance_devices("auto", 3, 0) == ["cpu", "cpu", "cpu"]
+    assert instance_devices("auto", 3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert instance_devices("cuda", 2, 4) == ["cuda:0", "cuda:1"]
+    assert instance_devices("cpu", 2, 2) == ["cpu", "cpu"]
+    assert instance_devices("cuda:1", 2, 2) == ["cuda:1", "cuda:1"]
+
+
+@pytest.mark.parametrize("device, instances, cuda_count, message", [
+    ("cuda", 1, 0, "no CUDA device"),
+    ("cuda:2", 1, 2, r"cuda:2: this machine has 2 CUDA device\(s\)"),
+    ("tpu", 1, 0, "device must be auto, cpu, cuda or cuda:INDEX; got 'tpu'"),
+    ("auto", 0, 1, "instances must be positive; got 0"),
+])
+def test_instance_devices_refuses_what_cannot_be(device, instances, cuda_count, message):
+    with pytest.raises(ValueError, match=message):
+        instance_devices(device, instances, cuda_count)
+
+
+def test_loading_a_config_imports_neither_grpc_nor_torch(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text(TABLES)
+    code = (
+        "import sys\n"
+        "from explain_server.config import load_config\n"
+        "load_config(sys.argv[1:])\n"
+        "print(sorted(m for m in ('grpc', 'torch', 'open_clip', 'PIL') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--config", str(path), "--model", "c=ViT-B-32:random:0,n_steps=4"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+MODEL_TABLE = '[[models]]\nname = "a"\narchitecture = "ViT-B-32"\npretrained = "openai"\n'
+CONFIG_ERRORS = [
+    ('port = "fifty"\n', "port must be an integer; got 'fifty'"),
+    ('max_batch_size = "4"\n', "max_batch_size must be an integer; got '4'"),
+    ("models = []\n", "models must name at least one model; got []"),
+    ('log_level = "LOUD"\n', "log_level must be one of DEBUG, INFO, WARNING, ERROR; got 'LOUD'"),
+    ("port = \n", "not valid TOML: Invalid value (at line 1, column 8)"),
+    ("prot = 6000\n", "unknown keys ['prot']"),
+    ('device = "tpu"\n', "device must be auto, cpu, cuda or cuda:INDEX; got 'tpu'"),
+    ('dtype = "float64"\n', "dtype must be one of float32, float16, bfloat16; got 'float64'"),
+    ("instances = 0\n", "instances must be positive; got 0"),
+    ("max_queue_delay_ms = true\n", "max_queue_delay_ms must be a number; got True"),
+    ('auth_exempt = "grpc.health.v1.Health"\n', "auth_exempt must be a list of strings; got 'grpc.health.v1.Health'"),
+    ('models = "a=ViT-B-32:openai"\n', "models must be a list of [[models]] tables or NAME=ARCH:PRETRAINED strings"),
+    ('models = ["a=ViT-B-32"]\n', "models[0] 'a=ViT-B-32': must be NAME=ARCH:PRETRAINED"),
+    ('default_model = "b"\nmodels = ["a=ViT-B-32:openai"]\n', "default_model 'b' is not one of the configured models ['a']"),
+    ('models = ["a=ViT-B-32:openai", "a=ViT-B-16:openai"]\n', "models names must be unique; got ['a', 'a']"),
+    (MODEL_TABLE + 'n_steps = "5"\n', "models[0]: n_steps must be an integer; got '5'"),
+    (MODEL_TABLE + "text_layer = true\n", "models[0]: text_layer must be a non-negative integer; got True"),
+    (MODEL_TABLE + "instances = 0\n", "models[0]: instances must be a positive integer; got 0"),
+    (MODEL_TABLE + 'device = "gpu"\n', "models[0]: device must be auto, cpu, cuda or cuda:INDEX; got 'gpu'"),
+    (MODEL_TABLE + 'method = "simpson"\n', "models[0]: method must be one of riemann_right,"),
+    (MODEL_TABLE + "layer = 3\n", "models[0]: unknown keys ['layer']; keys are name, architecture, pretrained,"),
+    (MODEL_TABLE + "n_steps = 600\n", "model 'a': n_steps=600 exceeds --max-n-steps 512"),
+    ('[[models]]\nname = "a"\narchitecture = "ViT-B-32"\n', "models[0]: needs pretrained"),
+    ('[[models]]\nname = 5\narchitecture = "ViT-B-32"\npretrained = "openai"\n', "models[0]: name must be a non-empty string; got 5"),
+]
+
+
+@pytest.mark.parametrize("text, message", CONFIG_ERRORS)
+def test_a_bad_config_file_is_one_line_naming_the_file_the_key_and_the_rule(tmp_path, text, message):
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as raised:
+        load_config(["--config", str(path)])
+    assert str(raised.value).startswith(f"{path}: ") and message in str(raised.value), str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_flag_overriding_a_bad_file_value_is_named_as_the_flag(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text("port = 8000\n")
+    with pytest.raises(ValueError, match=r"^--port must be in \[0, 65535\]; got 70000$"):
+        load_config(["--config", str(path), "--port", "70000"])
+    with pytest.raises(ValueError, match=r"^--config .*absent.toml: cannot read it: No such file or directory$"):
+        load_config(["--config", str(tmp_path / "absent.toml")])
+
+
+@pytest.mark.parametrize("text, message", [CONFIG_ERRORS[i] for i in (1, 4)])
+def test_explain_server_reports_a_bad_config_in_one_line_and_exits_2(tmp_path, text, message):
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    result = run_server("--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"explain-server: {path}: {message}"]
 
 
 def test_batching_cache_and_metrics_settings_come_from_file_and_flags(tmp_path):

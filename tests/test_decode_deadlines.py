@@ -19,7 +19,7 @@ from inprocess import Served, serving, tiny_model
 from PIL import Image
 from test_batching import noise_png
 
-from explain_client._proto import explain_pb2
+from explain_api import explain_pb2
 from explain_client.client import explain_request
 from explain_server.service import _PREPARE_THREADS
 

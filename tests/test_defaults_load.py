@@ -18,7 +18,7 @@ import numpy as np
 from conftest import ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
-from explain_client._proto import explain_pb2, explain_pb2_grpc
+from explain_api import explain_pb2, explain_pb2_grpc
 from explain_client.client import explain_request
 from explain_client.workload import distinct_requests
 

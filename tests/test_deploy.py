@@ -289,7 +289,7 @@ def test_build_context_holds_what_the_image_installs(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"explain_server/server.py", "explain_client/cli.py", "explain_client/_proto/explain_pb2.py"} <= names
+    assert {"explain_server/server.py", "explain_client/cli.py", "explain_api/explain_pb2.py"} <= names
 
 
 def test_image_runs_as_a_non_root_user():

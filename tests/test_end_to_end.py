@@ -17,7 +17,7 @@ from PIL import Image
 from test_inputs import with_scanlines
 
 from explain_client import ExplainClient, InvalidArgumentError, NotFoundError, cli
-from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS
+from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS
 
 CAPTION = "a red circle and a blue square"
 

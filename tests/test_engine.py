@@ -16,7 +16,8 @@ from explain_server.engine.attribution import ChunkBudget, PathIntegral, choose_
 from explain_server.engine.explainer import Explainer, NonFiniteError, Side
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
-from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelLoadError, ModelSpec, load_model, resolve_device
+from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelSpec
+from explain_server.models import ModelLoadError, load_model, resolve_device
 
 CAPTION = "a red circle and a blue square"
 
@@ -377,10 +378,10 @@ def test_model_spec_parses_tags_paths_and_seeds():
 def test_model_spec_takes_default_settings_as_trailing_options():
     spec = ModelSpec.parse("s=shapes-ViT:/w/a,b.safetensors,image_layer=0,method=riemann_trapezoid,text_layer=2,n_steps=8")
     assert (spec.pretrained, spec.text_layer, spec.image_layer) == ("/w/a,b.safetensors", 2, 0)
-    assert (spec.default_n_steps, spec.default_method) == (8, "riemann_trapezoid")
+    assert (spec.n_steps, spec.method) == (8, "riemann_trapezoid")
     plain = ModelSpec.parse("r=ViT-B-32:random:7,text_layer=0")
     assert plain == ModelSpec("r", "ViT-B-32", "random:7", text_layer=0)
-    assert (plain.default_n_steps, plain.default_method) == (DEFAULT_N_STEPS, DEFAULT_METHOD)
+    assert (plain.n_steps, plain.method) == (DEFAULT_N_STEPS, DEFAULT_METHOD)
     assert ModelSpec.parse("w=ViT-B-32:/w/a,b=c/d.pt").pretrained == "/w/a,b=c/d.pt"
 
 
@@ -393,6 +394,8 @@ def test_model_spec_takes_default_settings_as_trailing_options():
     ("r=ViT-B-32:random,method=riemann_trapezoid,n_steps=1", "n_steps must be >= 2 for method riemann_trapezoid"),
     ("r=ViT-B-32:random,n_steps=0", "n_steps must be >= 1"),
     ("r=ViT-B-32:,image_layer=0", "NAME=ARCH:PRETRAINED"),
+    ("r=ViT-B-32:random,instances=0", "instances must be a positive integer; got 0"),
+    ("r=ViT-B-32:random,device=tpu", "device must be auto, cpu, cuda or cuda:INDEX; got 'tpu'"),
 ])
 def test_model_spec_refuses_bad_options(text, message):
     with pytest.raises(ValueError, match=message):

@@ -15,9 +15,9 @@ import pytest
 from conftest import ServerProcess
 from PIL import Image, ImageOps
 
+from explain_api.grounding import load_dataset
 from explain_client import ExplainClient
 from explain_client.evaluation import cli
-from explain_client.evaluation.dataset import load_dataset
 from explain_client.evaluation.scoring import phrase_rows, score_phrase
 from explain_server.shapes import model as shapes_model
 

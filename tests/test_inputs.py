@@ -13,7 +13,8 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from explain_server.inputs import ImageLimits, InputError, crop_box, decode_image, token_label, tokenize
+from explain_server.inputs import InputError, crop_box, decode_image, token_label, tokenize
+from explain_server.settings import ImageLimits
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 

@@ -18,11 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from inprocess import serving, tiny_model
 from test_batching import noise_png
 
-from explain_client._proto import explain_pb2
+from explain_api import explain_pb2
 from explain_client.client import explain_request
 from explain_server import service as service_module
-from explain_server.batching import BatchingConfig, DynamicBatcher
-from explain_server.inputs import ImageLimits, decode_image, tokenize
+from explain_server.batching import DynamicBatcher
+from explain_server.inputs import decode_image, tokenize
+from explain_server.settings import BatchingConfig, ImageLimits
 
 POISON = "a poisoned caption"
 ERROR_ID = re.compile(r"^internal server error ([0-9a-f]{12}): a bug in the server, not a problem with the request")

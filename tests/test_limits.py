@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from explain_api import explain_pb2, explain_pb2_grpc
 from explain_client import ExplainClient, InvalidArgumentError, MessageTooLargeError
-from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_client.client import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES
 
 CAPTION = "a red circle"

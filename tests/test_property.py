@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from explain_client._proto import explain_pb2, explain_pb2_grpc
+from explain_api import explain_pb2, explain_pb2_grpc
 from explain_server.engine.quadrature import METHODS
 
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)

@@ -15,7 +15,7 @@ def test_generated_stubs_are_fresh():
 
 
 def test_stubs_describe_package_explain_v1():
-    from explain_client._proto import explain_pb2
+    from explain_api import explain_pb2
 
     assert explain_pb2.DESCRIPTOR.package == "explain.v1"
     assert explain_pb2.DESCRIPTOR.name == "explain/v1/explain.proto"

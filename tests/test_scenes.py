@@ -11,8 +11,8 @@ import open_clip
 import pytest
 from PIL import Image
 
+from explain_api.grounding import DatasetError, load_dataset, parse_dataset
 from explain_client.evaluation import convert
-from explain_client.evaluation.dataset import DatasetError, load_dataset, parse_dataset
 from explain_client.evaluation.scoring import AlignmentError, phrase_rows, score_phrase, union_coverage
 from explain_client.explanation import Explanation, ReferenceTerms, ResolvedOptions
 from explain_server.inputs import token_label, tokenize

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import pathlib
+import ssl
+import subprocess
+import sys
 
 import grpc
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, wait_serving
+from conftest import TINY, TINY_CONFIG, ServerProcess, free_port, wait_serving
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -16,11 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_end_to_end import noise_image
 
+from explain_api import explain_pb2
+from explain_api.explain_pb2_grpc import ExplainStub
 from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials
-from explain_client._proto import explain_pb2
-from explain_client._proto.explain_pb2_grpc import ExplainStub
 from explain_client.cli import main as cli_main
 from explain_client.client import bearer_metadata
+from explain_server.config import load_config
 from explain_server.security import load_tokens
 
 CAPTION = "SECRET-CAPTION-a red circle"
@@ -115,6 +120,47 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(tmp_path, 
                     client.list_models()
     finally:
         server.stop()
+
+
+def test_tls_files_grpc_cannot_use_are_refused_naming_the_file(tmp_path, pki):
+    (key, cert), (other_key, _), (_, ca) = pki["server"], pki["client"], pki["ca"]
+    der = tmp_path / "server.der"
+    der.write_bytes(ssl.PEM_cert_to_DER_cert(pathlib.Path(cert).read_text()))
+    encrypted = tmp_path / "encrypted.key"
+    private = serialization.load_pem_private_key(pathlib.Path(key).read_bytes(), password=None)
+    encrypted.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+    ))
+    absent = tmp_path / "absent.pem"
+    cases = [
+        (["--tls-cert", cert, "--tls-key", other_key], f"--tls-key {other_key} does not match the certificate in --tls-cert {cert}"),
+        (["--tls-cert", str(der), "--tls-key", key], f"--tls-cert {der} is not a PEM certificate"),
+        (["--tls-cert", cert, "--tls-key", cert], f"--tls-key {cert} is not an unencrypted PEM private key"),
+        (["--tls-cert", cert, "--tls-key", str(encrypted)], f"--tls-key {encrypted} is not an unencrypted PEM private key"),
+        (["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", key], f"--tls-client-ca {key} is not a PEM certificate"),
+        (["--tls-cert", str(absent), "--tls-key", key], f"--tls-cert {absent}: cannot read it: No such file or directory"),
+        (["--tls-cert", cert], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", ca], "--tls-client-ca needs --tls-cert and --tls-key"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(ValueError) as raised:
+            load_config(flags)
+        assert str(raised.value) == message
+    assert load_config(["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", ca]).tls_client_ca == ca
+
+
+def test_a_key_that_does_not_match_the_certificate_fails_start_up_naming_both(pki):
+    """Not as grpc's "Failed to bind", which reads like a port clash."""
+    (key, cert), (other_key, _) = pki["server"], pki["client"]
+    result = subprocess.run(
+        [sys.executable, "-m", "explain_server", "--port", str(free_port()), "--metrics-port", "0", *TINY_ARGS,
+         "--tls-cert", cert, "--tls-key", other_key],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"explain-server: --tls-key {other_key} does not match the certificate in --tls-cert {cert}"
+    ]
 
 
 COMMENT = "# a comment"

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from explain_client._proto import explain_pb2, explain_pb2_grpc
+from explain_api import explain_pb2, explain_pb2_grpc
 from explain_client.errors import MessageTooLargeError, UnavailableError, from_rpc_error
 from explain_client.explanation import Explanation
 from explain_client.images import ImageInput, encode_image

@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from explain_client._proto import explain_pb2
+from explain_api import explain_pb2
 from explain_client.images import ImageInput, load_image
 from explain_client.overlay import render_overlay
 from explain_client.tensors import decode_float32_tensor

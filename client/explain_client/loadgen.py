@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from explain_client._proto import explain_pb2, explain_pb2_grpc
+from explain_api import explain_pb2, explain_pb2_grpc
 from explain_client.client import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES, bearer_metadata, explain_request,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from explain_client._proto import explain_pb2
+from explain_api import explain_pb2
 
 __all__ = ["ModelInfo", "Preprocessing", "ServerLimits"]
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from explain_client._proto import explain_pb2
+from explain_api import explain_pb2
 
 __all__ = ["decode_float32_tensor"]
 

@@ -18,31 +18,15 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Callable
+
+from .settings import BatchingConfig
 
 log = logging.getLogger(__name__)
 
 
 class QueueFullError(Exception):
     """The queue cannot take the items; answered with RESOURCE_EXHAUSTED."""
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """Triton's dynamic batcher settings.
-
-    Attributes:
-        max_batch_size: most requests run together; 1 turns batching off.
-        max_queue_delay_seconds: longest the oldest queued request waits for its batch to fill.
-        max_queue_size: most requests waiting; beyond it submissions fail at once.
-    """
-
-    max_batch_size: int = 16
-    # Triton's default: no waiting when the model is idle; under load a batch forms from what
-    # queued while the previous one computed
-    max_queue_delay_seconds: float = 0.0
-    max_queue_size: int = 256
 
 
 # run_batch(items) -> one outcome per item, in order: a result, or an Exception to raise

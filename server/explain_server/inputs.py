@@ -13,6 +13,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .settings import ImageLimits
+
 # Documented in ListModels (Preprocessing.conversion).
 CONVERSION_RULES = (
     "EXIF orientation applied; multi-frame images (GIF, WebP, TIFF, ...) use their first frame; "
@@ -51,19 +53,6 @@ class InputError(ValueError):
     def renamed(self, fields: dict[str, str]) -> "InputError":
         """The same error for a field named differently in the request, e.g. ``images[2]`` for ``image``."""
         return InputError(fields.get(self.field, self.field), self.rule)
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """Accepted image sizes, checked from the header before any pixel is decoded.
-
-    Attributes:
-        max_pixels: the largest width * height.
-        max_side: the largest width or height, pixels.
-    """
-
-    max_pixels: int = 50_000_000
-    max_side: int = 20_000
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:

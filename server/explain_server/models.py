@@ -1,10 +1,9 @@
-"""Loading open_clip models for serving: ``NAME=ARCH:PRETRAINED[,OPTION=VALUE]`` specs, devices, dtypes."""
+"""Loading open_clip models for serving: what a :class:`~.model_spec.ModelSpec` names, on a device, in a dtype."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -15,107 +14,15 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .engine.attribution import ChunkBudget
 from .engine.explainer import Explainer
-from .engine.quadrature import check_rule
+from .model_spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-# The service default: chosen by `make bench` (benchmarks/bench_engine.py), the cheapest rule
-# whose convergence delta is no larger than both first-order Riemann rules' at n_steps=50.
-DEFAULT_METHOD = "gausslegendre"
-DEFAULT_N_STEPS = 3
-
-
-_OPTION = re.compile(r",(?P<key>[A-Za-z_]\w*)=(?P<value>[^,=/]*)$")
-_INT_OPTIONS = ("text_layer", "image_layer", "n_steps")
-_OPTIONS = (*_INT_OPTIONS, "method")
 
 
 class ModelLoadError(RuntimeError):
     """A configured model could not be loaded; the message names the model and the cause."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One ``--model NAME=ARCH:PRETRAINED[,OPTION=VALUE]...`` entry.
-
-    The options are the model's default explanation settings; requests may override each.
-
-    Attributes:
-        name: the name requests use.
-        architecture: open_clip architecture (``open_clip.list_models()`` or a ``--model-config`` file stem).
-        pretrained: an open_clip pretrained tag (downloaded and cached by open_clip when online),
-            a path to a local weights file (.safetensors, .pt, .bin), or ``random:SEED`` for
-            seeded random weights (tests and demos; not a trained model).
-        text_layer: default text-tower attribution block; None = the last block's input, as in exclip.
-        image_layer: the same for the image tower.
-        n_steps: default quadrature nodes; None = :data:`DEFAULT_N_STEPS`.
-        method: default quadrature rule (Captum's names); None = :data:`DEFAULT_METHOD`.
-    """
-
-    name: str
-    architecture: str
-    pretrained: str
-    text_layer: int | None = None
-    image_layer: int | None = None
-    n_steps: int | None = None
-    method: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
-        """Parse ``NAME=ARCH:PRETRAINED[,OPTION=VALUE]...``; OPTION is text_layer, image_layer,
-        n_steps (non-negative integers) or method (a quadrature rule).
-
-        Trailing ``,KEY=VALUE`` pieces (KEY an identifier; VALUE without ``,``, ``=`` or ``/``)
-        are read as options; any other comma stays part of PRETRAINED (a path may hold one).
-
-        Raises:
-            ValueError: the text is not of that form, an option is unknown, repeats or has a
-                bad value, or n_steps is too small for the method.
-        """
-        name, sep, rest = text.partition("=")
-        architecture, sep2, pretrained = rest.partition(":")
-        options: dict[str, int | str] = {}
-        while (match := _OPTION.search(pretrained)) is not None:
-            key, value = match["key"], match["value"]
-            if key not in _OPTIONS:
-                raise ValueError(f"--model {text!r}: unknown option {key!r}; options are {', '.join(_OPTIONS)}")
-            if key in options:
-                raise ValueError(f"--model {text!r}: option {key} is given twice")
-            if key in _INT_OPTIONS and not value.isdigit():
-                raise ValueError(f"--model {text!r}: {key} must be a non-negative integer; got {value!r}")
-            options[key] = int(value) if key in _INT_OPTIONS else value
-            pretrained = pretrained[: match.start()]
-        if not (sep and sep2 and name and architecture and pretrained):
-            raise ValueError(
-                "--model must be NAME=ARCH:PRETRAINED[,OPTION=VALUE]... "
-                f"(e.g. b32=ViT-B-32:openai,n_steps=5); got {text!r}"
-            )
-        spec = cls(name=name, architecture=architecture, pretrained=pretrained, **options)
-        try:
-            check_rule(spec.default_method, spec.default_n_steps)
-        except ValueError as err:
-            raise ValueError(f"--model {text!r}: {err}") from None
-        return spec
-
-    @property
-    def default_n_steps(self) -> int:
-        """``n_steps``, else the service default."""
-        return DEFAULT_N_STEPS if self.n_steps is None else self.n_steps
-
-    @property
-    def default_method(self) -> str:
-        """``method``, else the service default."""
-        return DEFAULT_METHOD if self.method is None else self.method
-
-    @property
-    def random_seed(self) -> int | None:
-        """The seed when ``pretrained`` is ``random[:SEED]``, else None."""
-        kind, _, seed = self.pretrained.partition(":")
-        if kind != "random":
-            return None
-        return int(seed) if seed else 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -187,13 +94,13 @@ class LoadedModel:
 
     @property
     def default_method(self) -> str:
-        """The spec's ``method``, else the service default."""
-        return self.spec.default_method
+        """The spec's ``method``."""
+        return self.spec.method
 
     @property
     def default_n_steps(self) -> int:
-        """The spec's ``n_steps``, else the service default."""
-        return self.spec.default_n_steps
+        """The spec's ``n_steps``."""
+        return self.spec.n_steps
 
 
 def _create(spec: ModelSpec, device: torch.device, dtype: str) -> torch.nn.Module:

@@ -11,7 +11,8 @@ import open_clip
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from .models import ModelLoadError, ModelSpec
+from .model_spec import ModelSpec
+from .models import ModelLoadError
 from .worker.protocol import ModelDescription
 from .worker_pool import ModelWorkers
 
@@ -50,29 +51,18 @@ class ServedModel:
 
     @property
     def default_method(self) -> str:
-        return self.spec.default_method
+        return self.spec.method
 
     @property
     def default_n_steps(self) -> int:
-        return self.spec.default_n_steps
+        return self.spec.n_steps
 
 
 class ModelRegistry:
     """Hosted models by name. Not ``ready`` until every model has a worker that takes jobs."""
 
     def __init__(self, models: list[ServedModel], default_model: str):
-        """Record what to host; nothing starts until :meth:`start`.
-
-        Raises:
-            ValueError: no models, duplicate names, or ``default_model`` not among them.
-        """
-        names = [m.name for m in models]
-        if not models:
-            raise ValueError("at least one --model is required")
-        if len(set(names)) != len(names):
-            raise ValueError(f"--model names must be unique; got {names}")
-        if default_model not in names:
-            raise ValueError(f"--default-model {default_model!r} is not one of the configured models {names}")
+        """Record what to host (unique names, ``default_model`` among them); nothing starts until :meth:`start`."""
         self.models = {m.name: m for m in models}
         self.default_model = default_model
         self.started = False

@@ -9,27 +9,24 @@ from typing import Awaitable, Callable
 
 import grpc
 
-# Kubernetes' gRPC probes and load balancers cannot send tokens.
-DEFAULT_AUTH_EXEMPT = ("grpc.health.v1.Health",)
+from .settings import DEFAULT_AUTH_EXEMPT
 
 
 def server_credentials(cert: str | None, key: str | None, client_ca: str | None) -> grpc.ServerCredentials | None:
     """TLS credentials from PEM files, or None for plaintext.
 
+    The files are expected to have passed :func:`.tls_files.check_tls_files` (the configuration
+    checks them), which reports an unusable file by name; grpc would only fail to bind.
+
     Args:
         cert, key: the server's certificate chain and private key (both or neither).
         client_ca: CA bundle that client certificates must chain to; given, every client must
-            present a certificate (mutual TLS).
+            present a certificate (mutual TLS); needs ``cert`` and ``key``.
 
     Raises:
-        ValueError: a key without a certificate or the reverse, or a client CA without TLS.
         OSError: a file that cannot be read.
     """
-    if bool(cert) != bool(key):
-        raise ValueError("--tls-cert and --tls-key go together")
     if not cert:
-        if client_ca:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         return None
     pair = (pathlib.Path(key).read_bytes(), pathlib.Path(cert).read_bytes())
     roots = pathlib.Path(client_ca).read_bytes() if client_ca else None

@@ -7,24 +7,24 @@ import logging
 import os
 import signal
 import sys
+from typing import Callable
 
 import grpc
 import open_clip
 import torch
-from explain_client._proto import explain_pb2, explain_pb2_grpc
+from explain_api import explain_pb2, explain_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .batching import BatchingConfig
-from .config import ServerConfig, load_config
-from .inputs import ImageLimits
+from .config import ServerConfig, instance_devices, load_config
 from .lifecycle import Lifecycle
 from .malformed import MalformedRequestInterceptor
 from .metrics import GrpcMetricsInterceptor, Metrics
-from .models import ModelLoadError, resolve_device
+from .models import ModelLoadError
 from .registry import ModelRegistry, ServedModel
 from .security import BearerTokenInterceptor, load_tokens, server_credentials
-from .service import ExplainService, Limits
+from .service import ExplainService
+from .settings import BatchingConfig, ImageLimits, Limits
 from .shapes import model as shapes_model
 from .worker.process import WorkerSettings
 from .worker_pool import ModelWorkers, WorkerInstance, spawn
@@ -52,43 +52,38 @@ async def _set_health(servicer: health.aio.HealthServicer, registry: ModelRegist
         await servicer.set(name, serving if registry.ready and not draining else not_serving)
 
 
-def _worker_threads(config: ServerConfig, instances: int) -> int:
+def _worker_threads(config: ServerConfig, workers: int) -> int:
     """Torch threads per worker: the configured count, else the cores this process may use
     shared out among the workers, so that no two processes spin for the same core."""
     if config.intra_op_threads:
         return config.intra_op_threads
-    return max(1, len(os.sched_getaffinity(0)) // instances)
+    return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
-def _instance_device(device: str, index: int) -> str:
-    """``auto``: CUDA device ``index`` modulo the GPUs present, else the CPU; anything else as given."""
-    if device != "auto":
-        return str(resolve_device(device))
-    count = torch.cuda.device_count()
-    return f"cuda:{index % count}" if count else "cpu"
-
-
-def build_registry(config: ServerConfig, metrics: Metrics, on_change) -> ModelRegistry:
+def build_registry(config: ServerConfig, metrics: Metrics, on_change: Callable[[], None]) -> ModelRegistry:
     """The configured models, each with its worker instances (not started).
 
     ``on_change`` runs on the event loop whenever a worker becomes ready or stops being ready.
+
+    Raises:
+        ValueError: a model's device names a CUDA device this machine lacks.
     """
-    specs = config.model_specs
     batching = BatchingConfig(
         max_batch_size=config.max_batch_size,
         max_queue_delay_seconds=config.max_queue_delay_ms / 1000,
         max_queue_size=config.max_queue_size,
     )
-    threads = _worker_threads(config, config.instances * len(specs))
+    threads = _worker_threads(config, sum(spec.instances for spec in config.models))
+    cuda_count = torch.cuda.device_count()
     models = []
-    for spec in specs:
+    for spec in config.models:
         instances = []
-        for index in range(config.instances):
+        for index, device in enumerate(instance_devices(spec.device, spec.instances, cuda_count)):
             settings = WorkerSettings(
-                spec=spec, model_configs=tuple(config.model_configs), device=_instance_device(config.device, index),
-                dtype=config.dtype, memory_bytes=config.jvp_memory_mb << 20,
-                chunk_seconds=config.jvp_chunk_seconds or None, cache_bytes=config.factor_cache_mb << 20,
-                batching=batching, threads=threads, log_level=config.log_level,
+                spec=spec, model_configs=tuple(config.model_configs), device=device, dtype=config.dtype,
+                memory_bytes=config.jvp_memory_mb << 20, chunk_seconds=config.jvp_chunk_seconds or None,
+                cache_bytes=config.factor_cache_mb << 20, batching=batching, threads=threads,
+                log_level=config.log_level,
             )
             instances.append(WorkerInstance(spec.name, index, spawn(settings), metrics, on_change))
         models.append(ServedModel(spec, ModelWorkers(spec.name, instances)))

@@ -20,13 +20,14 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 import numpy as np
-from explain_client._proto import explain_pb2, explain_pb2_grpc
+from explain_api import explain_pb2, explain_pb2_grpc
 
 from .engine.quadrature import METHODS, min_n_steps
-from .inputs import CONVERSION_RULES, Caption, ImageLimits, InputError, check_resize, crop_box, load_image, open_image, tokenize
+from .inputs import CONVERSION_RULES, Caption, InputError, check_resize, crop_box, load_image, open_image, tokenize
 from .lifecycle import Lifecycle, ShuttingDown
 from .metrics import Metrics, abort_internal, cancellation_code
 from .registry import ModelRegistry, ServedModel
+from .settings import Limits
 from .worker.protocol import Dropped, Explained, Failed, JobSpec, SideInput, SideKey, Tower
 from .worker_pool import ModelUnavailable, WorkerLost
 
@@ -37,27 +38,6 @@ _MAX_REQUEST_ID = 128
 # more threads than this only take it from the models' batch threads; two let Pillow's
 # GIL-free decoding of one image overlap the rest of another request.
 _PREPARE_THREADS = 2
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Request limits, all reported in ListModels.
-
-    Attributes:
-        max_n_steps: the largest ``n_steps`` accepted.
-        image: image size limits.
-        max_message_bytes: the largest request or response message, bytes.
-        max_explanations_per_call: the most explanations one ExplainMany call may ask for.
-        max_pixels_per_call: the most pixels (width * height, summed over its images) one call
-            may send, so that one call cannot hold the decoding threads for long; the default
-            admits 64 photos of 12.5 megapixels.
-    """
-
-    max_n_steps: int = 512
-    image: ImageLimits = ImageLimits()
-    max_message_bytes: int = 64 << 20
-    max_explanations_per_call: int = 64
-    max_pixels_per_call: int = 800_000_000
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from explain_api.grounding import DatasetError, load_dataset
 from explain_client.cli import add_credential_arguments, connection_credentials, positive_float
 from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
-from explain_client.evaluation.dataset import DatasetError, load_dataset
 from explain_client.evaluation.report import markdown_table, summarise
 from explain_client.evaluation.runner import evaluate
 

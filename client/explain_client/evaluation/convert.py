@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-from explain_client.evaluation.dataset import FORMAT, save_dataset
+from explain_api.grounding import FORMAT, save_dataset
 
 __all__ = ["COCO_SYNONYMS", "coco_dataset", "flickr30k_entities_dataset", "main", "parse_flickr30k_sentence"]
 
@@ -78,7 +78,7 @@ def coco_dataset(
         synonyms: extra words per category name.
 
     Returns:
-        The dataset dict (see :mod:`explain_client.evaluation.dataset`); images without any
+        The dataset dict (see :mod:`explain_api.grounding`); images without any
         usable caption are left out.
     """
     names = {c["id"]: c["name"] for c in instances["categories"]}

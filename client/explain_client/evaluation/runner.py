@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from explain_api.grounding import CaptionEntry, Dataset
 from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
-from explain_client.evaluation.dataset import CaptionEntry, Dataset
 from explain_client.evaluation.scoring import AlignmentError, PhraseScore, phrase_rows, score_phrase
 from explain_client.explanation import Explanation
 
@@ -81,7 +81,7 @@ def evaluate(
 
     Args:
         client: a connected client; its calls run from ``workers`` threads at once.
-        dataset: the dataset (see :mod:`explain_client.evaluation.dataset`).
+        dataset: the dataset (see :mod:`explain_api.grounding`).
         workers: requests in flight at once.
         limit: only the first ``limit`` captions.
         progress: show a tqdm progress bar on stderr.

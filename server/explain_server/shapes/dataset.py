@@ -1,7 +1,7 @@
 """Generated scenes as an ``explain-eval`` grounding dataset, and the ``shapes-scenes`` command.
 
 ``shapes-scenes OUT --count 500 --seed 7`` writes ``OUT/dataset.json`` (format
-``explain-eval-grounding/1``, see :mod:`explain_client.evaluation.dataset`) and
+``explain-eval-grounding/1``, see :mod:`explain_api.grounding`) and
 ``OUT/images/NNNNN.png``: one caption per scene naming every object, each phrase's class its
 shape and its box the object's box.
 """
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from explain_client.evaluation.dataset import FORMAT, save_dataset
+from explain_api.grounding import FORMAT, save_dataset
 
 from .scenes import DEFAULT_CANVAS, Scene, SceneCaption, describe, generate_scene, random_style, render
 

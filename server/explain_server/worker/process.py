@@ -19,10 +19,11 @@ import open_clip
 import torch
 from PIL import Image
 
-from ..batching import BatchingConfig
+from ..settings import BatchingConfig
 from ..engine.explainer import NonFiniteError
 from ..inputs import tokenize
-from ..models import LoadedModel, ModelLoadError, ModelSpec, load_model
+from ..model_spec import ModelSpec
+from ..models import LoadedModel, ModelLoadError, load_model
 from ..shapes import model as shapes_model
 from .factor_cache import FactorCache
 from .protocol import LoadFailed, ModelDescription, Ready

@@ -14,7 +14,8 @@ import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 
-from ..batching import BatchingConfig, DynamicBatcher, QueueFullError
+from ..batching import DynamicBatcher, QueueFullError
+from ..settings import BatchingConfig
 from ..engine.explainer import Explainer
 from .backend import ExplainBackend, QueuedJob
 from .factor_cache import FactorCache

@@ -1,4 +1,5 @@
-"""The grounding dataset format that ``explain-eval`` reads (``explain-eval-grounding/1``).
+"""The grounding dataset format (``explain-eval-grounding/1``): ``explain-eval`` reads it;
+``shapes-scenes`` and ``explain-eval-convert`` write it.
 
 One JSON file; image paths are relative to the file's folder (or absolute)::
 

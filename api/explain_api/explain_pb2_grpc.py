@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from explain_client._proto import explain_pb2 as explain_dot_v1_dot_explain__pb2
+from explain_api import explain_pb2 as explain_dot_v1_dot_explain__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

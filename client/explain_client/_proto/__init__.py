@@ -1,1 +1,0 @@
-"""Generated protobuf and gRPC stubs of proto/explain/v1/explain.proto (``make proto``)."""
