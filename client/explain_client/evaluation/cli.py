@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", help="quadrature rule (default: the server's)")
     parser.add_argument("--text-layer", type=int, metavar="L", help="text-tower block (default: the server's)")
     parser.add_argument("--image-layer", type=int, metavar="L", help="image-tower block (default: the server's)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is none without tqdm, the eval extra)"
+    )
     add_credential_arguments(parser)
     return parser
 
