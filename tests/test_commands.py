@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import pathlib
+from importlib import metadata
 
-from explain_client import errors
-from explain_client.evaluation import runner
+import pytest
+
+from explain_client import cli, errors, loadgen
+from explain_client.evaluation import cli as eval_cli
+from explain_client.evaluation import convert, runner
 from explain_client.evaluation.dataset import load_dataset
+from explain_server import demo, server
+from explain_server.shapes import dataset as shapes_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HELDOUT = ROOT / "benchmarks" / "data" / "shapes-heldout" / "dataset.json"
@@ -24,3 +30,28 @@ def test_evaluate_runs_without_tqdm(monkeypatch, capsys):
     results = runner.evaluate(DownClient(), load_dataset(HELDOUT), limit=3, progress=True)
     assert [result.error for result in results] == ["UnavailableError: UNAVAILABLE: connection refused"] * 3
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "prog", "distribution"),
+    [
+        (cli.main, [], "explain-client", "clip-explain"),
+        (cli.main, ["health"], "explain-client health", "clip-explain"),
+        (cli.main, ["models"], "explain-client models", "clip-explain"),
+        (loadgen.main, [], "explain-loadgen", "clip-explain"),
+        (eval_cli.main, [], "explain-eval", "clip-explain"),
+        (convert.main, [], "explain-eval-convert", "clip-explain"),
+        (server.main, [], "explain-server", "clip-explain-server"),
+        (demo.main, [], "explain-demo", "clip-explain-server"),
+        (shapes_dataset.main, [], "shapes-scenes", "clip-explain-server"),
+    ],
+)
+def test_every_command_prints_its_distribution_version(main, argv, prog, distribution, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    try:
+        assert out == f"{prog} {metadata.version(distribution)}"
+    except metadata.PackageNotFoundError:  # a checkout run without installing it
+        assert out.startswith(f"{prog} (not installed")

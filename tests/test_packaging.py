@@ -71,7 +71,10 @@ def run(*command: str | pathlib.Path) -> subprocess.CompletedProcess:
 def test_thin_install_puts_only_commands_that_run_on_the_path(thin_bin):
     installed = {path.name for path in thin_bin.iterdir() if path.name.startswith(("explain-", "shapes-"))}
     assert installed == CLIENT_COMMANDS
+    version = project(ROOT / "pyproject.toml")["version"]
     for command in sorted(installed):
+        result = run(thin_bin / command, "--version")
+        assert (result.returncode, result.stdout.strip()) == (0, f"{command} {version}"), result.stderr
         result = run(thin_bin / command, "--help")
         assert result.returncode == 0, f"{command} --help: {result.stderr}"
 

@@ -16,6 +16,7 @@ from PIL import Image
 from explain_client.client import ExplainClient, bearer_metadata, tls_credentials
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
+from explain_client.version import add_version_argument
 
 __all__ = ["build_health_parser", "build_models_parser", "build_parser", "main"]
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)"
     )
+    add_version_argument(parser)
     return parser
 
 
@@ -120,6 +122,7 @@ def _subcommand_parser(name: str, description: str, timeout: float) -> argparse.
         "--timeout", type=positive_float, default=timeout, metavar="SECONDS",
         help="call deadline (default: %(default)s)",
     )
+    add_version_argument(parser)
     return parser
 
 

@@ -35,6 +35,7 @@ from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_client.client import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES, bearer_metadata, explain_request,
 )
+from explain_client.version import add_version_argument
 from explain_client.workload import SIDES, distinct_captions, distinct_images, load_photos
 
 __all__ = ["LoadReport", "build_parser", "build_requests", "default_metrics_url", "factor_cache_counts", "main", "run"]
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: http://HOST:{METRICS_PORT}/metrics for a HOST:PORT target; skipped with a note "
                         "when unreachable)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' = stdout)")
+    add_version_argument(p)
     return p
 
 

@@ -15,6 +15,7 @@ from explain_client.errors import ExplainError
 from explain_client.evaluation.dataset import DatasetError, load_dataset
 from explain_client.evaluation.report import markdown_table, summarise
 from explain_client.evaluation.runner import evaluate
+from explain_client.version import add_version_argument
 
 __all__ = ["build_parser", "main"]
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no progress bar (there is none without tqdm, the eval extra)"
     )
     add_credential_arguments(parser)
+    add_version_argument(parser)
     return parser
 
 
