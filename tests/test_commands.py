@@ -25,6 +25,30 @@ class DownClient:
         raise errors.UnavailableError("connection refused")
 
 
+@pytest.mark.parametrize(
+    ("argv", "command", "arguments"),
+    [
+        (["cat.jpg", "a cat", "--json"], "explain", ["cat.jpg", "a cat", "--json"]),
+        (["explain", "cat.jpg", "a cat"], "explain", ["cat.jpg", "a cat"]),
+        (["--target", "h:1", "explain", "cat.jpg", "a cat"], "explain", ["--target", "h:1", "cat.jpg", "a cat"]),
+        (["--target", "h:1", "models", "--json"], "models", ["--target", "h:1", "--json"]),
+        (["models", "--target", "h:1"], "models", ["--target", "h:1"]),
+        (["--tls-ca", "ca.pem", "health", "--service", "s"], "health", ["--tls-ca", "ca.pem", "--service", "s"]),
+        # values and positional arguments named like a command are none
+        (["--model", "models", "cat.jpg", "a cat"], "explain", ["--model", "models", "cat.jpg", "a cat"]),
+        (["--span", "health", "cat.jpg", "health"], "explain", ["--span", "health", "cat.jpg", "health"]),
+        (["--", "models", "a cat"], "explain", ["--", "models", "a cat"]),
+        (["./models", "a cat"], "explain", ["./models", "a cat"]),
+    ],
+)
+def test_cli_finds_the_command_word(monkeypatch, argv, command, arguments):
+    called = []
+    for name in cli.COMMANDS:
+        monkeypatch.setattr(cli, f"_{name}", lambda given, name=name: called.append((name, given)) or 0)
+    assert cli.main(argv) == 0
+    assert called == [(command, arguments)]
+
+
 def test_evaluate_runs_without_tqdm(monkeypatch, capsys):
     monkeypatch.setattr(runner, "tqdm", None)  # the thin client, without the eval extra
     results = runner.evaluate(DownClient(), load_dataset(HELDOUT), limit=3, progress=True)

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import grpc
 from PIL import Image
@@ -18,8 +19,10 @@ from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
 from explain_client.version import add_version_argument
 
-__all__ = ["build_health_parser", "build_models_parser", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_health_parser", "build_models_parser", "build_parser", "main"]
 
+COMMANDS = ("explain", "health", "models")
+"""The commands of ``explain-client``; ``explain`` when none is named."""
 EXIT_LOCAL_ERROR = 1
 """Exit code for bad local input (unreadable image, unknown span, ...)."""
 EXIT_SERVER_ERROR = 2
@@ -29,6 +32,13 @@ EXIT_UNHEALTHY = 1
 reads 1 as unhealthy and reserves 2."""
 
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class _Scanner(argparse.ArgumentParser):
+    """Finds the command word; leaves reporting bad arguments to the command's own parser."""
+
+    def error(self, message: str) -> NoReturn:
+        raise argparse.ArgumentError(None, message)
 
 
 def positive_float(text: str) -> float:
@@ -52,16 +62,26 @@ def _parse_span(text: str) -> Span:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``explain-client`` (exposed for tests and docs)."""
+    """The argument parser of ``explain-client [explain]`` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
         prog="explain-client",
+        usage="%(prog)s [explain] IMAGE CAPTION [options]\n"
+        "       %(prog)s health [options]\n"
+        "       %(prog)s models [options]",
         description="Explain a CLIP image-caption similarity with token x image-patch attributions. "
         "`explain-client models --help`: list the hosted models; `explain-client health --help`: the "
-        "health check command.",
+        "health check command. The connection options may also come before the command.",
     )
     parser.add_argument("image", metavar="IMAGE", help="image file (any format Pillow reads)")
     parser.add_argument("caption", metavar="CAPTION", help="caption text")
     _add_connection_arguments(parser)
+    _add_explain_options(parser)
+    add_version_argument(parser)
+    return parser
+
+
+def _add_explain_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``explain-client explain`` other than the connection's."""
     parser.add_argument("--model", help="hosted model name (default: the server's default)")
     parser.add_argument(
         "--span",
@@ -84,8 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)"
     )
-    add_version_argument(parser)
-    return parser
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -288,9 +306,36 @@ def _check_out(path: str) -> None:
         raise ValueError(f"--out: {directory} is not a writable directory")
 
 
+def _split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """The command ``argv`` names, and its arguments without the command word.
+
+    The command word is the first argument that is neither an option nor an option's value,
+    when it is one of :data:`COMMANDS`; without one, the command is ``explain`` and every
+    argument is its own (``explain-client IMAGE CAPTION``). So the connection options may come
+    before the command (``--target HOST:PORT models``), and an option's value, such as a model
+    named "models", is never read as a command.
+    """
+    scanner = _Scanner(add_help=False)
+    _add_connection_arguments(scanner)
+    _add_explain_options(scanner)
+    scanner.add_argument("first", nargs="?")
+    scanner.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        scanned, _ = scanner.parse_known_args(argv)
+    except argparse.ArgumentError:  # the explain parser reports it
+        return "explain", argv
+    at = len(argv) - len(scanned.rest) - 1
+    if scanned.first not in COMMANDS or "--" in argv[:at]:  # after "--", a positional argument
+        return "explain", argv
+    return scanned.first, argv[:at] + argv[at + 1 :]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``explain-client``; ``explain-client health`` or ``explain-client models`` when the first
-    argument is ``health`` or ``models`` (an image file of that name: pass ``./health``).
+    """Run ``explain-client``: ``explain`` (also when no command is named), ``health`` or ``models``.
+
+    The command is the first argument that is neither an option nor an option's value (an
+    image file named like a command: pass ``./models``); the connection options may come before
+    or after it.
 
     Args:
         argv: arguments without the program name; ``None`` = ``sys.argv[1:]``.
@@ -301,13 +346,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         printed to stderr as "error: ...". ``health``: 0 when the server is
         SERVING, 1 for any other status or a failed call. ``models``: 0, or
         2 when the call fails and 1 for unreadable TLS files. Bad arguments make
-        argparse exit with status 2 (``SystemExit``), ``--help`` with status 0.
+        argparse exit with status 2 (``SystemExit``), ``--help`` and ``--version``
+        with status 0.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["health"]:
-        return _health(argv[1:])
-    if argv[:1] == ["models"]:
-        return _models(argv[1:])
+    command, arguments = _split_command(argv)
+    return {"explain": _explain, "health": _health, "models": _models}[command](arguments)
+
+
+def _explain(argv: Sequence[str]) -> int:
+    """Run ``explain-client explain``: the report (or JSON) on stdout; exit codes as :func:`main`."""
     args = build_parser().parse_args(argv)
     try:
         if args.out:
