@@ -466,8 +466,13 @@ def test_cli_parses_arguments():
     assert cli.build_parser().parse_args(["x", "y", "--span", "red circle"]).span == "red circle"
 
 
-@pytest.mark.parametrize("bad", [["x"], ["x", "y", "--top", "-1"], ["x", "y", "--timeout", "0"]])
-def test_cli_rejects_bad_arguments(bad, capsys):
+@pytest.mark.parametrize(
+    "bad",
+    [["x"], ["x", "y", "--top", "-1"], ["x", "y", "--timeout", "0"], ["health", "--timeout", "0"], ["models", "--nope"]],
+)
+def test_cli_rejects_bad_arguments_as_a_local_error(bad, capsys):
+    # 1, as the README documents: 2 means the server call failed, and Docker reserves 2
     with pytest.raises(SystemExit) as info:
         cli.main(bad)
-    assert info.value.code == 2
+    assert info.value.code == cli.EXIT_LOCAL_ERROR
+    assert "error: " in capsys.readouterr().err

@@ -24,14 +24,23 @@ __all__ = ["COMMANDS", "build_health_parser", "build_models_parser", "build_pars
 COMMANDS = ("explain", "health", "models")
 """The commands of ``explain-client``; ``explain`` when none is named."""
 EXIT_LOCAL_ERROR = 1
-"""Exit code for bad local input (unreadable image, unknown span, ...)."""
+"""Exit code for bad arguments and bad local input (unreadable image, unknown span, ...)."""
 EXIT_SERVER_ERROR = 2
-"""Exit code for a failed call; argparse also exits 2 on bad arguments."""
+"""Exit code for a failed call, and for nothing else."""
 EXIT_UNHEALTHY = 1
 """Exit code of ``explain-client health`` for anything but SERVING; Docker's HEALTHCHECK
 reads 1 as unhealthy and reserves 2."""
 
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Exits 1 on bad arguments, not argparse's 2: explain-client keeps 2 for failed calls, and
+    Docker reserves 2 in health checks."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_LOCAL_ERROR, f"{self.prog}: error: {message}\n")
 
 
 class _Scanner(argparse.ArgumentParser):
@@ -63,7 +72,7 @@ def _parse_span(text: str) -> Span:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``explain-client [explain]`` (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="explain-client",
         usage="%(prog)s [explain] IMAGE CAPTION [options]\n"
         "       %(prog)s health [options]\n"
@@ -134,7 +143,7 @@ def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _subcommand_parser(name: str, description: str, timeout: float) -> argparse.ArgumentParser:
     """The parser of ``explain-client NAME``: the connection flags and a call deadline."""
-    parser = argparse.ArgumentParser(prog=f"explain-client {name}", description=description)
+    parser = _Parser(prog=f"explain-client {name}", description=description)
     _add_connection_arguments(parser)
     parser.add_argument(
         "--timeout", type=positive_float, default=timeout, metavar="SECONDS",
@@ -345,9 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         span not in the caption), 2 when the server call fails; the error is
         printed to stderr as "error: ...". ``health``: 0 when the server is
         SERVING, 1 for any other status or a failed call. ``models``: 0, or
-        2 when the call fails and 1 for unreadable TLS files. Bad arguments make
-        argparse exit with status 2 (``SystemExit``), ``--help`` and ``--version``
-        with status 0.
+        2 when the call fails and 1 for unreadable TLS files. Bad arguments exit
+        with status 1 (``SystemExit``), as other local errors; ``--help`` and
+        ``--version`` with status 0.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     command, arguments = _split_command(argv)
