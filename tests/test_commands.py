@@ -49,6 +49,28 @@ def test_cli_finds_the_command_word(monkeypatch, argv, command, arguments):
     assert called == [(command, arguments)]
 
 
+@pytest.mark.parametrize(
+    ("span", "message"),
+    [
+        ("a dog", "--span 'a dog' is not in the caption 'A red circle &amp; a blue square.'"),
+        ("  ", "--span: empty"),
+        ("3:3", "--span 3:3: START must be below STOP"),
+    ],
+)
+def test_cli_refuses_a_span_before_calling(tmp_path, capsys, span, message):
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"not read: the span is refused first")
+    # nothing listens on port 1: had the call been made, it would have failed with exit code 2
+    argv = [str(image), "A red circle &amp; a blue square.", "--target", "127.0.0.1:1", "--span", span]
+    assert cli.main(argv) == cli.EXIT_LOCAL_ERROR
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("span", ["RED circle", "redcircle", "&", "circle & a", "blue square.", "1:3"])
+def test_cli_span_check_lets_through_what_the_tokens_may_match(span):
+    cli._check_span(cli._parse_span(span), "A red circle &amp; a blue square.")
+
+
 def test_evaluate_runs_without_tqdm(monkeypatch, capsys):
     monkeypatch.setattr(runner, "tqdm", None)  # the thin client, without the eval extra
     results = runner.evaluate(DownClient(), load_dataset(HELDOUT), limit=3, progress=True)

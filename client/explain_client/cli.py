@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import html
 import json
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -300,6 +302,32 @@ def _format_span(explanation: Explanation, span: Span) -> str:
     )
 
 
+def _letters(text: str) -> str:
+    return "".join(char for char in unicodedata.normalize("NFKC", text).casefold() if char.isalnum())
+
+
+def _check_span(span: Span, caption: str) -> None:
+    """Refuse a ``--span`` that cannot name a part of ``caption``, before the (costly) call.
+
+    A row range needs START < STOP; whether STOP is within the tokens is known after the call.
+    A substring must occur in the caption when both are compared on their letters and digits
+    alone, case-folded, with the caption's HTML entities decoded (twice, as the tokenizer
+    does): the tokenizer's cleaning may change the rest, so this refuses only spans that no
+    token rows can match, and :meth:`Explanation.rows` decides the others.
+
+    Raises:
+        ValueError: an empty range or substring, or a substring not in the caption.
+    """
+    if isinstance(span, tuple):
+        start, stop = span
+        if start >= stop:
+            raise ValueError(f"--span {start}:{stop}: START must be below STOP")
+    elif not span.strip():
+        raise ValueError("--span: empty; give a part of the caption or a token row range START:STOP")
+    elif _letters(span) not in _letters(html.unescape(html.unescape(caption))):
+        raise ValueError(f"--span {span!r} is not in the caption {caption!r}")
+
+
 def _check_out(path: str) -> None:
     """Refuse an ``--out`` the overlay could not be written to, before the (costly) call.
 
@@ -367,6 +395,8 @@ def _explain(argv: Sequence[str]) -> int:
     """Run ``explain-client explain``: the report (or JSON) on stdout; exit codes as :func:`main`."""
     args = build_parser().parse_args(argv)
     try:
+        if args.span is not None:
+            _check_span(args.span, args.caption)
         if args.out:
             _check_out(args.out)
         with _connect(args) as client:
