@@ -353,8 +353,9 @@ def test_health_command_asks_for_the_named_service(health_server, capsys):
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     servicer.set("explain.v1.Explain", health_pb2.HealthCheckResponse.NOT_SERVING)
     assert cli.main(["health", "--target", target, "--service", "explain.v1.Explain"]) == 1
+    capsys.readouterr()
     assert cli.main(["health", "--target", target, "--service", "no.such.Service"]) == 1
-    assert "NOT_FOUND" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: NOT_FOUND: the server's health service knows no service 'no.such.Service'\n"
 
 
 def test_health_command_is_unhealthy_when_nothing_answers(capsys):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from explain_client.client import ExplainClient, bearer_metadata, tls_credentials
@@ -213,12 +214,6 @@ def _health(argv: Sequence[str]) -> int:
     """Run ``explain-client health``: 0 when SERVING, 1 otherwise; the status goes to stdout."""
     args = build_health_parser().parse_args(argv)
     try:
-        # grpcio-health-checking comes with the server, not the thin client: import it only here.
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-    except ImportError as err:
-        print(f"error: {err}; the health command needs grpcio-health-checking", file=sys.stderr)
-        return EXIT_UNHEALTHY
-    try:
         credentials, token = connection_credentials(args)
         with ExplainClient(
             args.target, credentials=credentials, load_balancing_policy=args.load_balancing_policy
@@ -229,7 +224,7 @@ def _health(argv: Sequence[str]) -> int:
                 metadata=bearer_metadata(token),
             )
     except grpc.RpcError as err:
-        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"error: {err.code().name}: {_health_error_details(err, args.service)}", file=sys.stderr)
         return EXIT_UNHEALTHY
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -237,6 +232,14 @@ def _health(argv: Sequence[str]) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_UNHEALTHY
+
+
+def _health_error_details(err: grpc.RpcError, service: str) -> str:
+    """The message of a failed health check. grpc.health.v1 answers a service it does not know
+    NOT_FOUND with no message, which alone would print as an empty one."""
+    if err.code() is grpc.StatusCode.NOT_FOUND and not err.details():
+        return f"the server's health service knows no service {service!r}"
+    return err.details()
 
 
 def _models(argv: Sequence[str]) -> int:
