@@ -124,6 +124,12 @@ def test_from_proto_decodes_every_field(explanation):
     assert (explanation.queue_seconds, explanation.compute_seconds) == (0.5, 1.5)
 
 
+def test_repr_is_one_short_line(explanation):
+    assert repr(explanation) == (
+        "Explanation(model='tiny', score=0.2500, tokens=9, grid=2x4, convergence_delta=1.00e-04, request_id='req-1')"
+    )
+
+
 def test_to_dict_is_json_serialisable(explanation):
     data = json.loads(json.dumps(explanation.to_dict()))
     np.testing.assert_array_equal(np.array(data["attribution"], np.float32), explanation.attribution)
