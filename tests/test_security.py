@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_end_to_end import noise_image
 
-from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials
+from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, loadgen, tls_credentials
 from explain_client._proto import explain_pb2
 from explain_client._proto.explain_pb2_grpc import ExplainStub
 from explain_client.cli import main as cli_main
@@ -95,6 +95,10 @@ def test_tls(tmp_path, pki):
         with ExplainClient(f"localhost:{server.port}", timeout=10) as plaintext:
             with pytest.raises(UnavailableError):
                 plaintext.list_models()
+        load = ["--target", f"localhost:{server.port}", "--requests", "2", "--image-sides", "64", "96",
+                "--metrics-url", server.metrics_url, "--deadline", "60"]
+        assert loadgen.main([*load, "--tls-ca", pki["ca"][1]]) == 0
+        assert loadgen.main(load) == 1  # plaintext: every call fails
     finally:
         server.stop()
 

@@ -134,7 +134,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
-    """TLS and bearer-token flags, read back by :func:`connection_credentials`; shared with explain-eval."""
+    """TLS and bearer-token flags, read back by :func:`connection_credentials`; shared with
+    explain-eval and explain-loadgen."""
     parser.add_argument("--tls-ca", metavar="PEM", help="CA of the server's certificate: connect with TLS")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="client private key")
