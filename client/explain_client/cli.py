@@ -216,8 +216,9 @@ def _health(argv: Sequence[str]) -> int:
     args = build_health_parser().parse_args(argv)
     try:
         credentials, token = connection_credentials(args)
+        # the token goes with the check only, but the client warns when it travels in plaintext
         with ExplainClient(
-            args.target, credentials=credentials, load_balancing_policy=args.load_balancing_policy
+            args.target, credentials=credentials, token=token, load_balancing_policy=args.load_balancing_policy
         ) as client:
             response = health_pb2_grpc.HealthStub(client.channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service),

@@ -34,6 +34,7 @@ from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_client.cli import add_credential_arguments, connection_credentials
 from explain_client.client import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES, bearer_metadata, explain_request,
+    warn_if_plaintext_token,
 )
 from explain_client.version import add_version_argument
 from explain_client.workload import SIDES, distinct_captions, distinct_images, load_photos
@@ -190,7 +191,8 @@ async def run(
         deadline: per-call deadline, seconds; ``None`` = none.
         credentials: channel credentials for TLS (:func:`explain_client.tls_credentials`);
             ``None`` = plaintext.
-        token: bearer token, if the server requires one.
+        token: bearer token, if the server requires one; sent without ``credentials`` to a
+            server off this machine, a :class:`~explain_client.client.PlaintextTokenWarning`.
         metrics_url: the server's /metrics page, read before and after the run for its factor
             cache hit ratio (:attr:`LoadReport.factor_cache`); unreadable, a note says why.
 
@@ -212,6 +214,7 @@ async def run(
         ("grpc.max_receive_message_length", DEFAULT_MAX_RECEIVE_MESSAGE_BYTES),
     ]
     metadata = bearer_metadata(token)
+    warn_if_plaintext_token(target, credentials, token)
     latencies: list[float] = []
     codes: collections.Counter[str] = collections.Counter()
     waited = 0.0
