@@ -9,16 +9,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The server: torch==2.14.1 / torchvision==0.29.1 (pinned in pyproject.toml), open_clip, gRPC.
-$(VENV)/.server-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e ".[server]"
+# The thin client (.) and the server (server/: torch==2.14.1 / torchvision==0.29.1 pinned in
+# server/pyproject.toml, open_clip, gRPC).
+$(VENV)/.server-installed: pyproject.toml server/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e . -e ./server
 	touch $@
 
 # Tests add exclip 1.1, the reference implementation. It imports `clip`, which the
 # openai-clip sdist provides; that sdist only builds beside setuptools<81 (pkg_resources),
 # hence no build isolation for those two.
 $(VENV)/.test-installed: $(VENV)/.server-installed
-	$(BIN)/python -m pip install -e ".[server,test]"
+	$(BIN)/python -m pip install -e ".[test]" -e ./server
 	$(BIN)/python -m pip install --no-build-isolation openai-clip==1.0.1 exclip==1.1
 	touch $@
 

@@ -124,6 +124,12 @@ def test_from_proto_decodes_every_field(explanation):
     assert (explanation.queue_seconds, explanation.compute_seconds) == (0.5, 1.5)
 
 
+def test_repr_is_one_short_line(explanation):
+    assert repr(explanation) == (
+        "Explanation(model='tiny', score=0.2500, tokens=9, grid=2x4, convergence_delta=1.00e-04, request_id='req-1')"
+    )
+
+
 def test_to_dict_is_json_serialisable(explanation):
     data = json.loads(json.dumps(explanation.to_dict()))
     np.testing.assert_array_equal(np.array(data["attribution"], np.float32), explanation.attribution)
@@ -466,8 +472,13 @@ def test_cli_parses_arguments():
     assert cli.build_parser().parse_args(["x", "y", "--span", "red circle"]).span == "red circle"
 
 
-@pytest.mark.parametrize("bad", [["x"], ["x", "y", "--top", "-1"], ["x", "y", "--timeout", "0"]])
-def test_cli_rejects_bad_arguments(bad, capsys):
+@pytest.mark.parametrize(
+    "bad",
+    [["x"], ["x", "y", "--top", "-1"], ["x", "y", "--timeout", "0"], ["health", "--timeout", "0"], ["models", "--nope"]],
+)
+def test_cli_rejects_bad_arguments_as_a_local_error(bad, capsys):
+    # 1, as the README documents: 2 means the server call failed, and Docker reserves 2
     with pytest.raises(SystemExit) as info:
         cli.main(bad)
-    assert info.value.code == 2
+    assert info.value.code == cli.EXIT_LOCAL_ERROR
+    assert "error: " in capsys.readouterr().err

@@ -54,7 +54,7 @@ def tool(name: str) -> str:
     """Path of a console script installed beside this Python (the test extra provides them)."""
     path = pathlib.Path(sysconfig.get_path("scripts")) / name
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: install the test extra (pip install -e '.[server,test]')")
+        raise FileNotFoundError(f"{path} is missing: install the test extra (pip install -e '.[test]' -e ./server)")
     return str(path)
 
 
@@ -256,8 +256,8 @@ def test_compose_files_match_the_compose_spec():
 
 def test_image_base_carries_the_pinned_cuda_torch():
     pins = dict(
-        re.fullmatch(r"(\w+)==(\S+)", dep).groups()
-        for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["server"]
+        re.fullmatch(r"([\w.-]+)==(\S+)", dep).groups()
+        for dep in tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())["project"]["dependencies"]
         if "==" in dep
     )
     base = DockerfileParser(str(DOCKERFILE)).baseimage
@@ -265,8 +265,9 @@ def test_image_base_carries_the_pinned_cuda_torch():
 
 
 def test_build_context_holds_what_the_image_installs(tmp_path):
-    """The files the Docker CLI sends under .dockerignore are enough to build the package the
-    Dockerfile installs; the virtualenv, git history and tests stay out."""
+    """The files the Docker CLI sends under .dockerignore are enough to build the two packages
+    the Dockerfile installs (the client and the server); the virtualenv, git history and tests
+    stay out."""
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [line for line in lines if line.strip() and not line.startswith("#")]
     context = exclude_paths(str(ROOT), patterns, dockerfile=str(DOCKERFILE.relative_to(ROOT)))
@@ -277,18 +278,19 @@ def test_build_context_holds_what_the_image_installs(tmp_path):
     for source in sources:
         assert source in context, f"COPY {source}: not in the build context"
         for path in (ROOT / source).rglob("*") if (ROOT / source).is_dir() else [ROOT / source]:
-            if path.is_file() and "__pycache__" not in path.parts:
+            if path.is_file() and not any(part == "__pycache__" or part.endswith(".egg-info") for part in path.parts):
                 relative = str(path.relative_to(ROOT))
                 assert relative in context, relative
                 (tmp_path / "src" / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, tmp_path / "src" / relative)
     result = run(
         sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-        "--wheel-dir", str(tmp_path / "dist"), str(tmp_path / "src"),
+        "--wheel-dir", str(tmp_path / "dist"), str(tmp_path / "src"), str(tmp_path / "src" / "server"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    (wheel,) = (tmp_path / "dist").glob("*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    wheels = sorted((tmp_path / "dist").glob("*.whl"))
+    assert len(wheels) == 2, wheels
+    names = {name for wheel in wheels for name in zipfile.ZipFile(wheel).namelist()}
     assert {"explain_server/server.py", "explain_client/cli.py", "explain_api/explain_pb2.py"} <= names
 
 
@@ -351,8 +353,9 @@ def test_health_command_asks_for_the_named_service(health_server, capsys):
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     servicer.set("explain.v1.Explain", health_pb2.HealthCheckResponse.NOT_SERVING)
     assert cli.main(["health", "--target", target, "--service", "explain.v1.Explain"]) == 1
+    capsys.readouterr()
     assert cli.main(["health", "--target", target, "--service", "no.such.Service"]) == 1
-    assert "NOT_FOUND" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: NOT_FOUND: the server's health service knows no service 'no.such.Service'\n"
 
 
 def test_health_command_is_unhealthy_when_nothing_answers(capsys):

@@ -277,6 +277,15 @@ def test_cli_lists_the_hosted_models(server, capsys):
     assert models["b32"]["grid"] == [7, 7] and models["b32"]["preprocessing"]["resize_mode"] == "shortest"
 
 
+def test_cli_takes_the_explain_command_and_connection_options_before_a_command(server, tmp_path, capsys):
+    image_path = tmp_path / "photo.png"
+    image_path.write_bytes(noise_image(64, 64))
+    assert cli.main(["--target", server.target, "explain", str(image_path), CAPTION, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "tiny"
+    assert cli.main(["--target", server.target, "models", "--json"]) == 0
+    assert [model["name"] for model in json.loads(capsys.readouterr().out)] == ["tiny", "b32"]
+
+
 def test_cli_models_reports_an_unreachable_server_with_exit_code_2(capsys):
     assert cli.main(["models", "--target", "127.0.0.1:1", "--timeout", "2"]) == cli.EXIT_SERVER_ERROR
     assert capsys.readouterr().err.startswith("error: ")

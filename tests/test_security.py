@@ -22,7 +22,7 @@ from test_end_to_end import noise_image
 
 from explain_api import explain_pb2
 from explain_api.explain_pb2_grpc import ExplainStub
-from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials
+from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, loadgen, tls_credentials
 from explain_client.cli import main as cli_main
 from explain_client.client import bearer_metadata
 from explain_server.config import load_config
@@ -100,6 +100,10 @@ def test_tls(tmp_path, pki):
         with ExplainClient(f"localhost:{server.port}", timeout=10) as plaintext:
             with pytest.raises(UnavailableError):
                 plaintext.list_models()
+        load = ["--target", f"localhost:{server.port}", "--requests", "2", "--image-sides", "64", "96",
+                "--metrics-url", server.metrics_url, "--deadline", "60"]
+        assert loadgen.main([*load, "--tls-ca", pki["ca"][1]]) == 0
+        assert loadgen.main(load) == 1  # plaintext: every call fails
     finally:
         server.stop()
 

@@ -14,7 +14,7 @@ Errors from the server are raised as :class:`ExplainError` subclasses, one per
 gRPC status code (e.g. :class:`NotFoundError` for an unknown model).
 """
 
-from explain_client.client import ExplainClient, tls_credentials
+from explain_client.client import ExplainClient, PlaintextTokenWarning, tls_credentials
 from explain_client.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -44,6 +44,7 @@ __all__ = [
     "ModelInfo",
     "NotFoundError",
     "PermissionDeniedError",
+    "PlaintextTokenWarning",
     "Preprocessing",
     "ReferenceTerms",
     "ResolvedOptions",

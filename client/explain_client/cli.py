@@ -4,30 +4,53 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import html
 import json
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Sequence
+from typing import NoReturn
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from explain_client.client import ExplainClient, bearer_metadata, tls_credentials
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
+from explain_api.version import add_version_argument
 
-__all__ = ["build_health_parser", "build_models_parser", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_health_parser", "build_models_parser", "build_parser", "main"]
 
+COMMANDS = ("explain", "health", "models")
+"""The commands of ``explain-client``; ``explain`` when none is named."""
 EXIT_LOCAL_ERROR = 1
-"""Exit code for bad local input (unreadable image, unknown span, ...)."""
+"""Exit code for bad arguments and bad local input (unreadable image, unknown span, ...)."""
 EXIT_SERVER_ERROR = 2
-"""Exit code for a failed call; argparse also exits 2 on bad arguments."""
+"""Exit code for a failed call, and for nothing else."""
 EXIT_UNHEALTHY = 1
 """Exit code of ``explain-client health`` for anything but SERVING; Docker's HEALTHCHECK
 reads 1 as unhealthy and reserves 2."""
 
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Exits 1 on bad arguments, not argparse's 2: explain-client keeps 2 for failed calls, and
+    Docker reserves 2 in health checks."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_LOCAL_ERROR, f"{self.prog}: error: {message}\n")
+
+
+class _Scanner(argparse.ArgumentParser):
+    """Finds the command word; leaves reporting bad arguments to the command's own parser."""
+
+    def error(self, message: str) -> NoReturn:
+        raise argparse.ArgumentError(None, message)
 
 
 def positive_float(text: str) -> float:
@@ -51,16 +74,26 @@ def _parse_span(text: str) -> Span:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``explain-client`` (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(
+    """The argument parser of ``explain-client [explain]`` (exposed for tests and docs)."""
+    parser = _Parser(
         prog="explain-client",
+        usage="%(prog)s [explain] IMAGE CAPTION [options]\n"
+        "       %(prog)s health [options]\n"
+        "       %(prog)s models [options]",
         description="Explain a CLIP image-caption similarity with token x image-patch attributions. "
         "`explain-client models --help`: list the hosted models; `explain-client health --help`: the "
-        "health check command.",
+        "health check command. The connection options may also come before the command.",
     )
     parser.add_argument("image", metavar="IMAGE", help="image file (any format Pillow reads)")
     parser.add_argument("caption", metavar="CAPTION", help="caption text")
     _add_connection_arguments(parser)
+    _add_explain_options(parser)
+    add_version_argument(parser)
+    return parser
+
+
+def _add_explain_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``explain-client explain`` other than the connection's."""
     parser.add_argument("--model", help="hosted model name (default: the server's default)")
     parser.add_argument(
         "--span",
@@ -83,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)"
     )
-    return parser
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +134,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
-    """TLS and bearer-token flags, read back by :func:`connection_credentials`; shared with explain-eval."""
+    """TLS and bearer-token flags, read back by :func:`connection_credentials`; shared with
+    explain-eval and explain-loadgen."""
     parser.add_argument("--tls-ca", metavar="PEM", help="CA of the server's certificate: connect with TLS")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="client private key")
@@ -114,12 +147,13 @@ def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _subcommand_parser(name: str, description: str, timeout: float) -> argparse.ArgumentParser:
     """The parser of ``explain-client NAME``: the connection flags and a call deadline."""
-    parser = argparse.ArgumentParser(prog=f"explain-client {name}", description=description)
+    parser = _Parser(prog=f"explain-client {name}", description=description)
     _add_connection_arguments(parser)
     parser.add_argument(
         "--timeout", type=positive_float, default=timeout, metavar="SECONDS",
         help="call deadline (default: %(default)s)",
     )
+    add_version_argument(parser)
     return parser
 
 
@@ -181,15 +215,10 @@ def _health(argv: Sequence[str]) -> int:
     """Run ``explain-client health``: 0 when SERVING, 1 otherwise; the status goes to stdout."""
     args = build_health_parser().parse_args(argv)
     try:
-        # grpcio-health-checking comes with the server, not the thin client: import it only here.
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-    except ImportError as err:
-        print(f"error: {err}; the health command needs grpcio-health-checking", file=sys.stderr)
-        return EXIT_UNHEALTHY
-    try:
         credentials, token = connection_credentials(args)
+        # the token goes with the check only, but the client warns when it travels in plaintext
         with ExplainClient(
-            args.target, credentials=credentials, load_balancing_policy=args.load_balancing_policy
+            args.target, credentials=credentials, token=token, load_balancing_policy=args.load_balancing_policy
         ) as client:
             response = health_pb2_grpc.HealthStub(client.channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service),
@@ -197,7 +226,7 @@ def _health(argv: Sequence[str]) -> int:
                 metadata=bearer_metadata(token),
             )
     except grpc.RpcError as err:
-        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"error: {err.code().name}: {_health_error_details(err, args.service)}", file=sys.stderr)
         return EXIT_UNHEALTHY
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -205,6 +234,14 @@ def _health(argv: Sequence[str]) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_UNHEALTHY
+
+
+def _health_error_details(err: grpc.RpcError, service: str) -> str:
+    """The message of a failed health check. grpc.health.v1 answers a service it does not know
+    NOT_FOUND with no message, which alone would print as an empty one."""
+    if err.code() is grpc.StatusCode.NOT_FOUND and not err.details():
+        return f"the server's health service knows no service {service!r}"
+    return err.details()
 
 
 def _models(argv: Sequence[str]) -> int:
@@ -270,6 +307,32 @@ def _format_span(explanation: Explanation, span: Span) -> str:
     )
 
 
+def _letters(text: str) -> str:
+    return "".join(char for char in unicodedata.normalize("NFKC", text).casefold() if char.isalnum())
+
+
+def _check_span(span: Span, caption: str) -> None:
+    """Refuse a ``--span`` that cannot name a part of ``caption``, before the (costly) call.
+
+    A row range needs START < STOP; whether STOP is within the tokens is known after the call.
+    A substring must occur in the caption when both are compared on their letters and digits
+    alone, case-folded, with the caption's HTML entities decoded (twice, as the tokenizer
+    does): the tokenizer's cleaning may change the rest, so this refuses only spans that no
+    token rows can match, and :meth:`Explanation.rows` decides the others.
+
+    Raises:
+        ValueError: an empty range or substring, or a substring not in the caption.
+    """
+    if isinstance(span, tuple):
+        start, stop = span
+        if start >= stop:
+            raise ValueError(f"--span {start}:{stop}: START must be below STOP")
+    elif not span.strip():
+        raise ValueError("--span: empty; give a part of the caption or a token row range START:STOP")
+    elif _letters(span) not in _letters(html.unescape(html.unescape(caption))):
+        raise ValueError(f"--span {span!r} is not in the caption {caption!r}")
+
+
 def _check_out(path: str) -> None:
     """Refuse an ``--out`` the overlay could not be written to, before the (costly) call.
 
@@ -285,9 +348,36 @@ def _check_out(path: str) -> None:
         raise ValueError(f"--out: {directory} is not a writable directory")
 
 
+def _split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """The command ``argv`` names, and its arguments without the command word.
+
+    The command word is the first argument that is neither an option nor an option's value,
+    when it is one of :data:`COMMANDS`; without one, the command is ``explain`` and every
+    argument is its own (``explain-client IMAGE CAPTION``). So the connection options may come
+    before the command (``--target HOST:PORT models``), and an option's value, such as a model
+    named "models", is never read as a command.
+    """
+    scanner = _Scanner(add_help=False)
+    _add_connection_arguments(scanner)
+    _add_explain_options(scanner)
+    scanner.add_argument("first", nargs="?")
+    scanner.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        scanned, _ = scanner.parse_known_args(argv)
+    except argparse.ArgumentError:  # the explain parser reports it
+        return "explain", argv
+    at = len(argv) - len(scanned.rest) - 1
+    if scanned.first not in COMMANDS or "--" in argv[:at]:  # after "--", a positional argument
+        return "explain", argv
+    return scanned.first, argv[:at] + argv[at + 1 :]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``explain-client``; ``explain-client health`` or ``explain-client models`` when the first
-    argument is ``health`` or ``models`` (an image file of that name: pass ``./health``).
+    """Run ``explain-client``: ``explain`` (also when no command is named), ``health`` or ``models``.
+
+    The command is the first argument that is neither an option nor an option's value (an
+    image file named like a command: pass ``./models``); the connection options may come before
+    or after it.
 
     Args:
         argv: arguments without the program name; ``None`` = ``sys.argv[1:]``.
@@ -297,16 +387,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         span not in the caption), 2 when the server call fails; the error is
         printed to stderr as "error: ...". ``health``: 0 when the server is
         SERVING, 1 for any other status or a failed call. ``models``: 0, or
-        2 when the call fails and 1 for unreadable TLS files. Bad arguments make
-        argparse exit with status 2 (``SystemExit``), ``--help`` with status 0.
+        2 when the call fails and 1 for unreadable TLS files. Bad arguments exit
+        with status 1 (``SystemExit``), as other local errors; ``--help`` and
+        ``--version`` with status 0.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["health"]:
-        return _health(argv[1:])
-    if argv[:1] == ["models"]:
-        return _models(argv[1:])
+    command, arguments = _split_command(argv)
+    return {"explain": _explain, "health": _health, "models": _models}[command](arguments)
+
+
+def _explain(argv: Sequence[str]) -> int:
+    """Run ``explain-client explain``: the report (or JSON) on stdout; exit codes as :func:`main`."""
     args = build_parser().parse_args(argv)
     try:
+        if args.span is not None:
+            _check_span(args.span, args.caption)
         if args.out:
             _check_out(args.out)
         with _connect(args) as client:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import time
+import urllib.parse
+import warnings
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -22,9 +25,11 @@ __all__ = [
     "DEFAULT_MAX_RECEIVE_MESSAGE_BYTES",
     "DEFAULT_MAX_SEND_MESSAGE_BYTES",
     "ExplainClient",
+    "PlaintextTokenWarning",
     "bearer_metadata",
     "explain_request",
     "tls_credentials",
+    "warn_if_plaintext_token",
 ]
 
 # gRPC's 4 MiB default is too small for large photos going out and for
@@ -87,6 +92,49 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
             "letters, digits and -._~+/, then '=' (a newline or space read from a file?)"
         )
     return (("authorization", f"Bearer {token}"),)
+
+
+class PlaintextTokenWarning(UserWarning):
+    """A bearer token is about to travel without TLS to a server that is not on this machine."""
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a ``host[:port]`` (IPv6 hosts in brackets) names this machine."""
+    try:
+        host = urllib.parse.urlsplit(f"//{address}").hostname
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # not a URL authority, or a host name other than localhost
+        return False
+
+
+def _is_local(target: str) -> bool:
+    """Whether every address a gRPC target names is on this machine: Unix sockets, loopback."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    if target.startswith(("ipv4:", "ipv6:")):
+        addresses = target.partition(":")[2].split(",")
+    else:  # dns:[//authority/]host[:port], or host[:port], which gRPC resolves by DNS
+        addresses = [target.removeprefix("dns:").rpartition("/")[2]]
+    return all(_is_loopback(address) for address in addresses)
+
+
+def warn_if_plaintext_token(
+    target: str, credentials: grpc.ChannelCredentials | None, token: str | None, *, stacklevel: int = 1
+) -> None:
+    """Warn with :class:`PlaintextTokenWarning` when ``token`` would go without TLS (no
+    ``credentials``) to a ``target`` off this machine, where anyone on the path can read it.
+
+    Unix sockets and loopback addresses (``localhost``, ``127.0.0.0/8``, ``[::1]``) are
+    exempt. Python's default filter shows the warning once per line of code that issues it;
+    ``stacklevel`` is :func:`warnings.warn`'s, counted from the caller of this function.
+    """
+    if token and credentials is None and not _is_local(target):
+        warnings.warn(
+            f"a bearer token is sent to {target} over a plaintext channel, which anyone on the network "
+            "path can read; connect with TLS (tls_credentials(); the commands' --tls-ca)",
+            PlaintextTokenWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _timeout(value: float | None) -> float | None:
@@ -165,7 +213,8 @@ class ExplainClient:
         credentials: ``grpc.ChannelCredentials`` for a TLS channel, e.g. from
             :func:`tls_credentials` (TLS or mutual TLS); ``None`` = plaintext.
         token: bearer token sent as ``authorization: Bearer <token>`` metadata
-            on every call, for servers started with ``--auth-tokens-*``.
+            on every call, for servers started with ``--auth-tokens-*``; without
+            ``credentials``, to a server off this machine, a :class:`PlaintextTokenWarning`.
         options: extra gRPC channel options as (name, value) pairs; they
             override the defaults (64 MiB send and receive message limits).
         load_balancing_policy: gRPC load-balancing policy across the addresses the
@@ -219,6 +268,7 @@ class ExplainClient:
         self._stub = explain_pb2_grpc.ExplainStub(self._channel)
         self._timeout = _timeout(timeout)
         self._metadata = bearer_metadata(token)
+        warn_if_plaintext_token(target, credentials, token, stacklevel=2)
 
     @property
     def channel(self) -> grpc.Channel:

@@ -198,6 +198,14 @@ class Explanation:
             compute_seconds=resp.timings.compute_seconds,
         )
 
+    def __repr__(self) -> str:
+        # one line: the generated repr printed every attribution value
+        gh, gw = self.grid
+        return (
+            f"Explanation(model={self.model!r}, score={self.score:.4f}, tokens={len(self.tokens)}, "
+            f"grid={gh}x{gw}, convergence_delta={self.convergence_delta:.2e}, request_id={self.request_id!r})"
+        )
+
     @property
     def grid(self) -> tuple[int, int]:
         """(Gh, Gw): rows and columns of the patch grid."""

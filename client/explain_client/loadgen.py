@@ -18,7 +18,6 @@ import asyncio
 import collections
 import itertools
 import json
-import os
 import re
 import secrets
 import sys
@@ -32,8 +31,11 @@ import grpc
 import numpy as np
 
 from explain_api import explain_pb2, explain_pb2_grpc
+from explain_api.version import add_version_argument
+from explain_client.cli import add_credential_arguments, connection_credentials
 from explain_client.client import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES, bearer_metadata, explain_request,
+    warn_if_plaintext_token,
 )
 from explain_client.workload import SIDES, distinct_captions, distinct_images, load_photos
 
@@ -170,6 +172,7 @@ async def generate_load(
     total: int | None = None,
     duration: float | None = None,
     deadline: float | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
     token: str | None = None,
     metrics_url: str | None = None,
 ) -> LoadReport:
@@ -186,7 +189,10 @@ async def generate_load(
         total: requests in all; ``None`` = until ``duration`` or the end of ``requests``.
         duration: seconds to run; ``None`` = until ``total`` or the end of ``requests``.
         deadline: per-call deadline, seconds; ``None`` = none.
-        token: bearer token, if the server requires one.
+        credentials: channel credentials for TLS (:func:`explain_client.tls_credentials`);
+            ``None`` = plaintext.
+        token: bearer token, if the server requires one; sent without ``credentials`` to a
+            server off this machine, a :class:`~explain_client.client.PlaintextTokenWarning`.
         metrics_url: the server's /metrics page, read before and after the run for its factor
             cache hit ratio (:attr:`LoadReport.factor_cache`); unreadable, a note says why.
 
@@ -208,6 +214,7 @@ async def generate_load(
         ("grpc.max_receive_message_length", DEFAULT_MAX_RECEIVE_MESSAGE_BYTES),
     ]
     metadata = bearer_metadata(token)
+    warn_if_plaintext_token(target, credentials, token)
     latencies: list[float] = []
     codes: collections.Counter[str] = collections.Counter()
     waited = 0.0
@@ -229,7 +236,11 @@ async def generate_load(
         else:
             await ahead.put(None)  # the end
 
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(target, options=options)
+    else:
+        channel = grpc.aio.secure_channel(target, credentials, options=options)
+    async with channel:
         stub = explain_pb2_grpc.ExplainStub(channel)
         producer = asyncio.create_task(produce())
         start = time.perf_counter()
@@ -313,12 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="hosted model name (default: the server's default)")
     p.add_argument("--n-steps", type=int, help="quadrature nodes (default: the model's)")
     p.add_argument("--method", help="quadrature rule (default: the model's)")
-    p.add_argument("--token", help="bearer token (default: $EXPLAIN_TOKEN)")
+    p.add_argument("--token", help="bearer token (default: the --token-env variable's)")
+    add_credential_arguments(p)
     p.add_argument("--metrics-url", metavar="URL",
                    help=f"the server's Prometheus page, read before and after the run for its factor cache hit ratio "
                         f"(default: http://HOST:{METRICS_PORT}/metrics for a HOST:PORT target; skipped with a note "
                         "when unreachable)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' = stdout)")
+    add_version_argument(p)
     return p
 
 
@@ -366,16 +379,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"explain-loadgen: {err}", file=sys.stderr)
         return 2
-    token = args.token or os.environ.get("EXPLAIN_TOKEN")
     try:
+        credentials, token = connection_credentials(args)
+        token = args.token or token
         bearer_metadata(token)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         print(f"explain-loadgen: {err}", file=sys.stderr)
         return 2
     metrics_url = args.metrics_url or default_metrics_url(args.target)
     report = asyncio.run(generate_load(
         args.target, requests, concurrency=args.concurrency, total=args.requests, duration=args.duration,
-        deadline=args.deadline, token=token, metrics_url=metrics_url,
+        deadline=args.deadline, credentials=credentials, token=token, metrics_url=metrics_url,
     ))
     notes = report.notes if metrics_url else (*report.notes, f"no /metrics URL for target {args.target!r}: "
                                                              "pass --metrics-url for the factor cache hit ratio")

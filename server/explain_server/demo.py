@@ -19,7 +19,9 @@ from PIL import Image, ImageDraw
 
 from explain_client import ExplainClient
 from explain_client.evaluation.scoring import cell_edges, phrase_rows, score_phrase
+from explain_api.version import add_version_argument
 
+from . import DISTRIBUTION
 from .shapes import model as shapes_model
 from .shapes.dataset import scenes_with_captions
 from .shapes.scenes import render
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="explain-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-out/overlay.png", help="overlay PNG to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=3, help="seed of the generated scene (default: %(default)s)")
+    add_version_argument(parser, DISTRIBUTION)
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -13,9 +14,11 @@ import grpc
 import open_clip
 import torch
 from explain_api import explain_pb2, explain_pb2_grpc
+from explain_api.version import add_version_argument
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import DISTRIBUTION
 from .config import ServerConfig, instance_devices, load_config
 from .lifecycle import Lifecycle
 from .malformed import MalformedRequestInterceptor
@@ -210,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point of ``explain-server`` (flags: ``explain-server --help``).
 
     Exits the process: 0 after a clean shutdown, 1 when a model fails to load, 2 on bad
-    configuration. Returns only for argument errors (2).
+    configuration. Returns only for argument errors (2). ``--version`` prints the version and
+    exits 0 (``SystemExit``).
     """
+    # read apart from the configuration's flags, which config.build_parser owns
+    version = argparse.ArgumentParser(prog="explain-server", add_help=False)
+    add_version_argument(version, DISTRIBUTION)
+    version.parse_known_args(argv)
     try:
         config = load_config(argv)
     except (ValueError, OSError) as err:

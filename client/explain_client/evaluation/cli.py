@@ -15,6 +15,7 @@ from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
 from explain_client.evaluation.report import markdown_table, summarise
 from explain_client.evaluation.runner import evaluate
+from explain_api.version import add_version_argument
 
 __all__ = ["build_parser", "main"]
 
@@ -45,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", help="quadrature rule (default: the server's)")
     parser.add_argument("--text-layer", type=int, metavar="L", help="text-tower block (default: the server's)")
     parser.add_argument("--image-layer", type=int, metavar="L", help="image-tower block (default: the server's)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (there is none without tqdm, the eval extra)"
+    )
     add_credential_arguments(parser)
+    add_version_argument(parser)
     return parser
 
 

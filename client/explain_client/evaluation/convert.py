@@ -29,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 from explain_api.grounding import FORMAT, save_dataset
+from explain_api.version import add_version_argument
 
 __all__ = ["COCO_SYNONYMS", "coco_dataset", "flickr30k_entities_dataset", "main", "parse_flickr30k_sentence"]
 
@@ -194,6 +195,7 @@ def flickr30k_entities_dataset(
 def main(argv: Sequence[str] | None = None) -> int:
     """``explain-eval-convert``: write a COCO or Flickr30k Entities dataset; returns 0, or 1 on bad input."""
     parser = argparse.ArgumentParser(prog="explain-eval-convert", description=__doc__.splitlines()[0])
+    add_version_argument(parser)
     kinds = parser.add_subparsers(dest="kind", required=True)
     coco = kinds.add_parser("coco", help="COCO instances + captions")
     coco.add_argument("--instances", type=pathlib.Path, required=True, help="instances_*.json")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from tqdm import tqdm
+try:
+    from tqdm import tqdm
+except ImportError:  # the eval extra's; the thin client evaluates without a progress bar
+    tqdm = None
 
 from explain_api.grounding import CaptionEntry, Dataset
 from explain_client.client import ExplainClient
@@ -84,7 +88,7 @@ def evaluate(
         dataset: the dataset (see :mod:`explain_api.grounding`).
         workers: requests in flight at once.
         limit: only the first ``limit`` captions.
-        progress: show a tqdm progress bar on stderr.
+        progress: show a tqdm progress bar on stderr; ignored without tqdm (the eval extra).
         explain_options: passed to :meth:`ExplainClient.explain` (``model``, ``n_steps``, ...).
         on_result: called with each result as it completes (in completion order).
 
@@ -116,14 +120,15 @@ def evaluate(
         return PairResult(index, entry.image_id, entry.text, explanation.score, explanation.convergence_delta, phrases)
 
     results: list[PairResult | None] = [None] * len(captions)
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-        total=len(captions), desc="explain-eval", unit="pair", disable=not progress
-    ) as bar:
+    show = progress and tqdm is not None
+    bar = tqdm(total=len(captions), desc="explain-eval", unit="pair") if show else contextlib.nullcontext()
+    with ThreadPoolExecutor(max_workers=workers) as pool, bar:
         futures = [pool.submit(explain_and_score, i, entry) for i, entry in enumerate(captions)]
         for future in as_completed(futures):
             result = future.result()
             results[result.index] = result
             if on_result is not None:
                 on_result(result)
-            bar.update(1)
+            if show:
+                bar.update(1)
     return results

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from explain_api.grounding import FORMAT, save_dataset
+from explain_api.version import add_version_argument
 
+from .. import DISTRIBUTION
 from .scenes import DEFAULT_CANVAS, Scene, SceneCaption, describe, generate_scene, random_style, render
 
 
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="objects per scene (default: 2 4)")
     parser.add_argument("--size", type=int, default=DEFAULT_CANVAS, help="canvas side, pixels (default: %(default)s)")
     parser.add_argument("--name", help="dataset name shown in reports")
+    add_version_argument(parser, DISTRIBUTION)
     args = parser.parse_args(argv)
     path = write_dataset(args.out, seed=args.seed, count=args.count, n_objects=tuple(args.objects), size=args.size, name=args.name)
     print(f"wrote {args.count} scenes to {path}")
