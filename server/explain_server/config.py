@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"factor cache per model, MiB (0 disables caching; default {d['factor_cache_mb']})",
     )
     p.add_argument(
-        "--intra-op-threads", type=int, help="torch intra-op threads on the CPU (default: torch's, one per core)"
+        "--intra-op-threads", type=int,
+        help="torch intra-op threads per worker process (default: the cores shared out among all workers)"
     )
     p.add_argument(
         "--metrics-port", type=int, help=f"Prometheus /metrics HTTP port (0 disables; default {d['metrics_port']})"
