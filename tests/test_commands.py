@@ -16,7 +16,7 @@ import pytest
 from explain_client import ExplainClient, PlaintextTokenWarning, cli, errors, loadgen
 from explain_client.evaluation import cli as eval_cli
 from explain_client.evaluation import convert, runner
-from explain_client.evaluation.dataset import load_dataset
+from explain_api.grounding import load_dataset
 from explain_server import demo, server
 from explain_server.shapes import dataset as shapes_dataset
 

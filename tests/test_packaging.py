@@ -53,7 +53,8 @@ def thin_bin(tmp_path_factory) -> pathlib.Path:
     """The scripts folder of a new virtualenv holding ``pip install .`` and nothing else."""
     tmp = tmp_path_factory.mktemp("thin")
     source = tmp / "src"  # a copy, so that the build leaves nothing in the checkout
-    shutil.copytree(ROOT / "client", source / "client", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for package_root in ("api", "client"):
+        shutil.copytree(ROOT / package_root, source / package_root, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=300)

@@ -164,14 +164,18 @@ class WorkerInstance:
                     pass
 
     def wait_stopped(self, timeout: float) -> None:
-        """After :meth:`request_stop`: wait up to ``timeout`` seconds, then kill the worker. Blocking."""
-        if self._thread is not None:
+        """After :meth:`request_stop`: wait up to ``timeout`` seconds for a ready worker to exit, then
+        kill it; a worker still loading holds no work and is killed at once. Blocking."""
+        if self.ready and self._thread is not None:
             self._thread.join(timeout)
         worker = self._worker
         if worker is not None and worker.exitcode is None:
-            log.warning("model %s worker %d did not stop in time; killing it", self.model, self.index)
+            if self.ready:
+                log.warning("model %s worker %d did not stop in time; killing it", self.model, self.index)
             worker.kill()
             worker.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def _supervise(self) -> None:
         delay = self._backoff.initial
