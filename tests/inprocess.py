@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 from conftest import TINY
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from servers import in_process
 
 from explain_client._proto import explain_pb2_grpc
 from explain_server.batching import BatchingConfig
@@ -61,16 +61,8 @@ async def serving(
                  ("grpc.max_receive_message_length", limits.max_message_bytes)],
     )
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", limits.max_message_bytes)]
-        ) as channel:
+        async with in_process(server, [("grpc.max_send_message_length", limits.max_message_bytes)]) as channel:
             yield Served(service, metrics, channel)
     finally:
-        await server.stop(None)
         service.close()

@@ -12,9 +12,10 @@ import urllib.request
 import numpy as np
 import open_clip
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, free_port
+from conftest import TINY, TINY_CONFIG
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from servers import ServerProcess, free_port
 
 from explain_client import DeadlineExceededError, ExplainClient, InvalidArgumentError, ResourceExhaustedError
 from explain_client._proto import explain_pb2_grpc

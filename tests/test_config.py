@@ -10,7 +10,8 @@ import time
 
 import grpc
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, free_port, seeded_model
+from conftest import TINY, TINY_CONFIG, seeded_model
+from servers import ServerProcess, free_port, server_command
 from test_end_to_end import noise_image
 from safetensors.torch import save_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -91,11 +92,7 @@ def test_malformed_model_flag_is_refused():
 
 def run_server(*args: str) -> subprocess.CompletedProcess:
     """A server start expected to fail; no metrics port, so that nothing else's 9090 matters."""
-    return subprocess.run(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(free_port()),
-         "--metrics-port", "0", *args],
-        capture_output=True, text=True, timeout=120,
-    )
+    return subprocess.run(server_command(*args, port=free_port()), capture_output=True, text=True, timeout=120)
 
 
 def test_missing_weights_file_fails_start_up_naming_model_and_file(tmp_path):
@@ -161,13 +158,8 @@ LOAD_DEADLINE_SECONDS = 600
 
 
 def test_not_serving_and_unavailable_until_models_are_warm():
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = ServerProcess(["--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"], metrics=False)
+    target = server.target
     fast = FAST_RECONNECT
     statuses, refusals = [], []
     try:
@@ -196,8 +188,7 @@ def test_not_serving_and_unavailable_until_models_are_warm():
             )
             assert client.list_models()[0].name == "b32"
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        server.stop()
     assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
     assert refusals and all("models are loading" in r for r in refusals)
 
@@ -259,8 +250,7 @@ def test_out_of_range_settings_are_refused(flag, value):
 
 def test_a_busy_port_fails_start_up(server):
     result = subprocess.run(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(server.port), "--metrics-port", "0",
-         "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0"],
+        server_command("--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0", port=server.port),
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
@@ -268,10 +258,11 @@ def test_a_busy_port_fails_start_up(server):
 
 
 def test_a_busy_metrics_port_fails_start_up_naming_it(server):
-    busy = server.metrics_url.split(":")[2].split("/")[0]
+    busy = server.metrics_port
     result = subprocess.run(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", busy,
-         "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0"],
+        server_command(
+            "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0", port=free_port(), metrics_port=busy
+        ),
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
@@ -279,17 +270,12 @@ def test_a_busy_metrics_port_fails_start_up_naming_it(server):
 
 
 def test_sigterm_while_loading_exits_promptly():
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:  # listening, still loading
+    server = ServerProcess(["--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"], metrics=False)
+    with grpc.insecure_channel(server.target, options=FAST_RECONNECT) as channel:  # listening, still loading
         grpc.channel_ready_future(channel).result(timeout=120)
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     start = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
     assert time.monotonic() - start < 5.0

@@ -15,8 +15,8 @@ import urllib.request
 
 import grpc
 import numpy as np
-from conftest import ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
+from servers import ServerProcess
 
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_client.client import explain_request

@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
+from servers import bind, free_port
 
 from explain_client import cli
 from explain_server.config import ServerConfig, load_config
@@ -325,9 +325,9 @@ def health_server():
     servicer = health.HealthServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    target = bind(server)
     server.start()
-    yield servicer, f"127.0.0.1:{port}"
+    yield servicer, target
     server.stop(None)
 
 

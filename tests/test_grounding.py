@@ -12,8 +12,8 @@ import pathlib
 import numpy as np
 import open_clip
 import pytest
-from conftest import ServerProcess
 from PIL import Image, ImageOps
+from servers import ServerProcess
 
 from explain_client import ExplainClient
 from explain_client.evaluation import cli

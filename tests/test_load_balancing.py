@@ -12,7 +12,8 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import TINY, TINY_CONFIG, ServerProcess
+from conftest import TINY, TINY_CONFIG
+from servers import ServerProcess
 
 from explain_client import ExplainClient, cli
 

@@ -6,10 +6,11 @@ import io
 
 import grpc
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, wait_serving
+from conftest import TINY, TINY_CONFIG
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from servers import ServerProcess, wait_serving
 
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_server.engine.quadrature import METHODS

@@ -7,13 +7,14 @@ import ipaddress
 
 import grpc
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, wait_serving
+from conftest import TINY, TINY_CONFIG
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from servers import ServerProcess, wait_serving
 from test_end_to_end import noise_image
 
 from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials

@@ -10,10 +10,10 @@ import itertools
 import numpy as np
 import open_clip
 import pytest
-from conftest import free_port
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from servers import free_port
 
 from explain_client.client import explain_request
 from explain_client.loadgen import (
