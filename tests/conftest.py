@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded random open_clip models, and a real server subprocess on loopback."""
+"""Shared fixtures: seeded random open_clip models, a real server subprocess on loopback, and test tiers."""
 
 from __future__ import annotations
 
@@ -16,12 +16,36 @@ TINY_CONFIG = DATA / "tiny-ViT.json"
 TINY = "tiny-ViT"  # 64 px images, 16 px patches (4x4 grid), two blocks per tower
 open_clip.add_model_config(TINY_CONFIG)
 
+# One torch thread in the test process (the servers it starts choose their own): when other
+# processes hold the cores, a second thread spin-waits for the first, and the in-process engine
+# tests ran ten times slower on a busy 2-core machine.
+torch.set_num_threads(1)
+
 
 def seeded_model(architecture: str, seed: int = 0) -> torch.nn.Module:
     """open_clip ``architecture`` with random weights from ``seed``, in eval mode (as the server builds it)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return open_clip.create_model(architecture, pretrained=None).eval()
+
+
+TIERS = ("unit", "integration", "slow")  # the markers registered in pyproject.toml
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked, whatever runs
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse to run unless every test carries exactly one tier marker, so that ``-m unit`` is
+    the whole fast tier and a new test must choose its tier."""
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'none'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"each test needs exactly one of the markers {', '.join(TIERS)} (pyproject.toml says what each means); "
+            "these have other counts:\n" + "\n".join(wrong)
+        )
 
 
 @pytest.fixture(scope="session")

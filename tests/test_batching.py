@@ -23,6 +23,8 @@ from explain_client.client import explain_request
 from explain_client.loadgen import factor_cache_counts
 from explain_client.loadgen import main as loadgen_main
 
+pytestmark = pytest.mark.integration
+
 WORDS = "red green blue small large circle square triangle cross dog cat on a the near left right".split()
 
 

@@ -28,12 +28,14 @@ FAST_RECONNECT = [
 ]
 
 
+@pytest.mark.unit
 def test_defaults_host_the_embedded_model():
     config = load_config([])
     assert config.models == [DEFAULT_MODEL] and config.default_model_name == "shapes"
     assert (config.host, config.port, config.device, config.dtype) == ("127.0.0.1", 50051, "auto", "float32")
 
 
+@pytest.mark.unit
 def test_config_file_and_flag_precedence(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text('models = ["a=ViT-B-32:random:1", "b=ViT-B-16:openai"]\nport = 6000\nhost = "0.0.0.0"\n')
@@ -44,6 +46,7 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert [s.name for s in flagged.model_specs] == ["c"]
 
 
+@pytest.mark.unit
 def test_batching_cache_and_metrics_settings_come_from_file_and_flags(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text(
@@ -56,6 +59,7 @@ def test_batching_cache_and_metrics_settings_come_from_file_and_flags(tmp_path):
     assert config.intra_op_threads == 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("flags, message", [
     (["--max-batch-size", "0"], "--max-batch-size must be positive"),
     (["--max-queue-size", "0"], "--max-queue-size must be positive"),
@@ -70,6 +74,7 @@ def test_out_of_range_batching_and_server_settings_are_refused(flags, message):
         load_config(flags)
 
 
+@pytest.mark.unit
 def test_config_file_rejects_unknown_keys(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text("prot = 6000\n")
@@ -77,6 +82,7 @@ def test_config_file_rejects_unknown_keys(tmp_path):
         load_config(["--config", str(path)])
 
 
+@pytest.mark.unit
 def test_a_model_default_n_steps_above_the_limit_is_refused():
     with pytest.raises(ValueError, match="model 'a': n_steps=64 exceeds --max-n-steps 50"):
         load_config(["--model", "a=ViT-B-32:random,n_steps=64", "--max-n-steps", "50"])
@@ -85,6 +91,7 @@ def test_a_model_default_n_steps_above_the_limit_is_refused():
         load_config(["--model", "a=ViT-B-32:random,n_steps=100000"])
 
 
+@pytest.mark.unit
 def test_malformed_model_flag_is_refused():
     with pytest.raises(ValueError, match="NAME=ARCH:PRETRAINED"):
         load_config(["--model", "ViT-B-32"])
@@ -95,6 +102,7 @@ def run_server(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(server_command(*args, port=free_port()), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_missing_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     missing = tmp_path / "absent.safetensors"
     result = run_server("--model", f"b32=ViT-B-32:{missing}")
@@ -102,6 +110,7 @@ def test_missing_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     assert f"model 'b32': weights file {missing} does not exist" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_corrupt_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
@@ -110,12 +119,14 @@ def test_a_corrupt_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     assert f"model 'bad': cannot load weights '{corrupt}'" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_default_layer_the_tower_lacks_fails_start_up():
     result = run_server("--model-config", str(TINY_CONFIG), "--model", f"t={TINY}:random:0,image_layer=2")
     assert result.returncode == 1
     assert "model 't': image_layer=2 is not a block of its 2-block image tower" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_model_s_default_settings_are_listed_and_used(tmp_path):
     proc = ServerProcess(
         ["--model-config", str(TINY_CONFIG), "--model", f"t={TINY}:random:0,text_layer=0,image_layer=1,n_steps=4,method=riemann_middle"],
@@ -137,6 +148,7 @@ def test_a_model_s_default_settings_are_listed_and_used(tmp_path):
         proc.stop()
 
 
+@pytest.mark.integration
 def test_a_model_giving_non_finite_results_fails_start_up(tmp_path):
     model = seeded_model(TINY)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -148,6 +160,7 @@ def test_a_model_giving_non_finite_results_fails_start_up(tmp_path):
     assert "model 'bad': warm-up explanation failed: the attribution is not finite" in result.stderr
 
 
+@pytest.mark.integration
 def test_unknown_default_model_is_a_usage_error():
     result = run_server("--model", "a=ViT-B-32:random:0", "--default-model", "b")
     assert result.returncode == 2
@@ -157,6 +170,7 @@ def test_unknown_default_model_is_a_usage_error():
 LOAD_DEADLINE_SECONDS = 600
 
 
+@pytest.mark.integration
 def test_not_serving_and_unavailable_until_models_are_warm():
     server = ServerProcess(["--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"], metrics=False)
     target = server.target
@@ -214,6 +228,7 @@ sys.addaudithook(_record)
 """
 
 
+@pytest.mark.integration
 def test_offline_start_up_makes_no_network_attempt(tmp_path):
     """HF_HUB_OFFLINE=1 and a local weights file: no name lookup or connection leaves the machine.
 
@@ -239,6 +254,7 @@ def test_offline_start_up_makes_no_network_attempt(tmp_path):
     assert not attempts.exists(), attempts.read_text()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "flag, value",
     [("--max-n-steps", "0"), ("--port", "99999"), ("--max-message-mb", "-1"), ("--max-pixels-per-call", "0")],
@@ -248,6 +264,7 @@ def test_out_of_range_settings_are_refused(flag, value):
         load_config([flag, value])
 
 
+@pytest.mark.integration
 def test_a_busy_port_fails_start_up(server):
     result = subprocess.run(
         server_command("--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0", port=server.port),
@@ -257,6 +274,7 @@ def test_a_busy_port_fails_start_up(server):
     assert f"cannot listen on 127.0.0.1:{server.port}" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_busy_metrics_port_fails_start_up_naming_it(server):
     busy = server.metrics_port
     result = subprocess.run(
@@ -269,6 +287,7 @@ def test_a_busy_metrics_port_fails_start_up_naming_it(server):
     assert f"cannot serve metrics on 127.0.0.1:{busy} (--metrics-port)" in result.stderr
 
 
+@pytest.mark.integration
 def test_sigterm_while_loading_exits_promptly():
     server = ServerProcess(["--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"], metrics=False)
     with grpc.insecure_channel(server.target, options=FAST_RECONNECT) as channel:  # listening, still loading

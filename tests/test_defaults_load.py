@@ -15,12 +15,15 @@ import urllib.request
 
 import grpc
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from servers import ServerProcess
 
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_client.client import explain_request
 from explain_client.workload import distinct_requests
+
+pytestmark = pytest.mark.slow
 
 CONCURRENCY = 16
 EXPLAIN_CALLS = 64

@@ -18,6 +18,8 @@ from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
 from explain_server.models import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelLoadError, ModelSpec, load_model, resolve_device
 
+pytestmark = pytest.mark.unit
+
 CAPTION = "a red circle and a blue square"
 
 

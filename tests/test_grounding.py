@@ -21,6 +21,8 @@ from explain_client.evaluation.dataset import load_dataset
 from explain_client.evaluation.metrics import phrase_rows, score_phrase
 from explain_server.shapes import model as shapes_model
 
+pytestmark = pytest.mark.slow
+
 HELDOUT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "shapes-heldout" / "dataset.json"
 
 

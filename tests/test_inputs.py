@@ -15,6 +15,8 @@ from PIL import Image
 
 from explain_server.inputs import ImageLimits, InputError, crop_box, decode_image, token_label, tokenize
 
+pytestmark = pytest.mark.unit
+
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 
 

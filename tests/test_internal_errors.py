@@ -24,6 +24,8 @@ from explain_server import service as service_module
 from explain_server.batching import BatchingConfig, DynamicBatcher
 from explain_server.inputs import ImageLimits, decode_image, tokenize
 
+pytestmark = pytest.mark.unit
+
 POISON = "a poisoned caption"
 ERROR_ID = re.compile(r"^internal server error ([0-9a-f]{12}): a bug in the server, not a problem with the request")
 EXPLAIN = {"grpc_type": "unary", "grpc_service": "explain.v1.Explain"}

@@ -16,6 +16,8 @@ from test_end_to_end import noise_image
 
 from explain_client import ExplainClient, ExplainError, UnavailableError
 
+pytestmark = pytest.mark.integration
+
 CAPTION = "a red circle and a blue square"
 # Through every block of the tiny model: about 6 s of an idle 2-core machine, long enough to be
 # unfinished a second after the grace period of 1 s that follows a second of it.

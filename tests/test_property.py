@@ -15,6 +15,8 @@ from servers import ServerProcess, wait_serving
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_server.engine.quadrature import METHODS
 
+pytestmark = pytest.mark.integration
+
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 DOCUMENTED = {
     grpc.StatusCode.OK,

@@ -86,6 +86,7 @@ def _wait(server: ServerProcess, credentials: grpc.ChannelCredentials) -> None:
         client.wait_until_ready(timeout=300)
 
 
+@pytest.mark.integration
 def test_tls(tmp_path, pki):
     server = _started(["--tls-cert", pki["server"][1], "--tls-key", pki["server"][0]], tmp_path / "tls.log")
     try:
@@ -100,6 +101,7 @@ def test_tls(tmp_path, pki):
         server.stop()
 
 
+@pytest.mark.integration
 def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(tmp_path, pki):
     server = _started(
         ["--tls-cert", pki["server"][1], "--tls-key", pki["server"][0], "--tls-client-ca", pki["ca"][1]],
@@ -121,12 +123,14 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(tmp_path, 
 COMMENT = "# a comment"
 
 
+@pytest.mark.unit
 def test_token_files_skip_blank_and_comment_lines(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{COMMENT}\n\n  other-token  \n   #indented comment\n{TOKEN}\n#\n")
     assert load_tokens(str(tokens), None) == ["other-token", TOKEN]
 
 
+@pytest.mark.unit
 def test_a_token_file_of_comments_only_fails_start_up(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{COMMENT}\n\n# {TOKEN}\n")
@@ -134,6 +138,7 @@ def test_a_token_file_of_comments_only_fails_start_up(tmp_path):
         load_tokens(str(tokens), None)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("source", ["file", "env"])
 def test_bearer_tokens(tmp_path, source, monkeypatch):
     if source == "file":
@@ -171,6 +176,7 @@ def test_bearer_tokens(tmp_path, source, monkeypatch):
     assert "SECRET-CAPTION" not in text and TOKEN not in text  # nothing the caller sent, at INFO
 
 
+@pytest.mark.integration
 def test_exempting_reflection_by_config(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKEN)
@@ -191,6 +197,7 @@ def test_exempting_reflection_by_config(tmp_path):
         server.stop()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("token", [TOKEN + "\n", " " + TOKEN, "two words", "tok\u00e9n", "#comment"])
 def test_the_client_refuses_what_is_no_bearer_token_before_sending(token, monkeypatch, capsys):
     """gRPC itself would fail such metadata with INTERNAL ("Invalid metadata") before sending:

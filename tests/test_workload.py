@@ -21,6 +21,8 @@ from explain_client.loadgen import (
 )
 from explain_client.workload import SIDES, WORDS, distinct_captions, distinct_images, distinct_requests, load_photos
 
+pytestmark = pytest.mark.unit
+
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 
 
