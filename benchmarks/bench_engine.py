@@ -37,10 +37,9 @@ import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # servers.py: the benchmarks start servers as the tests do
-from servers import ServerProcess  # noqa: E402
+from explain_server.launcher import ServerProcess
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "server" / "explain_server" / "assets" / "chelsea.jpg"
 CAPTION = "a tabby cat with green eyes and a pink nose"
 BEGIN, END = "<!-- BEGIN bench_engine -->", "<!-- END bench_engine -->"

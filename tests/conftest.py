@@ -9,7 +9,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from safetensors.torch import save_file
-from servers import ServerProcess
+
+from explain_server.launcher import ServerProcess
 
 DATA = pathlib.Path(__file__).parent / "data"
 TINY_CONFIG = DATA / "tiny-ViT.json"

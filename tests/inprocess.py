@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 from conftest import TINY
-from servers import in_process
+from loopback import in_process
 
 from explain_client._proto import explain_pb2_grpc
 from explain_server.batching import BatchingConfig

@@ -15,13 +15,13 @@ import pytest
 from conftest import TINY, TINY_CONFIG
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from servers import ServerProcess, free_port
 
 from explain_client import DeadlineExceededError, ExplainClient, InvalidArgumentError, ResourceExhaustedError
 from explain_client._proto import explain_pb2_grpc
 from explain_client.client import explain_request
 from explain_client.loadgen import factor_cache_counts
 from explain_client.loadgen import main as loadgen_main
+from explain_server.launcher import ServerProcess, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,13 @@ import time
 import grpc
 import pytest
 from conftest import TINY, TINY_CONFIG, seeded_model
-from servers import ServerProcess, free_port, server_command
 from test_end_to_end import noise_image
 from safetensors.torch import save_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from explain_client import ExplainClient, ResolvedOptions, UnavailableError
 from explain_server.config import DEFAULT_MODEL, load_config
+from explain_server.launcher import ServerProcess, free_port, server_command
 
 
 # Reconnect at once when the port opens: gRPC's default backoff could skip the loading window.

@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import ServerProcess
 
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_client.client import explain_request
 from explain_client.workload import distinct_requests
+from explain_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.slow
 

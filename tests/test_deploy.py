@@ -33,10 +33,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import bind, free_port
+from loopback import bind
 
 from explain_client import cli
 from explain_server.config import ServerConfig, load_config
+from explain_server.launcher import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -13,12 +13,12 @@ import numpy as np
 import open_clip
 import pytest
 from PIL import Image, ImageOps
-from servers import ServerProcess
 
 from explain_client import ExplainClient
 from explain_client.evaluation import cli
 from explain_client.evaluation.dataset import load_dataset
 from explain_client.evaluation.metrics import phrase_rows, score_phrase
+from explain_server.launcher import ServerProcess
 from explain_server.shapes import model as shapes_model
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import in_process
+from loopback import in_process
 
 from explain_server.interceptors import replace_behavior
 from explain_server.security import BearerTokenInterceptor

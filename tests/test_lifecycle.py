@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import TINY, TINY_CONFIG
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import ServerProcess
 from test_end_to_end import noise_image
 
 from explain_client import ExplainClient, ExplainError, UnavailableError
+from explain_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.integration
 

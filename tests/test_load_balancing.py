@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from conftest import TINY, TINY_CONFIG
-from servers import ServerProcess
 
 from explain_client import ExplainClient, cli
+from explain_server.launcher import ServerProcess
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 CAPTION = "a red circle and a blue square"

@@ -10,10 +10,10 @@ from conftest import TINY, TINY_CONFIG
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from servers import ServerProcess, wait_serving
 
 from explain_client._proto import explain_pb2, explain_pb2_grpc
 from explain_server.engine.quadrature import METHODS
+from explain_server.launcher import ServerProcess, wait_serving
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import ServerProcess, wait_serving
 from test_end_to_end import noise_image
 
 from explain_client import ExplainClient, UnauthenticatedError, UnavailableError, tls_credentials
@@ -22,6 +21,7 @@ from explain_client._proto import explain_pb2
 from explain_client._proto.explain_pb2_grpc import ExplainStub
 from explain_client.cli import main as cli_main
 from explain_client.client import bearer_metadata
+from explain_server.launcher import ServerProcess, wait_serving
 from explain_server.security import load_tokens
 
 CAPTION = "SECRET-CAPTION-a red circle"

@@ -13,13 +13,13 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port
 
 from explain_client.client import explain_request
 from explain_client.loadgen import (
     PREFETCH, build_parser, build_requests, default_metrics_url, factor_cache_counts, run,
 )
 from explain_client.workload import SIDES, WORDS, distinct_captions, distinct_images, distinct_requests, load_photos
+from explain_server.launcher import free_port
 
 pytestmark = pytest.mark.unit
 

@@ -1,23 +1,19 @@
-"""Servers on loopback, for the tests and the benchmarks: free ports, Explain server processes
-and readiness, and gRPC servers run in-process.
+"""``explain-server`` as a child process on a free loopback port: started, awaited until SERVING, stopped.
 
-The benchmarks import this module too (bench_engine.py puts tests/ on ``sys.path``), so it
-imports nothing from the test suite and needs only grpc and its health stubs.
+``explain-demo`` starts its server with it, and so do the tests and the benchmarks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HOST = "127.0.0.1"
 
@@ -27,30 +23,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def bind(server: grpc.Server | grpc.aio.Server) -> str:
-    """Bind an in-process ``server`` (not yet started) to a free plaintext port on ``HOST``; its target."""
-    # port 0: the server takes a port itself, so nothing can take it in between
-    return f"{HOST}:{server.add_insecure_port(f'{HOST}:0')}"
-
-
-@contextlib.asynccontextmanager
-async def in_process(
-    server: grpc.aio.Server, channel_options: Sequence[tuple[str, object]] = ()
-) -> AsyncIterator[grpc.aio.Channel]:
-    """Serve ``server`` (its services added, not yet started) on a free port of ``HOST`` with the
-    health service added, SERVING; yield a plaintext channel to it, and stop it afterwards."""
-    servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    target = bind(server)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(target, options=channel_options) as channel:
-            yield channel
-    finally:
-        await server.stop(None)
 
 
 def server_command(*args: str, port: int, metrics_port: int = 0) -> list[str]:
