@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench proto clean known-answer-model
+.PHONY: install demo test test-unit bench proto clean known-answer-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ install: $(VENV)/.test-installed
 demo: $(VENV)/.server-installed
 	$(BIN)/explain-demo
 
+# Every tier: what CI runs.
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest
+
+# The in-process tier alone (the `unit` marker), for feedback while editing.
+test-unit: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -m unit
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_engine.py --record docs/benchmarks.md

@@ -29,7 +29,6 @@ import json
 import os
 import pathlib
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from explain_server.launcher import ServerProcess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "server" / "explain_server" / "assets" / "chelsea.jpg"
@@ -192,15 +193,8 @@ def quadrature_sweep(max_n: int = 16) -> tuple[list[str], tuple[str, int]]:
     return rows, best
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``explain-server`` with ``args`` on a free loopback port, and a client of it, once ready.
+class Server(ServerProcess):
+    """``explain-server`` with ``args`` on a free loopback port, and a client of it, once SERVING.
 
     By default the server runs on the CPU, logs warnings only and serves no metrics. With
     ``defaults=True`` it gets nothing but ``args`` and its ports (metrics at ``metrics_url``),
@@ -210,17 +204,10 @@ class Server:
     def __init__(self, args: list[str], *, defaults: bool = False, env: dict[str, str] | None = None):
         from explain_client import ExplainClient
 
-        port, metrics_port = free_port(), free_port()
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if defaults else None
-        quiet = [] if defaults else ["--metrics-port", "0", "--device", "cpu", "--log-level", "WARNING"]
-        ports = ["--port", str(port), *(["--metrics-port", str(metrics_port)] if defaults else [])]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "explain_server", *ports, *quiet, *args], stderr=subprocess.DEVNULL,
-            env=None if env is None else {**os.environ, **env},
-        )
-        self.target = f"127.0.0.1:{port}"
+        quiet = [] if defaults else ["--device", "cpu", "--log-level", "WARNING"]
+        super().__init__([*quiet, *args], metrics=defaults, env=env)
+        self.wait_serving(timeout=1800)
         self.client = ExplainClient(self.target, timeout=3600)
-        self.client.wait_until_ready(timeout=1800)
 
     def measure(self, repeats: int, **options) -> dict:
         """Median wall seconds, the most memory added, and the explanation of the bundled photo."""
@@ -242,8 +229,7 @@ class Server:
 
     def close(self) -> None:
         self.client.close()
-        self.process.terminate()
-        self.process.wait(timeout=120)
+        self.stop()
 
 
 def main() -> int:

@@ -1,33 +1,26 @@
-"""Shared fixtures: seeded random open_clip models, and a real server subprocess on loopback."""
+"""Shared fixtures: seeded random open_clip models, a real server subprocess on loopback, and test tiers."""
 
 from __future__ import annotations
 
-import os
 import pathlib
-import socket
-import subprocess
-import sys
-import time
 
-import grpc
 import open_clip
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 from safetensors.torch import save_file
+
+from explain_server.launcher import ServerProcess
 
 DATA = pathlib.Path(__file__).parent / "data"
 TINY_CONFIG = DATA / "tiny-ViT.json"
 TINY = "tiny-ViT"  # 64 px images, 16 px patches (4x4 grid), two blocks per tower
 open_clip.add_model_config(TINY_CONFIG)
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# One torch thread in the test process (the servers it starts choose their own): when other
+# processes hold the cores, a second thread spin-waits for the first, and the in-process engine
+# tests ran ten times slower on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 def seeded_model(architecture: str, seed: int = 0) -> torch.nn.Module:
@@ -37,61 +30,23 @@ def seeded_model(architecture: str, seed: int = 0) -> torch.nn.Module:
         return open_clip.create_model(architecture, pretrained=None).eval()
 
 
-def wait_serving(target: str, process: subprocess.Popen, timeout: float = 300.0) -> None:
-    """Block until the server's health is SERVING; fail if the process exits first."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with code {process.returncode}")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"server at {target} not SERVING after {timeout} s")
+TIERS = ("unit", "integration", "slow")  # the markers registered in pyproject.toml
 
 
-class ServerProcess:
-    """``python -m explain_server`` on free loopback ports (gRPC and /metrics); stops with SIGTERM."""
-
-    def __init__(self, args: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        ports = ["--port", str(self.port), "--metrics-port", self.metrics_url.split(":")[2].split("/")[0]]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", *ports, *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked, whatever runs
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse to run unless every test carries exactly one tier marker, so that ``-m unit`` is
+    the whole fast tier and a new test must choose its tier."""
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'none'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"each test needs exactly one of the markers {', '.join(TIERS)} (pyproject.toml says what each means); "
+            "these have other counts:\n" + "\n".join(wrong)
         )
-
-    def wait_serving(self, timeout: float = 300.0) -> "ServerProcess":
-        """Wait for SERVING; on failure, show the server's log."""
-        try:
-            wait_serving(self.target, self.process, timeout)
-        except (RuntimeError, TimeoutError) as err:
-            self.stop()
-            raise RuntimeError(f"{err}\n--- server log ---\n{self.log_path.read_text()}") from err
-        return self
-
-    def stop(self) -> int:
-        """SIGTERM, wait, return the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
 
 
 @pytest.fixture(scope="session")

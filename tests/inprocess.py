@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 import grpc
 import torch
 from conftest import TINY
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from loopback import in_process
 
 from explain_api import explain_pb2_grpc
 from explain_server.lifecycle import Lifecycle
@@ -102,18 +102,10 @@ async def serving(
                  ("grpc.max_receive_message_length", limits.max_message_bytes)],
     )
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await registry.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", limits.max_message_bytes)]
-        ) as channel:
+        async with in_process(server, [("grpc.max_send_message_length", limits.max_message_bytes)]) as channel:
             yield Served(service, metrics, channel)
     finally:
-        await server.stop(None)
         service.close()
         registry.stop(60)

@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import open_clip
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, free_port
+from conftest import TINY, TINY_CONFIG
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +21,9 @@ from explain_client import DeadlineExceededError, ExplainClient, InvalidArgument
 from explain_client.client import explain_request
 from explain_client.loadgen import factor_cache_counts
 from explain_client.loadgen import main as loadgen_main
+from explain_server.launcher import ServerProcess, free_port
+
+pytestmark = pytest.mark.integration
 
 WORDS = "red green blue small large circle square triangle cross dog cat on a the near left right".split()
 

@@ -20,6 +20,8 @@ from explain_client.images import encode_image, load_image
 from explain_client.overlay import diverging_colors
 from explain_client.tensors import decode_float32_tensor
 
+pytestmark = pytest.mark.unit
+
 TOKENS = ["<start_of_text>", "a", "red", "circle", "and", "a", "blue", "square", "<end_of_text>"]
 GH, GW = 2, 4
 IMAGE_SIZE = (448, 224)

@@ -20,6 +20,8 @@ from explain_api.grounding import load_dataset
 from explain_server import demo, server
 from explain_server.shapes import dataset as shapes_dataset
 
+pytestmark = pytest.mark.unit
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HELDOUT = ROOT / "benchmarks" / "data" / "shapes-heldout" / "dataset.json"
 

@@ -10,13 +10,14 @@ import time
 
 import grpc
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, free_port, seeded_model
+from conftest import TINY, TINY_CONFIG, seeded_model
 from test_end_to_end import noise_image
 from safetensors.torch import save_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from explain_client import ExplainClient, ResolvedOptions, UnavailableError
 from explain_server.config import DEFAULT_MODEL, instance_devices, load_config
+from explain_server.launcher import ServerProcess, free_port, server_command
 from explain_server.model_spec import ModelSpec
 
 
@@ -28,6 +29,7 @@ FAST_RECONNECT = [
 ]
 
 
+@pytest.mark.unit
 def test_defaults_host_the_embedded_model():
     config = load_config([])
     assert config.models == (ModelSpec.parse(DEFAULT_MODEL),) and config.default_model_name == "shapes"
@@ -35,6 +37,7 @@ def test_defaults_host_the_embedded_model():
     assert config.instances == 1 and (config.models[0].instances, config.models[0].device) == (1, "auto")
 
 
+@pytest.mark.unit
 def test_config_file_and_flag_precedence(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text('models = ["a=ViT-B-32:random:1", "b=ViT-B-16:openai"]\nport = 6000\nhost = "0.0.0.0"\n')
@@ -66,6 +69,7 @@ pretrained = "openai"
 """
 
 
+@pytest.mark.unit
 def test_models_are_tables_whose_instances_and_device_default_to_the_server_wide_ones(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text(TABLES)
@@ -83,6 +87,7 @@ def test_models_are_tables_whose_instances_and_device_default_to_the_server_wide
     assert load_config(["--instances", "2"]).models[0].instances == 2
 
 
+@pytest.mark.unit
 def test_instance_devices_spread_instances_over_the_gpus():
     assert instance_devices("auto", 3, 0) == ["cpu", "cpu", "cpu"]
     assert instance_devices("auto", 3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
@@ -91,6 +96,7 @@ def test_instance_devices_spread_instances_over_the_gpus():
     assert instance_devices("cuda:1", 2, 2) == ["cuda:1", "cuda:1"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device, instances, cuda_count, message", [
     ("cuda", 1, 0, "no CUDA device"),
     ("cuda:2", 1, 2, r"cuda:2: this machine has 2 CUDA device\(s\)"),
@@ -102,6 +108,7 @@ def test_instance_devices_refuses_what_cannot_be(device, instances, cuda_count, 
         instance_devices(device, instances, cuda_count)
 
 
+@pytest.mark.unit
 def test_loading_a_config_imports_neither_grpc_nor_torch(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text(TABLES)
@@ -148,6 +155,7 @@ CONFIG_ERRORS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text, message", CONFIG_ERRORS)
 def test_a_bad_config_file_is_one_line_naming_the_file_the_key_and_the_rule(tmp_path, text, message):
     path = tmp_path / "server.toml"
@@ -158,6 +166,7 @@ def test_a_bad_config_file_is_one_line_naming_the_file_the_key_and_the_rule(tmp_
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.unit
 def test_a_flag_overriding_a_bad_file_value_is_named_as_the_flag(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text("port = 8000\n")
@@ -167,6 +176,7 @@ def test_a_flag_overriding_a_bad_file_value_is_named_as_the_flag(tmp_path):
         load_config(["--config", str(tmp_path / "absent.toml")])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("text, message", [CONFIG_ERRORS[i] for i in (1, 4)])
 def test_explain_server_reports_a_bad_config_in_one_line_and_exits_2(tmp_path, text, message):
     path = tmp_path / "server.toml"
@@ -176,6 +186,7 @@ def test_explain_server_reports_a_bad_config_in_one_line_and_exits_2(tmp_path, t
     assert result.stderr.splitlines() == [f"explain-server: {path}: {message}"]
 
 
+@pytest.mark.unit
 def test_batching_cache_and_metrics_settings_come_from_file_and_flags(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text(
@@ -188,6 +199,7 @@ def test_batching_cache_and_metrics_settings_come_from_file_and_flags(tmp_path):
     assert config.intra_op_threads == 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("flags, message", [
     (["--max-batch-size", "0"], "--max-batch-size must be positive"),
     (["--max-queue-size", "0"], "--max-queue-size must be positive"),
@@ -202,6 +214,7 @@ def test_out_of_range_batching_and_server_settings_are_refused(flags, message):
         load_config(flags)
 
 
+@pytest.mark.unit
 def test_config_file_rejects_unknown_keys(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text("prot = 6000\n")
@@ -209,6 +222,7 @@ def test_config_file_rejects_unknown_keys(tmp_path):
         load_config(["--config", str(path)])
 
 
+@pytest.mark.unit
 def test_a_model_default_n_steps_above_the_limit_is_refused():
     with pytest.raises(ValueError, match="model 'a': n_steps=64 exceeds --max-n-steps 50"):
         load_config(["--model", "a=ViT-B-32:random,n_steps=64", "--max-n-steps", "50"])
@@ -217,6 +231,7 @@ def test_a_model_default_n_steps_above_the_limit_is_refused():
         load_config(["--model", "a=ViT-B-32:random,n_steps=100000"])
 
 
+@pytest.mark.unit
 def test_malformed_model_flag_is_refused():
     with pytest.raises(ValueError, match="NAME=ARCH:PRETRAINED"):
         load_config(["--model", "ViT-B-32"])
@@ -224,13 +239,10 @@ def test_malformed_model_flag_is_refused():
 
 def run_server(*args: str) -> subprocess.CompletedProcess:
     """A server start expected to fail; no metrics port, so that nothing else's 9090 matters."""
-    return subprocess.run(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(free_port()),
-         "--metrics-port", "0", *args],
-        capture_output=True, text=True, timeout=120,
-    )
+    return subprocess.run(server_command(*args, port=free_port()), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_missing_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     missing = tmp_path / "absent.safetensors"
     result = run_server("--model", f"b32=ViT-B-32:{missing}")
@@ -238,6 +250,7 @@ def test_missing_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     assert f"model 'b32': weights file {missing} does not exist" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_corrupt_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
@@ -246,12 +259,14 @@ def test_a_corrupt_weights_file_fails_start_up_naming_model_and_file(tmp_path):
     assert f"model 'bad': cannot load weights '{corrupt}'" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_default_layer_the_tower_lacks_fails_start_up():
     result = run_server("--model-config", str(TINY_CONFIG), "--model", f"t={TINY}:random:0,image_layer=2")
     assert result.returncode == 1
     assert "model 't': image_layer=2 is not a block of its 2-block image tower" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_model_s_default_settings_are_listed_and_used(tmp_path):
     proc = ServerProcess(
         ["--model-config", str(TINY_CONFIG), "--model", f"t={TINY}:random:0,text_layer=0,image_layer=1,n_steps=4,method=riemann_middle"],
@@ -273,6 +288,7 @@ def test_a_model_s_default_settings_are_listed_and_used(tmp_path):
         proc.stop()
 
 
+@pytest.mark.integration
 def test_a_model_giving_non_finite_results_fails_start_up(tmp_path):
     model = seeded_model(TINY)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -284,6 +300,7 @@ def test_a_model_giving_non_finite_results_fails_start_up(tmp_path):
     assert "model 'bad': warm-up explanation failed: the attribution is not finite" in result.stderr
 
 
+@pytest.mark.integration
 def test_unknown_default_model_is_a_usage_error():
     result = run_server("--model", "a=ViT-B-32:random:0", "--default-model", "b")
     assert result.returncode == 2
@@ -293,14 +310,10 @@ def test_unknown_default_model_is_a_usage_error():
 LOAD_DEADLINE_SECONDS = 600
 
 
+@pytest.mark.integration
 def test_not_serving_and_unavailable_until_models_are_warm():
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = ServerProcess(["--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"], metrics=False)
+    target = server.target
     fast = FAST_RECONNECT
     statuses, refusals = [], []
     try:
@@ -329,8 +342,7 @@ def test_not_serving_and_unavailable_until_models_are_warm():
             )
             assert client.list_models()[0].name == "b32"
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        server.stop()
     assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
     assert refusals and all("models are loading" in r for r in refusals)
 
@@ -356,6 +368,7 @@ sys.addaudithook(_record)
 """
 
 
+@pytest.mark.integration
 def test_offline_start_up_makes_no_network_attempt(tmp_path):
     """HF_HUB_OFFLINE=1 and a local weights file: no name lookup or connection leaves the machine.
 
@@ -381,6 +394,7 @@ def test_offline_start_up_makes_no_network_attempt(tmp_path):
     assert not attempts.exists(), attempts.read_text()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "flag, value",
     [("--max-n-steps", "0"), ("--port", "99999"), ("--max-message-mb", "-1"), ("--max-pixels-per-call", "0")],
@@ -390,39 +404,37 @@ def test_out_of_range_settings_are_refused(flag, value):
         load_config([flag, value])
 
 
+@pytest.mark.integration
 def test_a_busy_port_fails_start_up(server):
     result = subprocess.run(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(server.port), "--metrics-port", "0",
-         "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0"],
+        server_command("--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0", port=server.port),
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{server.port}" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_busy_metrics_port_fails_start_up_naming_it(server):
-    busy = server.metrics_url.split(":")[2].split("/")[0]
+    busy = server.metrics_port
     result = subprocess.run(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", busy,
-         "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0"],
+        server_command(
+            "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0", port=free_port(), metrics_port=busy
+        ),
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert f"cannot serve metrics on 127.0.0.1:{busy} (--metrics-port)" in result.stderr
 
 
+@pytest.mark.integration
 def test_sigterm_while_loading_exits_promptly():
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:  # listening, still loading
+    server = ServerProcess(["--model", "b32=ViT-B-32:random:0", "--model", "b16=ViT-B-16:random:0"], metrics=False)
+    with grpc.insecure_channel(server.target, options=FAST_RECONNECT) as channel:  # listening, still loading
         grpc.channel_ready_future(channel).result(timeout=120)
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     start = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
     assert time.monotonic() - start < 5.0

@@ -23,6 +23,8 @@ from explain_api import explain_pb2
 from explain_client.client import explain_request
 from explain_server.service import _PREPARE_THREADS
 
+pytestmark = pytest.mark.unit
+
 SKIPPED = re.compile(r"request (\S+) model=tiny: ended \((\w+)\) with (\d+) of its (\d+) image\(s\) not decoded")
 
 

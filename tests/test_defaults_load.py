@@ -15,12 +15,15 @@ import urllib.request
 
 import grpc
 import numpy as np
-from conftest import ServerProcess
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from explain_api import explain_pb2, explain_pb2_grpc
 from explain_client.client import explain_request
 from explain_client.workload import distinct_requests
+from explain_server.launcher import ServerProcess
+
+pytestmark = pytest.mark.slow
 
 CONCURRENCY = 16
 EXPLAIN_CALLS = 64

@@ -33,10 +33,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
+from loopback import bind
 
 from explain_client import cli
 from explain_server.config import ServerConfig, load_config
+from explain_server.launcher import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -101,6 +102,7 @@ def server_config(docs: list[dict], tmp_path: pathlib.Path) -> tuple[ServerConfi
 # --- Kubernetes manifests ------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_manifests_validate_against_the_kubernetes_schemas(rendered):
     overlay, docs = rendered
     version = latest_version()
@@ -116,6 +118,7 @@ def test_manifests_validate_against_the_kubernetes_schemas(rendered):
     assert wanted <= kinds, wanted - kinds
 
 
+@pytest.mark.integration
 def test_strict_validation_catches_a_misspelt_field():
     """The validation above is strict: an unknown field fails, it is not ignored."""
     deployment = only(render("cpu"), "Deployment")
@@ -124,6 +127,7 @@ def test_strict_validation_catches_a_misspelt_field():
         kubernetes_validate.validate(deployment, latest_version(), strict=True)
 
 
+@pytest.mark.integration
 def test_service_monitor_matches_the_prometheus_operator_crd(rendered):
     # pydantic models generated from the prometheus-operator CRDs: validation checks types and
     # patterns; the round trip drops any field the CRD does not define. Imported here, as
@@ -136,6 +140,7 @@ def test_service_monitor_matches_the_prometheus_operator_crd(rendered):
     assert model.model_dump(by_alias=True, exclude_unset=True, mode="json") == doc
 
 
+@pytest.mark.integration
 def test_service_monitor_scrapes_each_pod_once_on_its_metrics_port(rendered, tmp_path):
     _, docs = rendered
     config, container = server_config(docs, tmp_path)
@@ -150,6 +155,7 @@ def test_service_monitor_scrapes_each_pod_once_on_its_metrics_port(rendered, tmp
     assert endpoint["path"] == "/metrics"
 
 
+@pytest.mark.integration
 def test_deployment_runs_the_server_as_configured(rendered, tmp_path):
     overlay, docs = rendered
     config, container = server_config(docs, tmp_path)
@@ -178,6 +184,7 @@ def test_deployment_runs_the_server_as_configured(rendered, tmp_path):
         assert config.device == "cpu"
 
 
+@pytest.mark.integration
 def test_deployment_is_non_root_with_a_read_only_root_filesystem(rendered):
     _, docs = rendered
     pod = only(docs, "Deployment")["spec"]["template"]["spec"]
@@ -194,6 +201,7 @@ def test_deployment_is_non_root_with_a_read_only_root_filesystem(rendered):
     assert {"/tmp", DockerfileParser(str(DOCKERFILE)).envs["XDG_CACHE_HOME"]} <= writable
 
 
+@pytest.mark.integration
 def test_autoscaler_follows_a_metric_the_adapter_serves(rendered):
     _, docs = rendered
     hpa = only(docs, "HorizontalPodAutoscaler")
@@ -213,6 +221,7 @@ def test_autoscaler_follows_a_metric_the_adapter_serves(rendered):
         assert metric["pods"]["metric"]["name"] in served
 
 
+@pytest.mark.integration
 def test_pod_disruption_budget_and_services_select_the_pods(rendered):
     _, docs = rendered
     labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -228,6 +237,7 @@ def test_pod_disruption_budget_and_services_select_the_pods(rendered):
 # --- linters ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_yamllint_passes_on_every_yaml_file():
     # the repository's YAML files, tracked or new, without what .gitignore leaves out (.venv)
     listed = run("git", "ls-files", "--cached", "--others", "--exclude-standard", "*.yaml", "*.yml")
@@ -238,11 +248,13 @@ def test_yamllint_passes_on_every_yaml_file():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.integration
 def test_hadolint_passes_on_the_dockerfile():
     result = run(tool("hadolint"), str(DOCKERFILE))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.integration
 def test_compose_files_match_the_compose_spec():
     result = run(
         tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
@@ -254,6 +266,7 @@ def test_compose_files_match_the_compose_spec():
 # --- the container image ------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_image_base_carries_the_pinned_cuda_torch():
     pins = dict(
         re.fullmatch(r"([\w.-]+)==(\S+)", dep).groups()
@@ -264,6 +277,7 @@ def test_image_base_carries_the_pinned_cuda_torch():
     assert re.fullmatch(rf"pytorch/pytorch:{re.escape(pins['torch'])}-cuda[\d.]+-cudnn\d+-runtime", base), base
 
 
+@pytest.mark.integration
 def test_build_context_holds_what_the_image_installs(tmp_path):
     """The files the Docker CLI sends under .dockerignore are enough to build the two packages
     the Dockerfile installs (the client and the server); the virtualenv, git history and tests
@@ -294,6 +308,7 @@ def test_build_context_holds_what_the_image_installs(tmp_path):
     assert {"explain_server/server.py", "explain_client/cli.py", "explain_api/explain_pb2.py"} <= names
 
 
+@pytest.mark.integration
 def test_image_runs_as_a_non_root_user():
     parser = DockerfileParser(str(DOCKERFILE))
     users = [i["value"] for i in parser.structure if i["instruction"] == "USER"]
@@ -308,6 +323,7 @@ def healthcheck_command() -> list[str]:
     return json.loads(check.split("CMD", 1)[1])
 
 
+@pytest.mark.integration
 def test_image_healthcheck_passes_against_a_serving_server(server, capsys):
     command = healthcheck_command()
     assert command[:2] == ["explain-client", "health"]
@@ -327,12 +343,13 @@ def health_server():
     servicer = health.HealthServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    target = bind(server)
     server.start()
-    yield servicer, f"127.0.0.1:{port}"
+    yield servicer, target
     server.stop(None)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("status", "code"),
     [
@@ -348,6 +365,7 @@ def test_health_command_exits_zero_only_when_serving(health_server, capsys, stat
     assert capsys.readouterr().out.strip() == health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
 
+@pytest.mark.unit
 def test_health_command_asks_for_the_named_service(health_server, capsys):
     servicer, target = health_server
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -358,6 +376,7 @@ def test_health_command_asks_for_the_named_service(health_server, capsys):
     assert capsys.readouterr().err == "error: NOT_FOUND: the server's health service knows no service 'no.such.Service'\n"
 
 
+@pytest.mark.unit
 def test_health_command_is_unhealthy_when_nothing_answers(capsys):
     assert cli.main(["health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
@@ -453,6 +472,7 @@ def referenced_names() -> dict[str, set[str]]:
     return refs
 
 
+@pytest.mark.integration
 def test_monitoring_files_refer_only_to_exported_metrics(server, client):
     # one explanation first, so that the labelled series have samples as well
     client.explain(np.zeros((64, 64, 3), np.uint8), "a photo", model="tiny")
@@ -464,6 +484,7 @@ def test_monitoring_files_refer_only_to_exported_metrics(server, client):
         assert names <= exported, f"{source}: not exported by the server: {sorted(names - exported)}"
 
 
+@pytest.mark.integration
 def test_dashboard_shows_what_the_issue_asks_for():
     """Latency, throughput, queue depth, batch size, errors by code, the similarity-score
     distribution and the convergence delta each have a panel."""
@@ -499,6 +520,7 @@ def mounts(service: dict) -> dict[str, str]:
     return table
 
 
+@pytest.mark.integration
 def test_compose_stack_is_wired_together():
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     server = services["server"]

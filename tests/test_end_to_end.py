@@ -33,6 +33,7 @@ def noise_image(width: int, height: int, seed: int = 0) -> bytes:
     return png(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
+@pytest.mark.integration
 def test_health_is_serving(server):
     with grpc.insecure_channel(server.target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -41,6 +42,7 @@ def test_health_is_serving(server):
             assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.integration
 def test_reflection_lists_the_explain_service(server):
     with grpc.insecure_channel(server.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -50,6 +52,7 @@ def test_reflection_lists_the_explain_service(server):
     assert {"explain.v1.Explain", "grpc.health.v1.Health"} <= names
 
 
+@pytest.mark.integration
 def test_list_models_matches_the_loaded_models(client, b32_weights):
     models = {m.name: m for m in client.list_models()}
     assert set(models) == {"tiny", "b32"}
@@ -68,6 +71,7 @@ def test_list_models_matches_the_loaded_models(client, b32_weights):
     assert (b32.device, b32.dtype) == ("cpu", "float32")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model, grid", [("tiny", (4, 4)), ("b32", (7, 7))])
 def test_explanation_shapes_tokens_and_values(client, model, grid):
     exp = client.explain(noise_image(300, 200), CAPTION, model=model, request_id="req-42")
@@ -89,6 +93,7 @@ def test_explanation_shapes_tokens_and_values(client, model, grid):
     assert exp.queue_seconds >= 0 and exp.compute_seconds > 0
 
 
+@pytest.mark.integration
 def test_default_model_and_options_are_resolved(client):
     exp = client.explain(noise_image(64, 64), "a dog")
     assert exp.model == "tiny"
@@ -102,12 +107,14 @@ def test_default_model_and_options_are_resolved(client):
     assert not np.allclose(other.attribution, exp.attribution)
 
 
+@pytest.mark.integration
 def test_request_ids_are_generated_when_empty(client):
     first = client.explain(noise_image(64, 64), "a dog")
     second = client.explain(noise_image(64, 64), "a dog")
     assert len(first.request_id) == 36 and first.request_id != second.request_id
 
 
+@pytest.mark.integration
 def test_completeness_on_vit_b_32(client):
     """|convergence delta| shrinks as n_steps grows; the attribution sum at 5 is within [0.8, 1.25] of 50."""
     image = noise_image(224, 224, seed=3)
@@ -118,12 +125,14 @@ def test_completeness_on_vit_b_32(client):
     assert 0.8 <= total[5] / total[50] <= 1.25
 
 
+@pytest.mark.integration
 def test_crop_box_of_a_wide_image(client):
     exp = client.explain(noise_image(448, 224), CAPTION, model="b32")
     assert exp.crop_box == (112.0, 0.0, 336.0, 224.0)
     assert exp.image_size == (448, 224)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("cell", [(0, 0), (0, 3), (3, 0), (2, 1)])
 def test_grid_rows_run_top_down_and_columns_left_right(client, cell):
     """Paint one cell of the crop of a wide image; at image_layer 0 only that cell's hidden state
@@ -138,6 +147,7 @@ def test_grid_rows_run_top_down_and_columns_left_right(client, cell):
     assert np.unravel_index(magnitude.argmax(), magnitude.shape) == cell
 
 
+@pytest.mark.integration
 def test_exif_orientation_is_applied(client):
     image = Image.fromarray(np.zeros((40, 100, 3), np.uint8))  # 100 wide, 40 high
     exif = Image.Exif()
@@ -164,6 +174,7 @@ def test_exif_orientation_is_applied(client):
         ({"image": b"<html><body>not an image</body></html>"}, "image"),
     ],
 )
+@pytest.mark.integration
 def test_bad_input_is_invalid_argument_naming_the_field(client, kwargs, field):
     args = {"image": noise_image(64, 64), "caption": CAPTION, **kwargs}
     with pytest.raises(InvalidArgumentError) as info:
@@ -172,6 +183,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(client, kwargs, field):
     assert info.value.details.startswith(f"{field}:")
 
 
+@pytest.mark.integration
 def test_truncated_image_is_refused_not_padded(client):
     out = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, format="JPEG")
@@ -179,6 +191,7 @@ def test_truncated_image_is_refused_not_padded(client):
         client.explain(out.getvalue()[: len(out.getvalue()) // 2], CAPTION)
 
 
+@pytest.mark.integration
 def test_png_data_ending_early_is_refused_not_padded_with_black(client):
     """A complete PNG file whose zlib stream holds 30 of its 96 rows: Pillow alone pads the rest."""
     truncated = with_scanlines(noise_image(96, 96), lambda scanlines: scanlines[: 30 * (1 + 96 * 3)])
@@ -186,6 +199,7 @@ def test_png_data_ending_early_is_refused_not_padded_with_black(client):
         client.explain(truncated, CAPTION)
 
 
+@pytest.mark.integration
 def test_a_control_character_in_a_caption_reads_as_a_space(client):
     image = noise_image(64, 64)
     got = client.explain(image, "a red\x00circle and\x1ba blue square")
@@ -194,16 +208,19 @@ def test_a_control_character_in_a_caption_reads_as_a_space(client):
     np.testing.assert_array_equal(got.attribution, want.attribution)
 
 
+@pytest.mark.integration
 def test_unknown_model_is_not_found(client):
     with pytest.raises(NotFoundError, match="model: no model named 'nope'; hosted: tiny, b32"):
         client.explain(noise_image(64, 64), CAPTION, model="nope")
 
 
+@pytest.mark.integration
 def test_client_rejects_none_caption_before_sending(client):
     with pytest.raises(TypeError, match="caption"):
         client.explain(noise_image(64, 64), None)
 
 
+@pytest.mark.integration
 def test_client_names_a_caption_utf8_cannot_encode(client):
     with pytest.raises(ValueError, match=r"^caption must be valid Unicode text; character '\\ud800' at index 2"):
         client.explain(noise_image(64, 64), "a \ud800 cat")
@@ -211,11 +228,13 @@ def test_client_names_a_caption_utf8_cannot_encode(client):
         client.explain_many([noise_image(64, 64)], ["a cat", "a \udc00 dog"])
 
 
+@pytest.mark.unit
 def test_client_refuses_an_empty_target():
     with pytest.raises(ValueError, match="target must be a gRPC target such as 'localhost:50051'; got ''"):
         ExplainClient("")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("timeout", [0, -1.5])
 def test_client_refuses_a_deadline_already_past_before_calling(client, timeout):
     with pytest.raises(ValueError, match=f"timeout must be > 0 seconds, or None for no deadline; got {timeout}"):
@@ -226,6 +245,7 @@ def test_client_refuses_a_deadline_already_past_before_calling(client, timeout):
         client.list_models(timeout=timeout)
 
 
+@pytest.mark.integration
 def test_cli_prints_interactions_and_writes_an_overlay(server, tmp_path, capsys):
     image_path = tmp_path / "photo.png"
     image_path.write_bytes(noise_image(128, 64))
@@ -244,6 +264,7 @@ def test_cli_prints_interactions_and_writes_an_overlay(server, tmp_path, capsys)
     assert data["tokens"][2] == "red" and np.asarray(data["attribution"]).shape == (9, 4, 4)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "out, message",
     [
@@ -262,6 +283,7 @@ def test_cli_refuses_an_out_it_cannot_write_before_calling(tmp_path, capsys, out
     assert err.startswith("error: --out: ") and message in err
 
 
+@pytest.mark.integration
 def test_cli_lists_the_hosted_models(server, capsys):
     assert cli.main(["models", "--target", server.target]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -277,6 +299,7 @@ def test_cli_lists_the_hosted_models(server, capsys):
     assert models["b32"]["grid"] == [7, 7] and models["b32"]["preprocessing"]["resize_mode"] == "shortest"
 
 
+@pytest.mark.integration
 def test_cli_takes_the_explain_command_and_connection_options_before_a_command(server, tmp_path, capsys):
     image_path = tmp_path / "photo.png"
     image_path.write_bytes(noise_image(64, 64))
@@ -286,11 +309,13 @@ def test_cli_takes_the_explain_command_and_connection_options_before_a_command(s
     assert [model["name"] for model in json.loads(capsys.readouterr().out)] == ["tiny", "b32"]
 
 
+@pytest.mark.unit
 def test_cli_models_reports_an_unreachable_server_with_exit_code_2(capsys):
     assert cli.main(["models", "--target", "127.0.0.1:1", "--timeout", "2"]) == cli.EXIT_SERVER_ERROR
     assert capsys.readouterr().err.startswith("error: ")
 
 
+@pytest.mark.integration
 def test_cli_reports_server_errors_with_exit_code_2(server, tmp_path, capsys):
     image_path = tmp_path / "photo.png"
     image_path.write_bytes(noise_image(64, 64))
@@ -298,6 +323,7 @@ def test_cli_reports_server_errors_with_exit_code_2(server, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: NOT_FOUND: model: no model named 'nope'")
 
 
+@pytest.mark.integration
 def test_server_stays_serving_after_bad_requests(server, client):
     for bad in (b"", b"\x00" * 100, b"GIF89a"):
         with pytest.raises(InvalidArgumentError):
@@ -306,6 +332,7 @@ def test_server_stays_serving_after_bad_requests(server, client):
     assert client.explain(noise_image(64, 64), CAPTION).attribution.shape == (9, 4, 4)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "caption, rule",
     [
@@ -320,6 +347,7 @@ def test_captions_the_model_cannot_read_as_written_are_refused(client, caption, 
         client.explain(noise_image(64, 64), caption)
 
 
+@pytest.mark.integration
 def test_extreme_aspect_ratios_are_refused_before_resizing(client):
     out = io.BytesIO()
     Image.new("L", (1, 19_000)).save(out, format="PNG")
@@ -327,6 +355,7 @@ def test_extreme_aspect_ratios_are_refused_before_resizing(client):
         client.explain(out.getvalue(), CAPTION)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "payload",
     [
@@ -344,6 +373,7 @@ def test_malformed_messages_are_invalid_argument(server, payload):
     assert info.value.details().startswith("request: not a valid /explain.v1.Explain/Explain message")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -358,6 +388,7 @@ def test_client_names_the_field_of_a_bad_option(client, kwargs, error, message):
         client.explain(noise_image(64, 64), CAPTION, **kwargs)
 
 
+@pytest.mark.integration
 def test_cli_reports_where_a_span_points(server, tmp_path, capsys):
     image_path = tmp_path / "photo.png"
     image_path.write_bytes(noise_image(64, 64))
@@ -365,6 +396,7 @@ def test_cli_reports_where_a_span_points(server, tmp_path, capsys):
     assert "span 'blue square' (rows 6-7): peak at cell (" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_bad_payloads_among_concurrent_valid_requests_harm_none(client):
     """Undecodable images queued between valid requests: each valid one equals its solo result."""
     valid = [(noise_image(64, 64, seed=i), f"caption number {i}") for i in range(4)]

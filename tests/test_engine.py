@@ -19,6 +19,8 @@ from explain_server.engine.towers import ImageTower, TextTower
 from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelSpec
 from explain_server.models import ModelLoadError, load_model, resolve_device
 
+pytestmark = pytest.mark.unit
+
 CAPTION = "a red circle and a blue square"
 
 

@@ -114,6 +114,7 @@ def batches(tower: str | None = None, layer: int | None = None):
 ROWS = st.integers(0, 14).map(lambda bits: 1 << bits)
 
 
+@pytest.mark.slow
 @given(
     tower=st.sampled_from(["text", "image"]),
     layer=st.integers(0, LAYERS - 1),
@@ -147,6 +148,7 @@ def test_factor_passes_equal_each_integral_alone(explainer, tower, layer, mode, 
             assert_equal_to_solo(results[i], want, explainer.dtype)
 
 
+@pytest.mark.slow
 @given(drawn=batches(), rows=ROWS)
 def test_explainer_batches_equal_each_side_alone(explainer, drawn, rows):
     """Explainer.factors on a mixed batch (layers, rules, lengths, stops): factors and endpoints."""
@@ -168,6 +170,7 @@ def test_explainer_batches_equal_each_side_alone(explainer, drawn, rows):
         explainer.budget = budget
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("lengths", [(3, 4, 5), (3, 5, 4)])
 def test_captions_leaving_a_pass_one_after_another(explainer, lengths):
     """What hypothesis shrank the first failures to: three captions of 1-3 words leave a
@@ -203,6 +206,7 @@ class LoggedBudget(ChunkBudget):
         self.events.append(("pass", flops))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overhead, seconds", [(0.0, 0.25), (0.01, 0.25), (0.1, 0.5), (2.0, 10.0)])
 def test_the_time_budget_fits_overhead_and_rate(overhead, seconds):
     """Chunks timed at ``overhead + 1e-9 s per multiply-add``: a 0.25 s budget leaves room for
@@ -216,6 +220,7 @@ def test_the_time_budget_fits_overhead_and_rate(overhead, seconds):
     assert ChunkBudget(AMPLE).max_flops() == float("inf")  # no time budget
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", [forward_factors, reverse_factors])
 @pytest.mark.parametrize("tower", ["text", "image"])
 def test_a_time_budget_bounds_every_pass_and_stopped_work_ends_at_the_next_poll(explainer, mode, tower):

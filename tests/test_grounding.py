@@ -12,14 +12,16 @@ import pathlib
 import numpy as np
 import open_clip
 import pytest
-from conftest import ServerProcess
 from PIL import Image, ImageOps
 
 from explain_api.grounding import load_dataset
 from explain_client import ExplainClient
 from explain_client.evaluation import cli
 from explain_client.evaluation.scoring import phrase_rows, score_phrase
+from explain_server.launcher import ServerProcess
 from explain_server.shapes import model as shapes_model
+
+pytestmark = pytest.mark.slow
 
 HELDOUT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "shapes-heldout" / "dataset.json"
 

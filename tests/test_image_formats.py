@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.integration
+
 CAPTION = "a red circle and a blue square"
 RNG = np.random.default_rng(11)
 RGB = RNG.integers(0, 256, size=(48, 80, 3), dtype=np.uint8)

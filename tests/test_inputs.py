@@ -16,6 +16,8 @@ from PIL import Image
 from explain_server.inputs import InputError, crop_box, decode_image, token_label, tokenize
 from explain_server.settings import ImageLimits
 
+pytestmark = pytest.mark.unit
+
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 
 

@@ -25,6 +25,8 @@ from explain_server.batching import DynamicBatcher
 from explain_server.inputs import decode_image, tokenize
 from explain_server.settings import BatchingConfig, ImageLimits
 
+pytestmark = pytest.mark.unit
+
 POISON = "a poisoned caption"
 ERROR_ID = re.compile(r"^internal server error ([0-9a-f]{12}): a bug in the server, not a problem with the request")
 EXPLAIN = {"grpc_type": "unary", "grpc_service": "explain.v1.Explain"}

@@ -9,11 +9,14 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess
+from conftest import TINY, TINY_CONFIG
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_end_to_end import noise_image
 
 from explain_client import ExplainClient, ExplainError, UnavailableError
+from explain_server.launcher import ServerProcess
+
+pytestmark = pytest.mark.integration
 
 CAPTION = "a red circle and a blue square"
 # Through every block of the tiny model: about 6 s of an idle 2-core machine, long enough to be

@@ -13,6 +13,8 @@ from explain_api import explain_pb2, explain_pb2_grpc
 from explain_client import ExplainClient, InvalidArgumentError, MessageTooLargeError
 from explain_client.client import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES
 
+pytestmark = pytest.mark.integration
+
 CAPTION = "a red circle"
 
 

@@ -12,9 +12,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import TINY, TINY_CONFIG, ServerProcess
+from conftest import TINY, TINY_CONFIG
 
 from explain_client import ExplainClient, cli
+from explain_server.launcher import ServerProcess
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 CAPTION = "a red circle and a blue square"
@@ -51,6 +52,7 @@ def answering_server(client: ExplainClient) -> str:
     return model.name
 
 
+@pytest.mark.integration
 def test_round_robin_spreads_calls_evenly_over_both_servers(replicas):
     with ExplainClient(multi_address_target(replicas), timeout=120, load_balancing_policy="round_robin") as client:
         # round_robin picks among the connections that are up: the first calls may precede
@@ -66,6 +68,7 @@ def test_round_robin_spreads_calls_evenly_over_both_servers(replicas):
     assert counts == {"a": 10, "b": 10}
 
 
+@pytest.mark.integration
 def test_without_a_policy_every_call_goes_to_one_server(replicas):
     """gRPC's default, pick_first, sends everything to the first address that connects: why
     the policy matters. Which one that is can vary: pick_first starts the next address when the
@@ -76,6 +79,7 @@ def test_without_a_policy_every_call_goes_to_one_server(replicas):
     assert server in replicas and calls == 10
 
 
+@pytest.mark.integration
 def test_dns_target_with_round_robin(replicas):
     """A dns:/// target, as for a headless Kubernetes Service (here one name, one server)."""
     target = f"dns:///localhost:{replicas['a'].port}"
@@ -83,6 +87,7 @@ def test_dns_target_with_round_robin(replicas):
         assert client.explain(IMAGE, CAPTION).model == "a"
 
 
+@pytest.mark.integration
 def test_cli_passes_the_policy_to_grpc(replicas, tmp_path, capsys):
     image = tmp_path / "image.png"
     Image.fromarray(IMAGE).save(image)
@@ -95,6 +100,7 @@ def test_cli_passes_the_policy_to_grpc(replicas, tmp_path, capsys):
     assert "no_such_policy" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_policy_and_a_service_config_option_conflict():
     with pytest.raises(ValueError, match="service_config"):
         ExplainClient(

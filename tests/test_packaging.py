@@ -11,6 +11,10 @@ import tomllib
 
 import pytest
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLIENT_COMMANDS = {"explain-client", "explain-loadgen", "explain-eval", "explain-eval-convert"}
 SERVER_COMMANDS = {"explain-server", "explain-demo", "shapes-scenes"}

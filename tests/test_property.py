@@ -6,13 +6,16 @@ import io
 
 import grpc
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, wait_serving
+from conftest import TINY, TINY_CONFIG
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from explain_api import explain_pb2, explain_pb2_grpc
 from explain_server.engine.quadrature import METHODS
+from explain_server.launcher import ServerProcess, wait_serving
+
+pytestmark = pytest.mark.integration
 
 INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 DOCUMENTED = {

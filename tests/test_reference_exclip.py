@@ -18,6 +18,8 @@ from PIL import Image
 from explain_server.engine.attribution import ChunkBudget
 from explain_server.engine.explainer import Explainer
 
+pytestmark = pytest.mark.slow
+
 CAPTION = "a cat sitting on a wooden floor"
 
 

@@ -31,6 +31,7 @@ def scenes(seed: int, count: int, n_objects=(1, 4)):
     return out
 
 
+@pytest.mark.unit
 def test_same_seed_same_scenes_captions_and_pixels():
     first, second = scenes(11, 5), scenes(11, 5)
     assert first == second
@@ -39,11 +40,13 @@ def test_same_seed_same_scenes_captions_and_pixels():
     assert scenes(12, 5) != first
 
 
+@pytest.mark.unit
 def test_vocabulary_is_large_enough():
     assert {"circle", "square", "triangle", "cross"} <= set(SHAPES)
     assert len(COLOURS) >= 6 and len(SIZES) >= 2
 
 
+@pytest.mark.unit
 def test_objects_are_apart_inside_the_canvas_and_distinct():
     for scene, _ in scenes(1, 200):
         assert 1 <= len(scene.objects) <= 4
@@ -56,6 +59,7 @@ def test_objects_are_apart_inside_the_canvas_and_distinct():
                 assert a.box[2] < b.box[0] or b.box[2] < a.box[0] or a.box[3] < b.box[1] or b.box[3] < a.box[1]
 
 
+@pytest.mark.unit
 def test_rendered_objects_stay_inside_their_boxes():
     checked = 0
     for scene, _ in scenes(2, 60):
@@ -75,6 +79,7 @@ def test_rendered_objects_stay_inside_their_boxes():
     assert checked > 10
 
 
+@pytest.mark.unit
 def test_each_phrase_names_its_object_once():
     for scene, caption in scenes(3, 200):
         assert sorted(p.object_index for p in caption.phrases) == list(range(len(scene.objects)))
@@ -85,6 +90,7 @@ def test_each_phrase_names_its_object_once():
             assert caption.text.count(f"{obj.colour} {obj.shape}") == 1
 
 
+@pytest.mark.unit
 def test_captions_vary_in_template_and_order():
     texts = [caption.text for _, caption in scenes(4, 200, n_objects=(2, 2))]
     assert len({t.split(" ")[0] for t in texts}) >= 4  # different openings
@@ -92,6 +98,7 @@ def test_captions_vary_in_template_and_order():
     assert any(re.search(r"\b(small|large)\b", t) for t in texts)
 
 
+@pytest.mark.unit
 def test_colour_swapped_twin_differs_only_in_two_colour_words():
     rng = np.random.default_rng(5)
     twins = 0
@@ -113,6 +120,7 @@ def test_colour_swapped_twin_differs_only_in_two_colour_words():
     assert colour_swapped(single, rng) is None
 
 
+@pytest.mark.unit
 def test_shapes_scenes_writes_a_valid_dataset(tmp_path):
     assert shapes_dataset.main([str(tmp_path), "--count", "6", "--seed", "9"]) == 0
     dataset = load_dataset(tmp_path / "dataset.json")
@@ -135,6 +143,7 @@ def _minimal(**phrase):
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "phrase, message",
     [
@@ -150,6 +159,7 @@ def test_dataset_errors_name_the_entry(tmp_path, phrase, message):
     parse_dataset(_minimal(), tmp_path)  # the unmodified entry is valid
 
 
+@pytest.mark.unit
 def test_coco_converter_finds_mentions_and_boxes(tmp_path):
     instances = {
         "images": [{"id": 7, "file_name": "000007.jpg", "width": 640, "height": 480}],
@@ -175,6 +185,7 @@ def test_coco_converter_finds_mentions_and_boxes(tmp_path):
     parse_dataset(data, out.parent)
 
 
+@pytest.mark.unit
 def test_flickr30k_converter_spans_and_one_based_boxes(tmp_path):
     (tmp_path / "Sentences").mkdir()
     (tmp_path / "Annotations").mkdir()
@@ -207,6 +218,7 @@ def test_flickr30k_converter_spans_and_one_based_boxes(tmp_path):
     assert json.loads(out.read_text())["images"][0]["file"] == "images/42.jpg"
 
 
+@pytest.mark.unit
 def test_union_coverage_is_exact():
     xs = ys = np.array([0.0, 10.0, 20.0])
     # two overlapping boxes: in cell (0, 1), 50 + 50 px^2 of which 25 overlap, out of 100
@@ -227,6 +239,7 @@ def _explanation(caption: str, attribution: np.ndarray, crop_box=(0.0, 0.0, 96.0
     )
 
 
+@pytest.mark.slow
 def test_phrase_rows_are_the_tokenizers_rows_and_only_they_make_the_heatmap():
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     rng = np.random.default_rng(0)
@@ -248,6 +261,7 @@ def test_phrase_rows_are_the_tokenizers_rows_and_only_they_make_the_heatmap():
             assert result.peak == (2, 5) and result.pointing_hit
 
 
+@pytest.mark.unit
 def test_phrase_offsets_hold_across_control_characters():
     """The service reads a NUL as a space: the words around it stay apart and keep their offsets."""
     text = "a red\x00circle\x1band a blue square"
@@ -257,6 +271,7 @@ def test_phrase_offsets_hold_across_control_characters():
     assert phrase_rows(exp, text, text.index("blue"), len(text)) == [6, 7]
 
 
+@pytest.mark.unit
 def test_pointing_maps_cells_through_the_crop_box():
     caption = "a red circle"
     attribution = np.zeros((5, 4, 4))

@@ -11,7 +11,7 @@ import sys
 
 import grpc
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess, free_port, wait_serving
+from conftest import TINY, TINY_CONFIG
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,6 +26,7 @@ from explain_client import ExplainClient, UnauthenticatedError, UnavailableError
 from explain_client.cli import main as cli_main
 from explain_client.client import bearer_metadata
 from explain_server.config import load_config
+from explain_server.launcher import ServerProcess, wait_serving
 from explain_server.security import load_tokens
 
 CAPTION = "SECRET-CAPTION-a red circle"
@@ -90,6 +91,7 @@ def _wait(server: ServerProcess, credentials: grpc.ChannelCredentials) -> None:
         client.wait_until_ready(timeout=300)
 
 
+@pytest.mark.integration
 def test_tls(tmp_path, pki):
     server = _started(["--tls-cert", pki["server"][1], "--tls-key", pki["server"][0]], tmp_path / "tls.log")
     try:
@@ -108,6 +110,7 @@ def test_tls(tmp_path, pki):
         server.stop()
 
 
+@pytest.mark.integration
 def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(tmp_path, pki):
     server = _started(
         ["--tls-cert", pki["server"][1], "--tls-key", pki["server"][0], "--tls-client-ca", pki["ca"][1]],
@@ -126,6 +129,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(tmp_path, 
         server.stop()
 
 
+@pytest.mark.unit
 def test_tls_files_grpc_cannot_use_are_refused_naming_the_file(tmp_path, pki):
     (key, cert), (other_key, _), (_, ca) = pki["server"], pki["client"], pki["ca"]
     der = tmp_path / "server.der"
@@ -153,6 +157,7 @@ def test_tls_files_grpc_cannot_use_are_refused_naming_the_file(tmp_path, pki):
     assert load_config(["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", ca]).tls_client_ca == ca
 
 
+@pytest.mark.integration
 def test_a_key_that_does_not_match_the_certificate_fails_start_up_naming_both(pki):
     """Not as grpc's "Failed to bind", which reads like a port clash."""
     (key, cert), (other_key, _) = pki["server"], pki["client"]
@@ -170,12 +175,14 @@ def test_a_key_that_does_not_match_the_certificate_fails_start_up_naming_both(pk
 COMMENT = "# a comment"
 
 
+@pytest.mark.unit
 def test_token_files_skip_blank_and_comment_lines(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{COMMENT}\n\n  other-token  \n   #indented comment\n{TOKEN}\n#\n")
     assert load_tokens(str(tokens), None) == ["other-token", TOKEN]
 
 
+@pytest.mark.unit
 def test_a_token_file_of_comments_only_fails_start_up(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{COMMENT}\n\n# {TOKEN}\n")
@@ -183,6 +190,7 @@ def test_a_token_file_of_comments_only_fails_start_up(tmp_path):
         load_tokens(str(tokens), None)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("source", ["file", "env"])
 def test_bearer_tokens(tmp_path, source, monkeypatch):
     if source == "file":
@@ -220,6 +228,7 @@ def test_bearer_tokens(tmp_path, source, monkeypatch):
     assert "SECRET-CAPTION" not in text and TOKEN not in text  # nothing the caller sent, at INFO
 
 
+@pytest.mark.integration
 def test_exempting_reflection_by_config(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKEN)
@@ -240,6 +249,7 @@ def test_exempting_reflection_by_config(tmp_path):
         server.stop()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("token", [TOKEN + "\n", " " + TOKEN, "two words", "tok\u00e9n", "#comment"])
 def test_the_client_refuses_what_is_no_bearer_token_before_sending(token, monkeypatch, capsys):
     """gRPC itself would fail such metadata with INTERNAL ("Invalid metadata") before sending:

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from explain_server.shapes import model as shapes_model
 from explain_server.shapes import symmetry, training
 
+pytestmark = pytest.mark.unit
+
 
 def _is_tied(state: dict[str, torch.Tensor]) -> bool:
     # Tied up to rounding: the mean of an orbit's values is summed in a different order at each

@@ -15,6 +15,8 @@ from explain_server.shapes import model as shapes_model
 from explain_server.shapes import training
 from explain_server.shapes.scenes import describe, generate_scene, random_style
 
+pytestmark = pytest.mark.unit
+
 TINY_RECIPE = training.Recipe(steps=2, scenes_per_batch=3, warmup_steps=1)
 
 

@@ -12,11 +12,14 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from conftest import TINY, TINY_CONFIG, ServerProcess
+from conftest import TINY, TINY_CONFIG
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_batching import caption, noise_png
 
 from explain_client import ExplainClient, ExplainError
+from explain_server.launcher import ServerProcess
+
+pytestmark = pytest.mark.integration
 
 # about half a second per call on the tiny model: calls are in flight when the worker dies
 SLOW = {"text_layer": 0, "image_layer": 0, "method": "riemann_right", "n_steps": 400}

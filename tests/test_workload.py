@@ -10,7 +10,6 @@ import itertools
 import numpy as np
 import open_clip
 import pytest
-from conftest import free_port
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +19,9 @@ from explain_client.loadgen import (
     PREFETCH, build_parser, build_requests, default_metrics_url, factor_cache_counts, generate_load,
 )
 from explain_client.workload import SIDES, WORDS, distinct_captions, distinct_images, distinct_requests, load_photos
+from explain_server.launcher import free_port
+
+pytestmark = pytest.mark.unit
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 

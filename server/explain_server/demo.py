@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import socket
-import subprocess
 import sys
 
 from PIL import Image, ImageDraw
@@ -22,17 +20,12 @@ from explain_client.evaluation.scoring import cell_edges, phrase_rows, score_phr
 from explain_api.version import add_version_argument
 
 from . import DISTRIBUTION
+from .launcher import ServerProcess
 from .shapes import model as shapes_model
 from .shapes.dataset import scenes_with_captions
 from .shapes.scenes import render
 
 _ZOOM = 4  # the scene is 96 px: draw the panels four times larger
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _panel(explanation, image: Image.Image, rows: list[int], box, peak, title: str) -> Image.Image:
@@ -66,16 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     scene_path = out.with_name("scene.png")
     image.save(scene_path)
 
-    target = f"127.0.0.1:{_free_port()}"
-    print(f"starting explain-server on {target} with the embedded default model, {shapes_model.NAME} "
-          f"({shapes_model.ARCHITECTURE}, trained on generated scenes; no download)")
     # the embedded default model; no metrics port, so the demo runs beside a server on 9090
-    server = subprocess.Popen(
-        [sys.executable, "-m", "explain_server", "--host", "127.0.0.1", "--port", target.split(":")[1], "--metrics-port", "0"]
-    )
+    server = ServerProcess([], out.with_name("server.log"), metrics=False)
+    print(f"starting explain-server on {server.target} with the embedded default model, {shapes_model.NAME} "
+          f"({shapes_model.ARCHITECTURE}, trained on generated scenes; no download); its log: {server.log_path}")
     try:
-        with ExplainClient(target, timeout=600) as client:
-            info = client.wait_until_ready(timeout=600)[0]
+        server.wait_serving(timeout=600)
+        with ExplainClient(server.target, timeout=600) as client:
+            info = client.list_models()[0]
             print(f"server ready: {info.name} ({info.architecture}, grid {info.grid[0]}x{info.grid[1]})\n")
             print(f"explaining the generated scene {scene_path} (seed {args.seed}) with the caption {caption.text!r}")
             explanation = client.explain(image, caption.text)
@@ -103,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
               "(green: the object's box, black: the peak cell)")
         return 0
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop()
         print("server stopped")
 
 

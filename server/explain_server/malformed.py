@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from .interceptors import HandlerInterceptor, replace_behavior
 
 
 class _Malformed:
@@ -28,21 +30,18 @@ def _safe(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], ob
     return parse
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+class MalformedRequestInterceptor(HandlerInterceptor):
     """Parses unary requests itself and answers unparsable ones with INVALID_ARGUMENT.
 
     gRPC would report a deserialisation failure as UNKNOWN, which callers cannot tell from a
     server bug. Streaming methods (health Watch, reflection) keep gRPC's own handling.
     """
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def intercept_handler(
+        self, handler: grpc.RpcMethodHandler, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         """Wrap unary-unary handlers; pass the others through."""
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler.unary_unary:
+        if not handler.unary_unary:
             return handler
         behaviour = handler.unary_unary
 
@@ -54,8 +53,4 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 )
             return await behaviour(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=_safe(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        return replace_behavior(handler, guarded, request_deserializer=_safe(handler.request_deserializer))

@@ -17,11 +17,12 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Awaitable, Callable, NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .interceptors import HandlerInterceptor, replace_behavior
 from .worker.protocol import BatchReport, Tower
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class Metrics:
             ) from err
 
 
-class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class GrpcMetricsInterceptor(HandlerInterceptor):
     """Counts and times unary-unary RPCs as ``grpc_server_*`` series (go-grpc-prometheus names).
 
     As the outermost interceptor it is also the last line against server bugs: an unexpected
@@ -228,14 +229,11 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         """Record into ``metrics``."""
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def intercept_handler(
+        self, handler: grpc.RpcMethodHandler, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         """Wrap the handler of a unary-unary method."""
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler.unary_unary is None:
             return handler
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         labels = ("unary", service, method)
@@ -263,8 +261,4 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 m.grpc_handled.labels(*labels, code.name).inc()
                 m.grpc_handling_seconds.labels(*labels).observe(time.perf_counter() - start)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return replace_behavior(handler, observed)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hmac
 import os
 import pathlib
-from typing import Awaitable, Callable
 
 import grpc
 
+from .interceptors import HandlerInterceptor, replace_behavior
 from .settings import DEFAULT_AUTH_EXEMPT
 
 
@@ -70,17 +70,10 @@ def _aborting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcM
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # an async generator, as streaming handlers are
 
-    codecs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **codecs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **codecs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **codecs)
-    return grpc.stream_stream_rpc_method_handler(deny_stream, **codecs)
+    return replace_behavior(handler, deny_stream if handler.response_streaming else deny)
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(HandlerInterceptor):
     """Requires ``authorization: Bearer <token>`` metadata with one of the accepted tokens.
 
     Calls to the services in ``exempt`` (full names, e.g. ``grpc.health.v1.Health``) pass
@@ -100,14 +93,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                 return any([hmac.compare_digest(offered, token) for token in self._tokens])
         return False
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def intercept_handler(
+        self, handler: grpc.RpcMethodHandler, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         """Pass authorised and exempt calls on; answer the others UNAUTHENTICATED."""
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._exempt):
+        if handler_call_details.method.startswith(self._exempt):
             return handler
         if self._authorised(handler_call_details.invocation_metadata):
             return handler
