@@ -147,7 +147,7 @@ def engine_seconds_per_request(spec: str, device: str = "cpu", repeats: int = 3)
     from explain_server.engine.explainer import Side
     from explain_server.inputs import decode_image, tokenize
     from explain_server.model_spec import ModelSpec
-    from explain_server.models import load_model
+    from explain_server.loading import load_model
     from explain_server.settings import ImageLimits
     from explain_server.shapes import model as shapes_model
 

@@ -23,7 +23,7 @@ from explain_server.lifecycle import Lifecycle
 from explain_server.malformed import MalformedRequestInterceptor
 from explain_server.metrics import GrpcMetricsInterceptor, Metrics
 from explain_server.model_spec import ModelSpec
-from explain_server.models import LoadedModel, load_model
+from explain_server.loading import LoadedModel, load_model
 from explain_server.registry import ModelRegistry, ServedModel
 from explain_server.service import ExplainService
 from explain_server.settings import BatchingConfig, Limits

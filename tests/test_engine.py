@@ -17,7 +17,7 @@ from explain_server.engine.explainer import Explainer, NonFiniteError, Side
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
 from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelSpec
-from explain_server.models import ModelLoadError, load_model, resolve_device
+from explain_server.loading import ModelLoadError, load_model, resolve_device
 
 pytestmark = pytest.mark.unit
 
@@ -225,7 +225,7 @@ def test_explainer_pools_each_padded_caption_and_its_reference_at_its_own_end_to
     together = explainer.factors(explainer.text, sides)
     for side, got in zip(sides, together):
         (want,) = explainer.factors(explainer.text, [side])
-        torch.testing.assert_close(got.factor, want.factor, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got.matrix, want.matrix, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got.endpoints, want.endpoints, rtol=1e-9, atol=1e-12)
 
 

@@ -163,7 +163,7 @@ def test_explainer_batches_equal_each_side_alone(explainer, drawn, rows):
             explainer.budget, saved = ChunkBudget(AMPLE), explainer.budget
             for i in check_stops(mine, stops, results):
                 (want,) = explainer.factors(getattr(explainer, tower), [Side(batch[i].inputs, mine[i].layer, mine[i].method, mine[i].n_steps)])
-                assert_equal_to_solo(results[i].factor, want.factor, explainer.dtype)
+                assert_equal_to_solo(results[i].matrix, want.matrix, explainer.dtype)
                 assert_equal_to_solo(results[i].endpoints, want.endpoints, explainer.dtype)
             explainer.budget = saved
     finally:

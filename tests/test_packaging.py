@@ -11,8 +11,6 @@ import tomllib
 
 import pytest
 
-import pytest
-
 pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

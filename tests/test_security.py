@@ -26,7 +26,7 @@ from explain_client import ExplainClient, UnauthenticatedError, UnavailableError
 from explain_client.cli import main as cli_main
 from explain_client.client import bearer_metadata
 from explain_server.config import load_config
-from explain_server.launcher import ServerProcess, wait_serving
+from explain_server.launcher import ServerProcess, free_port, wait_serving
 from explain_server.security import load_tokens
 
 CAPTION = "SECRET-CAPTION-a red circle"
@@ -160,7 +160,7 @@ def test_tls_files_grpc_cannot_use_are_refused_naming_the_file(tmp_path, pki):
 @pytest.mark.integration
 def test_a_key_that_does_not_match_the_certificate_fails_start_up_naming_both(pki):
     """Not as grpc's "Failed to bind", which reads like a port clash."""
-    (key, cert), (other_key, _) = pki["server"], pki["client"]
+    (_, cert), (other_key, _) = pki["server"], pki["client"]
     result = subprocess.run(
         [sys.executable, "-m", "explain_server", "--port", str(free_port()), "--metrics-port", "0", *TINY_ARGS,
          "--tls-cert", cert, "--tls-key", other_key],

@@ -55,7 +55,7 @@ class FakeExplainer:
         return out
 
     def combine(self, text: Factor, image: Factor) -> Attribution:
-        t, v = float(text.factor[0, 0]), float(image.factor[0, 0])
+        t, v = float(text.matrix[0, 0]), float(image.matrix[0, 0])
         if t == NON_FINITE:
             raise NonFiniteError("overflow")
         return Attribution(np.full((2, 2), t * v), t * v, t, v, 1.0, 0.0)

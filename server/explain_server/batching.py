@@ -57,7 +57,7 @@ class DynamicBatcher:
         self._pending: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, items: list[Any]) -> list[Future]:
@@ -103,7 +103,7 @@ class DynamicBatcher:
             self._on_depth(len(self._pending))
             return batch
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             outcomes = self._outcomes([item for _, item, _ in batch])
             for (future, _, _), outcome in zip(batch, outcomes):

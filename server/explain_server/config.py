@@ -31,6 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from explain_api.version import add_version_argument
+
+from . import DISTRIBUTION
 from .model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, DEVICE_FORMS, ModelSpec, is_device
 from .settings import DEFAULT_AUTH_EXEMPT, DTYPES, BatchingConfig, ImageLimits, Limits
 from .shapes import model as shapes_model
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="explain-server",
         description="Serve second-order CLIP explanations (explain.v1.Explain) over gRPC.",
     )
+    add_version_argument(p, DISTRIBUTION)
     p.add_argument("--config", help="TOML file with any of these options (flags override it)")
     p.add_argument(
         "--model",

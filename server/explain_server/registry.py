@@ -12,7 +12,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .model_spec import ModelSpec
-from .models import ModelLoadError
+from .loading import ModelLoadError
 from .worker.protocol import ModelDescription
 from .worker_pool import ModelWorkers
 

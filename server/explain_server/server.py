@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -14,16 +13,14 @@ import grpc
 import open_clip
 import torch
 from explain_api import explain_pb2, explain_pb2_grpc
-from explain_api.version import add_version_argument
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import DISTRIBUTION
 from .config import ServerConfig, instance_devices, load_config
 from .lifecycle import Lifecycle
 from .malformed import MalformedRequestInterceptor
 from .metrics import GrpcMetricsInterceptor, Metrics
-from .models import ModelLoadError
+from .loading import ModelLoadError
 from .registry import ModelRegistry, ServedModel
 from .security import BearerTokenInterceptor, load_tokens, server_credentials
 from .service import ExplainService
@@ -216,10 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     configuration. Returns only for argument errors (2). ``--version`` prints the version and
     exits 0 (``SystemExit``).
     """
-    # read apart from the configuration's flags, which config.build_parser owns
-    version = argparse.ArgumentParser(prog="explain-server", add_help=False)
-    add_version_argument(version, DISTRIBUTION)
-    version.parse_known_args(argv)
     try:
         config = load_config(argv)
     except (ValueError, OSError) as err:

@@ -261,7 +261,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             (text,), (image,), waited = await self._prepare(
                 model, options, [request.caption], [request.image], stop, context, request_id, many=False
             )
-            (result,) = await self._run(model, [(text, image)], waited, stop, context, request_id)
+            (result,) = await self._compute(model, [(text, image)], waited, stop, context, request_id)
             return _response(model, request_id, options, text, image, result)
 
         return await self._observed("Explain", request.model, context, explain)
@@ -289,7 +289,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
                 model, options, captions, images, stop, context, request_id, many=True
             )
             pairs = [(texts[0 if len(texts) == 1 else i], pixels[0 if len(pixels) == 1 else i]) for i in range(count)]
-            results = await self._run(model, pairs, waited, stop, context, request_id)
+            results = await self._compute(model, pairs, waited, stop, context, request_id)
             return explain_pb2.ExplainManyResponse(
                 explanations=[
                     _response(model, f"{request_id}/{i}", options, text, image, result)
@@ -343,7 +343,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         if not self.registry.started:
             raise ModelsLoading("models are loading; retry when health is SERVING")
 
-    async def _run(
+    async def _compute(
         self, model: ServedModel, pairs: list[tuple[_Prepared, _Prepared]], waited: float, stop: _Stop,
         context: grpc.aio.ServicerContext, request_id: str,
     ) -> list[Explained]:

@@ -43,17 +43,17 @@ class Factor:
     """One side's attribution factor and path endpoints; all that side contributes to a pair.
 
     Attributes:
-        factor: T (D, S_t) or V (D, S_v), float32 (float64 for a float64 model).
+        matrix: T (D, S_t) or V (D, S_v), float32 (float64 for a float64 model).
         endpoints: (2, D): the embedding of the input and of the reference, f_hi(h) and f_hi(h^r).
     """
 
-    factor: torch.Tensor
+    matrix: torch.Tensor
     endpoints: torch.Tensor
 
     @property
     def nbytes(self) -> int:
         """Memory held by the two tensors, bytes."""
-        return sum(t.element_size() * t.nelement() for t in (self.factor, self.endpoints))
+        return sum(t.element_size() * t.nelement() for t in (self.matrix, self.endpoints))
 
 
 class Explainer:
@@ -157,7 +157,7 @@ class Explainer:
         Raises:
             NonFiniteError: a NaN or infinity in the result.
         """
-        result = combine(text.factor, image.factor, text.endpoints, image.endpoints)
+        result = combine(text.matrix, image.matrix, text.endpoints, image.endpoints)
         scalars = (result.score, result.text_reference, result.image_reference, result.both_references)
         if not (np.isfinite(result.interactions).all() and np.isfinite(scalars).all()):
             raise NonFiniteError(f"the attribution is not finite in {self.dtype}; float32 avoids overflow")

@@ -23,7 +23,7 @@ from ..settings import BatchingConfig
 from ..engine.explainer import NonFiniteError
 from ..inputs import tokenize
 from ..model_spec import ModelSpec
-from ..models import LoadedModel, ModelLoadError, load_model
+from ..loading import LoadedModel, ModelLoadError, load_model
 from ..shapes import model as shapes_model
 from .factor_cache import FactorCache
 from .protocol import LoadFailed, ModelDescription, Ready
