@@ -61,7 +61,11 @@ def requests(count: int, seed: int, **options) -> list:
 
 def load(server: Server, batch: list, concurrency: int):
     """Send every request of ``batch`` once, ``concurrency`` at a time."""
-    return asyncio.run(generate_load(server.target, iter(batch), concurrency=concurrency, total=len(batch), metrics_url=server.metrics_url))
+    return asyncio.run(
+        generate_load(
+            server.target, iter(batch), concurrency=concurrency, total=len(batch), metrics_url=server.metrics_url
+        )
+    )
 
 
 def measure(name: str, model_args: list[str], count: int, seed: int, **options) -> list[dict]:
@@ -75,10 +79,15 @@ def measure(name: str, model_args: list[str], count: int, seed: int, **options) 
             for concurrency, total in settings:
                 # new inputs for every run: the cache keeps the warm-up's and the other runs'
                 report = load(server, requests(total, seed + concurrency, **options), concurrency)
-                rows.append({
-                    "model": name, "batching": batching, "concurrency": concurrency, "report": report,
-                    "hit_ratio": (report.factor_cache or {}).get("hit_ratio"),
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "batching": batching,
+                        "concurrency": concurrency,
+                        "report": report,
+                        "hit_ratio": (report.factor_cache or {}).get("hit_ratio"),
+                    }
+                )
                 print(name, batching, concurrency, report.text().replace("\n", " | "), flush=True)
         finally:
             server.close()
@@ -92,7 +101,11 @@ def soak(seconds: float) -> dict:
         load(server, requests(2 * CONCURRENCY, 101), CONCURRENCY)
         rss_warm = rss_bytes(server.process.pid, "VmRSS")
         endless = (explain_request(image, caption) for image, caption in distinct_requests(seed=102))
-        report = asyncio.run(generate_load(server.target, endless, concurrency=CONCURRENCY, duration=seconds, metrics_url=server.metrics_url))
+        report = asyncio.run(
+            generate_load(
+                server.target, endless, concurrency=CONCURRENCY, duration=seconds, metrics_url=server.metrics_url
+            )
+        )
         rss_end = rss_bytes(server.process.pid, "VmRSS")
     finally:
         server.close()
@@ -146,8 +159,8 @@ def engine_seconds_per_request(spec: str, device: str = "cpu", repeats: int = 3)
 
     from explain_server.engine.explainer import Side
     from explain_server.inputs import decode_image, tokenize
-    from explain_server.model_spec import ModelSpec
     from explain_server.loading import load_model
+    from explain_server.model_spec import ModelSpec
     from explain_server.settings import ImageLimits
     from explain_server.shapes import model as shapes_model
 
@@ -219,7 +232,9 @@ def main() -> int:
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="the soak run, seconds")
     parser.add_argument("--record", type=pathlib.Path, help="markdown file whose section to replace")
     parser.add_argument(
-        "--engine-only", metavar="DEVICE", help="only the engine alone against batched, on DEVICE (cpu, cuda); prints, records nothing"
+        "--engine-only",
+        metavar="DEVICE",
+        help="only the engine alone against batched, on DEVICE (cpu, cuda); prints, records nothing",
     )
     args = parser.parse_args()
     if args.engine_only:
@@ -247,8 +262,10 @@ def main() -> int:
     def gain(rows, model):
         return at(rows, model, "on")["report"].ok_per_second / at(rows, model, "off")["report"].ok_per_second
 
-    tails = max(at(rows, m, "on")["report"].latency_seconds["p99"] / at(rows, m, "on")["report"].latency_seconds["p50"]
-                for rows, m in ((defaults, "shapes"), (defaults, "ViT-B-32")))
+    tails = max(
+        at(rows, m, "on")["report"].latency_seconds["p99"] / at(rows, m, "on")["report"].latency_seconds["p50"]
+        for rows, m in ((defaults, "shapes"), (defaults, "ViT-B-32"))
+    )
     rep = soaked["report"]
     lines = [
         "## Dynamic batching under concurrent load, on the defaults (issue 21)",
@@ -282,7 +299,9 @@ def main() -> int:
         "Stopped work: ViT-B-32 at block 0 with n_steps=512 and a 2 s deadline, then (0.5 s later) a default request; "
         "how long the default request still waited in the queue after the heavy one's deadline, seconds, over "
         f"{len(next(iter(waits.values())))} tries: "
-        + "; ".join(f"chunks sized {k}: {', '.join(f'{w:.2f}' for w in v)} (max {max(v):.2f})" for k, v in waits.items())
+        + "; ".join(
+            f"chunks sized {k}: {', '.join(f'{w:.2f}' for w in v)} (max {max(v):.2f})" for k, v in waits.items()
+        )
         + ".",
         "",
         f"Engine alone (shapes at its defaults, in-process, torch's default threads, {ENGINE_BATCH} new pairs): "

@@ -119,7 +119,9 @@ def exclip_worker(weights: str, out: str) -> None:
     idle = rss_bytes(pid, "VmRSS")
     reset_peak(pid)
     start = time.perf_counter()
-    attribution, score, *_ = explainer.explain(tokens, pixels, text_layer=11, image_layer=11, N=10, compute_lhs_terms=True)
+    attribution, score, *_ = explainer.explain(
+        tokens, pixels, text_layer=11, image_layer=11, N=10, compute_lhs_terms=True
+    )
     seconds = time.perf_counter() - start
     np.save(out, attribution.numpy())
     peak = rss_bytes(pid, "VmHWM")
@@ -159,7 +161,9 @@ def quadrature_sweep(max_n: int = 16) -> tuple[list[str], tuple[str, int]]:
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-B-32", pretrained=None).eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    explainer = Explainer(model, sot_token_id=tokenizer.sot_token_id, eot_token_id=tokenizer.eot_token_id, budget=ChunkBudget(128 * MIB))
+    explainer = Explainer(
+        model, sot_token_id=tokenizer.sot_token_id, eot_token_id=tokenizer.eot_token_id, budget=ChunkBudget(128 * MIB)
+    )
     transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     rng = np.random.default_rng(0)
     images = [Image.open(PHOTO).convert("RGB")] + [
@@ -169,10 +173,16 @@ def quadrature_sweep(max_n: int = 16) -> tuple[list[str], tuple[str, int]]:
     pairs = [(tokenize(tokenizer, c).token_ids, transform(i)) for c, i in zip(captions, images)]
 
     def deltas(method: str, n: int) -> np.ndarray:
-        return np.array([
-            abs(explainer.explain(ids, px, text_layer=11, image_layer=11, method=method, n_steps=n).convergence_delta)
-            for ids, px in pairs
-        ])
+        return np.array(
+            [
+                abs(
+                    explainer.explain(
+                        ids, px, text_layer=11, image_layer=11, method=method, n_steps=n
+                    ).convergence_delta
+                )
+                for ids, px in pairs
+            ]
+        )
 
     right, left = deltas("riemann_right", 50), deltas("riemann_left", 50)
     yardstick = np.minimum(right, left)  # the stricter of the two first-order rules, per pair
@@ -269,7 +279,9 @@ def main() -> int:
                 out = pathlib.Path(tmp) / "exclip.npy"
                 child = subprocess.run(
                     [sys.executable, __file__, "--exclip-worker", str(weights), str(out)],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 exclip = json.loads(child.stdout.strip().splitlines()[-1])
                 exclip["attribution"] = np.load(out)
@@ -288,7 +300,9 @@ def main() -> int:
                     ratio = "-"
                     if exclip is not None and (layers, method, n_steps) == (None, *EXCLIP_RULE):
                         ratio = f"{m['seconds'] / exclip['seconds']:.4f}"
-                        diff = np.linalg.norm(exp.attribution - exclip["attribution"]) / np.linalg.norm(exclip["attribution"])
+                        diff = np.linalg.norm(exp.attribution - exclip["attribution"]) / np.linalg.norm(
+                            exclip["attribution"]
+                        )
                         notes.append(
                             f"- exclip on ViT-B-32: {exclip['seconds']:.1f} s, adds {exclip['added_bytes'] / MIB:.0f} MiB; "
                             f"the service is **{exclip['seconds'] / m['seconds']:.0f}x faster** and adds "
@@ -314,27 +328,33 @@ def main() -> int:
             finally:
                 server.close()
 
-    body = "\n".join([
-        "## Explanation cost (issues 2 and 6)",
-        "",
-        f"`make bench` (`benchmarks/bench_engine.py`), {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, CPU, float32, seeded random weights from "
-        f"local files, the bundled photo (451x300) and the caption \"{CAPTION}\".",
-        "",
-        header,
-        *rows,
-        "",
-        *notes,
-        "",
-        "### Quadrature sweep (ViT-B-32, last-block inputs, 3 image-caption pairs)",
-        "",
-        "| method | n_steps | mean abs(convergence delta) | |\n|---|---:|---:|---|",
-        *sweep_rows,
-        "",
-        f"Cheapest setting as accurate as both first-order rules at n_steps=50: **{best[0]}, n_steps={best[1]}**; "
-        f"service default: **{default[0]}, n_steps={default[1]}**"
-        + ("." if best == default else " (differs from the sweep: update model_spec.DEFAULT_METHOD / DEFAULT_N_STEPS)."),
-    ])
+    body = "\n".join(
+        [
+            "## Explanation cost (issues 2 and 6)",
+            "",
+            f"`make bench` (`benchmarks/bench_engine.py`), {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+            f"{os.cpu_count()} CPU cores, torch {torch.__version__}, CPU, float32, seeded random weights from "
+            f'local files, the bundled photo (451x300) and the caption "{CAPTION}".',
+            "",
+            header,
+            *rows,
+            "",
+            *notes,
+            "",
+            "### Quadrature sweep (ViT-B-32, last-block inputs, 3 image-caption pairs)",
+            "",
+            "| method | n_steps | mean abs(convergence delta) | |\n|---|---:|---:|---|",
+            *sweep_rows,
+            "",
+            f"Cheapest setting as accurate as both first-order rules at n_steps=50: **{best[0]}, n_steps={best[1]}**; "
+            f"service default: **{default[0]}, n_steps={default[1]}**"
+            + (
+                "."
+                if best == default
+                else " (differs from the sweep: update model_spec.DEFAULT_METHOD / DEFAULT_N_STEPS)."
+            ),
+        ]
+    )
     print(body)
     if args.record:
         record(args.record, body, BEGIN, END)

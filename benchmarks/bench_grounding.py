@@ -81,7 +81,9 @@ def retrieval(weights: str, *, count: int = 1000, candidates: int = 100, seed: i
         captions.append(describe(scene, style).text)
         twins.append(None if twin is None else describe(twin, style).text)
     with torch.no_grad():
-        image = torch.cat([F.normalize(model.encode_image(torch.stack(images[i : i + 250])), dim=-1) for i in range(0, count, 250)])
+        image = torch.cat(
+            [F.normalize(model.encode_image(torch.stack(images[i : i + 250])), dim=-1) for i in range(0, count, 250)]
+        )
         text = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
         has_twin = [i for i, t in enumerate(twins) if t is not None]
         twin_text = F.normalize(model.encode_text(tokenizer([twins[i] for i in has_twin])), dim=-1)
@@ -110,7 +112,11 @@ def grounding(server: Server, model: str, dataset: pathlib.Path, limit: int | No
 
     start = time.perf_counter()
     results = evaluate(
-        server.client, load_dataset(dataset), workers=4, limit=limit, progress=False,
+        server.client,
+        load_dataset(dataset),
+        workers=4,
+        limit=limit,
+        progress=False,
         explain_options={"model": model, **options},
     )
     report = summarise(results)
@@ -136,8 +142,12 @@ def settings_sweep(server: Server, model: str, dataset: pathlib.Path, limit: int
     deeper = {"text_layer": listed.default_text_layer + 1, "image_layer": listed.default_image_layer + 1}
     rows = []
     for settings in (
-        {**last, **service}, {**last, "text_layer": 0, **service}, {**first, **service}, {**first, **own},
-        {**first, **finer}, {**deeper, **own},
+        {**last, **service},
+        {**last, "text_layer": 0, **service},
+        {**first, **service},
+        {**first, **own},
+        {**first, **finer},
+        {**deeper, **own},
     ):
         report = grounding(server, model, dataset, limit, **settings)
         overall = report["overall"]
@@ -156,7 +166,9 @@ def _pct(value: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", type=pathlib.Path, help="markdown file whose section to replace")
-    parser.add_argument("--dataset", type=pathlib.Path, default=HELDOUT, help="grounding dataset (default: the shipped set)")
+    parser.add_argument(
+        "--dataset", type=pathlib.Path, default=HELDOUT, help="grounding dataset (default: the shipped set)"
+    )
     args = parser.parse_args()
 
     from explain_api.grounding import load_dataset
@@ -184,49 +196,51 @@ def main() -> int:
             f"| {reports[name]['mean_abs_convergence_delta']:.2e} |"
         )
     trained = figures["shapes"]
-    body = "\n".join([
-        "## Grounding of the known-answer shapes model (issue 7)",
-        "",
-        f"`benchmarks/bench_grounding.py`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores. Retrieval: "
-        f"{trained['scenes']} held-out generated scenes (seed {HELDOUT_SEED}, 2-4 objects; {trained['twins']} have a "
-        "colour-swapped twin), in-process with the weights as the server loads them. Grounding: `explain-eval` through "
-        f"a running server on the shipped held-out set ({n_pairs} scenes, `benchmarks/data/shapes-heldout`), default "
-        "explanation settings (the shapes model's: text block "
-        f"{shapes_model.TEXT_LAYER}, image block {shapes_model.IMAGE_LAYER}, {shapes_model.METHOD}, "
-        f"{shapes_model.N_STEPS} nodes), 4 requests in flight.",
-        "",
-        "| model | true caption above its colour-swapped twin | top-1 among 100 captions | pointing game "
-        "| relevance mass | box to text | mean abs(convergence delta) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-        "Issue 7 asks for at least 90% against the twin, 90% top-1 and 85% pointing: "
-        + ", ".join(
-            f"{label} {'met' if value >= target else 'NOT met'}"
-            for label, value, target in (
-                ("twin", trained["swap_accuracy"], 0.90),
-                ("top-1", trained["top1"], 0.90),
-                ("pointing", reports["shapes"]["overall"]["pointing_accuracy"], 0.85),
+    body = "\n".join(
+        [
+            "## Grounding of the known-answer shapes model (issue 7)",
+            "",
+            f"`benchmarks/bench_grounding.py`, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores. Retrieval: "
+            f"{trained['scenes']} held-out generated scenes (seed {HELDOUT_SEED}, 2-4 objects; {trained['twins']} have a "
+            "colour-swapped twin), in-process with the weights as the server loads them. Grounding: `explain-eval` through "
+            f"a running server on the shipped held-out set ({n_pairs} scenes, `benchmarks/data/shapes-heldout`), default "
+            "explanation settings (the shapes model's: text block "
+            f"{shapes_model.TEXT_LAYER}, image block {shapes_model.IMAGE_LAYER}, {shapes_model.METHOD}, "
+            f"{shapes_model.N_STEPS} nodes), 4 requests in flight.",
+            "",
+            "| model | true caption above its colour-swapped twin | top-1 among 100 captions | pointing game "
+            "| relevance mass | box to text | mean abs(convergence delta) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            "Issue 7 asks for at least 90% against the twin, 90% top-1 and 85% pointing: "
+            + ", ".join(
+                f"{label} {'met' if value >= target else 'NOT met'}"
+                for label, value, target in (
+                    ("twin", trained["swap_accuracy"], 0.90),
+                    ("top-1", trained["top1"], 0.90),
+                    ("pointing", reports["shapes"]["overall"]["pointing_accuracy"], 0.85),
+                )
             )
-        )
-        + ".",
-        "",
-        f"Per shape, trained weights ({reports['shapes']['seconds']:.0f} s for {reports['shapes']['pairs']} pairs):",
-        "",
-        markdown_table(reports["shapes"]),
-        "",
-        "Per shape, random weights:",
-        "",
-        markdown_table(reports["shapes-random"]),
-        "",
-        f"Choosing the default settings: the trained weights on the first {SWEEP_CAPTIONS} held-out captions, "
-        "from exclip's layers (the input of each tower's last block) with the service-wide quadrature to the "
-        "model's defaults (fourth row), then those with twice the nodes, and one block further in:",
-        "",
-        "| image block | text block | method | n_steps | pointing game | box to text | mean abs(convergence delta) |",
-        "|---:|---:|---|---:|---:|---:|---:|",
-        *sweep,
-    ])
+            + ".",
+            "",
+            f"Per shape, trained weights ({reports['shapes']['seconds']:.0f} s for {reports['shapes']['pairs']} pairs):",
+            "",
+            markdown_table(reports["shapes"]),
+            "",
+            "Per shape, random weights:",
+            "",
+            markdown_table(reports["shapes-random"]),
+            "",
+            f"Choosing the default settings: the trained weights on the first {SWEEP_CAPTIONS} held-out captions, "
+            "from exclip's layers (the input of each tower's last block) with the service-wide quadrature to the "
+            "model's defaults (fourth row), then those with twice the nodes, and one block further in:",
+            "",
+            "| image block | text block | method | n_steps | pointing game | box to text | mean abs(convergence delta) |",
+            "|---:|---:|---|---:|---:|---:|---:|",
+            *sweep,
+        ]
+    )
     print(body)
     if args.record:
         record(args.record, body, BEGIN, END)

@@ -47,10 +47,18 @@ def main() -> int:
     # cache off: the 400 pairs repeat, and cache hits would hide the engine's own growth
     # One torch thread: the client shares the two cores, and OpenMP workers spinning at barriers
     # while the client runs make latency jump between runs by more than the drift looked for.
-    server = Server([
-        "--model-config", str(TINY_CONFIG), "--model", "tiny=tiny-ViT:random:0",
-        "--factor-cache-mb", "0", "--intra-op-threads", "1",
-    ])
+    server = Server(
+        [
+            "--model-config",
+            str(TINY_CONFIG),
+            "--model",
+            "tiny=tiny-ViT:random:0",
+            "--factor-cache-mb",
+            "0",
+            "--intra-op-threads",
+            "1",
+        ]
+    )
     images, captions = inputs()
     latencies, rss = [], {}
     try:
@@ -64,18 +72,20 @@ def main() -> int:
         server.close()
     growth = rss[args.requests] / rss[100] - 1
     early, late = statistics.median(latencies[100:200]), statistics.median(latencies[-100:])
-    body = "\n".join([
-        "## Soak: 2,000 sequential requests (issue 4)",
-        "",
-        f"`benchmarks/bench_soak.py`, {time.strftime('%Y-%m-%d')}: {args.requests} sequential requests cycling 20 images "
-        "(48-352 px high) and 20 captions (2-19 words) on the tiny test architecture; server with "
-        "`--intra-op-threads 1 --factor-cache-mb 0`.",
-        "",
-        "| server RSS after 100 | after the last | growth | p50 requests 100-200 | p50 last 100 | change |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {rss[100] / 2**20:.0f} MiB | {rss[args.requests] / 2**20:.0f} MiB | {growth:+.1%} "
-        f"| {early * 1000:.1f} ms | {late * 1000:.1f} ms | {late / early - 1:+.1%} |",
-    ])
+    body = "\n".join(
+        [
+            "## Soak: 2,000 sequential requests (issue 4)",
+            "",
+            f"`benchmarks/bench_soak.py`, {time.strftime('%Y-%m-%d')}: {args.requests} sequential requests cycling 20 images "
+            "(48-352 px high) and 20 captions (2-19 words) on the tiny test architecture; server with "
+            "`--intra-op-threads 1 --factor-cache-mb 0`.",
+            "",
+            "| server RSS after 100 | after the last | growth | p50 requests 100-200 | p50 last 100 | change |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {rss[100] / 2**20:.0f} MiB | {rss[args.requests] / 2**20:.0f} MiB | {growth:+.1%} "
+            f"| {early * 1000:.1f} ms | {late * 1000:.1f} ms | {late / early - 1:+.1%} |",
+        ]
+    )
     print(body)
     if args.record:
         record(args.record, body, BEGIN, END)

@@ -66,12 +66,22 @@ def role(server_pid: int, pid: int) -> str:
 def measure(design: str, env: dict | None, model: str, model_args: list[str], count: int, seed: int) -> dict:
     server = Server(model_args, defaults=True, env=env)
     try:
-        asyncio.run(generate_load(server.target, iter(requests(CONCURRENCY, seed + 1)), concurrency=CONCURRENCY,
-                                  total=CONCURRENCY))  # warm-up
+        asyncio.run(
+            generate_load(
+                server.target, iter(requests(CONCURRENCY, seed + 1)), concurrency=CONCURRENCY, total=CONCURRENCY
+            )
+        )  # warm-up
         pid = server.process.pid
         before, start = cpu_seconds(pid), time.monotonic()
-        report = asyncio.run(generate_load(server.target, iter(requests(count, seed)), concurrency=CONCURRENCY,
-                                           total=count, metrics_url=server.metrics_url))
+        report = asyncio.run(
+            generate_load(
+                server.target,
+                iter(requests(count, seed)),
+                concurrency=CONCURRENCY,
+                total=count,
+                metrics_url=server.metrics_url,
+            )
+        )
         wall = time.monotonic() - start
         after = cpu_seconds(pid)
         cores = {f"{role(pid, p)} {p}": (after[p] - before.get(p, 0.0)) / wall for p in after}
@@ -101,9 +111,15 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline-tree", type=pathlib.Path, required=True,
-                        help=f"a checkout of commit {BASELINE} (git worktree add DIR {BASELINE})")
-    parser.add_argument("--requests", type=int, default=96, help="timed requests per run on the shipped model (ViT-B-32: twice)")
+    parser.add_argument(
+        "--baseline-tree",
+        type=pathlib.Path,
+        required=True,
+        help=f"a checkout of commit {BASELINE} (git worktree add DIR {BASELINE})",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=96, help="timed requests per run on the shipped model (ViT-B-32: twice)"
+    )
     parser.add_argument("--record", type=pathlib.Path, help="markdown file whose section to replace")
     args = parser.parse_args()
     tree = args.baseline_tree.resolve()
@@ -113,7 +129,8 @@ def main() -> int:
         weights = pathlib.Path(tmp) / "vit-b-32.safetensors"
         save_weights("ViT-B-32", weights)
         for model, model_args, count in (
-            ("shapes (shipped)", [], args.requests), ("ViT-B-32", ["--model", f"b32=ViT-B-32:{weights}"], 2 * args.requests)
+            ("shapes (shipped)", [], args.requests),
+            ("ViT-B-32", ["--model", f"b32=ViT-B-32:{weights}"], 2 * args.requests),
         ):
             for design, env in ((f"single process ({BASELINE})", baseline_env), ("front end + worker", None)):
                 rows.append(measure(design, env, model, model_args, count, seed=300))

@@ -63,10 +63,14 @@ def server(tmp_path_factory, b32_weights) -> ServerProcess:
     """A real Explain server hosting ``tiny`` (default; seeded random) and ``b32`` (weights file)."""
     proc = ServerProcess(
         [
-            "--model-config", str(TINY_CONFIG),
-            "--model", f"tiny={TINY}:random:0",
-            "--model", f"b32=ViT-B-32:{b32_weights}",
-            "--device", "cpu",
+            "--model-config",
+            str(TINY_CONFIG),
+            "--model",
+            f"tiny={TINY}:random:0",
+            "--model",
+            f"b32=ViT-B-32:{b32_weights}",
+            "--device",
+            "cpu",
         ],
         tmp_path_factory.mktemp("logs") / "server.log",
     ).wait_serving()
@@ -88,6 +92,9 @@ settings.register_profile(
     "ci", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.register_profile(
-    "thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    "thorough",
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci")

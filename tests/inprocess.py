@@ -20,10 +20,10 @@ from loopback import in_process
 
 from explain_api import explain_pb2_grpc
 from explain_server.lifecycle import Lifecycle
+from explain_server.loading import LoadedModel, load_model
 from explain_server.malformed import MalformedRequestInterceptor
 from explain_server.metrics import GrpcMetricsInterceptor, Metrics
 from explain_server.model_spec import ModelSpec
-from explain_server.loading import LoadedModel, load_model
 from explain_server.registry import ModelRegistry, ServedModel
 from explain_server.service import ExplainService
 from explain_server.settings import BatchingConfig, Limits
@@ -85,21 +85,29 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(
-    loaded: LoadedModel, *, batching: BatchingConfig = BatchingConfig(), limits: Limits = Limits(),
+    loaded: LoadedModel,
+    *,
+    batching: BatchingConfig = BatchingConfig(),
+    limits: Limits = Limits(),
     cache_bytes: int = 256 << 20,
 ) -> AsyncIterator[Served]:
     """Serve ``loaded`` on a free loopback port, wired as server.py wires it (interceptors, health)."""
     metrics = Metrics()
     instance = WorkerInstance(
-        loaded.spec.name, 0, lambda connection: ThreadWorker(loaded, connection, batching, cache_bytes), metrics,
+        loaded.spec.name,
+        0,
+        lambda connection: ThreadWorker(loaded, connection, batching, cache_bytes),
+        metrics,
         on_change=lambda: None,
     )
     registry = ModelRegistry([ServedModel(loaded.spec, ModelWorkers(loaded.spec.name, [instance]))], loaded.spec.name)
     service = ExplainService(registry, limits, metrics, Lifecycle())
     server = grpc.aio.server(
         interceptors=[GrpcMetricsInterceptor(metrics), MalformedRequestInterceptor()],
-        options=[("grpc.max_send_message_length", limits.max_message_bytes),
-                 ("grpc.max_receive_message_length", limits.max_message_bytes)],
+        options=[
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ],
     )
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
     await registry.start()

@@ -61,7 +61,8 @@ ENDED_SERIES = {
     "explain_requests_total": ({"model": "tiny"}, "code"),
     "explain_requests_dropped_total": ({"model": "tiny"}, "code"),
     "grpc_server_handled_total": (
-        {"grpc_type": "unary", "grpc_service": "explain.v1.Explain", "grpc_method": "Explain"}, "grpc_code",
+        {"grpc_type": "unary", "grpc_service": "explain.v1.Explain", "grpc_method": "Explain"},
+        "grpc_code",
     ),
 }
 
@@ -87,8 +88,16 @@ def batching_server(tmp_path_factory):
     """Batches of up to 32, a long queue delay so concurrent requests share batches, no cache
     (so every result is really computed in the batch it landed in)."""
     proc = start(
-        tmp_path_factory, "batching",
-        "--max-batch-size", "32", "--max-queue-delay-ms", "400", "--max-queue-size", "64", "--factor-cache-mb", "0",
+        tmp_path_factory,
+        "batching",
+        "--max-batch-size",
+        "32",
+        "--max-queue-delay-ms",
+        "400",
+        "--max-queue-size",
+        "64",
+        "--factor-cache-mb",
+        "0",
     )
     yield proc
     proc.stop()
@@ -127,7 +136,9 @@ def test_concurrent_requests_each_get_their_own_result(batching_server):
         assert list(result.token_ids) == ids[: int(ids.argmax()) + 1].tolist()
         assert_same(result, solo[i])
     # they really shared batches: 32 requests in fewer than 32 batches
-    batches = value(after, "explain_batch_size_count", model="tiny") - value(before, "explain_batch_size_count", model="tiny")
+    batches = value(after, "explain_batch_size_count", model="tiny") - value(
+        before, "explain_batch_size_count", model="tiny"
+    )
     assert batches < 32
 
 
@@ -187,8 +198,12 @@ def test_undecodable_payloads_in_a_batch_leave_the_others_correct(batching_serve
                 assert_same(future.result(), want)
         after = scrape(batching_server.metrics_url)
         assert_same(client.explain(*valid[0]), solo[0])  # and the next batch runs normally
-    batches = value(after, "explain_batch_size_count", model="tiny") - value(before, "explain_batch_size_count", model="tiny")
-    requests = value(after, "explain_batch_size_sum", model="tiny") - value(before, "explain_batch_size_sum", model="tiny")
+    batches = value(after, "explain_batch_size_count", model="tiny") - value(
+        before, "explain_batch_size_count", model="tiny"
+    )
+    requests = value(after, "explain_batch_size_sum", model="tiny") - value(
+        before, "explain_batch_size_sum", model="tiny"
+    )
     # bad payloads are refused while being prepared, before they can enter a batch; the valid
     # ones arrived together and shared one
     assert requests == 4 and batches < 4
@@ -211,7 +226,9 @@ def test_expired_requests_are_dropped_before_compute(batching_server):
             break
         time.sleep(0.2)
     assert dropped == 3
-    assert value(after, "explain_compute_seconds_count", model="tiny") == value(before, "explain_compute_seconds_count", model="tiny")
+    assert value(after, "explain_compute_seconds_count", model="tiny") == value(
+        before, "explain_compute_seconds_count", model="tiny"
+    )
     # the server counts the calls with the code their callers saw, as it counts the drops
     counts = ended(before, after)
     assert counts == {(name, code): 3.0 * (code == "DEADLINE_EXCEEDED") for name, code in counts}
@@ -287,8 +304,11 @@ def test_one_image_against_eight_captions_computes_its_factor_once(small_queue_s
     assert delta(middle, after, "explain_image_factor_cache_hits_total") == 8  # the second call is all hits
     assert delta(middle, after, "explain_text_factor_cache_hits_total") == 8
     assert [e.request_id for e in many] == [f"many/{i}" for i in range(8)]
-    logged = [line.split("request ")[1].split()[0] for line in small_queue_server.log_path.read_text().splitlines()
-              if "request many" in line]
+    logged = [
+        line.split("request ")[1].split()[0]
+        for line in small_queue_server.log_path.read_text().splitlines()
+        if "request many" in line
+    ]
     assert logged == [f"many/{i}" for i in range(8)]  # the server's log names each explanation as its response does
     for got, repeat, single in zip(many, again, singles):
         assert_same(got, single)
@@ -306,13 +326,27 @@ def test_explain_many_needs_one_shared_side(small_queue_server):
 
 
 SERIES = [
-    "explain_requests_total", "explain_request_duration_seconds_bucket", "explain_queue_wait_seconds_bucket",
-    "explain_compute_seconds_bucket", "explain_batch_size_bucket", "explain_queue_depth", "explain_inflight_requests",
-    "explain_requests_dropped_total", "explain_text_factor_cache_hits_total", "explain_text_factor_cache_misses_total",
-    "explain_image_factor_cache_hits_total", "explain_image_factor_cache_misses_total", "explain_factor_cache_bytes",
-    "explain_model_load_seconds", "explain_similarity_score_bucket", "explain_convergence_delta_abs_bucket",
-    "explain_images_skipped_total", "explain_internal_errors_total",
-    "grpc_server_started_total", "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
+    "explain_requests_total",
+    "explain_request_duration_seconds_bucket",
+    "explain_queue_wait_seconds_bucket",
+    "explain_compute_seconds_bucket",
+    "explain_batch_size_bucket",
+    "explain_queue_depth",
+    "explain_inflight_requests",
+    "explain_requests_dropped_total",
+    "explain_text_factor_cache_hits_total",
+    "explain_text_factor_cache_misses_total",
+    "explain_image_factor_cache_hits_total",
+    "explain_image_factor_cache_misses_total",
+    "explain_factor_cache_bytes",
+    "explain_model_load_seconds",
+    "explain_similarity_score_bucket",
+    "explain_convergence_delta_abs_bucket",
+    "explain_images_skipped_total",
+    "explain_internal_errors_total",
+    "grpc_server_started_total",
+    "grpc_server_handled_total",
+    "grpc_server_handling_seconds_bucket",
 ]
 
 
@@ -325,10 +359,17 @@ def test_metrics_expose_every_series(batching_server):
     names = {name for name, _ in samples}
     assert not [s for s in SERIES if s not in names]
     assert value(samples, "explain_requests_total", model="tiny", code="INVALID_ARGUMENT") >= 1
-    assert value(
-        samples, "grpc_server_handled_total",
-        grpc_type="unary", grpc_service="explain.v1.Explain", grpc_method="Explain", grpc_code="OK",
-    ) >= 1
+    assert (
+        value(
+            samples,
+            "grpc_server_handled_total",
+            grpc_type="unary",
+            grpc_service="explain.v1.Explain",
+            grpc_method="Explain",
+            grpc_code="OK",
+        )
+        >= 1
+    )
     buckets = {dict(labels)["le"] for name, labels in samples if name == "explain_request_duration_seconds_bucket"}
     assert "120.0" in buckets  # slow explanations still land in a finite bucket
     assert value(samples, "explain_model_load_seconds", model="tiny") > 0
@@ -337,10 +378,20 @@ def test_metrics_expose_every_series(batching_server):
 def test_loadgen_reports_throughput_latency_and_codes(batching_server, tmp_path, capsys):
     report = tmp_path / "report.json"
     unreachable = f"http://127.0.0.1:{free_port()}/metrics"
-    code = loadgen_main([
-        "--target", batching_server.target, "--concurrency", "4", "--requests", "12", "--json", str(report),
-        "--metrics-url", unreachable,
-    ])
+    code = loadgen_main(
+        [
+            "--target",
+            batching_server.target,
+            "--concurrency",
+            "4",
+            "--requests",
+            "12",
+            "--json",
+            str(report),
+            "--metrics-url",
+            unreachable,
+        ]
+    )
     assert code == 0
     result = json.loads(report.read_text())
     assert result["requests"] == 12 and result["codes"] == {"OK": 12}
@@ -362,17 +413,30 @@ def default_server(tmp_path_factory):
 
 
 def cache_lookups(samples: dict) -> dict[str, float]:
-    return {f"{side}_{outcome}": value(samples, f"explain_{side}_factor_cache_{outcome}_total", model="tiny")
-            for side in ("text", "image") for outcome in ("hits", "misses")}
+    return {
+        f"{side}_{outcome}": value(samples, f"explain_{side}_factor_cache_{outcome}_total", model="tiny")
+        for side in ("text", "image")
+        for outcome in ("hits", "misses")
+    }
 
 
 def test_loadgen_by_default_sends_new_inputs_that_the_cache_never_answers(default_server, tmp_path, capsys):
     report = tmp_path / "report.json"
     before = scrape(default_server.metrics_url)
-    code = loadgen_main([
-        "--target", default_server.target, "--metrics-url", default_server.metrics_url,
-        "--concurrency", "4", "--requests", "24", "--json", str(report),
-    ])
+    code = loadgen_main(
+        [
+            "--target",
+            default_server.target,
+            "--metrics-url",
+            default_server.metrics_url,
+            "--concurrency",
+            "4",
+            "--requests",
+            "24",
+            "--json",
+            str(report),
+        ]
+    )
     out = capsys.readouterr().out
     after = scrape(default_server.metrics_url)
     assert code == 0
@@ -387,7 +451,10 @@ def test_loadgen_by_default_sends_new_inputs_that_the_cache_never_answers(defaul
     # what loadgen read is what the server counted (prometheus-client's parser)
     counted = cache_lookups(after)
     assert {key: counted[key] - old for key, old in cache_lookups(before).items()} == {
-        "text_hits": 0, "text_misses": 24, "image_hits": 0, "image_misses": 24,
+        "text_hits": 0,
+        "text_misses": 24,
+        "image_hits": 0,
+        "image_misses": 24,
     }
     with urllib.request.urlopen(default_server.metrics_url, timeout=10) as response:
         assert factor_cache_counts(response.read().decode()) == counted
@@ -395,10 +462,26 @@ def test_loadgen_by_default_sends_new_inputs_that_the_cache_never_answers(defaul
 
 def test_loadgen_repeat_inputs_is_answered_by_the_cache(default_server, tmp_path):
     report = tmp_path / "report.json"
-    code = loadgen_main([
-        "--target", default_server.target, "--metrics-url", default_server.metrics_url, "--repeat-inputs",
-        "--seed", "1", "--image-sides", "64", "160", "--concurrency", "4", "--requests", "40", "--json", str(report),
-    ])
+    code = loadgen_main(
+        [
+            "--target",
+            default_server.target,
+            "--metrics-url",
+            default_server.metrics_url,
+            "--repeat-inputs",
+            "--seed",
+            "1",
+            "--image-sides",
+            "64",
+            "160",
+            "--concurrency",
+            "4",
+            "--requests",
+            "40",
+            "--json",
+            str(report),
+        ]
+    )
     assert code == 0
     cache = json.loads(report.read_text())["factor_cache"]
     # the fixed mix holds 8 images and 10 captions: each is computed once, then answered by the cache
@@ -409,10 +492,22 @@ def test_loadgen_repeat_inputs_is_answered_by_the_cache(default_server, tmp_path
 
 def test_loadgen_reports_no_latency_when_no_call_succeeds(default_server, tmp_path, capsys):
     report = tmp_path / "report.json"
-    code = loadgen_main([
-        "--target", default_server.target, "--metrics-url", default_server.metrics_url, "--model", "no-such-model",
-        "--concurrency", "2", "--requests", "4", "--json", str(report),
-    ])
+    code = loadgen_main(
+        [
+            "--target",
+            default_server.target,
+            "--metrics-url",
+            default_server.metrics_url,
+            "--model",
+            "no-such-model",
+            "--concurrency",
+            "2",
+            "--requests",
+            "4",
+            "--json",
+            str(report),
+        ]
+    )
     assert code == 1
     result = json.loads(report.read_text())
     assert result["codes"] == {"NOT_FOUND": 4} and result["latency_seconds"] == {}

@@ -45,22 +45,16 @@ def make_response(
         model="tiny",
         token_ids=list(range(100, 100 + len(tokens))),
         tokens=tokens,
-        attribution=explain_pb2.Float32Tensor(
-            shape=attribution.shape, data=attribution.astype("<f4").tobytes()
-        ),
+        attribution=explain_pb2.Float32Tensor(shape=attribution.shape, data=attribution.astype("<f4").tobytes()),
         cls_attribution=np.linspace(-1, 1, len(tokens)).astype(np.float32).tolist(),
         score=0.25,
         logit_scale=100.0,
-        reference_terms=explain_pb2.ReferenceTerms(
-            text_reference=0.1, image_reference=0.2, both_references=0.05
-        ),
+        reference_terms=explain_pb2.ReferenceTerms(text_reference=0.1, image_reference=0.2, both_references=0.05),
         convergence_delta=1e-4,
         crop_box=explain_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1),
         image_size=explain_pb2.ImageSize(width=IMAGE_SIZE[0], height=IMAGE_SIZE[1]),
         timings=explain_pb2.Timings(queue_seconds=0.5, compute_seconds=1.5),
-        options=explain_pb2.ResolvedOptions(
-            text_layer=11, image_layer=11, n_steps=10, method="riemann_right"
-        ),
+        options=explain_pb2.ResolvedOptions(text_layer=11, image_layer=11, n_steps=10, method="riemann_right"),
     )
 
 
@@ -70,9 +64,7 @@ def explanation() -> Explanation:
 
 
 def uniform_explanation(value: float, crop_box=CROP_BOX) -> Explanation:
-    return Explanation.from_proto(
-        make_response(np.full((len(TOKENS), GH, GW), value, np.float32), crop_box)
-    )
+    return Explanation.from_proto(make_response(np.full((len(TOKENS), GH, GW), value, np.float32), crop_box))
 
 
 # --- Float32Tensor and from_proto -------------------------------------------
@@ -464,8 +456,21 @@ def test_cli_help_exits_zero(capsys):
 
 def test_cli_parses_arguments():
     args = cli.build_parser().parse_args(
-        ["cat.jpg", "a cat", "--span", "2:4", "--top", "3", "--n-steps", "20",
-         "--text-layer", "-2", "--timeout", "1.5", "--json"]
+        [
+            "cat.jpg",
+            "a cat",
+            "--span",
+            "2:4",
+            "--top",
+            "3",
+            "--n-steps",
+            "20",
+            "--text-layer",
+            "-2",
+            "--timeout",
+            "1.5",
+            "--json",
+        ]
     )
     assert (args.image, args.caption, args.target) == ("cat.jpg", "a cat", "localhost:50051")
     assert args.span == (2, 4)
@@ -476,7 +481,13 @@ def test_cli_parses_arguments():
 
 @pytest.mark.parametrize(
     "bad",
-    [["x"], ["x", "y", "--top", "-1"], ["x", "y", "--timeout", "0"], ["health", "--timeout", "0"], ["models", "--nope"]],
+    [
+        ["x"],
+        ["x", "y", "--top", "-1"],
+        ["x", "y", "--timeout", "0"],
+        ["health", "--timeout", "0"],
+        ["models", "--nope"],
+    ],
 )
 def test_cli_rejects_bad_arguments_as_a_local_error(bad, capsys):
     # 1, as the README documents: 2 means the server call failed, and Docker reserves 2

@@ -13,10 +13,10 @@ from importlib import metadata
 import grpc
 import pytest
 
+from explain_api.grounding import load_dataset
 from explain_client import ExplainClient, PlaintextTokenWarning, cli, errors, loadgen
 from explain_client.evaluation import cli as eval_cli
 from explain_client.evaluation import convert, runner
-from explain_api.grounding import load_dataset
 from explain_server import demo, server
 from explain_server.shapes import dataset as shapes_dataset
 
@@ -116,7 +116,8 @@ OFF_MACHINE = "192.0.2.1:50051"
 
 
 @pytest.mark.parametrize(
-    "target", [OFF_MACHINE, "explain.example.com:443", "dns:///explain:50051", "ipv4:127.0.0.1:1,10.0.0.7:1", "[2001:db8::1]:1"]
+    "target",
+    [OFF_MACHINE, "explain.example.com:443", "dns:///explain:50051", "ipv4:127.0.0.1:1,10.0.0.7:1", "[2001:db8::1]:1"],
 )
 def test_a_token_without_tls_off_this_machine_warns(target):
     with pytest.warns(PlaintextTokenWarning, match=re.escape(f"sent to {target} over a plaintext channel")):
@@ -124,7 +125,8 @@ def test_a_token_without_tls_off_this_machine_warns(target):
 
 
 @pytest.mark.parametrize(
-    "target", ["localhost:50051", "127.0.0.1:50051", "[::1]:50051", "dns:///localhost:50051", "ipv6:[::1]:1", "unix:/tmp/s"]
+    "target",
+    ["localhost:50051", "127.0.0.1:50051", "[::1]:50051", "dns:///localhost:50051", "ipv6:[::1]:1", "unix:/tmp/s"],
 )
 def test_no_token_warning_on_this_machine_with_tls_or_without_a_token(target):
     with warnings.catch_warnings():
@@ -139,13 +141,26 @@ def test_the_commands_warn_of_a_token_without_tls(monkeypatch):
     with pytest.warns(PlaintextTokenWarning):
         assert cli.main(["health", "--target", OFF_MACHINE, "--timeout", "0.5"]) == cli.EXIT_UNHEALTHY
     with pytest.warns(PlaintextTokenWarning):
-        load = ["--target", OFF_MACHINE, "--requests", "1", "--deadline", "0.5", "--image-sides", "64", "64",
-                "--metrics-url", "http://127.0.0.1:1/metrics"]
+        load = [
+            "--target",
+            OFF_MACHINE,
+            "--requests",
+            "1",
+            "--deadline",
+            "0.5",
+            "--image-sides",
+            "64",
+            "64",
+            "--metrics-url",
+            "http://127.0.0.1:1/metrics",
+        ]
         assert loadgen.main(load) == 1
 
 
 def test_the_token_warning_goes_to_stderr_once():
     command = [sys.executable, "-m", "explain_client", "models", "--target", OFF_MACHINE, "--timeout", "0.5"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "EXPLAIN_TOKEN": "t0ken"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env={**os.environ, "EXPLAIN_TOKEN": "t0ken"}
+    )
     assert result.returncode == cli.EXIT_SERVER_ERROR
     assert result.stderr.count("PlaintextTokenWarning") == 1 and "t0ken" not in result.stderr

@@ -11,15 +11,14 @@ import time
 import grpc
 import pytest
 from conftest import TINY, TINY_CONFIG, seeded_model
-from test_end_to_end import noise_image
-from safetensors.torch import save_file
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import save_file
+from test_end_to_end import noise_image
 
 from explain_client import ExplainClient, ResolvedOptions, UnavailableError
 from explain_server.config import DEFAULT_MODEL, instance_devices, load_config
 from explain_server.launcher import ServerProcess, free_port, server_command
 from explain_server.model_spec import ModelSpec
-
 
 # Reconnect at once when the port opens: gRPC's default backoff could skip the loading window.
 FAST_RECONNECT = [
@@ -75,11 +74,20 @@ def test_models_are_tables_whose_instances_and_device_default_to_the_server_wide
     path.write_text(TABLES)
     a, b = load_config(["--config", str(path)]).models
     assert a == ModelSpec(
-        "a", "ViT-B-32", "random:1", text_layer=0, image_layer=1, n_steps=5, method="riemann_middle",
-        instances=3, device="cuda:1",
+        "a",
+        "ViT-B-32",
+        "random:1",
+        text_layer=0,
+        image_layer=1,
+        n_steps=5,
+        method="riemann_middle",
+        instances=3,
+        device="cuda:1",
     )
     assert b == ModelSpec("b", "ViT-B-16", "openai", instances=2, device="cpu")
-    shorthand = "a=ViT-B-32:random:1,text_layer=0,image_layer=1,n_steps=5,method=riemann_middle,instances=3,device=cuda:1"
+    shorthand = (
+        "a=ViT-B-32:random:1,text_layer=0,image_layer=1,n_steps=5,method=riemann_middle,instances=3,device=cuda:1"
+    )
     assert ModelSpec.parse(shorthand) == a
     flagged = load_config(["--config", str(path), "--instances", "4", "--device", "auto"])
     assert (flagged.instances, flagged.device) == (4, "auto")
@@ -97,12 +105,15 @@ def test_instance_devices_spread_instances_over_the_gpus():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("device, instances, cuda_count, message", [
-    ("cuda", 1, 0, "no CUDA device"),
-    ("cuda:2", 1, 2, r"cuda:2: this machine has 2 CUDA device\(s\)"),
-    ("tpu", 1, 0, "device must be auto, cpu, cuda or cuda:INDEX; got 'tpu'"),
-    ("auto", 0, 1, "instances must be positive; got 0"),
-])
+@pytest.mark.parametrize(
+    "device, instances, cuda_count, message",
+    [
+        ("cuda", 1, 0, "no CUDA device"),
+        ("cuda:2", 1, 2, r"cuda:2: this machine has 2 CUDA device\(s\)"),
+        ("tpu", 1, 0, "device must be auto, cpu, cuda or cuda:INDEX; got 'tpu'"),
+        ("auto", 0, 1, "instances must be positive; got 0"),
+    ],
+)
 def test_instance_devices_refuses_what_cannot_be(device, instances, cuda_count, message):
     with pytest.raises(ValueError, match=message):
         instance_devices(device, instances, cuda_count)
@@ -120,7 +131,9 @@ def test_loading_a_config_imports_neither_grpc_nor_torch(tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-c", code, "--config", str(path), "--model", "c=ViT-B-32:random:0,n_steps=4"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -141,7 +154,10 @@ CONFIG_ERRORS = [
     ('auth_exempt = "grpc.health.v1.Health"\n', "auth_exempt must be a list of strings; got 'grpc.health.v1.Health'"),
     ('models = "a=ViT-B-32:openai"\n', "models must be a list of [[models]] tables or NAME=ARCH:PRETRAINED strings"),
     ('models = ["a=ViT-B-32"]\n', "models[0] 'a=ViT-B-32': must be NAME=ARCH:PRETRAINED"),
-    ('default_model = "b"\nmodels = ["a=ViT-B-32:openai"]\n', "default_model 'b' is not one of the configured models ['a']"),
+    (
+        'default_model = "b"\nmodels = ["a=ViT-B-32:openai"]\n',
+        "default_model 'b' is not one of the configured models ['a']",
+    ),
     ('models = ["a=ViT-B-32:openai", "a=ViT-B-16:openai"]\n', "models names must be unique; got ['a', 'a']"),
     (MODEL_TABLE + 'n_steps = "5"\n', "models[0]: n_steps must be an integer; got '5'"),
     (MODEL_TABLE + "text_layer = true\n", "models[0]: text_layer must be a non-negative integer; got True"),
@@ -151,7 +167,10 @@ CONFIG_ERRORS = [
     (MODEL_TABLE + "layer = 3\n", "models[0]: unknown keys ['layer']; keys are name, architecture, pretrained,"),
     (MODEL_TABLE + "n_steps = 600\n", "model 'a': n_steps=600 exceeds --max-n-steps 512"),
     ('[[models]]\nname = "a"\narchitecture = "ViT-B-32"\n', "models[0]: needs pretrained"),
-    ('[[models]]\nname = 5\narchitecture = "ViT-B-32"\npretrained = "openai"\n', "models[0]: name must be a non-empty string; got 5"),
+    (
+        '[[models]]\nname = 5\narchitecture = "ViT-B-32"\npretrained = "openai"\n',
+        "models[0]: name must be a non-empty string; got 5",
+    ),
 ]
 
 
@@ -200,15 +219,18 @@ def test_batching_cache_and_metrics_settings_come_from_file_and_flags(tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("flags, message", [
-    (["--max-batch-size", "0"], "--max-batch-size must be positive"),
-    (["--max-queue-size", "0"], "--max-queue-size must be positive"),
-    (["--max-queue-delay-ms", "-1"], "--max-queue-delay-ms must be >= 0"),
-    (["--factor-cache-mb", "-1"], "--factor-cache-mb must be >= 0"),
-    (["--metrics-port", "70000"], r"--metrics-port must be in \[0, 65535\]"),
-    (["--max-connection-age-seconds", "0"], "--max-connection-age-seconds must be positive"),
-    (["--intra-op-threads", "0"], "--intra-op-threads must be positive"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-batch-size", "0"], "--max-batch-size must be positive"),
+        (["--max-queue-size", "0"], "--max-queue-size must be positive"),
+        (["--max-queue-delay-ms", "-1"], "--max-queue-delay-ms must be >= 0"),
+        (["--factor-cache-mb", "-1"], "--factor-cache-mb must be >= 0"),
+        (["--metrics-port", "70000"], r"--metrics-port must be in \[0, 65535\]"),
+        (["--max-connection-age-seconds", "0"], "--max-connection-age-seconds must be positive"),
+        (["--intra-op-threads", "0"], "--intra-op-threads must be positive"),
+    ],
+)
 def test_out_of_range_batching_and_server_settings_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         load_config(flags)
@@ -269,7 +291,12 @@ def test_a_default_layer_the_tower_lacks_fails_start_up():
 @pytest.mark.integration
 def test_a_model_s_default_settings_are_listed_and_used(tmp_path):
     proc = ServerProcess(
-        ["--model-config", str(TINY_CONFIG), "--model", f"t={TINY}:random:0,text_layer=0,image_layer=1,n_steps=4,method=riemann_middle"],
+        [
+            "--model-config",
+            str(TINY_CONFIG),
+            "--model",
+            f"t={TINY}:random:0,text_layer=0,image_layer=1,n_steps=4,method=riemann_middle",
+        ],
         tmp_path / "server.log",
     ).wait_serving()
     try:
@@ -280,7 +307,9 @@ def test_a_model_s_default_settings_are_listed_and_used(tmp_path):
             image = noise_image(64, 64)
             default = client.explain(image, "a red circle")
             assert default.options == ResolvedOptions(0, 1, 4, "riemann_middle")
-            explicit = client.explain(image, "a red circle", text_layer=0, image_layer=1, n_steps=4, method="riemann_middle")
+            explicit = client.explain(
+                image, "a red circle", text_layer=0, image_layer=1, n_steps=4, method="riemann_middle"
+            )
             other = client.explain(image, "a red circle", text_layer=1, image_layer=1)
         assert (default.attribution == explicit.attribution).all()
         assert not (default.attribution == other.attribution).all()
@@ -317,7 +346,10 @@ def test_not_serving_and_unavailable_until_models_are_warm():
     fast = FAST_RECONNECT
     statuses, refusals = [], []
     try:
-        with grpc.insecure_channel(target, options=fast) as channel, ExplainClient(target, timeout=10, options=fast) as client:
+        with (
+            grpc.insecure_channel(target, options=fast) as channel,
+            ExplainClient(target, timeout=10, options=fast) as client,
+        ):
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + LOAD_DEADLINE_SECONDS
             while time.monotonic() < deadline:
@@ -380,7 +412,8 @@ def test_offline_start_up_makes_no_network_attempt(tmp_path):
     env = {"PYTHONPATH": str(hooks), "NETWORK_AUDIT_LOG": str(attempts)}
     control = subprocess.run(
         [sys.executable, "-c", "import socket\ntry: socket.getaddrinfo('example.org', 443)\nexcept OSError: pass"],
-        env={**os.environ, **env}, timeout=60,
+        env={**os.environ, **env},
+        timeout=60,
     )
     assert control.returncode == 0 and "example.org" in attempts.read_text()  # the hook sees lookups
     attempts.unlink()
@@ -408,7 +441,9 @@ def test_out_of_range_settings_are_refused(flag, value):
 def test_a_busy_port_fails_start_up(server):
     result = subprocess.run(
         server_command("--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0", port=server.port),
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{server.port}" in result.stderr
@@ -421,7 +456,9 @@ def test_a_busy_metrics_port_fails_start_up_naming_it(server):
         server_command(
             "--model-config", str(TINY_CONFIG), "--model", f"tiny={TINY}:random:0", port=free_port(), metrics_port=busy
         ),
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert f"cannot serve metrics on 127.0.0.1:{busy} (--metrics-port)" in result.stderr

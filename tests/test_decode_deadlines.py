@@ -70,7 +70,9 @@ def test_calls_past_their_deadline_stop_decoding_and_a_cheap_call_still_succeeds
             first = await served.stub.Explain(cheap, timeout=300)  # its factors are cached from now on
             expiring = [
                 served.stub.ExplainMany(
-                    explain_pb2.ExplainManyRequest(images=[large] * count, captions=["a red square"], request_id=f"large-{i}"),
+                    explain_pb2.ExplainManyRequest(
+                        images=[large] * count, captions=["a red square"], request_id=f"large-{i}"
+                    ),
                     timeout=1.0,
                 )
                 for i in range(2)
@@ -78,7 +80,9 @@ def test_calls_past_their_deadline_stop_decoding_and_a_cheap_call_still_succeeds
             await accepted(served, 2)  # they hold both prepare threads; the cheap call waits behind them
             again = await served.stub.Explain(cheap, timeout=300)
             ended = await asyncio.gather(*expiring, return_exceptions=True)
-            await until(lambda: {"large-0", "large-1"} <= set(skipped_by_request(caplog)), "both calls to stop decoding")
+            await until(
+                lambda: {"large-0", "large-1"} <= set(skipped_by_request(caplog)), "both calls to stop decoding"
+            )
             return served, first, again, ended
 
     served, first, again, ended = asyncio.run(scenario())
@@ -126,8 +130,9 @@ def test_a_call_cancelled_while_waiting_for_a_thread_decodes_nothing(loaded, cap
             for _ in range(_PREPARE_THREADS):
                 served.service._preparing.submit(release.wait)
             call = served.stub.ExplainMany(
-                explain_pb2.ExplainManyRequest(images=[noise_png(980 + i) for i in range(3)], captions=["a cat"],
-                                               request_id="gone"),
+                explain_pb2.ExplainManyRequest(
+                    images=[noise_png(980 + i) for i in range(3)], captions=["a cat"], request_id="gone"
+                ),
                 timeout=300,
             )
             await accepted(served, 1)

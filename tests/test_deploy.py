@@ -27,13 +27,12 @@ import numpy as np
 import promql_parser
 import pytest
 import yaml
-from dockerfile_parse import DockerfileParser
 from docker.utils.build import exclude_paths
+from dockerfile_parse import DockerfileParser
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
-from prometheus_client.parser import text_string_to_metric_families
-
 from loopback import bind
+from prometheus_client.parser import text_string_to_metric_families
 
 from explain_client import cli
 from explain_server.config import ServerConfig, load_config
@@ -257,8 +256,11 @@ def test_hadolint_passes_on_the_dockerfile():
 @pytest.mark.integration
 def test_compose_files_match_the_compose_spec():
     result = run(
-        tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
-        str(DEPLOY / "compose.yaml"), str(DEPLOY / "compose.gpu.yaml"),
+        tool("check-jsonschema"),
+        "--builtin-schema",
+        "vendor.compose-spec",
+        str(DEPLOY / "compose.yaml"),
+        str(DEPLOY / "compose.gpu.yaml"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -298,8 +300,16 @@ def test_build_context_holds_what_the_image_installs(tmp_path):
                 (tmp_path / "src" / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, tmp_path / "src" / relative)
     result = run(
-        sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-        "--wheel-dir", str(tmp_path / "dist"), str(tmp_path / "src"), str(tmp_path / "src" / "server"),
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--wheel-dir",
+        str(tmp_path / "dist"),
+        str(tmp_path / "src"),
+        str(tmp_path / "src" / "server"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     wheels = sorted((tmp_path / "dist").glob("*.whl"))
@@ -373,7 +383,9 @@ def test_health_command_asks_for_the_named_service(health_server, capsys):
     assert cli.main(["health", "--target", target, "--service", "explain.v1.Explain"]) == 1
     capsys.readouterr()
     assert cli.main(["health", "--target", target, "--service", "no.such.Service"]) == 1
-    assert capsys.readouterr().err == "error: NOT_FOUND: the server's health service knows no service 'no.such.Service'\n"
+    assert (
+        capsys.readouterr().err == "error: NOT_FOUND: the server's health service knows no service 'no.such.Service'\n"
+    )
 
 
 @pytest.mark.unit
@@ -494,12 +506,17 @@ def test_dashboard_shows_what_the_issue_asks_for():
         for panel in dashboard["panels"]
     ]
     for family in (
-        "explain_request_duration_seconds_bucket", "explain_requests_total", "explain_queue_depth",
-        "explain_batch_size_sum", "explain_similarity_score_bucket", "explain_convergence_delta_abs_bucket",
+        "explain_request_duration_seconds_bucket",
+        "explain_requests_total",
+        "explain_queue_depth",
+        "explain_batch_size_sum",
+        "explain_similarity_score_bucket",
+        "explain_convergence_delta_abs_bucket",
     ):
         assert any(family in names for names in by_panel), family
     errors = [
-        p for p in dashboard["panels"]
+        p
+        for p in dashboard["panels"]
         if any('code!="OK"' in t["expr"] and "by (code)" in t["expr"] for t in p["targets"])
     ]
     assert errors, "a panel of errors by code"

@@ -86,8 +86,12 @@ def test_explanation_shapes_tokens_and_values(client, model, grid):
     assert -1.0 <= exp.score <= 1.0 and exp.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
     refs = exp.reference_terms
     total = (
-        exp.attribution.sum(dtype=np.float64) + exp.cls_attribution.sum(dtype=np.float64)
-        + refs.text_reference + refs.image_reference - refs.both_references + exp.convergence_delta
+        exp.attribution.sum(dtype=np.float64)
+        + exp.cls_attribution.sum(dtype=np.float64)
+        + refs.text_reference
+        + refs.image_reference
+        - refs.both_references
+        + exp.convergence_delta
     )
     assert total == pytest.approx(exp.score, abs=1e-5)
     assert exp.queue_seconds >= 0 and exp.compute_seconds > 0
@@ -98,11 +102,17 @@ def test_default_model_and_options_are_resolved(client):
     exp = client.explain(noise_image(64, 64), "a dog")
     assert exp.model == "tiny"
     assert (exp.options.text_layer, exp.options.image_layer, exp.options.n_steps, exp.options.method) == (
-        1, 1, DEFAULT_N_STEPS, DEFAULT_METHOD,
+        1,
+        1,
+        DEFAULT_N_STEPS,
+        DEFAULT_METHOD,
     )
     other = client.explain(noise_image(64, 64), "a dog", text_layer=-2, image_layer=0, n_steps=5, method="riemann_left")
     assert (other.options.text_layer, other.options.image_layer, other.options.n_steps, other.options.method) == (
-        0, 0, 5, "riemann_left",
+        0,
+        0,
+        5,
+        "riemann_left",
     )
     assert not np.allclose(other.attribution, exp.attribution)
 
@@ -366,7 +376,9 @@ def test_extreme_aspect_ratios_are_refused_before_resizing(client):
 )
 def test_malformed_messages_are_invalid_argument(server, payload):
     with grpc.insecure_channel(server.target) as channel:
-        call = channel.unary_unary("/explain.v1.Explain/Explain", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call = channel.unary_unary(
+            "/explain.v1.Explain/Explain", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
         with pytest.raises(grpc.RpcError) as info:
             call(payload, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -402,7 +414,9 @@ def test_bad_payloads_among_concurrent_valid_requests_harm_none(client):
     valid = [(noise_image(64, 64, seed=i), f"caption number {i}") for i in range(4)]
     solo = [client.explain(image, caption) for image, caption in valid]
     truncated = io.BytesIO()
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated, format="JPEG")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        truncated, format="JPEG"
+    )
     bad = [b"", b"<html></html>", np.random.default_rng(2).bytes(512), truncated.getvalue()[:300]]
     jobs = [("ok", i, image, caption) for i, (image, caption) in enumerate(valid)] + [
         ("bad", i, payload, CAPTION) for i, payload in enumerate(bad)
@@ -420,7 +434,9 @@ def test_bad_payloads_among_concurrent_valid_requests_harm_none(client):
         outcomes = list(pool.map(run, [jobs[i] for i in order]))
     for kind, index, outcome in outcomes:
         if kind == "bad":
-            assert isinstance(outcome, InvalidArgumentError) and outcome.details.startswith(("image: could not be decoded", "image: is empty"))
+            assert isinstance(outcome, InvalidArgumentError) and outcome.details.startswith(
+                ("image: could not be decoded", "image: is empty")
+            )
         else:
             np.testing.assert_array_equal(outcome.attribution, solo[index].attribution)
     assert client.explain(*valid[0]).score == solo[0].score  # and the next request runs normally

@@ -16,8 +16,8 @@ from explain_server.engine.attribution import ChunkBudget, PathIntegral, choose_
 from explain_server.engine.explainer import Explainer, NonFiniteError, Side
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
-from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelSpec
 from explain_server.loading import ModelLoadError, load_model, resolve_device
+from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelSpec
 
 pytestmark = pytest.mark.unit
 
@@ -89,7 +89,9 @@ def test_equals_brute_force_feature_pair_matrix(tiny64, layers):
     text_layer, image_layer = layers
     explainer = make_explainer(tiny64)
     ids, pixels = caption_ids(), random_pixels(dtype=torch.float64)
-    got = explainer.explain(ids, pixels, text_layer=text_layer, image_layer=image_layer, method="riemann_right", n_steps=4)
+    got = explainer.explain(
+        ids, pixels, text_layer=text_layer, image_layer=image_layer, method="riemann_right", n_steps=4
+    )
 
     alphas, weights = nodes_and_weights("riemann_right", 4)
     seq = len(ids)
@@ -192,7 +194,12 @@ def test_captions_of_different_lengths_share_a_padded_pass(tiny64, factors, laye
     with torch.no_grad():
         reference = explainer._reference(explainer.text, layer)
         solo = [
-            factors(tower, layer, [PathIntegral(tower.lower(ids[None], layer)[0], reference[: len(ids)], alphas, weights)], ChunkBudget(1 << 30))[0]
+            factors(
+                tower,
+                layer,
+                [PathIntegral(tower.lower(ids[None], layer)[0], reference[: len(ids)], alphas, weights)],
+                ChunkBudget(1 << 30),
+            )[0]
             for ids in captions
         ]
         hidden = tower.lower(torch.nn.utils.rnn.pad_sequence(captions, batch_first=True), layer)
@@ -304,8 +311,14 @@ def test_chunking_does_not_change_the_result(tiny64):
 def test_no_hooks_left_and_model_unchanged(tiny64):
     explainer = make_explainer(tiny64)
     before = {k: v.clone() for k, v in tiny64.state_dict().items()}
-    explainer.explain(caption_ids(), random_pixels(dtype=torch.float64), text_layer=1, image_layer=1,
-                      method="riemann_right", n_steps=3)
+    explainer.explain(
+        caption_ids(),
+        random_pixels(dtype=torch.float64),
+        text_layer=1,
+        image_layer=1,
+        method="riemann_right",
+        n_steps=3,
+    )
     for module in tiny64.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks and not module._backward_hooks
     for k, v in tiny64.state_dict().items():
@@ -317,8 +330,9 @@ def test_non_finite_results_are_errors():
     model = seeded_model(TINY).requires_grad_(False)
     model.visual.proj[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="not finite"):
-        make_explainer(model).explain(caption_ids(), random_pixels(), text_layer=1, image_layer=1,
-                                      method="riemann_right", n_steps=2)
+        make_explainer(model).explain(
+            caption_ids(), random_pixels(), text_layer=1, image_layer=1, method="riemann_right", n_steps=2
+        )
 
 
 def _register_variant(tmp_path, name: str, changes: dict) -> str:
@@ -378,7 +392,9 @@ def test_model_spec_parses_tags_paths_and_seeds():
 
 
 def test_model_spec_takes_default_settings_as_trailing_options():
-    spec = ModelSpec.parse("s=shapes-ViT:/w/a,b.safetensors,image_layer=0,method=riemann_trapezoid,text_layer=2,n_steps=8")
+    spec = ModelSpec.parse(
+        "s=shapes-ViT:/w/a,b.safetensors,image_layer=0,method=riemann_trapezoid,text_layer=2,n_steps=8"
+    )
     assert (spec.pretrained, spec.text_layer, spec.image_layer) == ("/w/a,b.safetensors", 2, 0)
     assert (spec.n_steps, spec.method) == (8, "riemann_trapezoid")
     plain = ModelSpec.parse("r=ViT-B-32:random:7,text_layer=0")
@@ -387,18 +403,21 @@ def test_model_spec_takes_default_settings_as_trailing_options():
     assert ModelSpec.parse("w=ViT-B-32:/w/a,b=c/d.pt").pretrained == "/w/a,b=c/d.pt"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("r=ViT-B-32:random,text_layer=0,text_layer=1", "option text_layer is given twice"),
-    ("r=ViT-B-32:random,nsteps=8", "unknown option 'nsteps'; options are text_layer, image_layer, n_steps, method"),
-    ("r=ViT-B-32:random,n_steps=three", "n_steps must be a non-negative integer; got 'three'"),
-    ("r=ViT-B-32:random,text_layer=-1", "text_layer must be a non-negative integer; got '-1'"),
-    ("r=ViT-B-32:random,method=simpson", "method must be one of riemann_right, .*; got 'simpson'"),
-    ("r=ViT-B-32:random,method=riemann_trapezoid,n_steps=1", "n_steps must be >= 2 for method riemann_trapezoid"),
-    ("r=ViT-B-32:random,n_steps=0", "n_steps must be >= 1"),
-    ("r=ViT-B-32:,image_layer=0", "NAME=ARCH:PRETRAINED"),
-    ("r=ViT-B-32:random,instances=0", "instances must be a positive integer; got 0"),
-    ("r=ViT-B-32:random,device=tpu", "device must be auto, cpu, cuda or cuda:INDEX; got 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("r=ViT-B-32:random,text_layer=0,text_layer=1", "option text_layer is given twice"),
+        ("r=ViT-B-32:random,nsteps=8", "unknown option 'nsteps'; options are text_layer, image_layer, n_steps, method"),
+        ("r=ViT-B-32:random,n_steps=three", "n_steps must be a non-negative integer; got 'three'"),
+        ("r=ViT-B-32:random,text_layer=-1", "text_layer must be a non-negative integer; got '-1'"),
+        ("r=ViT-B-32:random,method=simpson", "method must be one of riemann_right, .*; got 'simpson'"),
+        ("r=ViT-B-32:random,method=riemann_trapezoid,n_steps=1", "n_steps must be >= 2 for method riemann_trapezoid"),
+        ("r=ViT-B-32:random,n_steps=0", "n_steps must be >= 1"),
+        ("r=ViT-B-32:,image_layer=0", "NAME=ARCH:PRETRAINED"),
+        ("r=ViT-B-32:random,instances=0", "instances must be a positive integer; got 0"),
+        ("r=ViT-B-32:random,device=tpu", "device must be auto, cpu, cuda or cuda:INDEX; got 'tpu'"),
+    ],
+)
 def test_model_spec_refuses_bad_options(text, message):
     with pytest.raises(ValueError, match=message):
         ModelSpec.parse(text)
@@ -420,9 +439,13 @@ def test_half_precision_models_agree_with_float32(dtype, tolerance):
     ids, pixels = caption_ids(), random_pixels()
     results = {}
     for name in ("float32", dtype):
-        loaded = load_model(ModelSpec("t", TINY, "random:0"), device=torch.device("cpu"), dtype=name, memory_bytes=1 << 20)
+        loaded = load_model(
+            ModelSpec("t", TINY, "random:0"), device=torch.device("cpu"), dtype=name, memory_bytes=1 << 20
+        )
         assert loaded.explainer.dtype == getattr(torch, name)
-        results[name] = loaded.explainer.explain(ids, pixels, text_layer=1, image_layer=1, method="gausslegendre", n_steps=3)
+        results[name] = loaded.explainer.explain(
+            ids, pixels, text_layer=1, image_layer=1, method="gausslegendre", n_steps=3
+        )
     want, got = results["float32"].interactions, results[dtype].interactions
     assert got.dtype == np.float64 and np.isfinite(got).all()
     assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)

@@ -143,7 +143,9 @@ def test_factor_passes_equal_each_integral_alone(explainer, tower, layer, mode, 
         results = mode(tower_, layer, integrals, ChunkBudget(rows * seq * width * hidden.element_size()))
         for i in check_stops(drawn, stops, results):
             own = hidden[i : i + 1, : lengths[i]] if tower == "text" else hidden[i : i + 1]
-            alone = PathIntegral(own[0], reference[: own.shape[1]], *nodes_and_weights(drawn[i].method, drawn[i].n_steps))
+            alone = PathIntegral(
+                own[0], reference[: own.shape[1]], *nodes_and_weights(drawn[i].method, drawn[i].n_steps)
+            )
             (want,) = mode(tower_, layer, [alone], ChunkBudget(AMPLE))
             assert_equal_to_solo(results[i], want, explainer.dtype)
 
@@ -158,11 +160,16 @@ def test_explainer_batches_equal_each_side_alone(explainer, drawn, rows):
         for tower in ("text", "image"):
             mine = [side for side in drawn if side.tower == tower]
             stops = [StopAfter(side.stop_after) for side in mine]
-            batch = [Side(side.inputs(explainer), side.layer, side.method, side.n_steps, stop) for side, stop in zip(mine, stops)]
+            batch = [
+                Side(side.inputs(explainer), side.layer, side.method, side.n_steps, stop)
+                for side, stop in zip(mine, stops)
+            ]
             results = explainer.factors(getattr(explainer, tower), batch)
             explainer.budget, saved = ChunkBudget(AMPLE), explainer.budget
             for i in check_stops(mine, stops, results):
-                (want,) = explainer.factors(getattr(explainer, tower), [Side(batch[i].inputs, mine[i].layer, mine[i].method, mine[i].n_steps)])
+                (want,) = explainer.factors(
+                    getattr(explainer, tower), [Side(batch[i].inputs, mine[i].layer, mine[i].method, mine[i].n_steps)]
+                )
                 assert_equal_to_solo(results[i].matrix, want.matrix, explainer.dtype)
                 assert_equal_to_solo(results[i].endpoints, want.endpoints, explainer.dtype)
             explainer.budget = saved
@@ -187,7 +194,9 @@ def test_captions_leaving_a_pass_one_after_another(explainer, lengths):
         results = forward_factors(explainer.text, 1, integrals, ChunkBudget(64 * seq * width * hidden.element_size()))
         for got, ids in zip(results, inputs):
             alone = PathIntegral(explainer.text.lower(ids[None], 1)[0], reference[: len(ids)], alphas, weights)
-            assert_equal_to_solo(got, forward_factors(explainer.text, 1, [alone], ChunkBudget(AMPLE))[0], explainer.dtype)
+            assert_equal_to_solo(
+                got, forward_factors(explainer.text, 1, [alone], ChunkBudget(AMPLE))[0], explainer.dtype
+            )
 
 
 class LoggedBudget(ChunkBudget):
@@ -246,9 +255,13 @@ def test_a_time_budget_bounds_every_pass_and_stopped_work_ends_at_the_next_poll(
         hidden = tower_.lower(batch, 0)
         reference = explainer._reference(tower_, 0)[: hidden.shape[1]]
         alphas, weights = nodes_and_weights("gausslegendre", 4)
-        integrals = [PathIntegral(h, reference, alphas, weights, stops_at_poll(4 + 2 * i, i)) for i, h in enumerate(hidden)]
+        integrals = [
+            PathIntegral(h, reference, alphas, weights, stops_at_poll(4 + 2 * i, i)) for i, h in enumerate(hidden)
+        ]
         primal, column = forward_costs(tower_, 0, hidden.shape[1])
-        smallest, max_flops = (primal + column, 2 * (primal + 5 * column)) if mode is forward_factors else (2 * primal, 12 * primal)
+        smallest, max_flops = (
+            (primal + column, 2 * (primal + 5 * column)) if mode is forward_factors else (2 * primal, 12 * primal)
+        )
         results = mode(tower_, 0, integrals, LoggedBudget(AMPLE, max_flops, events))
     assert results == [None, None, None]
     passes = [event[1] for event in events if event[0] == "pass"]

@@ -46,10 +46,24 @@ def shapes_client(shapes_server):
 
 def _explain_eval(server, tmp_path, model: str) -> tuple[dict, str]:
     report_path, table_path = tmp_path / f"{model}.json", tmp_path / f"{model}.md"
-    code = cli.main([
-        str(HELDOUT), "--target", server.target, "--model", model, "--limit", "50", "--workers", "2", "--no-progress",
-        "--json", str(report_path), "--markdown", str(table_path),
-    ])
+    code = cli.main(
+        [
+            str(HELDOUT),
+            "--target",
+            server.target,
+            "--model",
+            model,
+            "--limit",
+            "50",
+            "--workers",
+            "2",
+            "--no-progress",
+            "--json",
+            str(report_path),
+            "--markdown",
+            str(table_path),
+        ]
+    )
     assert code == 0
     return json.loads(report_path.read_text()), table_path.read_text()
 
@@ -95,7 +109,9 @@ def test_each_phrase_heatmap_is_the_sum_of_exactly_its_own_token_rows(shapes_cli
             rows = phrase_rows(explanation, caption.text, phrase.start, phrase.end)
             before = len(tokenizer.encode(caption.text[: phrase.start]))
             assert rows == list(range(1 + before, 1 + len(tokenizer.encode(caption.text[: phrase.end]))))
-            assert "".join(explanation.tokens[r] for r in rows) == caption.text[phrase.start : phrase.end].replace(" ", "")
+            assert "".join(explanation.tokens[r] for r in rows) == caption.text[phrase.start : phrase.end].replace(
+                " ", ""
+            )
             heat = explanation.attribution[rows].sum(axis=0)
             peak = divmod(int(np.argmax(heat)), heat.shape[1])
             assert score_phrase(explanation, rows, phrase.boxes).peak == peak

@@ -292,7 +292,9 @@ def test_token_label_of_special_tokens():
 
 def test_captions_longer_than_the_context_are_refused_with_the_true_count():
     caption = " ".join(["word"] * 80)
-    with pytest.raises(InputError, match="^caption: has 82 tokens including the start and end tokens; the model's limit is 77"):
+    with pytest.raises(
+        InputError, match="^caption: has 82 tokens including the start and end tokens; the model's limit is 77"
+    ):
         tokenize(TOKENIZER, caption)
     fits = " ".join(["word"] * 75)
     assert len(tokenize(TOKENIZER, fits).token_ids) == 77

@@ -44,7 +44,8 @@ def test_a_replaced_behaviour_keeps_the_streaming_kind_and_the_codecs(kind):
     handler = CONSTRUCTORS[kind](own, request_deserializer=deserialize, response_serializer=serialize)
     replaced = replace_behavior(handler, new)
     assert (replaced.request_streaming, replaced.response_streaming) == (
-        handler.request_streaming, handler.response_streaming,
+        handler.request_streaming,
+        handler.response_streaming,
     )
     assert {name: getattr(replaced, name) for name in CONSTRUCTORS} == {
         name: new if name == kind else None for name in CONSTRUCTORS

@@ -56,11 +56,15 @@ def test_a_request_that_trips_a_bug_fails_alone_and_the_rest_of_its_batch_succee
     pairs = [(noise_png(900 + i), text) for i, text in enumerate(["a red circle", POISON, "a cat", "two blue squares"])]
     expected = {
         text: loaded.explainer.explain(
-            tokenize(loaded.tokenizer, text).token_ids, loaded.transform(decode_image(image, ImageLimits())),
-            text_layer=loaded.default_text_layer, image_layer=loaded.default_image_layer,
-            method=loaded.default_method, n_steps=loaded.default_n_steps,
+            tokenize(loaded.tokenizer, text).token_ids,
+            loaded.transform(decode_image(image, ImageLimits())),
+            text_layer=loaded.default_text_layer,
+            image_layer=loaded.default_image_layer,
+            method=loaded.default_method,
+            n_steps=loaded.default_n_steps,
         )
-        for image, text in pairs if text != POISON
+        for image, text in pairs
+        if text != POISON
     }
     poison_ids = tokenize(loaded.tokenizer, POISON).token_ids
     factors = loaded.explainer.factors
@@ -95,13 +99,16 @@ def test_a_request_that_trips_a_bug_fails_alone_and_the_rest_of_its_batch_succee
     assert served.sample("explain_batch_size_count", model="tiny") == 5
     assert served.sample("explain_batch_size_sum", model="tiny") == 8
     assert served.sample("explain_batch_size_bucket", model="tiny", le="2.0") == 4
-    assert any("a batch of 4 raised; running each of its items alone" in r.getMessage() and r.exc_info
-               for r in caplog.records)
+    assert any(
+        "a batch of 4 raised; running each of its items alone" in r.getMessage() and r.exc_info for r in caplog.records
+    )
     assert served.sample("explain_internal_errors_total", model="tiny") == 1
     assert served.sample("explain_requests_total", model="tiny", code="INTERNAL") == 1
     assert served.sample("explain_requests_total", model="tiny", code="OK") == 3
-    handled = {code: served.sample("grpc_server_handled_total", **EXPLAIN, grpc_method="Explain", grpc_code=code)
-               for code in ("OK", "INTERNAL", "UNKNOWN")}
+    handled = {
+        code: served.sample("grpc_server_handled_total", **EXPLAIN, grpc_method="Explain", grpc_code=code)
+        for code in ("OK", "INTERNAL", "UNKNOWN")
+    }
     assert handled == {"OK": 3, "INTERNAL": 1, "UNKNOWN": 0}
 
 
@@ -118,9 +125,13 @@ def test_a_bug_while_building_a_response_is_internal(loaded, monkeypatch, caplog
             outcomes = {}
             for method, call in [
                 ("Explain", served.stub.Explain(explain_request(noise_png(950), "a cat"), timeout=300)),
-                ("ExplainMany", served.stub.ExplainMany(
-                    explain_pb2.ExplainManyRequest(images=[noise_png(951)], captions=["a cat", "a dog"]), timeout=300
-                )),
+                (
+                    "ExplainMany",
+                    served.stub.ExplainMany(
+                        explain_pb2.ExplainManyRequest(images=[noise_png(951)], captions=["a cat", "a dog"]),
+                        timeout=300,
+                    ),
+                ),
             ]:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await call
@@ -152,8 +163,10 @@ def test_a_bug_in_list_models_or_another_service_is_internal(loaded, monkeypatch
     async def scenario():
         async with serving(loaded) as served:
             errors = []
-            for call in (served.stub.ListModels(explain_pb2.ListModelsRequest(), timeout=60),
-                         health_pb2_grpc.HealthStub(served.channel).Check(health_pb2.HealthCheckRequest(), timeout=60)):
+            for call in (
+                served.stub.ListModels(explain_pb2.ListModelsRequest(), timeout=60),
+                health_pb2_grpc.HealthStub(served.channel).Check(health_pb2.HealthCheckRequest(), timeout=60),
+            ):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await call
                 errors.append(info.value)

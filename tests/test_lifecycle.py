@@ -66,7 +66,9 @@ def test_results_are_bitwise_identical_across_calls_and_restarts(tmp_path):
         assert other.attribution.tobytes() == first.attribution.tobytes()
         assert other.cls_attribution.tobytes() == first.cls_attribution.tobytes()
         assert (other.score, other.convergence_delta, other.reference_terms) == (
-            first.score, first.convergence_delta, first.reference_terms,
+            first.score,
+            first.convergence_delta,
+            first.reference_terms,
         )
 
 

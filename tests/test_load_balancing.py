@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import TINY, TINY_CONFIG
+from PIL import Image
 
 from explain_client import ExplainClient, cli
 from explain_server.launcher import ServerProcess

@@ -22,9 +22,22 @@ def resolve(target: str, tmp_path: pathlib.Path) -> dict[str, str]:
     """{name: version} pip would install for ``target`` into an empty environment (nothing installed)."""
     report = tmp_path / "report.json"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--report", str(report), target],
-        check=True, cwd=ROOT, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            target,
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
     )
     items = json.loads(report.read_text())["install"]
     return {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"] for item in items}
@@ -56,13 +69,17 @@ def thin_bin(tmp_path_factory) -> pathlib.Path:
     tmp = tmp_path_factory.mktemp("thin")
     source = tmp / "src"  # a copy, so that the build leaves nothing in the checkout
     for package_root in ("api", "client"):
-        shutil.copytree(ROOT / package_root, source / package_root, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            ROOT / package_root, source / package_root, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=300)
     subprocess.run(
         [tmp / "venv" / "bin" / "python", "-m", "pip", "install", "--quiet", str(source)],
-        check=True, capture_output=True, timeout=600,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     return tmp / "venv" / "bin"
 

@@ -71,7 +71,15 @@ def test_only_documented_codes(target, request):
             code, details = err.code(), err.details()
     assert code in DOCUMENTED, (code, details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        assert details.split(":")[0] in {"image", "caption", "text_layer", "image_layer", "n_steps", "method", "request_id"}
+        assert details.split(":")[0] in {
+            "image",
+            "caption",
+            "text_layer",
+            "image_layer",
+            "n_steps",
+            "method",
+            "request_id",
+        }
 
 
 def test_still_serving_afterwards(target):

@@ -23,4 +23,8 @@ def test_stubs_describe_package_explain_v1():
 
     assert explain_pb2.DESCRIPTOR.package == "explain.v1"
     assert explain_pb2.DESCRIPTOR.name == "explain/v1/explain.proto"
-    assert set(explain_pb2.DESCRIPTOR.services_by_name["Explain"].methods_by_name) == {"Explain", "ExplainMany", "ListModels"}
+    assert set(explain_pb2.DESCRIPTOR.services_by_name["Explain"].methods_by_name) == {
+        "Explain",
+        "ExplainMany",
+        "ListModels",
+    }

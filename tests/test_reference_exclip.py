@@ -10,9 +10,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import TINY, seeded_model
 from exclip import OpenClipExplainer
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from conftest import TINY, seeded_model
 from PIL import Image
 
 from explain_server.engine.attribution import ChunkBudget
@@ -61,12 +61,23 @@ def test_every_layer_equals_exclip_on_a_four_block_model(tmp_path, text_layer, i
     tokens = tokenizer([CAPTION])
     pixels = torch.randn((1, 3, 64, 64), generator=torch.Generator().manual_seed(5))
 
-    reference = OpenClipExplainer(model, image_dim=64, device=torch.device("cpu")).explain(
-        tokens, pixels, text_layer=text_layer, image_layer=image_layer, N=10
-    ).numpy()
-    explainer = Explainer(model.requires_grad_(False), sot_token_id=tokenizer.sot_token_id,
-                          eot_token_id=tokenizer.eot_token_id, budget=ChunkBudget(1 << 20))
+    reference = (
+        OpenClipExplainer(model, image_dim=64, device=torch.device("cpu"))
+        .explain(tokens, pixels, text_layer=text_layer, image_layer=image_layer, N=10)
+        .numpy()
+    )
+    explainer = Explainer(
+        model.requires_grad_(False),
+        sot_token_id=tokenizer.sot_token_id,
+        eot_token_id=tokenizer.eot_token_id,
+        budget=ChunkBudget(1 << 20),
+    )
     ids = tokens[0, : int(tokens[0].argmax()) + 1].long()
-    got = explainer.explain(ids, pixels[0], text_layer=text_layer, image_layer=image_layer,
-                            method="riemann_right", n_steps=10).interactions[:, 1:].reshape(reference.shape)
+    got = (
+        explainer.explain(
+            ids, pixels[0], text_layer=text_layer, image_layer=image_layer, method="riemann_right", n_steps=10
+        )
+        .interactions[:, 1:]
+        .reshape(reference.shape)
+    )
     assert np.linalg.norm(got - reference) <= 1e-5 * np.linalg.norm(reference)

@@ -18,7 +18,14 @@ from explain_client.explanation import Explanation, ReferenceTerms, ResolvedOpti
 from explain_server.inputs import token_label, tokenize
 from explain_server.shapes import dataset as shapes_dataset
 from explain_server.shapes.scenes import (
-    COLOURS, SHAPES, SIZES, colour_swapped, describe, generate_scene, random_style, render,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    colour_swapped,
+    describe,
+    generate_scene,
+    random_style,
+    render,
 )
 
 
@@ -55,7 +62,7 @@ def test_objects_are_apart_inside_the_canvas_and_distinct():
         for k, a in enumerate(scene.objects):
             x0, y0, x1, y1 = a.box
             assert 0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height
-            for b in scene.objects[k + 1:]:
+            for b in scene.objects[k + 1 :]:
                 assert a.box[2] < b.box[0] or b.box[2] < a.box[0] or a.box[3] < b.box[1] or b.box[3] < a.box[1]
 
 
@@ -131,7 +138,12 @@ def test_shapes_scenes_writes_a_valid_dataset(tmp_path):
         assert np.array_equal(np.asarray(render(scene)), np.asarray(Image.open(image.path)))
         for phrase, truth in zip(entry.phrases, caption.phrases):
             obj = scene.objects[truth.object_index]
-            assert (phrase.start, phrase.end, phrase.label, phrase.boxes) == (truth.start, truth.end, obj.shape, (tuple(map(float, obj.box)),))
+            assert (phrase.start, phrase.end, phrase.label, phrase.boxes) == (
+                truth.start,
+                truth.end,
+                obj.shape,
+                (tuple(map(float, obj.box)),),
+            )
 
 
 def _minimal(**phrase):
@@ -171,16 +183,21 @@ def test_coco_converter_finds_mentions_and_boxes(tmp_path):
             {"image_id": 7, "category_id": 3, "bbox": [0, 0, 640, 480], "iscrowd": 1},
         ],
     }
-    captions = {"annotations": [
-        {"image_id": 7, "id": 1, "caption": "A man walking two dogs past a car."},
-        {"image_id": 7, "id": 2, "caption": "An empty street."},
-    ]}
+    captions = {
+        "annotations": [
+            {"image_id": 7, "id": 1, "caption": "A man walking two dogs past a car."},
+            {"image_id": 7, "id": 2, "caption": "An empty street."},
+        ]
+    }
     out = tmp_path / "out" / "coco.json"
     out.parent.mkdir()
     data = convert.coco_dataset(instances, captions, tmp_path / "val2017", out)
     (entry,) = data["captions"]  # the caption mentioning nothing is left out
-    spans = {p["class"]: (entry["text"][p["start"]:p["end"]], p["boxes"]) for p in entry["phrases"]}
-    assert spans == {"person": ("man", [[400, 100, 480, 300]]), "dog": ("dogs", [[10, 20, 110, 70], [300, 200, 340, 240]])}
+    spans = {p["class"]: (entry["text"][p["start"] : p["end"]], p["boxes"]) for p in entry["phrases"]}
+    assert spans == {
+        "person": ("man", [[400, 100, 480, 300]]),
+        "dog": ("dogs", [[10, 20, 110, 70], [300, 200, 340, 240]]),
+    }
     assert data["images"][0]["file"] == "../val2017/000007.jpg"
     parse_dataset(data, out.parent)
 
@@ -201,14 +218,26 @@ def test_flickr30k_converter_spans_and_one_based_boxes(tmp_path):
         "</annotation>"
     )
     out = tmp_path / "flickr.json"
-    assert convert.main([
-        "flickr30k", "--sentences", str(tmp_path / "Sentences"), "--annotations", str(tmp_path / "Annotations"),
-        "--images", str(tmp_path / "images"), "--out", str(out),
-    ]) == 0
+    assert (
+        convert.main(
+            [
+                "flickr30k",
+                "--sentences",
+                str(tmp_path / "Sentences"),
+                "--annotations",
+                str(tmp_path / "Annotations"),
+                "--images",
+                str(tmp_path / "images"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     dataset = load_dataset(out)
     (entry,) = dataset.captions  # the scene-only sentence has no boxed phrase
     assert entry.text == "A man with pierced ears is wearing glasses ."
-    got = [(entry.text[p.start:p.end], p.label, p.boxes) for p in entry.phrases]
+    got = [(entry.text[p.start : p.end], p.label, p.boxes) for p in entry.phrases]
     assert got == [
         ("A man", "people", ((0.0, 10.0, 100.0, 200.0),)),
         ("pierced ears", "clothing", ((49.0, 59.0, 70.0, 80.0),)),
@@ -231,11 +260,21 @@ def _explanation(caption: str, attribution: np.ndarray, crop_box=(0.0, 0.0, 96.0
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     ids = tokenize(tokenizer, caption).token_ids.tolist()
     return Explanation(
-        attribution=attribution, cls_attribution=np.zeros(len(ids)), token_ids=ids,
-        tokens=[token_label(tokenizer, i) for i in ids], score=0.0, logit_scale=1.0,
-        reference_terms=ReferenceTerms(0, 0, 0), convergence_delta=0.0, crop_box=crop_box,
+        attribution=attribution,
+        cls_attribution=np.zeros(len(ids)),
+        token_ids=ids,
+        tokens=[token_label(tokenizer, i) for i in ids],
+        score=0.0,
+        logit_scale=1.0,
+        reference_terms=ReferenceTerms(0, 0, 0),
+        convergence_delta=0.0,
+        crop_box=crop_box,
         image_size=(int(crop_box[0] + crop_box[2]), int(crop_box[3])),  # the crop box centred in it
-        request_id="r", model="m", options=ResolvedOptions(0, 0, 1, "gausslegendre"), queue_seconds=0, compute_seconds=0,
+        request_id="r",
+        model="m",
+        options=ResolvedOptions(0, 0, 1, "gausslegendre"),
+        queue_seconds=0,
+        compute_seconds=0,
     )
 
 
@@ -247,8 +286,12 @@ def test_phrase_rows_are_the_tokenizers_rows_and_only_they_make_the_heatmap():
         n = len(tokenizer.encode(caption.text)) + 2
         for phrase in caption.phrases:
             # the tokenizer's own answer: tokens of the text before the phrase, and up to its end
-            expected = list(range(1 + len(tokenizer.encode(caption.text[: phrase.start])),
-                                  1 + len(tokenizer.encode(caption.text[: phrase.end]))))
+            expected = list(
+                range(
+                    1 + len(tokenizer.encode(caption.text[: phrase.start])),
+                    1 + len(tokenizer.encode(caption.text[: phrase.end])),
+                )
+            )
             base = _explanation(caption.text, np.zeros((n, 8, 8)))
             rows = phrase_rows(base, caption.text, phrase.start, phrase.end)
             assert rows == expected
@@ -282,5 +325,6 @@ def test_pointing_maps_cells_through_the_crop_box():
     assert not score_phrase(exp, [2, 3], [(150, 60, 200, 90)]).pointing_hit
     assert score_phrase(exp, [2, 3], [(250, 50, 300, 100)]).relevance_mass == pytest.approx(1.0)
     with pytest.raises(AlignmentError):
-        phrase_rows(dataclasses.replace(exp, tokens=("<start_of_text>", "a", "blue", "circle", "<end_of_text>")),
-                    caption, 2, 12)
+        phrase_rows(
+            dataclasses.replace(exp, tokens=("<start_of_text>", "a", "blue", "circle", "<end_of_text>")), caption, 2, 12
+        )

@@ -102,8 +102,19 @@ def test_tls(tmp_path, pki):
         with ExplainClient(f"localhost:{server.port}", timeout=10) as plaintext:
             with pytest.raises(UnavailableError):
                 plaintext.list_models()
-        load = ["--target", f"localhost:{server.port}", "--requests", "2", "--image-sides", "64", "96",
-                "--metrics-url", server.metrics_url, "--deadline", "60"]
+        load = [
+            "--target",
+            f"localhost:{server.port}",
+            "--requests",
+            "2",
+            "--image-sides",
+            "64",
+            "96",
+            "--metrics-url",
+            server.metrics_url,
+            "--deadline",
+            "60",
+        ]
         assert loadgen.main([*load, "--tls-ca", pki["ca"][1]]) == 0
         assert loadgen.main(load) == 1  # plaintext: every call fails
     finally:
@@ -121,7 +132,10 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(tmp_path, 
         _wait(server, good)
         with ExplainClient(f"localhost:{server.port}", credentials=good, timeout=60) as client:
             assert client.explain(noise_image(64, 64), CAPTION).model == "tiny"
-        for credentials in (tls_credentials(pki["ca"][1]), tls_credentials(pki["ca"][1], pki["rogue"][1], pki["rogue"][0])):
+        for credentials in (
+            tls_credentials(pki["ca"][1]),
+            tls_credentials(pki["ca"][1], pki["rogue"][1], pki["rogue"][0]),
+        ):
             with ExplainClient(f"localhost:{server.port}", credentials=credentials, timeout=10) as client:
                 with pytest.raises(UnavailableError):
                     client.list_models()
@@ -136,17 +150,31 @@ def test_tls_files_grpc_cannot_use_are_refused_naming_the_file(tmp_path, pki):
     der.write_bytes(ssl.PEM_cert_to_DER_cert(pathlib.Path(cert).read_text()))
     encrypted = tmp_path / "encrypted.key"
     private = serialization.load_pem_private_key(pathlib.Path(key).read_bytes(), password=None)
-    encrypted.write_bytes(private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
-    ))
+    encrypted.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+        )
+    )
     absent = tmp_path / "absent.pem"
     cases = [
-        (["--tls-cert", cert, "--tls-key", other_key], f"--tls-key {other_key} does not match the certificate in --tls-cert {cert}"),
+        (
+            ["--tls-cert", cert, "--tls-key", other_key],
+            f"--tls-key {other_key} does not match the certificate in --tls-cert {cert}",
+        ),
         (["--tls-cert", str(der), "--tls-key", key], f"--tls-cert {der} is not a PEM certificate"),
         (["--tls-cert", cert, "--tls-key", cert], f"--tls-key {cert} is not an unencrypted PEM private key"),
-        (["--tls-cert", cert, "--tls-key", str(encrypted)], f"--tls-key {encrypted} is not an unencrypted PEM private key"),
-        (["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", key], f"--tls-client-ca {key} is not a PEM certificate"),
-        (["--tls-cert", str(absent), "--tls-key", key], f"--tls-cert {absent}: cannot read it: No such file or directory"),
+        (
+            ["--tls-cert", cert, "--tls-key", str(encrypted)],
+            f"--tls-key {encrypted} is not an unencrypted PEM private key",
+        ),
+        (
+            ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", key],
+            f"--tls-client-ca {key} is not a PEM certificate",
+        ),
+        (
+            ["--tls-cert", str(absent), "--tls-key", key],
+            f"--tls-cert {absent}: cannot read it: No such file or directory",
+        ),
         (["--tls-cert", cert], "--tls-cert and --tls-key go together"),
         (["--tls-client-ca", ca], "--tls-client-ca needs --tls-cert and --tls-key"),
     ]
@@ -162,9 +190,23 @@ def test_a_key_that_does_not_match_the_certificate_fails_start_up_naming_both(pk
     """Not as grpc's "Failed to bind", which reads like a port clash."""
     (_, cert), (other_key, _) = pki["server"], pki["client"]
     result = subprocess.run(
-        [sys.executable, "-m", "explain_server", "--port", str(free_port()), "--metrics-port", "0", *TINY_ARGS,
-         "--tls-cert", cert, "--tls-key", other_key],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "explain_server",
+            "--port",
+            str(free_port()),
+            "--metrics-port",
+            "0",
+            *TINY_ARGS,
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            other_key,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
@@ -220,7 +262,11 @@ def test_bearer_tokens(tmp_path, source, monkeypatch):
         with grpc.insecure_channel(server.target) as channel:  # reflection is not exempt
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             with pytest.raises(grpc.RpcError) as info:
-                list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+                list(
+                    stub.ServerReflectionInfo(
+                        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+                    )
+                )
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.stop()
@@ -233,15 +279,23 @@ def test_exempting_reflection_by_config(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKEN)
     server = _started(
-        ["--auth-tokens-file", str(tokens), "--auth-exempt", "grpc.health.v1.Health",
-         "--auth-exempt", "grpc.reflection.v1alpha.ServerReflection"],
+        [
+            "--auth-tokens-file",
+            str(tokens),
+            "--auth-exempt",
+            "grpc.health.v1.Health",
+            "--auth-exempt",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ],
         tmp_path / "exempt.log",
     )
     try:
         wait_serving(server.target, server.process)
         with grpc.insecure_channel(server.target) as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+            reply = next(
+                stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+            )
             assert "explain.v1.Explain" in {s.name for s in reply.list_services_response.service}
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING

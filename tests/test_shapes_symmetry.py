@@ -20,7 +20,8 @@ def _is_tied(state: dict[str, torch.Tensor]) -> bool:
     grid = state["visual.positional_embedding"][1:].float().T.reshape(-1, 8, 8)
     return all(
         torch.allclose(t, x, rtol=0, atol=1e-3 * x.abs().max())
-        for x in (kernels, grid) for t in symmetry.dihedral_images(x)
+        for x in (kernels, grid)
+        for t in symmetry.dihedral_images(x)
     )
 
 

@@ -24,7 +24,9 @@ def _batch(step: int) -> training.Batch:
     open_clip.add_model_config(shapes_model.CONFIG)
     tokenizer = open_clip.get_tokenizer(shapes_model.ARCHITECTURE)
     cfg = training.build_model(0).visual.preprocess_cfg
-    return training.make_batch(TINY_RECIPE, step, tokenizer, image_transform_v2(PreprocessCfg(**cfg), is_train=False), 12)
+    return training.make_batch(
+        TINY_RECIPE, step, tokenizer, image_transform_v2(PreprocessCfg(**cfg), is_train=False), 12
+    )
 
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -54,8 +56,11 @@ def test_hard_negatives_are_false_for_their_scene():
         scene = generate_scene(rng, n_objects=(1, 4))
         style = random_style(scene, rng)
         assert training.describes_exactly(training.named_objects(scene, style), scene)
-        for negative in (training.hard_negative(scene, rng), training.altered(scene, rng, "colour"),
-                         training.altered(scene, rng, "shape")):
+        for negative in (
+            training.hard_negative(scene, rng),
+            training.altered(scene, rng, "colour"),
+            training.altered(scene, rng, "shape"),
+        ):
             assert not training.describes_exactly(training.named_objects(negative, style), scene)
             assert describe(negative, style).text != describe(scene, style).text
 
@@ -64,7 +69,9 @@ def test_shipped_weights_fit_the_config_and_the_budget():
     assert shapes_model.WEIGHTS.stat().st_size <= 10_000_000
     state = load_file(str(shapes_model.WEIGHTS))
     open_clip.add_model_config(shapes_model.CONFIG)
-    model = open_clip.create_model(shapes_model.ARCHITECTURE, pretrained=str(shapes_model.WEIGHTS), require_pretrained=True)
+    model = open_clip.create_model(
+        shapes_model.ARCHITECTURE, pretrained=str(shapes_model.WEIGHTS), require_pretrained=True
+    )
     assert set(state) == set(model.state_dict())
     assert tuple(model.visual.grid_size) == (8, 8)
 
@@ -89,8 +96,14 @@ def test_token_pair_labels_name_each_shape_word_after_a_colour_word():
     open_clip.add_model_config(shapes_model.CONFIG)
     tokenizer = open_clip.get_tokenizer(shapes_model.ARCHITECTURE)
     # Every word and full stop is one token; token 0 is the start token.
-    texts = ["a small red circle next to a blue square.", "there is a cross, a large black diamond and a yellow triangle."]
+    texts = [
+        "a small red circle next to a blue square.",
+        "there is a cross, a large black diamond and a yellow triangle.",
+    ]
     labels = training.token_pair_labels(tokenizer(texts), tokenizer)
     named = [{int(t): training.PAIRS[int(p)] for t, p in enumerate(row) if p != training.NO_PAIR} for row in labels]
     # "cross" follows "a", not a colour word
-    assert named == [{4: ("red", "circle"), 9: ("blue", "square")}, {9: ("black", "diamond"), 13: ("yellow", "triangle")}]
+    assert named == [
+        {4: ("red", "circle"), 9: ("blue", "square")},
+        {9: ("black", "diamond"), 13: ("yellow", "triangle")},
+    ]

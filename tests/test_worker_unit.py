@@ -21,7 +21,18 @@ from explain_server.settings import BatchingConfig
 from explain_server.worker.backend import ExplainBackend, QueuedJob
 from explain_server.worker.factor_cache import FactorCache
 from explain_server.worker.protocol import (
-    Cancel, Dropped, Explained, Failed, Finished, JobSpec, ModelDescription, Ready, SideInput, SideKey, Stop, Submit,
+    Cancel,
+    Dropped,
+    Explained,
+    Failed,
+    Finished,
+    JobSpec,
+    ModelDescription,
+    Ready,
+    SideInput,
+    SideKey,
+    Stop,
+    Submit,
     Tower,
 )
 from explain_server.worker.serve import serve
@@ -83,7 +94,9 @@ def test_shared_and_cached_sides_are_computed_once_and_counted():
     assert sorted(explainer.computed) == [("image", 8.0), ("image", 9.0), ("text", 4.0), ("text", 5.0)]
     (report,) = reports
     assert (report.size, report.cache_hits, report.cache_misses) == (
-        3, {Tower.TEXT: 1, Tower.IMAGE: 1}, {Tower.TEXT: 2, Tower.IMAGE: 2},
+        3,
+        {Tower.TEXT: 1, Tower.IMAGE: 1},
+        {Tower.TEXT: 2, Tower.IMAGE: 2},
     )
     run.execute([job(3, 2, 6)])
     assert len(explainer.computed) == 4 and reports[1].cache_hits == {Tower.TEXT: 1, Tower.IMAGE: 1}
@@ -93,7 +106,9 @@ def test_stopped_jobs_are_dropped_and_a_non_finite_result_fails_only_its_job():
     run, explainer, _ = backend(cache_bytes=0)
     cancelled = job(1, 2, 6)
     cancelled.cancelled.set()
-    outcomes = run.execute([job(0, 1, 5, deadline=time.monotonic() - 1), cancelled, job(2, NON_FINITE - 3, 7), job(3, 4, 8)])
+    outcomes = run.execute(
+        [job(0, 1, 5, deadline=time.monotonic() - 1), cancelled, job(2, NON_FINITE - 3, 7), job(3, 4, 8)]
+    )
     assert isinstance(outcomes[0], Dropped) and isinstance(outcomes[1], Dropped)
     assert isinstance(outcomes[2], Failed) and outcomes[2].kind == "non_finite"
     assert isinstance(outcomes[3], Explained) and outcomes[3].attribution.score == (4 + 3) * (8 + 3)
@@ -126,7 +141,9 @@ def test_a_batch_answers_each_job_as_it_would_be_answered_alone(pairs, cache):
 
 def serving_thread(explainer: FakeExplainer, batching: BatchingConfig):
     ours, theirs = Pipe()
-    thread = threading.Thread(target=serve, args=(theirs, "fake", explainer, FactorCache(1 << 20), batching), daemon=True)
+    thread = threading.Thread(
+        target=serve, args=(theirs, "fake", explainer, FactorCache(1 << 20), batching), daemon=True
+    )
     thread.start()
     return ours, thread
 
@@ -147,8 +164,9 @@ def test_the_loop_answers_cancels_refuses_when_full_and_turns_bugs_into_internal
     explainer = FakeExplainer()
     explainer.fail_on = 9.0 + 3  # text value 9: its side raises inside the engine
     # a batch waits up to 300 s to fill to 4: the test decides when batches run
-    connection, thread = serving_thread(explainer, BatchingConfig(max_batch_size=4, max_queue_delay_seconds=300,
-                                                                  max_queue_size=4))
+    connection, thread = serving_thread(
+        explainer, BatchingConfig(max_batch_size=4, max_queue_delay_seconds=300, max_queue_size=4)
+    )
     connection.send(Submit([job(0, 1, 5).spec, job(1, 9, 5).spec]))
     connection.send(Cancel([0]))
     connection.send(Submit([job(2, 2, 5).spec, job(3, 3, 5).spec, job(4, 4, 5).spec]))  # 5 > max_queue_size
@@ -175,7 +193,9 @@ class DyingWorker:
         first = DyingWorker.started == 1
 
         def run():
-            connection.send(Ready(ModelDescription((64, 64), (16, 16), (4, 4), 8, 1.0, 77, 2, 2, {}, "cpu", "float32", 0.0)))
+            connection.send(
+                Ready(ModelDescription((64, 64), (16, 16), (4, 4), 8, 1.0, 77, 2, 2, {}, "cpu", "float32", 0.0))
+            )
             if first:
                 assert connection.poll(30)
                 connection.recv()  # takes a job, then dies
@@ -205,8 +225,12 @@ def test_a_dead_worker_fails_its_jobs_with_worker_lost_and_restarts():
 
     async def scenario():
         instance = WorkerInstance(
-            "fake", 0, lambda connection: DyingWorker(connection, explainer), metrics,
-            on_change=lambda: changes.append(instance.ready), backoff=Backoff(initial=0.01),
+            "fake",
+            0,
+            lambda connection: DyingWorker(connection, explainer),
+            metrics,
+            on_change=lambda: changes.append(instance.ready),
+            backoff=Backoff(initial=0.01),
         )
         instance.start()
         await instance.started()

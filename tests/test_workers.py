@@ -42,10 +42,7 @@ def children(pid: int) -> set[int]:
 
 def workers(pid: int) -> set[int]:
     """The worker processes among ``pid``'s children (not multiprocessing's resource tracker)."""
-    return {
-        child for child in children(pid)
-        if b"spawn_main" in pathlib.Path(f"/proc/{child}/cmdline").read_bytes()
-    }
+    return {child for child in children(pid) if b"spawn_main" in pathlib.Path(f"/proc/{child}/cmdline").read_bytes()}
 
 
 def alive(pid: int) -> bool:
@@ -59,12 +56,18 @@ def alive(pid: int) -> bool:
 
 def health(target: str, service: str = "") -> int:
     with grpc.insecure_channel(target) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
 
 
 def metric(server: ServerProcess, name: str) -> float:
     page = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in page.splitlines() if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.split()[-1])
+        for line in page.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def test_a_killed_worker_fails_only_its_calls_with_unavailable_and_comes_back(tmp_path):

@@ -16,7 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from explain_client.client import explain_request
 from explain_client.loadgen import (
-    PREFETCH, build_parser, build_requests, default_metrics_url, factor_cache_counts, generate_load,
+    PREFETCH,
+    build_parser,
+    build_requests,
+    default_metrics_url,
+    factor_cache_counts,
+    generate_load,
 )
 from explain_client.workload import SIDES, WORDS, distinct_captions, distinct_images, distinct_requests, load_photos
 from explain_server.launcher import free_port
@@ -135,7 +140,8 @@ def test_factor_cache_counts_agree_with_prometheus_clients_parser():
     registry = CollectorRegistry()
     counters = {
         (side, outcome): Counter(f"explain_{side}_factor_cache_{outcome}", "lookups", ["model"], registry=registry)
-        for side in ("text", "image") for outcome in ("hits", "misses")
+        for side in ("text", "image")
+        for outcome in ("hits", "misses")
     }
     Counter("explain_requests", "calls", ["model", "code"], registry=registry).labels("tiny", "OK").inc(5)
     rng = np.random.default_rng(0)
@@ -163,6 +169,7 @@ def test_the_metrics_url_follows_a_host_port_target():
 
 def test_a_failing_request_source_ends_the_run_with_its_error():
     """After the requests drawn ahead, the generator fails: the run raises, rather than wait."""
+
     def requests():
         for _ in range(PREFETCH + 5):
             yield explain_request(b"not sent anywhere", "a cat")

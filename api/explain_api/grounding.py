@@ -40,7 +40,16 @@ import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["FORMAT", "CaptionEntry", "Dataset", "DatasetError", "ImageEntry", "PhraseEntry", "load_dataset", "save_dataset"]
+__all__ = [
+    "FORMAT",
+    "CaptionEntry",
+    "Dataset",
+    "DatasetError",
+    "ImageEntry",
+    "PhraseEntry",
+    "load_dataset",
+    "save_dataset",
+]
 
 FORMAT = "explain-eval-grounding/1"
 """The value of the file's ``format`` field."""
@@ -103,7 +112,8 @@ def _box(value, where: str, image: ImageEntry) -> Box:
     _require(x1 > x0 and y1 > y0, where, f"is empty: need x1 > x0 and y1 > y0; got {value!r}")
     _require(
         x0 < image.width and y0 < image.height and x1 > 0 and y1 > 0,
-        where, f"{value!r} lies outside the {image.width}x{image.height} image",
+        where,
+        f"{value!r} lies outside the {image.width}x{image.height} image",
     )
     return (x0, y0, x1, y1)
 
@@ -120,16 +130,29 @@ def parse_dataset(data: dict, root: pathlib.Path) -> Dataset:
     images: dict[str, ImageEntry] = {}
     for i, item in enumerate(data.get("images", [])):
         where = f"images[{i}]"
-        _require(isinstance(item, dict) and {"id", "file", "width", "height"} <= set(item), where, "needs id, file, width, height")
-        _require(isinstance(item["width"], int) and isinstance(item["height"], int) and min(item["width"], item["height"]) >= 1,
-                 where, "width and height must be positive integers")
+        _require(
+            isinstance(item, dict) and {"id", "file", "width", "height"} <= set(item),
+            where,
+            "needs id, file, width, height",
+        )
+        _require(
+            isinstance(item["width"], int)
+            and isinstance(item["height"], int)
+            and min(item["width"], item["height"]) >= 1,
+            where,
+            "width and height must be positive integers",
+        )
         image_id = str(item["id"])
         _require(image_id not in images, where, f"duplicate image id {image_id!r}")
         images[image_id] = ImageEntry(image_id, root / item["file"], item["width"], item["height"])
     captions = []
     for c, item in enumerate(data.get("captions", [])):
         where = f"captions[{c}]"
-        _require(isinstance(item, dict) and {"image_id", "text", "phrases"} <= set(item), where, "needs image_id, text, phrases")
+        _require(
+            isinstance(item, dict) and {"image_id", "text", "phrases"} <= set(item),
+            where,
+            "needs image_id, text, phrases",
+        )
         image = images.get(str(item["image_id"]))
         _require(image is not None, where, f"unknown image_id {item['image_id']!r}")
         text = item["text"]
@@ -137,10 +160,17 @@ def parse_dataset(data: dict, root: pathlib.Path) -> Dataset:
         phrases = []
         for p, phrase in enumerate(item["phrases"]):
             at = f"{where}.phrases[{p}]"
-            _require(isinstance(phrase, dict) and {"start", "end", "class", "boxes"} <= set(phrase), at, "needs start, end, class, boxes")
+            _require(
+                isinstance(phrase, dict) and {"start", "end", "class", "boxes"} <= set(phrase),
+                at,
+                "needs start, end, class, boxes",
+            )
             start, end = phrase["start"], phrase["end"]
-            _require(isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text), at,
-                     f"span [{start}, {end}) is not within the caption's {len(text)} characters")
+            _require(
+                isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text),
+                at,
+                f"span [{start}, {end}) is not within the caption's {len(text)} characters",
+            )
             _require(text[start:end].strip() != "", at, "span is whitespace only")
             boxes = phrase["boxes"]
             _require(isinstance(boxes, list) and len(boxes) > 0, at, "needs at least one box")

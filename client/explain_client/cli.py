@@ -17,10 +17,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from explain_api.version import add_version_argument
 from explain_client.client import ExplainClient, bearer_metadata, tls_credentials
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
-from explain_api.version import add_version_argument
 
 __all__ = ["COMMANDS", "build_health_parser", "build_models_parser", "build_parser", "main"]
 
@@ -104,29 +104,30 @@ def _add_explain_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="PNG", help="write the heatmap overlay of --span to this file")
     parser.add_argument("--json", action="store_true", help="print the whole explanation as JSON")
     parser.add_argument(
-        "--top", type=_non_negative_int, default=5, metavar="K",
+        "--top",
+        type=_non_negative_int,
+        default=5,
+        metavar="K",
         help="token-region interactions to list (default: %(default)s)",
     )
     parser.add_argument("--timeout", type=positive_float, metavar="SECONDS", help="call deadline")
     parser.add_argument("--n-steps", type=int, metavar="N", help="quadrature nodes")
     parser.add_argument("--method", help='quadrature rule, e.g. "riemann_right", "gausslegendre"')
-    parser.add_argument(
-        "--text-layer", type=int, metavar="L", help="text-tower block (negative: from the end)"
-    )
-    parser.add_argument(
-        "--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)"
-    )
+    parser.add_argument("--text-layer", type=int, metavar="L", help="text-tower block (negative: from the end)")
+    parser.add_argument("--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)")
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the server is and how to reach it: shared by the explain and health commands."""
     parser.add_argument(
-        "--target", default="localhost:50051",
+        "--target",
+        default="localhost:50051",
         help="server address, any gRPC target: host:port, dns:///host:port, "
         "ipv4:host:port,host:port (default: %(default)s)",
     )
     parser.add_argument(
-        "--load-balancing-policy", metavar="POLICY",
+        "--load-balancing-policy",
+        metavar="POLICY",
         help='gRPC policy across the addresses the target resolves to, e.g. "round_robin" '
         "(default: gRPC's pick_first)",
     )
@@ -140,7 +141,9 @@ def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", metavar="PEM", help="client private key")
     parser.add_argument(
-        "--token-env", metavar="VAR", default="EXPLAIN_TOKEN",
+        "--token-env",
+        metavar="VAR",
+        default="EXPLAIN_TOKEN",
         help="environment variable holding a bearer token, sent when set (default: %(default)s)",
     )
 
@@ -150,7 +153,10 @@ def _subcommand_parser(name: str, description: str, timeout: float) -> argparse.
     parser = _Parser(prog=f"explain-client {name}", description=description)
     _add_connection_arguments(parser)
     parser.add_argument(
-        "--timeout", type=positive_float, default=timeout, metavar="SECONDS",
+        "--timeout",
+        type=positive_float,
+        default=timeout,
+        metavar="SECONDS",
         help="call deadline (default: %(default)s)",
     )
     add_version_argument(parser)
@@ -166,7 +172,8 @@ def build_health_parser() -> argparse.ArgumentParser:
         timeout=5.0,
     )
     parser.add_argument(
-        "--service", default="",
+        "--service",
+        default="",
         help='service whose health to ask, e.g. "explain.v1.Explain" (default: the whole server)',
     )
     return parser
@@ -206,7 +213,10 @@ def _connect(args: argparse.Namespace) -> ExplainClient:
     """
     credentials, token = connection_credentials(args)
     return ExplainClient(
-        args.target, timeout=args.timeout, credentials=credentials, token=token,
+        args.target,
+        timeout=args.timeout,
+        credentials=credentials,
+        token=token,
         load_balancing_policy=args.load_balancing_policy,
     )
 
@@ -259,7 +269,14 @@ def _models(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(model) for model in models]))
         return 0
-    header = ("model", "architecture", "weights", "grid", "blocks (text, image)", "defaults (text, image, method, n_steps)")
+    header = (
+        "model",
+        "architecture",
+        "weights",
+        "grid",
+        "blocks (text, image)",
+        "defaults (text, image, method, n_steps)",
+    )
     rows = [
         (
             model.name + (" (default)" if model.is_default else ""),
@@ -280,8 +297,7 @@ def _models(argv: Sequence[str]) -> int:
 def _format_report(explanation: Explanation, top: int) -> str:
     lines = [
         f"model:             {explanation.model}",
-        f"score:             {explanation.score:.6f} (cosine; logit "
-        f"{explanation.score * explanation.logit_scale:.4f})",
+        f"score:             {explanation.score:.6f} (cosine; logit {explanation.score * explanation.logit_scale:.4f})",
         f"convergence delta: {explanation.convergence_delta:.3e}",
         "tokens:            " + " ".join(f"[{i}]{t}" for i, t in enumerate(explanation.tokens)),
     ]
@@ -342,7 +358,9 @@ def _check_out(path: str) -> None:
     """
     extension = os.path.splitext(path)[1].lower()
     if Image.registered_extensions().get(extension) not in Image.SAVE:
-        raise ValueError(f"--out: Pillow cannot write {extension or 'files without an extension'}; use e.g. .png or .jpg")
+        raise ValueError(
+            f"--out: Pillow cannot write {extension or 'files without an extension'}; use e.g. .png or .jpg"
+        )
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise ValueError(f"--out: {directory} is not a writable directory")

@@ -165,8 +165,17 @@ def explain_request(
     """
     caption = _checked("caption", caption)
     request = explain_pb2.ExplainRequest(image=encode_image(image), caption=caption)
-    _set_options(request, {"model": model, "text_layer": text_layer, "image_layer": image_layer,
-                           "n_steps": n_steps, "method": method, "request_id": request_id})
+    _set_options(
+        request,
+        {
+            "model": model,
+            "text_layer": text_layer,
+            "image_layer": image_layer,
+            "n_steps": n_steps,
+            "method": method,
+            "request_id": request_id,
+        },
+    )
     return request
 
 
@@ -390,8 +399,14 @@ class ExplainClient:
                 ``DeadlineExceededError``, ...).
         """
         request = explain_request(
-            image, caption, model=model, text_layer=text_layer, image_layer=image_layer,
-            n_steps=n_steps, method=method, request_id=request_id,
+            image,
+            caption,
+            model=model,
+            text_layer=text_layer,
+            image_layer=image_layer,
+            n_steps=n_steps,
+            method=method,
+            request_id=request_id,
         )
         self._check_size(request)
         try:
@@ -439,8 +454,17 @@ class ExplainClient:
             raise TypeError("images and captions must be sequences (lists); wrap a single item in a list")
         request = explain_pb2.ExplainManyRequest(images=[encode_image(image) for image in images])
         request.captions.extend(_checked(f"captions[{index}]", caption) for index, caption in enumerate(captions))
-        _set_options(request, {"model": model, "text_layer": text_layer, "image_layer": image_layer,
-                               "n_steps": n_steps, "method": method, "request_id": request_id})
+        _set_options(
+            request,
+            {
+                "model": model,
+                "text_layer": text_layer,
+                "image_layer": image_layer,
+                "n_steps": n_steps,
+                "method": method,
+                "request_id": request_id,
+            },
+        )
         self._check_size(request)
         try:
             resp = self._stub.ExplainMany(request, timeout=self._deadline(timeout), metadata=self._metadata)

@@ -38,8 +38,8 @@ class ExplainError(Exception):
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
         """Args:
-            details: the server's message.
-            code: the status code; ``None`` = the class's ``default_code``.
+        details: the server's message.
+        code: the status code; ``None`` = the class's ``default_code``.
         """
         # Both values go to Exception.args so that pickling (e.g. across
         # multiprocessing) rebuilds an equal error.

@@ -137,20 +137,14 @@ class Explanation:
         crop_box = tuple(float(v) for v in self.crop_box)
         image_size = tuple(int(v) for v in self.image_size)
         if attribution.ndim != 3 or min(attribution.shape[1:]) < 1:
-            raise ValueError(
-                f"attribution must have shape (T, Gh, Gw) with Gh, Gw >= 1; got {attribution.shape}"
-            )
+            raise ValueError(f"attribution must have shape (T, Gh, Gw) with Gh, Gw >= 1; got {attribution.shape}")
         n_tokens = attribution.shape[0]
         if n_tokens < 2:
             raise ValueError(f"need at least the start and end tokens; got T = {n_tokens}")
         if cls_attribution.shape != (n_tokens,):
-            raise ValueError(
-                f"cls_attribution has shape {cls_attribution.shape}; expected ({n_tokens},)"
-            )
+            raise ValueError(f"cls_attribution has shape {cls_attribution.shape}; expected ({n_tokens},)")
         if len(token_ids) != n_tokens or len(tokens) != n_tokens:
-            raise ValueError(
-                f"{len(token_ids)} token ids and {len(tokens)} tokens for T = {n_tokens} rows"
-            )
+            raise ValueError(f"{len(token_ids)} token ids and {len(tokens)} tokens for T = {n_tokens} rows")
         if len(crop_box) != 4 or not (crop_box[2] > crop_box[0] and crop_box[3] > crop_box[1]):
             raise ValueError(f"crop_box must be (x0, y0, x1, y1) with x1 > x0, y1 > y0; got {crop_box}")
         if len(image_size) != 2 or min(image_size) < 1:
@@ -185,9 +179,7 @@ class Explanation:
             tokens=tuple(resp.tokens),
             score=resp.score,
             logit_scale=resp.logit_scale,
-            reference_terms=ReferenceTerms(
-                refs.text_reference, refs.image_reference, refs.both_references
-            ),
+            reference_terms=ReferenceTerms(refs.text_reference, refs.image_reference, refs.both_references),
             convergence_delta=resp.convergence_delta,
             crop_box=(box.x0, box.y0, box.x1, box.y1),
             image_size=(resp.image_size.width, resp.image_size.height),
@@ -236,9 +228,7 @@ class Explanation:
         try:
             start, stop = (operator.index(v) for v in span)
         except (TypeError, ValueError) as err:
-            raise TypeError(
-                f"span must be a caption substring or a (start, stop) pair of ints; got {span!r}"
-            ) from err
+            raise TypeError(f"span must be a caption substring or a (start, stop) pair of ints; got {span!r}") from err
         n_tokens = len(self.tokens)
         if not 0 <= start < stop <= n_tokens:
             raise ValueError(f"row range ({start}, {stop}) is not within 0 <= start < stop <= {n_tokens}")
@@ -258,9 +248,7 @@ class Explanation:
             row_of_char.extend([row] * len(label))
         at = "".join(labels).find(needle)
         if at < 0:
-            raise ValueError(
-                f"span {substring!r} not found in the caption tokens {list(self.tokens[1:-1])}"
-            )
+            raise ValueError(f"span {substring!r} not found in the caption tokens {list(self.tokens[1:-1])}")
         return list(range(row_of_char[at], row_of_char[at + len(needle) - 1] + 1))
 
     def heatmap(self, span: Span) -> np.ndarray:

@@ -34,12 +34,23 @@ from explain_api import explain_pb2, explain_pb2_grpc
 from explain_api.version import add_version_argument
 from explain_client.cli import add_credential_arguments, connection_credentials
 from explain_client.client import (
-    DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES, bearer_metadata, explain_request,
+    DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
+    DEFAULT_MAX_SEND_MESSAGE_BYTES,
+    bearer_metadata,
+    explain_request,
     warn_if_plaintext_token,
 )
 from explain_client.workload import SIDES, distinct_captions, distinct_images, load_photos
 
-__all__ = ["LoadReport", "build_parser", "build_requests", "default_metrics_url", "factor_cache_counts", "generate_load", "main"]
+__all__ = [
+    "LoadReport",
+    "build_parser",
+    "build_requests",
+    "default_metrics_url",
+    "factor_cache_counts",
+    "generate_load",
+    "main",
+]
 
 # Requests generated ahead of the callers: enough that a burst of answers never waits for the
 # generator, few enough that photo-sized images stay a few MiB.
@@ -99,17 +110,23 @@ class LoadReport:
             f"{self.requests} requests in {self.duration_seconds:.2f} s at concurrency {self.concurrency}: "
             f"{self.throughput_per_second:.2f} req/s ({self.ok_per_second:.2f} OK/s)",
             f"latency of OK calls: p50 {lat['p50'] * 1000:.1f} ms, p90 {lat['p90'] * 1000:.1f} ms, "
-            f"p99 {lat['p99'] * 1000:.1f} ms, max {lat['max'] * 1000:.1f} ms" if lat else "latency: no call succeeded",
+            f"p99 {lat['p99'] * 1000:.1f} ms, max {lat['max'] * 1000:.1f} ms"
+            if lat
+            else "latency: no call succeeded",
             f"status codes: {codes}",
         ]
         if self.inputs:
             lines.append(f"inputs: {self.inputs}, seed {self.seed}")
         if self.factor_cache:
             cache = self.factor_cache
-            sides = ", ".join(f"{side} {cache[side]['hits']:g} of {cache[side]['hits'] + cache[side]['misses']:g}"
-                              for side in ("text", "image"))
-            lines.append(f"server factor cache, this run's lookups: hit ratio {_percent(cache['hit_ratio'])} "
-                         f"(hits: {sides}; {cache['url']})")
+            sides = ", ".join(
+                f"{side} {cache[side]['hits']:g} of {cache[side]['hits'] + cache[side]['misses']:g}"
+                for side in ("text", "image")
+            )
+            lines.append(
+                f"server factor cache, this run's lookups: hit ratio {_percent(cache['hit_ratio'])} "
+                f"(hits: {sides}; {cache['url']})"
+            )
         busy = self.concurrency * self.duration_seconds
         if busy and self.input_wait_seconds > 0.01 * busy:
             lines.append(
@@ -290,7 +307,9 @@ async def generate_load(
             "p99": float(np.percentile(lat, 99)),
             "mean": float(lat.mean()),
             "max": float(lat.max()),
-        } if latencies else {},
+        }
+        if latencies
+        else {},
         codes=dict(codes),
         concurrency=concurrency,
         input_wait_seconds=waited,
@@ -307,29 +326,55 @@ def build_parser() -> argparse.ArgumentParser:
     amount = p.add_mutually_exclusive_group(required=True)
     amount.add_argument("--requests", type=int, help="requests to send in all")
     amount.add_argument("--duration", type=float, help="seconds to run")
-    p.add_argument("--repeat-inputs", action="store_true",
-                   help="cycle a fixed mix of 8 images x 10 captions (or those given), which the server's factor "
-                        "cache answers after the first round, instead of a new image and caption per request")
-    p.add_argument("--image", action="append", dest="images", metavar="PATH",
-                   help="a photo to cut the images from (repeatable; default: the photos shipped with the client); "
-                        "with --repeat-inputs, an image file sent as it is")
-    p.add_argument("--image-sides", type=int, nargs=2, default=SIDES, metavar=("MIN", "MAX"),
-                   help=f"range of the generated images' widths and heights, pixels (default: {SIDES[0]} {SIDES[1]})")
-    p.add_argument("--caption", action="append", dest="captions", metavar="TEXT",
-                   help="a caption to send, cycled (repeatable; default: a new caption of 1-30 words per request); "
-                        "the server's cache answers repeated captions")
-    p.add_argument("--seed", type=int, help="seed of the generated images and captions (default: a new one per run, "
-                                            "reported; a run repeating an earlier seed repeats its inputs)")
+    p.add_argument(
+        "--repeat-inputs",
+        action="store_true",
+        help="cycle a fixed mix of 8 images x 10 captions (or those given), which the server's factor "
+        "cache answers after the first round, instead of a new image and caption per request",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        dest="images",
+        metavar="PATH",
+        help="a photo to cut the images from (repeatable; default: the photos shipped with the client); "
+        "with --repeat-inputs, an image file sent as it is",
+    )
+    p.add_argument(
+        "--image-sides",
+        type=int,
+        nargs=2,
+        default=SIDES,
+        metavar=("MIN", "MAX"),
+        help=f"range of the generated images' widths and heights, pixels (default: {SIDES[0]} {SIDES[1]})",
+    )
+    p.add_argument(
+        "--caption",
+        action="append",
+        dest="captions",
+        metavar="TEXT",
+        help="a caption to send, cycled (repeatable; default: a new caption of 1-30 words per request); "
+        "the server's cache answers repeated captions",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the generated images and captions (default: a new one per run, "
+        "reported; a run repeating an earlier seed repeats its inputs)",
+    )
     p.add_argument("--deadline", type=float, help="per-call deadline, seconds (default: none)")
     p.add_argument("--model", help="hosted model name (default: the server's default)")
     p.add_argument("--n-steps", type=int, help="quadrature nodes (default: the model's)")
     p.add_argument("--method", help="quadrature rule (default: the model's)")
     p.add_argument("--token", help="bearer token (default: the --token-env variable's)")
     add_credential_arguments(p)
-    p.add_argument("--metrics-url", metavar="URL",
-                   help=f"the server's Prometheus page, read before and after the run for its factor cache hit ratio "
-                        f"(default: http://HOST:{METRICS_PORT}/metrics for a HOST:PORT target; skipped with a note "
-                        "when unreachable)")
+    p.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        help=f"the server's Prometheus page, read before and after the run for its factor cache hit ratio "
+        f"(default: http://HOST:{METRICS_PORT}/metrics for a HOST:PORT target; skipped with a note "
+        "when unreachable)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' = stdout)")
     add_version_argument(p)
     return p
@@ -357,8 +402,10 @@ def build_requests(
             images = list(itertools.islice(distinct_images(seed, sides=sides), 8))
         captions = args.captions or list(itertools.islice(distinct_captions(seed), 10))
         # pairs cycle through both lists at different strides, so the mix covers many combinations
-        return [explain_request(images[i % len(images)], captions[(i * 7) % len(captions)], **options)
-                for i in range(len(images) * len(captions))]
+        return [
+            explain_request(images[i % len(images)], captions[(i * 7) % len(captions)], **options)
+            for i in range(len(images) * len(captions))
+        ]
     photos = load_photos(args.images) if args.images else None
     captions = itertools.cycle(args.captions) if args.captions else distinct_captions(seed)
     pairs = zip(distinct_images(seed, sides=sides, photos=photos), captions)
@@ -370,8 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     low, high = args.image_sides
     if args.concurrency < 1 or (args.requests is not None and args.requests < 1) or not 1 <= low <= high:
-        print("explain-loadgen: --concurrency and --requests must be positive, --image-sides 1 <= MIN <= MAX",
-              file=sys.stderr)
+        print(
+            "explain-loadgen: --concurrency and --requests must be positive, --image-sides 1 <= MIN <= MAX",
+            file=sys.stderr,
+        )
         return 2
     seed = secrets.randbits(32) if args.seed is None else args.seed
     try:
@@ -387,12 +436,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"explain-loadgen: {err}", file=sys.stderr)
         return 2
     metrics_url = args.metrics_url or default_metrics_url(args.target)
-    report = asyncio.run(generate_load(
-        args.target, requests, concurrency=args.concurrency, total=args.requests, duration=args.duration,
-        deadline=args.deadline, credentials=credentials, token=token, metrics_url=metrics_url,
-    ))
-    notes = report.notes if metrics_url else (*report.notes, f"no /metrics URL for target {args.target!r}: "
-                                                             "pass --metrics-url for the factor cache hit ratio")
+    report = asyncio.run(
+        generate_load(
+            args.target,
+            requests,
+            concurrency=args.concurrency,
+            total=args.requests,
+            duration=args.duration,
+            deadline=args.deadline,
+            credentials=credentials,
+            token=token,
+            metrics_url=metrics_url,
+        )
+    )
+    notes = (
+        report.notes
+        if metrics_url
+        else (
+            *report.notes,
+            f"no /metrics URL for target {args.target!r}: pass --metrics-url for the factor cache hit ratio",
+        )
+    )
     report = replace(report, inputs="repeated" if args.repeat_inputs else "distinct", seed=seed, notes=notes)
     print(report.text())
     if args.json:

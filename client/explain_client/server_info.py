@@ -122,6 +122,9 @@ class ServerLimits:
     def from_proto(cls, msg: explain_pb2.ServerLimits) -> ServerLimits:
         """Convert the proto message."""
         return cls(
-            int(msg.max_message_bytes), int(msg.max_image_pixels), int(msg.max_image_side),
-            int(msg.max_explanations_per_call), int(msg.max_pixels_per_call),
+            int(msg.max_message_bytes),
+            int(msg.max_image_pixels),
+            int(msg.max_image_side),
+            int(msg.max_explanations_per_call),
+            int(msg.max_pixels_per_call),
         )

@@ -29,9 +29,7 @@ def decode_float32_tensor(tensor: explain_pb2.Float32Tensor) -> np.ndarray:
         raise ValueError(f"Float32Tensor has a negative dimension in shape {shape}")
     expected = 4 * math.prod(shape)
     if len(tensor.data) != expected:
-        raise ValueError(
-            f"Float32Tensor data has {len(tensor.data)} bytes; shape {shape} needs {expected}"
-        )
+        raise ValueError(f"Float32Tensor data has {len(tensor.data)} bytes; shape {shape} needs {expected}")
     array = np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
     # On big-endian hosts astype made a writable copy; keep the result read-only either way.
     array.flags.writeable = False

@@ -121,4 +121,3 @@ class DynamicBatcher:
             # logged here: when every item then succeeds alone, this is the only trace of the bug
             log.exception("model %s: a batch of %d raised; running each of its items alone", self._name, len(items))
         return [self._outcomes([item])[0] for item in items]
-

@@ -102,12 +102,23 @@ _DEFAULTS = {f.name: f.default for f in fields(ServerConfig)}
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("port", "metrics_port"), (lambda v: 0 <= v <= 65535, "must be in [0, 65535]")),
     **dict.fromkeys(
-        ("instances", "max_n_steps", "max_image_pixels", "max_image_side", "max_pixels_per_call", "max_message_mb",
-         "jvp_memory_mb", "max_batch_size", "max_queue_size", "intra_op_threads"),
+        (
+            "instances",
+            "max_n_steps",
+            "max_image_pixels",
+            "max_image_side",
+            "max_pixels_per_call",
+            "max_message_mb",
+            "jvp_memory_mb",
+            "max_batch_size",
+            "max_queue_size",
+            "intra_op_threads",
+        ),
         (lambda v: v >= 1, "must be positive"),
     ),
     **dict.fromkeys(
-        ("grace_seconds", "max_queue_delay_ms", "factor_cache_mb", "jvp_chunk_seconds"), (lambda v: v >= 0, "must be >= 0")
+        ("grace_seconds", "max_queue_delay_ms", "factor_cache_mb", "jvp_chunk_seconds"),
+        (lambda v: v >= 0, "must be >= 0"),
     ),
     "max_connection_age_seconds": (lambda v: v > 0, "must be positive"),
     "device": (is_device, f"must be {DEVICE_FORMS}"),
@@ -183,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help=f"address to bind (default {d['host']}; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, help=f"gRPC port (default {d['port']})")
     p.add_argument(
-        "--instances", type=int,
+        "--instances",
+        type=int,
         help=f"worker processes per model (default {d['instances']}); a model's own instances overrides it",
     )
     p.add_argument(
@@ -192,22 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
         "i mod their number); a model's own device overrides it",
     )
     p.add_argument("--dtype", choices=DTYPES, help=f"model weights and activations (default {d['dtype']})")
-    p.add_argument("--max-n-steps", type=int, help=f"largest n_steps a request may ask for (default {d['max_n_steps']})")
+    p.add_argument(
+        "--max-n-steps", type=int, help=f"largest n_steps a request may ask for (default {d['max_n_steps']})"
+    )
     p.add_argument(
         "--max-image-pixels", type=int, help=f"largest width*height of an image (default {d['max_image_pixels']})"
     )
     p.add_argument(
-        "--max-image-side", type=int, help=f"largest width or height of an image, pixels (default {d['max_image_side']})"
+        "--max-image-side",
+        type=int,
+        help=f"largest width or height of an image, pixels (default {d['max_image_side']})",
     )
     p.add_argument(
-        "--max-pixels-per-call", type=int,
+        "--max-pixels-per-call",
+        type=int,
         help=f"most pixels of all the images of one call together (default {d['max_pixels_per_call']})",
     )
     p.add_argument(
         "--max-message-mb", type=int, help=f"largest request and response, MiB (default {d['max_message_mb']})"
     )
     p.add_argument(
-        "--jvp-memory-mb", type=int,
+        "--jvp-memory-mb",
+        type=int,
         help=f"memory budget of one JVP chunk, MiB (default {d['jvp_memory_mb']}; raise it on GPUs)",
     )
     p.add_argument(
@@ -218,25 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = memory budget only",
     )
     p.add_argument(
-        "--max-batch-size", type=int,
+        "--max-batch-size",
+        type=int,
         help=f"most requests per model run together (dynamic batching; 1 turns it off; default {d['max_batch_size']})",
     )
     p.add_argument(
-        "--max-queue-delay-ms", type=float,
+        "--max-queue-delay-ms",
+        type=float,
         help=f"longest a request waits for its batch to fill, milliseconds (default {d['max_queue_delay_ms']:g}, "
         "as Triton's)",
     )
     p.add_argument(
-        "--max-queue-size", type=int,
+        "--max-queue-size",
+        type=int,
         help=f"most requests waiting per model; beyond it RESOURCE_EXHAUSTED (default {d['max_queue_size']})",
     )
     p.add_argument(
-        "--factor-cache-mb", type=int,
+        "--factor-cache-mb",
+        type=int,
         help=f"factor cache per model, MiB (0 disables caching; default {d['factor_cache_mb']})",
     )
     p.add_argument(
-        "--intra-op-threads", type=int,
-        help="torch intra-op threads per worker process (default: the cores shared out among all workers)"
+        "--intra-op-threads",
+        type=int,
+        help="torch intra-op threads per worker process (default: the cores shared out among all workers)",
     )
     p.add_argument(
         "--metrics-port", type=int, help=f"Prometheus /metrics HTTP port (0 disables; default {d['metrics_port']})"
@@ -244,16 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-connection-age-seconds",
         type=float,
-        help="close client connections after this long so that clients re-resolve and rebalance "
-        "(default: never)",
+        help="close client connections after this long so that clients re-resolve and rebalance (default: never)",
     )
-    p.add_argument("--grace-seconds", type=float, help=f"shutdown grace period, seconds (default {d['grace_seconds']:g})")
+    p.add_argument(
+        "--grace-seconds", type=float, help=f"shutdown grace period, seconds (default {d['grace_seconds']:g})"
+    )
     p.add_argument("--log-level", help=f"{', '.join(LOG_LEVELS)} (default {d['log_level']})")
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="server private key (unencrypted)")
     p.add_argument("--tls-client-ca", metavar="PEM", help="CA of client certificates: require mutual TLS")
     p.add_argument(
-        "--auth-tokens-file", metavar="PATH", help="accepted bearer tokens, one per line (blank lines and # comments skipped)"
+        "--auth-tokens-file",
+        metavar="PATH",
+        help="accepted bearer tokens, one per line (blank lines and # comments skipped)",
     )
     p.add_argument("--auth-tokens-env", metavar="VAR", help="environment variable with comma-separated bearer tokens")
     p.add_argument(
@@ -339,7 +365,9 @@ def _model_specs(entries: object, origin: _Origin, defaults: dict[str, Any]) -> 
         ValueError: no entries, or a bad one; the message names it.
     """
     if not isinstance(entries, list):
-        raise origin.error("models", f"must be a list of [[models]] tables or NAME=ARCH:PRETRAINED strings; got {entries!r}")
+        raise origin.error(
+            "models", f"must be a list of [[models]] tables or NAME=ARCH:PRETRAINED strings; got {entries!r}"
+        )
     if not entries:
         raise origin.error("models", "must name at least one model; got []")
     specs = []

@@ -15,9 +15,9 @@ import sys
 
 from PIL import Image, ImageDraw
 
+from explain_api.version import add_version_argument
 from explain_client import ExplainClient
 from explain_client.evaluation.scoring import cell_edges, phrase_rows, score_phrase
-from explain_api.version import add_version_argument
 
 from . import DISTRIBUTION
 from .launcher import ServerProcess
@@ -37,7 +37,9 @@ def _panel(explanation, image: Image.Image, rows: list[int], box, peak, title: s
     draw.rectangle([v * _ZOOM for v in box], outline=(0, 170, 0), width=3)
     xs, ys = cell_edges(explanation)
     i, j = peak
-    draw.rectangle([xs[j] * _ZOOM, ys[i] * _ZOOM, xs[j + 1] * _ZOOM - 1, ys[i + 1] * _ZOOM - 1], outline=(0, 0, 0), width=2)
+    draw.rectangle(
+        [xs[j] * _ZOOM, ys[i] * _ZOOM, xs[j + 1] * _ZOOM - 1, ys[i + 1] * _ZOOM - 1], outline=(0, 0, 0), width=2
+    )
     panel = Image.new("RGB", (overlay.width, overlay.height + 18), (255, 255, 255))
     panel.paste(overlay, (0, 18))
     ImageDraw.Draw(panel).text((4, 3), title, fill=(0, 0, 0))
@@ -61,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # the embedded default model; no metrics port, so the demo runs beside a server on 9090
     server = ServerProcess([], out.with_name("server.log"), metrics=False)
-    print(f"starting explain-server on {server.target} with the embedded default model, {shapes_model.NAME} "
-          f"({shapes_model.ARCHITECTURE}, trained on generated scenes; no download); its log: {server.log_path}")
+    print(
+        f"starting explain-server on {server.target} with the embedded default model, {shapes_model.NAME} "
+        f"({shapes_model.ARCHITECTURE}, trained on generated scenes; no download); its log: {server.log_path}"
+    )
     try:
         server.wait_serving(timeout=600)
         with ExplainClient(server.target, timeout=600) as client:
@@ -84,14 +88,20 @@ def main(argv: list[str] | None = None) -> int:
             text = caption.text[phrase.start : phrase.end]
             verdict = "inside" if result.pointing_hit else "OUTSIDE"
             hits += result.pointing_hit
-            print(f"  {text!r:24} tokens {rows[0]}-{rows[-1]}: heatmap peaks at cell {result.peak} -> {verdict} its box {box}")
+            print(
+                f"  {text!r:24} tokens {rows[0]}-{rows[-1]}: heatmap peaks at cell {result.peak} -> {verdict} its box {box}"
+            )
             panels.append(_panel(explanation, image, rows, box, result.peak, f"{text}: {verdict}"))
-        sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), panels[0].height), (255, 255, 255))
+        sheet = Image.new(
+            "RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), panels[0].height), (255, 255, 255)
+        )
         for k, panel in enumerate(panels):
             sheet.paste(panel, (k * (panel.width + 8), 0))
         sheet.save(out)
-        print(f"\n{hits} of {len(caption.phrases)} phrases point inside their object; overlays written to {out} "
-              "(green: the object's box, black: the peak cell)")
+        print(
+            f"\n{hits} of {len(caption.phrases)} phrases point inside their object; overlays written to {out} "
+            "(green: the object's box, black: the peak cell)"
+        )
         return 0
     finally:
         server.stop()

@@ -269,7 +269,8 @@ def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
         raise InputError("caption", "must contain text; it is empty or only whitespace and control characters")
     if len(caption) > MAX_CAPTION_CHARS:
         raise InputError(
-            "caption", f"has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS} (models read at most a few dozen tokens)"
+            "caption",
+            f"has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS} (models read at most a few dozen tokens)",
         )
     encoded = tokenizer.encode(caption)
     # checked on the ids: the tokenizer's cleaning (lower-casing, HTML entities, deleting

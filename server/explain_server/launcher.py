@@ -63,7 +63,11 @@ class ServerProcess:
     """
 
     def __init__(
-        self, args: list[str], log_path: pathlib.Path | None = None, *, env: dict[str, str] | None = None,
+        self,
+        args: list[str],
+        log_path: pathlib.Path | None = None,
+        *,
+        env: dict[str, str] | None = None,
         metrics: bool = True,
     ):
         self.port = free_port()

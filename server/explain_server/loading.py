@@ -168,7 +168,9 @@ def load_model(
     for tower, layer in (("text", spec.text_layer), ("image", spec.image_layer)):
         blocks = getattr(explainer, tower).n_layers
         if layer is not None and layer >= blocks:
-            raise ModelLoadError(f"model {spec.name!r}: {tower}_layer={layer} is not a block of its {blocks}-block {tower} tower")
+            raise ModelLoadError(
+                f"model {spec.name!r}: {tower}_layer={layer} is not a block of its {blocks}-block {tower} tower"
+            )
     loaded = LoadedModel(
         spec=spec,
         model=model,
@@ -180,5 +182,12 @@ def load_model(
         load_seconds=0.0,
     )
     loaded.load_seconds = time.perf_counter() - start
-    log.info("loaded model %s (%s, %s) on %s in %.1f s", spec.name, spec.architecture, spec.pretrained, device, loaded.load_seconds)
+    log.info(
+        "loaded model %s (%s, %s) on %s in %.1f s",
+        spec.name,
+        spec.architecture,
+        spec.pretrained,
+        device,
+        loaded.load_seconds,
+    )
     return loaded

@@ -121,27 +121,48 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         model = ["model"]
-        self.requests = Counter("explain_requests", "Explain requests by final gRPC status code.", ["model", "code"], registry=r)
+        self.requests = Counter(
+            "explain_requests", "Explain requests by final gRPC status code.", ["model", "code"], registry=r
+        )
         self.request_duration_seconds = Histogram(
-            "explain_request_duration_seconds", "End-to-end request duration.", model, buckets=_LATENCY_BUCKETS, registry=r
+            "explain_request_duration_seconds",
+            "End-to-end request duration.",
+            model,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait_seconds = Histogram(
-            "explain_queue_wait_seconds", "Time waiting for a decoding thread and for the request's batch to start.", model,
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "explain_queue_wait_seconds",
+            "Time waiting for a decoding thread and for the request's batch to start.",
+            model,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.compute_seconds = Histogram(
-            "explain_compute_seconds", "Wall time of the batch that computed the request.", model,
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "explain_compute_seconds",
+            "Wall time of the batch that computed the request.",
+            model,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.batch_size = Histogram("explain_batch_size", "Requests per executed batch.", model, buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "explain_batch_size", "Requests per executed batch.", model, buckets=_BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("explain_queue_depth", "Requests waiting for a batch.", model, registry=r)
-        self.inflight_requests = Gauge("explain_inflight_requests", "Requests accepted and not yet answered.", model, registry=r)
+        self.inflight_requests = Gauge(
+            "explain_inflight_requests", "Requests accepted and not yet answered.", model, registry=r
+        )
         self.requests_dropped = Counter(
-            "explain_requests_dropped", "Requests skipped before or during compute: deadline passed or cancelled.",
-            ["model", "code"], registry=r,
+            "explain_requests_dropped",
+            "Requests skipped before or during compute: deadline passed or cancelled.",
+            ["model", "code"],
+            registry=r,
         )
         self.images_skipped = Counter(
-            "explain_images_skipped", "Images never decoded because their call ended first.", ["model", "code"], registry=r
+            "explain_images_skipped",
+            "Images never decoded because their call ended first.",
+            ["model", "code"],
+            registry=r,
         )
         self.internal_errors = Counter(
             "explain_internal_errors", "Calls answered INTERNAL because of a server bug.", model, registry=r
@@ -150,7 +171,9 @@ class Metrics:
         self.factor_cache_lookups = {
             (tower, hit): Counter(
                 f"explain_{tower.value}_factor_cache_{'hits' if hit else 'misses'}",
-                f"{tower.value.capitalize()} factor cache {'hits' if hit else 'misses'}.", model, registry=r,
+                f"{tower.value.capitalize()} factor cache {'hits' if hit else 'misses'}.",
+                model,
+                registry=r,
             )
             for tower in Tower
             for hit in (True, False)
@@ -158,33 +181,61 @@ class Metrics:
         self.worker_restarts = Counter(
             "explain_worker_restarts", "Worker processes restarted after they died.", model, registry=r
         )
-        self.factor_cache_bytes = Gauge("explain_factor_cache_bytes", "Bytes held by the factor cache.", model, registry=r)
-        self.model_load_seconds = Gauge("explain_model_load_seconds", "Time to load and warm up the model.", model, registry=r)
+        self.factor_cache_bytes = Gauge(
+            "explain_factor_cache_bytes", "Bytes held by the factor cache.", model, registry=r
+        )
+        self.model_load_seconds = Gauge(
+            "explain_model_load_seconds", "Time to load and warm up the model.", model, registry=r
+        )
         self.similarity_score = Histogram(
-            "explain_similarity_score", "Cosine similarity of explained pairs.", model, buckets=_SCORE_BUCKETS, registry=r
+            "explain_similarity_score",
+            "Cosine similarity of explained pairs.",
+            model,
+            buckets=_SCORE_BUCKETS,
+            registry=r,
         )
         self.convergence_delta_abs = Histogram(
-            "explain_convergence_delta_abs", "Absolute convergence delta of explained pairs.", model,
-            buckets=_DELTA_BUCKETS, registry=r,
+            "explain_convergence_delta_abs",
+            "Absolute convergence delta of explained pairs.",
+            model,
+            buckets=_DELTA_BUCKETS,
+            registry=r,
         )
         self.grpc_started = Counter(
-            "grpc_server_started", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"], registry=r
+            "grpc_server_started",
+            "RPCs started on the server.",
+            ["grpc_type", "grpc_service", "grpc_method"],
+            registry=r,
         )
         self.grpc_handled = Counter(
-            "grpc_server_handled", "RPCs completed on the server, by status code.",
-            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"], registry=r,
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+            registry=r,
         )
         self.grpc_handling_seconds = Histogram(
-            "grpc_server_handling_seconds", "Response latency of RPCs handled by the server.",
-            ["grpc_type", "grpc_service", "grpc_method"], buckets=_LATENCY_BUCKETS, registry=r,
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server.",
+            ["grpc_type", "grpc_service", "grpc_method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
 
     def add_model(self, name: str) -> None:
         """Create ``name``'s series at zero, so that dashboards and rate() see them before the first event."""
         for metric in (
-            self.request_duration_seconds, self.queue_wait_seconds, self.compute_seconds, self.batch_size,
-            self.queue_depth, self.inflight_requests, *self.factor_cache_lookups.values(), self.factor_cache_bytes,
-            self.model_load_seconds, self.similarity_score, self.convergence_delta_abs, self.internal_errors,
+            self.request_duration_seconds,
+            self.queue_wait_seconds,
+            self.compute_seconds,
+            self.batch_size,
+            self.queue_depth,
+            self.inflight_requests,
+            *self.factor_cache_lookups.values(),
+            self.factor_cache_bytes,
+            self.model_load_seconds,
+            self.similarity_score,
+            self.convergence_delta_abs,
+            self.internal_errors,
             self.worker_restarts,
         ):
             metric.labels(name)

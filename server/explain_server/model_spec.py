@@ -120,10 +120,10 @@ class ModelSpec:
             options[key] = int(value) if key in _INT_OPTIONS else value
             pretrained = pretrained[: match.start()]
         if not (sep and sep2 and name and architecture and pretrained):
-            raise ValueError(
-                "must be NAME=ARCH:PRETRAINED[,OPTION=VALUE]... (e.g. b32=ViT-B-32:openai,n_steps=5)"
-            )
-        return cls(**{**(defaults or {}), "name": name, "architecture": architecture, "pretrained": pretrained, **options})
+            raise ValueError("must be NAME=ARCH:PRETRAINED[,OPTION=VALUE]... (e.g. b32=ViT-B-32:openai,n_steps=5)")
+        return cls(
+            **{**(defaults or {}), "name": name, "architecture": architecture, "pretrained": pretrained, **options}
+        )
 
     @classmethod
     def from_table(cls, table: object, defaults: Mapping[str, Any] | None = None) -> ModelSpec:

@@ -11,8 +11,8 @@ import open_clip
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from .model_spec import ModelSpec
 from .loading import ModelLoadError
+from .model_spec import ModelSpec
 from .worker.protocol import ModelDescription
 from .worker_pool import ModelWorkers
 

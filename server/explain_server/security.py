@@ -88,7 +88,7 @@ class BearerTokenInterceptor(HandlerInterceptor):
     def _authorised(self, metadata) -> bool:
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                offered = value[len("Bearer "):].encode()
+                offered = value[len("Bearer ") :].encode()
                 # compare with every token, so the time taken does not reveal which one matched
                 return any([hmac.compare_digest(offered, token) for token in self._tokens])
         return False

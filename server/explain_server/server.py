@@ -12,15 +12,16 @@ from typing import Callable
 import grpc
 import open_clip
 import torch
-from explain_api import explain_pb2, explain_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from explain_api import explain_pb2, explain_pb2_grpc
+
 from .config import ServerConfig, instance_devices, load_config
 from .lifecycle import Lifecycle
+from .loading import ModelLoadError
 from .malformed import MalformedRequestInterceptor
 from .metrics import GrpcMetricsInterceptor, Metrics
-from .loading import ModelLoadError
 from .registry import ModelRegistry, ServedModel
 from .security import BearerTokenInterceptor, load_tokens, server_credentials
 from .service import ExplainService
@@ -42,7 +43,7 @@ def model_health_service(model: str) -> str:
 
 
 async def _set_health(servicer: health.aio.HealthServicer, registry: ModelRegistry, draining: bool) -> None:
-    """"" (the whole server, what probes ask by default) and the Explain service: SERVING while every
+    """ "" (the whole server, what probes ask by default) and the Explain service: SERVING while every
     model can serve; ``explain.v1.Explain/MODEL``: that model alone."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     for model in registry.models.values():
@@ -80,9 +81,15 @@ def build_registry(config: ServerConfig, metrics: Metrics, on_change: Callable[[
         instances = []
         for index, device in enumerate(instance_devices(spec.device, spec.instances, cuda_count)):
             settings = WorkerSettings(
-                spec=spec, model_configs=tuple(config.model_configs), device=device, dtype=config.dtype,
-                memory_bytes=config.jvp_memory_mb << 20, chunk_seconds=config.jvp_chunk_seconds or None,
-                cache_bytes=config.factor_cache_mb << 20, batching=batching, threads=threads,
+                spec=spec,
+                model_configs=tuple(config.model_configs),
+                device=device,
+                dtype=config.dtype,
+                memory_bytes=config.jvp_memory_mb << 20,
+                chunk_seconds=config.jvp_chunk_seconds or None,
+                cache_bytes=config.factor_cache_mb << 20,
+                batching=batching,
+                threads=threads,
                 log_level=config.log_level,
             )
             instances.append(WorkerInstance(spec.name, index, spawn(settings), metrics, on_change))
@@ -152,7 +159,9 @@ async def serve(config: ServerConfig) -> int:
     )
     address = f"{config.host}:{config.port}"
     try:
-        bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        bound = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
     except RuntimeError as err:  # grpc raises when it cannot bind
         raise OSError(f"cannot listen on {address}: {err}") from err
     if not bound:
@@ -163,7 +172,9 @@ async def serve(config: ServerConfig) -> int:
     log.info(
         "listening on %s (%s%s); loading %d model(s)",
         address,
-        "plaintext" if credentials is None else "TLS" + (", client certificates required" if config.tls_client_ca else ""),
+        "plaintext"
+        if credentials is None
+        else "TLS" + (", client certificates required" if config.tls_client_ca else ""),
         f", bearer tokens required except for {', '.join(config.auth_exempt) or 'no service'}" if tokens else "",
         len(registry.specs),
     )

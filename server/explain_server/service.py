@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 import numpy as np
+
 from explain_api import explain_pb2, explain_pb2_grpc
 
 from .engine.quadrature import METHODS, min_n_steps
@@ -55,7 +56,9 @@ def _layer(request: explain_pb2.ExplainRequest, field: str, n_layers: int, defau
         return default
     value = getattr(request, field)
     if not -n_layers <= value < n_layers:
-        raise InputError(field, f"must be in [{-n_layers}, {n_layers - 1}] for this model ({n_layers} blocks); got {value}")
+        raise InputError(
+            field, f"must be in [{-n_layers}, {n_layers - 1}] for this model ({n_layers} blocks); got {value}"
+        )
     return value % n_layers
 
 
@@ -200,7 +203,10 @@ def _response(
         image_size=explain_pb2.ImageSize(width=width, height=height),
         timings=explain_pb2.Timings(queue_seconds=result.queue_seconds, compute_seconds=result.compute_seconds),
         options=explain_pb2.ResolvedOptions(
-            text_layer=options.text_layer, image_layer=options.image_layer, n_steps=options.n_steps, method=options.method
+            text_layer=options.text_layer,
+            image_layer=options.image_layer,
+            n_steps=options.n_steps,
+            method=options.method,
         ),
     )
 
@@ -300,7 +306,11 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         return await self._observed("ExplainMany", request.model, context, explain_many)
 
     async def _observed(
-        self, method: str, model_name: str, context: grpc.aio.ServicerContext, body: Callable[[ServedModel], Awaitable[Any]]
+        self,
+        method: str,
+        model_name: str,
+        context: grpc.aio.ServicerContext,
+        body: Callable[[ServedModel], Awaitable[Any]],
     ):
         """Check the server can serve, resolve the model, run ``body``; end the call by :data:`STATUS_CODES`
         and count it by its final code.
@@ -344,8 +354,13 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             raise ModelsLoading("models are loading; retry when health is SERVING")
 
     async def _compute(
-        self, model: ServedModel, pairs: list[tuple[_Prepared, _Prepared]], waited: float, stop: _Stop,
-        context: grpc.aio.ServicerContext, request_id: str,
+        self,
+        model: ServedModel,
+        pairs: list[tuple[_Prepared, _Prepared]],
+        waited: float,
+        stop: _Stop,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
     ) -> list[Explained]:
         """Send one job per pair to one of the model's workers and await them all.
 
@@ -353,9 +368,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             the domain exception of the first job that did not succeed.
         """
         instance = model.workers.pick()
-        jobs = [
-            JobSpec(instance.next_job_id(), text.side, image.side, stop.deadline, waited) for text, image in pairs
-        ]
+        jobs = [JobSpec(instance.next_job_id(), text.side, image.side, stop.deadline, waited) for text, image in pairs]
         futures = instance.submit(jobs)
         for future in futures:
             future.add_done_callback(lambda f: self._record(model.name, stop, f))
@@ -386,7 +399,10 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             log.info(
                 "request %s model=%s tokens=%d queue=%.3fs compute=%.3fs",
                 request_id if len(pairs) == 1 else f"{request_id}/{index}",
-                model.name, len(text.extra.labels), result.queue_seconds, result.compute_seconds,
+                model.name,
+                len(text.extra.labels),
+                result.queue_seconds,
+                result.compute_seconds,
             )
         return outcomes
 
@@ -405,8 +421,15 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             m.requests_dropped.labels(name, stop.code().name).inc()
 
     async def _prepare(
-        self, model: ServedModel, options: Options, captions: list[str], images: list[bytes], stop: _Stop,
-        context: grpc.aio.ServicerContext, request_id: str, many: bool,
+        self,
+        model: ServedModel,
+        options: Options,
+        captions: list[str],
+        images: list[bytes],
+        stop: _Stop,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+        many: bool,
     ) -> tuple[list[_Prepared], list[_Prepared], float]:
         """Tokenise the captions and decode the images on a prepare thread.
 
@@ -488,7 +511,11 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
         self.metrics.images_skipped.labels(model.name, code.name).inc(skipped)
         log.info(
             "request %s model=%s: ended (%s) with %d of its %d image(s) not decoded; skipped them",
-            request_id, model.name, code.name, skipped, total,
+            request_id,
+            model.name,
+            code.name,
+            skipped,
+            total,
         )
 
     async def ListModels(self, request: explain_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):

@@ -49,11 +49,16 @@ def check_tls_files(cert: str | None, key: str | None, client_ca: str | None, la
         if not path:
             continue
         what = f"{label(name)} {path}"
-        if _attempt(lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=path), what) is not None:
+        if (
+            _attempt(lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=path), what)
+            is not None
+        ):
             raise ValueError(f"{what} is not a PEM certificate")
     what = f"{label('tls_key')} {key}"
     # the password callback keeps OpenSSL from prompting on the terminal for an encrypted key
-    err = _attempt(lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b""), what)
+    err = _attempt(
+        lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b""), what
+    )
     if err is not None and err.reason == "KEY_VALUES_MISMATCH":
         raise ValueError(f"{what} does not match the certificate in {label('tls_cert')} {cert}")
     if err is not None:

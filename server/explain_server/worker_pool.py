@@ -24,7 +24,17 @@ from typing import Callable, Protocol
 from .metrics import Metrics
 from .worker import process
 from .worker.protocol import (
-    BatchReport, Cancel, Finished, JobSpec, LoadFailed, ModelDescription, Outcome, QueueDepth, Ready, Stop, Submit,
+    BatchReport,
+    Cancel,
+    Finished,
+    JobSpec,
+    LoadFailed,
+    ModelDescription,
+    Outcome,
+    QueueDepth,
+    Ready,
+    Stop,
+    Submit,
 )
 
 log = logging.getLogger(__name__)
@@ -87,7 +97,12 @@ class WorkerInstance:
     """
 
     def __init__(
-        self, model: str, index: int, launch: Launch, metrics: Metrics, on_change: Callable[[], None],
+        self,
+        model: str,
+        index: int,
+        launch: Launch,
+        metrics: Metrics,
+        on_change: Callable[[], None],
         backoff: Backoff = Backoff(),
     ):
         self.model, self.index = model, index
@@ -114,7 +129,9 @@ class WorkerInstance:
     def start(self) -> None:
         """Start the worker and its supervisor thread (call on the event loop)."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._supervise, name=f"supervisor-{self.model}-{self.index}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._supervise, name=f"supervisor-{self.model}-{self.index}", daemon=True
+        )
         self._thread.start()
 
     async def started(self) -> None:
@@ -208,8 +225,12 @@ class WorkerInstance:
                 return
             log.error(
                 "model %s worker %d (pid %s) ended with exit code %s%s; restarting in %.1f s",
-                self.model, self.index, getattr(worker, "pid", "?"), worker.exitcode,
-                f" ({failure})" if failure else "", delay,
+                self.model,
+                self.index,
+                getattr(worker, "pid", "?"),
+                worker.exitcode,
+                f" ({failure})" if failure else "",
+                delay,
             )
             self._metrics.worker_restarts.labels(self.model).inc()
             if time.monotonic() - started > self._backoff.reset_after:

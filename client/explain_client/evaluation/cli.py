@@ -10,12 +10,12 @@ import sys
 from collections.abc import Sequence
 
 from explain_api.grounding import DatasetError, load_dataset
+from explain_api.version import add_version_argument
 from explain_client.cli import add_credential_arguments, connection_credentials, positive_float
 from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
 from explain_client.evaluation.report import markdown_table, summarise
 from explain_client.evaluation.runner import evaluate
-from explain_api.version import add_version_argument
 
 __all__ = ["build_parser", "main"]
 
@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=_positive_int, help="evaluate only the first N captions")
     parser.add_argument("--json", dest="json_out", type=pathlib.Path, metavar="PATH", help="write the JSON report here")
     parser.add_argument("--markdown", type=pathlib.Path, metavar="PATH", help="write the Markdown table here")
-    parser.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS", help="deadline per call (default: %(default)s)")
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="deadline per call (default: %(default)s)",
+    )
     parser.add_argument("--n-steps", type=int, metavar="N", help="quadrature nodes (default: the server's)")
     parser.add_argument("--method", help="quadrature rule (default: the server's)")
     parser.add_argument("--text-layer", type=int, metavar="L", help="text-tower block (default: the server's)")
@@ -73,8 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {
         key: value
         for key, value in {
-            "model": args.model, "n_steps": args.n_steps, "method": args.method,
-            "text_layer": args.text_layer, "image_layer": args.image_layer,
+            "model": args.model,
+            "n_steps": args.n_steps,
+            "method": args.method,
+            "text_layer": args.text_layer,
+            "image_layer": args.image_layer,
         }.items()
         if value is not None
     }
@@ -84,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             models = client.wait_until_ready(timeout=args.timeout)
             model = args.model or next(m.name for m in models if m.is_default)
             results = evaluate(
-                client, dataset, workers=args.workers, limit=args.limit, progress=not args.no_progress,
+                client,
+                dataset,
+                workers=args.workers,
+                limit=args.limit,
+                progress=not args.no_progress,
                 explain_options=options,
             )
     except ExplainError as err:

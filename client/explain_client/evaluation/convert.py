@@ -34,8 +34,30 @@ from explain_api.version import add_version_argument
 __all__ = ["COCO_SYNONYMS", "coco_dataset", "flickr30k_entities_dataset", "main", "parse_flickr30k_sentence"]
 
 COCO_SYNONYMS: Mapping[str, tuple[str, ...]] = {
-    "person": ("man", "men", "woman", "women", "people", "boy", "boys", "girl", "girls", "child", "children",
-               "kid", "kids", "guy", "guys", "lady", "ladies", "player", "players", "skier", "surfer", "skateboarder"),
+    "person": (
+        "man",
+        "men",
+        "woman",
+        "women",
+        "people",
+        "boy",
+        "boys",
+        "girl",
+        "girls",
+        "child",
+        "children",
+        "kid",
+        "kids",
+        "guy",
+        "guys",
+        "lady",
+        "ladies",
+        "player",
+        "players",
+        "skier",
+        "surfer",
+        "skateboarder",
+    ),
     "dining table": ("table",),
     "couch": ("sofa",),
     "tv": ("television",),
@@ -65,7 +87,10 @@ def _mention(text: str, words: Iterable[str]) -> tuple[int, int] | None:
 
 
 def coco_dataset(
-    instances: Mapping, captions: Mapping, images_dir: pathlib.Path, out: pathlib.Path,
+    instances: Mapping,
+    captions: Mapping,
+    images_dir: pathlib.Path,
+    out: pathlib.Path,
     synonyms: Mapping[str, Sequence[str]] = COCO_SYNONYMS,
 ) -> dict:
     """Build a dataset from COCO ``instances_*.json`` and ``captions_*.json`` (decoded).
@@ -102,7 +127,12 @@ def coco_dataset(
             entries.append({"image_id": str(ann["image_id"]), "text": text, "phrases": phrases})
             used.add(ann["image_id"])
     images = [
-        {"id": str(im["id"]), "file": _relative(images_dir / im["file_name"], out), "width": im["width"], "height": im["height"]}
+        {
+            "id": str(im["id"]),
+            "file": _relative(images_dir / im["file_name"], out),
+            "width": im["width"],
+            "height": im["height"],
+        }
         for im in instances["images"]
         if im["id"] in used
     ]
@@ -153,7 +183,10 @@ def _flickr30k_boxes(xml_path: pathlib.Path) -> tuple[int, int, dict[str, list[l
 
 
 def flickr30k_entities_dataset(
-    sentences_dir: pathlib.Path, annotations_dir: pathlib.Path, images_dir: pathlib.Path, out: pathlib.Path,
+    sentences_dir: pathlib.Path,
+    annotations_dir: pathlib.Path,
+    images_dir: pathlib.Path,
+    out: pathlib.Path,
     ids: Sequence[str] | None = None,
 ) -> dict:
     """Build a dataset from Flickr30k Entities ``Sentences/*.txt`` and ``Annotations/*.xml``.
@@ -188,7 +221,14 @@ def flickr30k_entities_dataset(
                 entries.append({"image_id": image_id, "text": text, "phrases": phrases})
                 found = True
         if found:
-            images.append({"id": image_id, "file": _relative(images_dir / f"{image_id}.jpg", out), "width": width, "height": height})
+            images.append(
+                {
+                    "id": image_id,
+                    "file": _relative(images_dir / f"{image_id}.jpg", out),
+                    "width": width,
+                    "height": height,
+                }
+            )
     return {"format": FORMAT, "name": "Flickr30k Entities", "images": images, "captions": entries}
 
 
@@ -210,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.kind == "coco":
-            data = coco_dataset(json.loads(args.instances.read_text()), json.loads(args.captions.read_text()), args.images, args.out)
+            data = coco_dataset(
+                json.loads(args.instances.read_text()), json.loads(args.captions.read_text()), args.images, args.out
+            )
         else:
             ids = args.ids.read_text().split() if args.ids else None
             data = flickr30k_entities_dataset(args.sentences, args.annotations, args.images, args.out, ids)

@@ -41,7 +41,9 @@ def summarise(results: Iterable[PairResult]) -> dict:
             by_class[phrase.label].append(phrase)
     return {
         "pairs": len(scored),
-        "skipped": [{"index": r.index, "image_id": r.image_id, "reason": r.error} for r in results if r.error is not None],
+        "skipped": [
+            {"index": r.index, "image_id": r.image_id, "reason": r.error} for r in results if r.error is not None
+        ],
         "mean_abs_convergence_delta": (
             sum(abs(r.convergence_delta) for r in scored) / len(scored) if scored else math.nan
         ),

@@ -66,7 +66,9 @@ def score_caption(explanation: Explanation, entry: CaptionEntry) -> tuple[Phrase
     for phrase in entry.phrases:
         rows = phrase_rows(explanation, entry.text, phrase.start, phrase.end)
         results.append(
-            PhraseResult(phrase.label, entry.text[phrase.start : phrase.end], score_phrase(explanation, rows, phrase.boxes))
+            PhraseResult(
+                phrase.label, entry.text[phrase.start : phrase.end], score_phrase(explanation, rows, phrase.boxes)
+            )
         )
     return tuple(results)
 
@@ -115,7 +117,13 @@ def evaluate(
             phrases = score_caption(explanation, entry)
         except AlignmentError as err:
             return PairResult(
-                index, entry.image_id, entry.text, explanation.score, explanation.convergence_delta, (), f"AlignmentError: {err}"
+                index,
+                entry.image_id,
+                entry.text,
+                explanation.score,
+                explanation.convergence_delta,
+                (),
+                f"AlignmentError: {err}",
             )
         return PairResult(index, entry.image_id, entry.text, explanation.score, explanation.convergence_delta, phrases)
 

@@ -58,7 +58,7 @@ def token_char_spans(explanation: Explanation, text: str) -> list[tuple[int, int
         if not label or lowered[at : at + len(label)] != label:
             raise AlignmentError(
                 f"token {row} {explanation.tokens[row]!r} does not match the caption at character {at} "
-                f"({text[at:at + 20]!r})"
+                f"({text[at : at + 20]!r})"
             )
         spans.append((at, at + len(label)))
         at += len(label)

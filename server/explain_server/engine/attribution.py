@@ -43,6 +43,7 @@ from torch.func import jvp, vjp, vmap
 
 from .towers import Tower, mask_rows, select_rows
 
+
 class ExplanationCancelled(Exception):
     """The caller no longer wants the result (cancelled, past its deadline, or shutdown)."""
 
@@ -287,8 +288,16 @@ def forward_factors(
 
 
 def _forward_pass(
-    tower: Tower, layer: int, integrals: list[PathIntegral], group: list[tuple[int, int]], seq: int,
-    n_columns: int, factors: _Factors, budget: ChunkBudget, primal_flops: float, tangent_flops: float,
+    tower: Tower,
+    layer: int,
+    integrals: list[PathIntegral],
+    group: list[tuple[int, int]],
+    seq: int,
+    n_columns: int,
+    factors: _Factors,
+    budget: ChunkBudget,
+    primal_flops: float,
+    tangent_flops: float,
 ) -> None:
     """Add the contributions of the nodes in ``group`` to ``factors``, ``n_columns`` columns at a time."""
     nodes = _Nodes(integrals, group, seq)
@@ -309,7 +318,9 @@ def _forward_pass(
     # The primal of the attribution block and the later blocks' derivative, shared by every tangent.
     with _Timed(budget, n_nodes * primal_flops, path.device):
         y = block.ln_1(path)
-        q = F.linear(select_rows(y, rows), w_q, b_q).view(n_nodes, n_rows, heads, head_dim).transpose(1, 2)  # (N, H, Q, e)
+        q = (
+            F.linear(select_rows(y, rows), w_q, b_q).view(n_nodes, n_rows, heads, head_dim).transpose(1, 2)
+        )  # (N, H, Q, e)
         k = F.linear(y, w_k, b_k).view(n_nodes, seq, heads, head_dim).transpose(1, 2)  # (N, H, S, e)
         v = F.linear(y, w_v, b_v).view(n_nodes, seq, heads, head_dim).transpose(1, 2)
         scores = (q @ k.transpose(-2, -1)) * scale
@@ -317,7 +328,9 @@ def _forward_pass(
             scores = scores + mask.to(scores.dtype)
         attn = scores.softmax(dim=-1)  # (N, H, Q, S)
         o = attn @ v  # (N, H, Q, e)
-        x1 = select_rows(path, rows) + block.ls_1(block.attn.out_proj(o.transpose(1, 2).reshape(n_nodes, n_rows, width)))
+        x1 = select_rows(path, rows) + block.ls_1(
+            block.attn.out_proj(o.transpose(1, 2).reshape(n_nodes, n_rows, width))
+        )
         finish = tower.linearize_finish(x1, layer, pool)[1]
 
     start = 0
@@ -349,7 +362,9 @@ def _forward_pass(
             alpha = torch.einsum("nhqe,cnhe->cnhq", q, k_dot) * scale
             a_at_s = attn.permute(3, 0, 1, 2)[cols]  # (c, N, H, Q)
             v_s = v.permute(2, 0, 1, 3)[cols]  # (c, N, H, e)
-            o_dot = a_at_s[..., None] * (alpha[..., None] * (v_s[:, :, :, None] - o) + v_dot[:, :, :, None])  # (c, N, H, Q, e)
+            o_dot = a_at_s[..., None] * (
+                alpha[..., None] * (v_s[:, :, :, None] - o) + v_dot[:, :, :, None]
+            )  # (c, N, H, Q, e)
             # When row s is itself a query row, its query moved against every key j by
             # beta_j = <q_dot_s, k_j> / sqrt(e): d o_s += sum_j a_sj beta_j (v_j - o_s).
             is_query = cols[:, None, None] == row_ids[None]  # (c, N, Q)

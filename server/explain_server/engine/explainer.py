@@ -10,7 +10,15 @@ from open_clip.model import CLIP
 from torch.nn.utils.rnn import pad_sequence
 
 from .attribution import (
-    FACTORS, Attribution, ChunkBudget, ExplanationCancelled, PathIntegral, StopCheck, choose_mode, combine, never,
+    FACTORS,
+    Attribution,
+    ChunkBudget,
+    ExplanationCancelled,
+    PathIntegral,
+    StopCheck,
+    choose_mode,
+    combine,
+    never,
 )
 from .quadrature import nodes_and_weights
 from .towers import ImageTower, TextTower
@@ -135,12 +143,17 @@ class Explainer:
                 pool = tower.pool_rows(lengths)
                 reference_pool, reference_of = pool.unique(return_inverse=True)
                 endpoints = tower.upper(
-                    torch.cat([hidden, reference.expand(len(reference_pool), -1, -1)]), layer, torch.cat([pool, reference_pool])
+                    torch.cat([hidden, reference.expand(len(reference_pool), -1, -1)]),
+                    layer,
+                    torch.cat([pool, reference_pool]),
                 )
                 integrals = [
                     PathIntegral(
-                        hidden[j], reference, *nodes_and_weights(sides[i].method, sides[i].n_steps),
-                        sides[i].should_stop, int(lengths[j]),
+                        hidden[j],
+                        reference,
+                        *nodes_and_weights(sides[i].method, sides[i].n_steps),
+                        sides[i].should_stop,
+                        int(lengths[j]),
                     )
                     for j, i in enumerate(members)
                 ]
@@ -194,7 +207,11 @@ class Explainer:
             ExplanationCancelled: ``should_stop()`` turned true.
         """
         text = self.factors(self.text, [Side(token_ids, text_layer, method, n_steps, should_stop)])[0]
-        image = None if text is None else self.factors(self.image, [Side(pixels, image_layer, method, n_steps, should_stop)])[0]
+        image = (
+            None
+            if text is None
+            else self.factors(self.image, [Side(pixels, image_layer, method, n_steps, should_stop)])[0]
+        )
         if text is None or image is None:
             raise ExplanationCancelled()
         return self.combine(text, image)

@@ -180,7 +180,9 @@ def _check_blocks(blocks: torch.nn.ModuleList, tower: str) -> None:
         if not block.attn.batch_first or not block.attn._qkv_same_embed_dim:
             raise UnsupportedModelError(f"{tower} tower block {i}: attention must be batch-first with packed q/k/v")
         layout = [(name, type(module)) for name, module in block.mlp.named_children()]
-        if layout not in [[("c_fc", torch.nn.Linear), ("gelu", act), ("c_proj", torch.nn.Linear)] for act in _ACTIVATIONS]:
+        if layout not in [
+            [("c_fc", torch.nn.Linear), ("gelu", act), ("c_proj", torch.nn.Linear)] for act in _ACTIVATIONS
+        ]:
             raise UnsupportedModelError(
                 f"{tower} tower block {i}: the MLP must be Linear, GELU or QuickGELU, Linear; got {layout}"
             )
@@ -380,7 +382,9 @@ class ImageTower(Tower):
                 f"image tower {type(visual).__name__} is not supported; only open_clip's VisionTransformer"
             )
         if visual.attn_pool is not None or visual.pool_type != "tok":
-            raise UnsupportedModelError("image tower must pool the class token (pool_type 'tok', no attentional pooling)")
+            raise UnsupportedModelError(
+                "image tower must pool the class token (pool_type 'tok', no attentional pooling)"
+            )
         self.visual = visual
         self.blocks = visual.transformer.resblocks
         self.final_norm = visual.ln_post

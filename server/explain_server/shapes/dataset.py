@@ -55,7 +55,12 @@ def dataset_entry(image_id: str, file: str, scene: Scene, caption: SceneCaption)
 
 
 def write_dataset(
-    out: pathlib.Path, *, seed: int, count: int, n_objects: tuple[int, int] = (2, 4), size: int = DEFAULT_CANVAS,
+    out: pathlib.Path,
+    *,
+    seed: int,
+    count: int,
+    n_objects: tuple[int, int] = (2, 4),
+    size: int = DEFAULT_CANVAS,
     name: str | None = None,
 ) -> pathlib.Path:
     """Render ``count`` scenes into ``out/images`` and write ``out/dataset.json``.
@@ -91,13 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=pathlib.Path, help="output folder (dataset.json and images/)")
     parser.add_argument("--count", type=int, default=500, help="scenes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--objects", type=int, nargs=2, default=(2, 4), metavar=("FEWEST", "MOST"),
-                        help="objects per scene (default: 2 4)")
+    parser.add_argument(
+        "--objects",
+        type=int,
+        nargs=2,
+        default=(2, 4),
+        metavar=("FEWEST", "MOST"),
+        help="objects per scene (default: 2 4)",
+    )
     parser.add_argument("--size", type=int, default=DEFAULT_CANVAS, help="canvas side, pixels (default: %(default)s)")
     parser.add_argument("--name", help="dataset name shown in reports")
     add_version_argument(parser, DISTRIBUTION)
     args = parser.parse_args(argv)
-    path = write_dataset(args.out, seed=args.seed, count=args.count, n_objects=tuple(args.objects), size=args.size, name=args.name)
+    path = write_dataset(
+        args.out, seed=args.seed, count=args.count, n_objects=tuple(args.objects), size=args.size, name=args.name
+    )
     print(f"wrote {args.count} scenes to {path}")
     return 0
 

@@ -358,7 +358,8 @@ def colour_swapped(scene: Scene, rng: np.random.Generator) -> Scene | None:
         (i, j)
         for i in range(len(objects))
         for j in range(i + 1, len(objects))
-        if objects[i].colour != objects[j].colour and objects[i].shape != objects[j].shape
+        if objects[i].colour != objects[j].colour
+        and objects[i].shape != objects[j].shape
         and not {(objects[j].colour, objects[i].shape), (objects[i].colour, objects[j].shape)} & original
     ]
     if not pairs:

@@ -46,7 +46,18 @@ from safetensors.torch import save_file
 
 from . import model as shapes_model
 from . import symmetry
-from .scenes import COLOURS, SHAPES, SIZES, Scene, colour_swapped, describe, generate_scene, patch_coverage, random_style, render
+from .scenes import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    Scene,
+    colour_swapped,
+    describe,
+    generate_scene,
+    patch_coverage,
+    random_style,
+    render,
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +128,9 @@ def altered(scene: Scene, rng: np.random.Generator, attribute: str) -> Scene:
     kinds = {(o.colour, o.shape) for o in scene.objects}
     if attribute == "colour":
         colour = str(rng.choice([c for c in COLOURS if (c, obj.shape) not in kinds]))
-        rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + np.array(obj.rgb) - COLOURS[obj.colour], 0, 255))
+        rgb = tuple(
+            int(v) for v in np.clip(np.array(COLOURS[colour]) + np.array(obj.rgb) - COLOURS[obj.colour], 0, 255)
+        )
         changed = dataclasses.replace(obj, colour=colour, rgb=rgb)
     else:
         changed = dataclasses.replace(obj, shape=str(rng.choice([s for s in SHAPES if (obj.colour, s) not in kinds])))
@@ -340,9 +353,12 @@ def train(recipe: Recipe, *, log=print, checkpoint=None, checkpoint_every: int =
     tokenizer = open_clip.get_tokenizer(shapes_model.ARCHITECTURE)
     transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     optimiser = torch.optim.AdamW(
-        _param_groups(model, recipe.weight_decay) + _param_groups(probe, recipe.weight_decay)
+        _param_groups(model, recipe.weight_decay)
+        + _param_groups(probe, recipe.weight_decay)
         + _param_groups(text_probe, recipe.weight_decay),
-        lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6,
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
     )
     entering: dict[str, torch.Tensor] = {}  # the hidden states entering each tower's last block
     model.visual.transformer.resblocks[-1].register_forward_pre_hook(lambda _, args: entering.update(image=args[0]))
@@ -363,11 +379,15 @@ def train(recipe: Recipe, *, log=print, checkpoint=None, checkpoint_every: int =
             logits = model.logit_scale.exp() * image @ text.T
             contrastive = contrastive_loss(logits, batch.positives)
             patches = entering["image"][:, 1:]
-            kinds = F.cross_entropy(probe(F.layer_norm(patches, patches.shape[-1:])).flatten(0, 1), batch.kinds.flatten())
+            kinds = F.cross_entropy(
+                probe(F.layer_norm(patches, patches.shape[-1:])).flatten(0, 1), batch.kinds.flatten()
+            )
             loss = contrastive + recipe.patch_kinds * kinds
             if recipe.token_pairs:
                 words = entering["text"]
-                pairs = F.cross_entropy(text_probe(F.layer_norm(words, words.shape[-1:])).flatten(0, 1), batch.pairs.flatten())
+                pairs = F.cross_entropy(
+                    text_probe(F.layer_norm(words, words.shape[-1:])).flatten(0, 1), batch.pairs.flatten()
+                )
                 loss = loss + recipe.token_pairs * pairs
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -401,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m explain_server.shapes.training``: train and write the weights."""
     defaults = Recipe()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=shapes_model.WEIGHTS, help="weights file (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=shapes_model.WEIGHTS, help="weights file (default: %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--scenes-per-batch", type=int, default=defaults.scenes_per_batch)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -413,8 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=0, metavar="N", help="also write the weights every N steps")
     args = parser.parse_args(argv)
     recipe = dataclasses.replace(
-        defaults, steps=args.steps, scenes_per_batch=args.scenes_per_batch, lr=args.lr, seed=args.seed,
-        patch_kinds=args.patch_kinds, token_pairs=args.token_pairs, init_logit_scale=args.init_logit_scale, dihedral=args.dihedral,
+        defaults,
+        steps=args.steps,
+        scenes_per_batch=args.scenes_per_batch,
+        lr=args.lr,
+        seed=args.seed,
+        patch_kinds=args.patch_kinds,
+        token_pairs=args.token_pairs,
+        init_logit_scale=args.init_logit_scale,
+        dihedral=args.dihedral,
     )
     print(f"training {shapes_model.ARCHITECTURE} with {json.dumps(dataclasses.asdict(recipe))}", flush=True)
     start = time.perf_counter()

@@ -19,11 +19,11 @@ import open_clip
 import torch
 from PIL import Image
 
-from ..settings import BatchingConfig
 from ..engine.explainer import NonFiniteError
 from ..inputs import tokenize
-from ..model_spec import ModelSpec
 from ..loading import LoadedModel, ModelLoadError, load_model
+from ..model_spec import ModelSpec
+from ..settings import BatchingConfig
 from ..shapes import model as shapes_model
 from .factor_cache import FactorCache
 from .protocol import LoadFailed, ModelDescription, Ready
@@ -112,11 +112,20 @@ def main(connection: Connection, settings: WorkerSettings) -> None:
         for path in (shapes_model.CONFIG, *settings.model_configs):
             open_clip.add_model_config(path)
         loaded = load_model(
-            settings.spec, device=torch.device(settings.device), dtype=settings.dtype,
-            memory_bytes=settings.memory_bytes, chunk_seconds=settings.chunk_seconds,
+            settings.spec,
+            device=torch.device(settings.device),
+            dtype=settings.dtype,
+            memory_bytes=settings.memory_bytes,
+            chunk_seconds=settings.chunk_seconds,
         )
         warm_up(loaded)
-        log.info("warmed up model %s on %s (pid %d, %d thread(s))", settings.spec.name, settings.device, os.getpid(), settings.threads)
+        log.info(
+            "warmed up model %s on %s (pid %d, %d thread(s))",
+            settings.spec.name,
+            settings.device,
+            os.getpid(),
+            settings.threads,
+        )
         connection.send(Ready(describe(loaded)))
         serve(connection, settings.spec.name, loaded.explainer, FactorCache(settings.cache_bytes), settings.batching)
     except ModelLoadError as err:

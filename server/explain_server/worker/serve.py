@@ -15,8 +15,8 @@ from concurrent.futures import Future
 from multiprocessing.connection import Connection
 
 from ..batching import DynamicBatcher, QueueFullError
-from ..settings import BatchingConfig
 from ..engine.explainer import Explainer
+from ..settings import BatchingConfig
 from .backend import ExplainBackend, QueuedJob
 from .factor_cache import FactorCache
 from .protocol import Cancel, Failed, Finished, Outcome, QueueDepth, Stop, Submit
@@ -51,7 +51,9 @@ def _internal(err: BaseException) -> Failed:
     )
 
 
-def serve(connection: Connection, name: str, explainer: Explainer, cache: FactorCache, batching: BatchingConfig) -> None:
+def serve(
+    connection: Connection, name: str, explainer: Explainer, cache: FactorCache, batching: BatchingConfig
+) -> None:
     """Serve jobs for model ``name`` with ``explainer`` on ``connection`` until :class:`Stop` or the front end goes away."""
     send = _Sender(connection)
     backend = ExplainBackend(explainer, cache, send)
