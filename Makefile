@@ -41,6 +41,9 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_soak.py --record docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_batching.py --record docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_grounding.py --record docs/benchmarks.md
+	# the single-process design the worker split is measured against (issue 24)
+	test -d bench-out/baseline || git worktree add --detach bench-out/baseline 970cf2c
+	$(BIN)/python benchmarks/bench_workers.py --baseline-tree bench-out/baseline --record docs/benchmarks.md
 
 # Retrain the shipped shapes model on the CPU and overwrite
 # server/explain_server/assets/shapes/shapes-ViT.safetensors. Deterministic (seeded weights and
@@ -54,3 +57,4 @@ proto: $(VENV)/.test-installed
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache
+	-git worktree prune

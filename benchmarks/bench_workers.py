@@ -72,7 +72,7 @@ def measure(design: str, env: dict | None, model: str, model_args: list[str], co
             )
         )  # warm-up
         pid = server.process.pid
-        before, start = cpu_seconds(pid), time.monotonic()
+        before, start, own = cpu_seconds(pid), time.monotonic(), time.process_time()
         report = asyncio.run(
             generate_load(
                 server.target,
@@ -85,11 +85,44 @@ def measure(design: str, env: dict | None, model: str, model_args: list[str], co
         wall = time.monotonic() - start
         after = cpu_seconds(pid)
         cores = {f"{role(pid, p)} {p}": (after[p] - before.get(p, 0.0)) / wall for p in after}
+        # the machine's other tenant: this process, which sends the load and reads the answers
+        cores["load generator 0"] = (time.process_time() - own) / wall
     finally:
         server.close()
     row = {"design": design, "model": model, "report": report, "cores": cores}
     print(design, model, report.text().replace("\n", " | "), cores, flush=True)
     return row
+
+
+def transfer_seconds(shape: tuple[int, ...], repeats: int = 50) -> dict[str, float]:
+    """Median seconds to pass one float32 image of ``shape`` through a multiprocessing pipe: as a
+    pickled numpy array (what the front end sends) and as a torch tensor in shared memory
+    (torch.multiprocessing's reduction: the storage moves to /dev/shm, a file descriptor crosses)."""
+    import multiprocessing
+    import statistics
+    import threading
+
+    import numpy as np
+    import torch
+    import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions)
+
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    times: dict[str, float] = {}
+    for kind in ("numpy, pickled", "torch, shared memory"):
+        samples = []
+        for _ in range(repeats):
+            payload = np.random.rand(*shape).astype(np.float32)
+            if kind.startswith("torch"):
+                payload = torch.from_numpy(payload)
+            got = {}
+            reader = threading.Thread(target=lambda: got.setdefault("x", theirs.recv()))
+            start = time.perf_counter()
+            reader.start()
+            ours.send(payload)
+            reader.join()
+            samples.append(time.perf_counter() - start)
+        times[kind] = statistics.median(samples)
+    return times
 
 
 def table(rows: list[dict]) -> str:
@@ -134,10 +167,19 @@ def main() -> int:
         ):
             for design, env in ((f"single process ({BASELINE})", baseline_env), ("front end + worker", None)):
                 rows.append(measure(design, env, model, model_args, count, seed=300))
+    transfers = {shape: transfer_seconds(shape) for shape in ((3, 224, 224), (3, 336, 336))}
+    lines = [
+        f"- {kind} {'x'.join(map(str, shape))}: {seconds * 1000:.2f} ms"
+        for shape, kinds in transfers.items()
+        for kind, seconds in kinds.items()
+    ]
     body = (
         f"Concurrency {CONCURRENCY}, default flags, each model at its defaults, distinct images, captions of one "
         f"token length ({os.cpu_count()} cores). Ratio: OK requests per second against the single-process design "
-        "in the same run. Cores per process: its CPU seconds over the timed run's wall seconds.\n\n" + table(rows)
+        "in the same run. Cores per process: its CPU seconds over the timed run's wall seconds (the load generator runs on the same machine).\n\n"
+        + table(rows)
+        + "\n\nAn image crossing from the front end to a worker (median of 50, through a multiprocessing pipe):\n\n"
+        + "\n".join(lines)
     )
     print(body)
     if args.record:

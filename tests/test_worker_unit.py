@@ -194,7 +194,7 @@ class DyingWorker:
 
         def run():
             connection.send(
-                Ready(ModelDescription((64, 64), (16, 16), (4, 4), 8, 1.0, 77, 2, 2, {}, "cpu", "float32", 0.0))
+                Ready(ModelDescription((64, 64), (16, 16), (4, 4), 8, 1.0, 77, 2, 2, 1, 1, {}, "cpu", "float32", 0.0))
             )
             if first:
                 assert connection.poll(30)

@@ -41,13 +41,11 @@ class ServedModel:
 
     @property
     def default_text_layer(self) -> int:
-        """The spec's ``text_layer``, else the input of the last text block (as in exclip)."""
-        return self.description.text_layers - 1 if self.spec.text_layer is None else self.spec.text_layer
+        return self.description.default_text_layer
 
     @property
     def default_image_layer(self) -> int:
-        """The spec's ``image_layer``, else the input of the last image block (as in exclip)."""
-        return self.description.image_layers - 1 if self.spec.image_layer is None else self.spec.image_layer
+        return self.description.default_image_layer
 
     @property
     def default_method(self) -> str:

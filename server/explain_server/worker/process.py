@@ -71,6 +71,8 @@ def describe(loaded: LoadedModel) -> ModelDescription:
         context_length=loaded.model.context_length,
         text_layers=loaded.explainer.text.n_layers,
         image_layers=loaded.explainer.image.n_layers,
+        default_text_layer=loaded.default_text_layer,
+        default_image_layer=loaded.default_image_layer,
         preprocess_cfg=dict(loaded.model.visual.preprocess_cfg),
         device=str(loaded.device),
         dtype=loaded.dtype_name,

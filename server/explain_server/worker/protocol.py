@@ -104,6 +104,7 @@ class ModelDescription:
         logit_scale: exp(logit_scale).
         context_length: the text tower's token limit.
         text_layers, image_layers: blocks per tower.
+        default_text_layer, default_image_layer: the blocks explained when a request names none.
         preprocess_cfg: open_clip's preprocessing configuration, as a dict.
         device, dtype: where and in what the model runs.
         load_seconds: loading plus warm-up.
@@ -117,6 +118,8 @@ class ModelDescription:
     context_length: int
     text_layers: int
     image_layers: int
+    default_text_layer: int
+    default_image_layer: int
     preprocess_cfg: dict
     device: str
     dtype: str
