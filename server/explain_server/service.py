@@ -335,7 +335,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             code = cancellation_code(context)
             raise
         except tuple(STATUS_CODES) as err:
-            code = STATUS_CODES[type(err)]
+            code = next(code for kind, code in STATUS_CODES.items() if isinstance(err, kind))
             if isinstance(err, WorkerBug):
                 self.metrics.internal_errors.labels(name).inc()
             await context.abort(code, str(err))
