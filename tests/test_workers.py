@@ -146,7 +146,8 @@ def test_two_instances_answer_as_one_does(tmp_path):
             assert server.stop() == 0
     for one, two in zip(results["1"], results["2"]):
         np.testing.assert_allclose(two.attribution, one.attribution, rtol=1e-5, atol=1e-7)
-        assert two.score == pytest.approx(one.score, rel=1e-6)
+        # a cosine: batch composition moves float32 results by rounding only (1e-5, as the engine's tests)
+        assert two.score == pytest.approx(one.score, rel=1e-5, abs=1e-6)
 
 
 def test_sigterm_leaves_no_process_and_no_shared_memory(tmp_path):

@@ -117,10 +117,16 @@ async def serve(config: ServerConfig) -> int:
     lifecycle = Lifecycle()
     health_servicer = health.aio.HealthServicer()
 
+    readiness: list[tuple[bool, ...]] = []
+
     def on_change() -> None:
         for model in registry.models.values():
             metrics.queue_depth.labels(model.name).set(model.workers.queue_depth)
-        asyncio.ensure_future(_set_health(health_servicer, registry, lifecycle.shutting_down))
+        # queue depths change with every job; health only when a model's readiness does
+        now = tuple(model.workers.ready for model in registry.models.values())
+        if readiness[-1:] != [now]:
+            readiness[:] = [now]
+            asyncio.ensure_future(_set_health(health_servicer, registry, lifecycle.shutting_down))
 
     registry = build_registry(config, metrics, on_change)
     max_bytes = config.max_message_mb << 20
