@@ -223,6 +223,8 @@ class WorkerInstance:
                     return
             if self._stopping.is_set():
                 return
+            if time.monotonic() - started > self._backoff.reset_after:
+                delay = self._backoff.initial
             log.error(
                 "model %s worker %d (pid %s) ended with exit code %s%s; restarting in %.1f s",
                 self.model,
@@ -233,8 +235,6 @@ class WorkerInstance:
                 delay,
             )
             self._metrics.worker_restarts.labels(self.model).inc()
-            if time.monotonic() - started > self._backoff.reset_after:
-                delay = self._backoff.initial
             self._stopping.wait(delay)
             delay = min(2 * delay, self._backoff.maximum)
 
