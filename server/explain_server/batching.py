@@ -1,9 +1,10 @@
-"""A dynamic batcher per model, after NVIDIA Triton's: a bounded queue, a batch-size cap and a queue delay.
+"""A dynamic batcher per model worker, after NVIDIA Triton's: a bounded queue, a batch-size cap and a queue delay.
 
-Requests wait in a bounded queue. The model's thread takes the oldest and, while the batch
-holds fewer than ``max_batch_size`` items, waits for more until ``max_queue_delay_seconds``
-after that oldest one arrived; then it runs the whole batch as one call. One batch runs at
-a time per model: torch already spreads a batch over its intra-op threads (or the GPU).
+Requests wait in a bounded queue. The worker's batch thread takes the oldest and, while the
+batch holds fewer than ``max_batch_size`` items, waits for more until
+``max_queue_delay_seconds`` after that oldest one arrived; then it runs the whole batch as one
+call. One batch runs at a time per worker: torch already spreads a batch over its intra-op
+threads (or the GPU).
 
 A batch that raises as a whole is run again one item at a time, so that an item that trips
 a bug fails alone, not the unrelated items queued beside it. That policy lives here rather
