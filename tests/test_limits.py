@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import urllib.request
 
 import grpc
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from explain_api import explain_pb2, explain_pb2_grpc
-from explain_client import ExplainClient, InvalidArgumentError, MessageTooLargeError
+from explain_client import DeadlineExceededError, ExplainClient, InvalidArgumentError, MessageTooLargeError
 from explain_client.client import DEFAULT_MAX_RECEIVE_MESSAGE_BYTES, DEFAULT_MAX_SEND_MESSAGE_BYTES
 
 pytestmark = pytest.mark.integration
@@ -74,3 +75,23 @@ def test_the_pixels_of_a_call_are_capped_from_the_headers_before_decoding(client
     )
     with pytest.raises(InvalidArgumentError, match=r"^INVALID_ARGUMENT: images\[0\]: could not be decoded"):
         client.explain_many([cut] * 16, [CAPTION])  # 784 M pixels: within the limit, so it is decoded
+
+
+def test_calls_whose_deadline_passes_at_once_end_deadline_exceeded_and_are_no_bug(server):
+    """A deadline can pass before the server has decoded the image: gRPC answers the caller
+    DEADLINE_EXCEEDED, and the server must not count that as a server bug or log a traceback."""
+    image = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(image, "PNG")
+
+    def internal_errors() -> float:
+        page = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        return sum(
+            float(line.split()[-1]) for line in page.splitlines() if line.startswith("explain_internal_errors_total")
+        )
+
+    before = internal_errors()
+    with ExplainClient(server.target) as client:
+        for i in range(100):
+            with pytest.raises(DeadlineExceededError):
+                client.explain(image.getvalue(), f"a red circle {i}", timeout=0.0005 * (1 + i % 20))
+    assert internal_errors() == before

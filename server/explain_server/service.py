@@ -338,7 +338,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             code = next(code for kind, code in STATUS_CODES.items() if isinstance(err, kind))
             if isinstance(err, WorkerBug):
                 self.metrics.internal_errors.labels(name).inc()
-            await context.abort(code, str(err))
+            await _abort(context, code, str(err))
         except Exception:
             code = grpc.StatusCode.INTERNAL
             await abort_internal(context, self.metrics, name, method)
@@ -539,6 +539,25 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
     def close(self) -> None:
         """Stop taking decoding work; threads already decoding stop at their call's next image."""
         self._preparing.shutdown(wait=False)
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End the call with ``code``; a call its deadline has already ended is left to that ending.
+
+    Raises:
+        grpc.aio.AbortError: the call ended with ``code`` (how grpc.aio ends a call).
+        asyncio.CancelledError: the deadline had passed and gRPC had answered DEADLINE_EXCEEDED
+            already, so it refused the abort; the caller has its answer.
+    """
+    try:
+        await context.abort(code, details)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as err:  # grpc's ExecuteBatchError: the transport finished the call
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise asyncio.CancelledError() from err
+        raise
 
 
 def _digest(data: bytes) -> str:
