@@ -164,3 +164,30 @@ def test_the_token_warning_goes_to_stderr_once():
     )
     assert result.returncode == cli.EXIT_SERVER_ERROR
     assert result.stderr.count("PlaintextTokenWarning") == 1 and "t0ken" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"), [("/nonexistent.png", "No such file or directory"), ("/", "Is a directory")]
+)
+def test_an_unreadable_image_is_named_as_the_image_argument(path, reason, capsys):
+    assert cli.main(["--target", "127.0.0.1:1", path, "a cat"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: image: cannot read {path}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--duration", "-1"], "argument --duration: must be > 0"),
+        (["--requests", "4", "--deadline", "0"], "argument --deadline: must be > 0"),
+        (["--concurrency", "0", "--requests", "4"], "--concurrency must be positive; got 0"),
+        (["--requests", "0"], "--requests must be positive; got 0"),
+        (["--requests", "4", "--image-sides", "800", "64"], "--image-sides must be 1 <= MIN <= MAX; got 800 64"),
+    ],
+)
+def test_loadgen_refuses_each_bad_value_by_name(argv, message, capsys):
+    try:
+        code = loadgen.main(["--target", "127.0.0.1:1", *argv])
+    except SystemExit as exit_:  # argparse's own refusals
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -435,7 +435,13 @@ def _explain(argv: Sequence[str]) -> int:
     except ExplainError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_SERVER_ERROR
-    except (OSError, ValueError, TypeError) as err:
+    except OSError as err:
+        if err.filename == args.image:  # say which argument, not only the errno
+            print(f"error: image: cannot read {args.image}: {err.strerror}", file=sys.stderr)
+        else:
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_LOCAL_ERROR
+    except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_LOCAL_ERROR
 

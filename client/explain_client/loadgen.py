@@ -32,7 +32,7 @@ import numpy as np
 
 from explain_api import explain_pb2, explain_pb2_grpc
 from explain_api.version import add_version_argument
-from explain_client.cli import add_credential_arguments, connection_credentials
+from explain_client.cli import add_credential_arguments, connection_credentials, positive_float
 from explain_client.client import (
     DEFAULT_MAX_RECEIVE_MESSAGE_BYTES,
     DEFAULT_MAX_SEND_MESSAGE_BYTES,
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4, help="callers sending at once (default: %(default)s)")
     amount = p.add_mutually_exclusive_group(required=True)
     amount.add_argument("--requests", type=int, help="requests to send in all")
-    amount.add_argument("--duration", type=float, help="seconds to run")
+    amount.add_argument("--duration", type=positive_float, help="seconds to run")
     p.add_argument(
         "--repeat-inputs",
         action="store_true",
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the generated images and captions (default: a new one per run, "
         "reported; a run repeating an earlier seed repeats its inputs)",
     )
-    p.add_argument("--deadline", type=float, help="per-call deadline, seconds (default: none)")
+    p.add_argument("--deadline", type=positive_float, help="per-call deadline, seconds (default: none)")
     p.add_argument("--model", help="hosted model name (default: the server's default)")
     p.add_argument("--n-steps", type=int, help="quadrature nodes (default: the model's)")
     p.add_argument("--method", help="quadrature rule (default: the model's)")
@@ -416,11 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``explain-loadgen``; returns 0 when every call succeeded, 1 otherwise (2: bad arguments)."""
     args = build_parser().parse_args(argv)
     low, high = args.image_sides
-    if args.concurrency < 1 or (args.requests is not None and args.requests < 1) or not 1 <= low <= high:
-        print(
-            "explain-loadgen: --concurrency and --requests must be positive, --image-sides 1 <= MIN <= MAX",
-            file=sys.stderr,
-        )
+    problems = [
+        f"--concurrency must be positive; got {args.concurrency}" if args.concurrency < 1 else "",
+        f"--requests must be positive; got {args.requests}" if args.requests is not None and args.requests < 1 else "",
+        f"--image-sides must be 1 <= MIN <= MAX; got {low} {high}" if not 1 <= low <= high else "",
+    ]
+    if any(problems):
+        print(f"explain-loadgen: {'; '.join(p for p in problems if p)}", file=sys.stderr)
         return 2
     seed = secrets.randbits(32) if args.seed is None else args.seed
     try:
