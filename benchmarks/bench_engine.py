@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from explain_server.launcher import ServerProcess
+from explain_server.launcher import ServerProcess, process_tree
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "server" / "explain_server" / "assets" / "chelsea.jpg"
@@ -57,15 +57,6 @@ def record(path: pathlib.Path, body: str, begin: str, end: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (the server's front end and its workers)."""
-    tree = [pid]
-    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            tree += process_tree(int(child))
-    return tree
 
 
 def rss_bytes(pid: int, field: str) -> int:

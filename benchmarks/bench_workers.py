@@ -21,11 +21,12 @@ import pathlib
 import tempfile
 import time
 
-from bench_engine import Server, process_tree, record, save_weights
+from bench_engine import Server, record, save_weights
 
 from explain_client.client import explain_request
 from explain_client.loadgen import generate_load
 from explain_client.workload import distinct_requests
+from explain_server.launcher import is_worker, process_tree
 
 BEGIN, END = "<!-- BEGIN bench_workers -->", "<!-- END bench_workers -->"
 CONCURRENCY = 16
@@ -59,8 +60,7 @@ def cpu_seconds(pid: int) -> dict[int, float]:
 def role(server_pid: int, pid: int) -> str:
     if pid == server_pid:
         return "front end" if len(process_tree(server_pid)) > 1 else "server"
-    cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-    return "resource tracker" if b"resource_tracker" in cmdline else "worker"
+    return "worker" if is_worker(pid) else "resource tracker"
 
 
 def measure(design: str, env: dict | None, model: str, model_args: list[str], count: int, seed: int) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -44,26 +44,33 @@ def tiny_model() -> LoadedModel:
 
 
 class ThreadWorker:
-    """A worker serving ``loaded`` on a thread: what ``worker_pool.spawn`` starts as a process."""
+    """A worker's ``run`` on a thread: what ``worker_pool.spawn`` starts as a process.
 
-    def __init__(self, loaded: LoadedModel, connection: Connection, batching: BatchingConfig, cache_bytes: int):
-        def run() -> None:
-            connection.send(Ready(describe(loaded)))
-            serve(connection, loaded.spec.name, loaded.explainer, FactorCache(cache_bytes), batching)
-            connection.close()
+    ``run`` must close its end of the connection when it returns, as a process's end closes
+    when it exits; the exit code then reads ``exitcode_when_done``.
+    """
 
+    def __init__(self, run: Callable[[], None], exitcode_when_done: int = 0):
+        self._exitcode_when_done = exitcode_when_done
         self._thread = threading.Thread(target=run, name="thread-worker", daemon=True)
         self._thread.start()
 
     @property
     def exitcode(self) -> int | None:
-        return None if self._thread.is_alive() else 0
+        return None if self._thread.is_alive() else self._exitcode_when_done
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
     def kill(self) -> None:
-        """A thread cannot be killed; :meth:`join` after Stop suffices."""
+        """A thread cannot be killed; it ends once its connection closes or Stop arrives."""
+
+
+def serve_loaded(loaded: LoadedModel, connection: Connection, batching: BatchingConfig, cache_bytes: int) -> None:
+    """What a worker process does once its model is loaded: announce it, then serve jobs."""
+    connection.send(Ready(describe(loaded)))
+    serve(connection, loaded.spec.name, loaded.explainer, FactorCache(cache_bytes), batching)
+    connection.close()
 
 
 @dataclass
@@ -96,7 +103,7 @@ async def serving(
     instance = WorkerInstance(
         loaded.spec.name,
         0,
-        lambda connection: ThreadWorker(loaded, connection, batching, cache_bytes),
+        lambda connection: ThreadWorker(lambda: serve_loaded(loaded, connection, batching, cache_bytes)),
         metrics,
         on_change=lambda: None,
     )

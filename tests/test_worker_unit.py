@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from inprocess import ThreadWorker
 
 from explain_server.engine.attribution import Attribution
 from explain_server.engine.explainer import Factor, NonFiniteError
@@ -183,39 +184,30 @@ def test_the_loop_answers_cancels_refuses_when_full_and_turns_bugs_into_internal
     assert not thread.is_alive()
 
 
-class DyingWorker:
-    """Serves on a thread; the first one ends without answering, as a killed process would."""
+def dying_then_serving(explainer: FakeExplainer):
+    """A launch whose first worker takes a job and ends without answering, as a killed process
+    would; the workers after it serve."""
+    launched = []
 
-    started = 0
-
-    def __init__(self, connection, explainer: FakeExplainer):
-        DyingWorker.started += 1
-        first = DyingWorker.started == 1
+    def launch(connection):
+        first = not launched
+        launched.append(connection)
 
         def run():
-            connection.send(
-                Ready(ModelDescription((64, 64), (16, 16), (4, 4), 8, 1.0, 77, 2, 2, 1, 1, {}, "cpu", "float32", 0.0))
+            description = ModelDescription(
+                (64, 64), (16, 16), (4, 4), 8, 1.0, 77, 2, 2, 1, 1, {}, "cpu", "float32", 0.0
             )
+            connection.send(Ready(description))
             if first:
                 assert connection.poll(30)
-                connection.recv()  # takes a job, then dies
-                connection.close()
-                return
-            serve(connection, "fake", explainer, FactorCache(1 << 20), BatchingConfig())
-            connection.close()  # as a process's end closes when it exits
+                connection.recv()
+            else:
+                serve(connection, "fake", explainer, FactorCache(1 << 20), BatchingConfig())
+            connection.close()
 
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
+        return ThreadWorker(run, exitcode_when_done=-9)
 
-    @property
-    def exitcode(self):
-        return None if self._thread.is_alive() else -9
-
-    def join(self, timeout=None):
-        self._thread.join(timeout)
-
-    def kill(self):
-        """Threads end when their connection closes."""
+    return launch
 
 
 def test_a_dead_worker_fails_its_jobs_with_worker_lost_and_restarts():
@@ -227,7 +219,7 @@ def test_a_dead_worker_fails_its_jobs_with_worker_lost_and_restarts():
         instance = WorkerInstance(
             "fake",
             0,
-            lambda connection: DyingWorker(connection, explainer),
+            dying_then_serving(explainer),
             metrics,
             on_change=lambda: changes.append(instance.ready),
             backoff=Backoff(initial=0.01),

@@ -7,17 +7,16 @@ import pathlib
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from conftest import TINY, TINY_CONFIG
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_batching import caption, noise_png
+from test_batching import caption, noise_png, scrape, value
 
 from explain_client import ExplainClient, ExplainError
-from explain_server.launcher import ServerProcess
+from explain_server.launcher import ServerProcess, is_worker, process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +31,9 @@ def tiny_server(tmp_path: pathlib.Path, *extra: str) -> ServerProcess:
     ).wait_serving()
 
 
-def children(pid: int) -> set[int]:
-    """The live child processes of ``pid``."""
-    found = set()
-    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(child) for child in (task / "children").read_text().split()}
-    return found
-
-
 def workers(pid: int) -> set[int]:
-    """The worker processes among ``pid``'s children (not multiprocessing's resource tracker)."""
-    return {child for child in children(pid) if b"spawn_main" in pathlib.Path(f"/proc/{child}/cmdline").read_bytes()}
+    """The worker processes of the server ``pid``."""
+    return {child for child in process_tree(pid)[1:] if is_worker(child)}
 
 
 def alive(pid: int) -> bool:
@@ -59,15 +50,6 @@ def health(target: str, service: str = "") -> int:
         return (
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
         )
-
-
-def metric(server: ServerProcess, name: str) -> float:
-    page = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(
-        float(line.split()[-1])
-        for line in page.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
 
 
 def test_a_killed_worker_fails_only_its_calls_with_unavailable_and_comes_back(tmp_path):
@@ -116,7 +98,7 @@ def test_a_killed_worker_fails_only_its_calls_with_unavailable_and_comes_back(tm
         assert set(codes) <= {"OK", "UNAVAILABLE"}, sorted(set(codes))
         assert "UNAVAILABLE" in codes and codes[-16:].count("OK") == 16
         assert max(seconds for _, seconds in outcomes) < deadline_seconds
-        assert metric(server, "explain_worker_restarts_total") == 1
+        assert value(scrape(server.metrics_url), "explain_worker_restarts_total", model="tiny") == 1
         (new_worker,) = workers(server.process.pid)
         assert new_worker != worker
         log = server.log_path.read_text()
@@ -153,7 +135,7 @@ def test_two_instances_answer_as_one_does(tmp_path):
 def test_sigterm_leaves_no_process_and_no_shared_memory(tmp_path):
     shm_before = set(os.listdir("/dev/shm"))
     server = tiny_server(tmp_path, "--instances", "2")
-    spawned = children(server.process.pid)
+    spawned = set(process_tree(server.process.pid)[1:])
     assert len(workers(server.process.pid)) == 2
     with ExplainClient(server.target, timeout=120) as client:
         for i in range(4):

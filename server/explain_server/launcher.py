@@ -25,6 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants: a server's front end, then its workers (and
+    multiprocessing's resource tracker)."""
+    tree = [pid]
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            tree += process_tree(int(child))
+    return tree
+
+
+def is_worker(pid: int) -> bool:
+    """A model worker: started by ``multiprocessing`` with ``spawn``, not its resource tracker."""
+    cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b"spawn_main" in cmdline and b"resource_tracker" not in cmdline
+
+
 def server_command(*args: str, port: int, metrics_port: int = 0) -> list[str]:
     """``python -m explain_server`` with ``args`` on ``port`` of ``HOST``, /metrics on ``metrics_port`` (0: none)."""
     ports = ["--port", str(port), "--metrics-port", str(metrics_port)]

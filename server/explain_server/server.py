@@ -42,10 +42,11 @@ def model_health_service(model: str) -> str:
     return f"{SERVICE_NAME}/{model}"
 
 
-async def _set_health(servicer: health.aio.HealthServicer, registry: ModelRegistry, draining: bool) -> None:
+async def _set_health(servicer: health.aio.HealthServicer, registry: ModelRegistry, lifecycle: Lifecycle) -> None:
     """ "" (the whole server, what probes ask by default) and the Explain service: SERVING while every
-    model can serve; ``explain.v1.Explain/MODEL``: that model alone."""
+    model can serve and the server is not shutting down; ``explain.v1.Explain/MODEL``: that model alone."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    draining = lifecycle.shutting_down
     for model in registry.models.values():
         ok = registry.started and model.workers.ready and not draining
         await servicer.set(model_health_service(model.name), serving if ok else not_serving)
@@ -126,7 +127,7 @@ async def serve(config: ServerConfig) -> int:
         now = tuple(model.workers.ready for model in registry.models.values())
         if readiness[-1:] != [now]:
             readiness[:] = [now]
-            asyncio.ensure_future(_set_health(health_servicer, registry, lifecycle.shutting_down))
+            asyncio.ensure_future(_set_health(health_servicer, registry, lifecycle))
 
     registry = build_registry(config, metrics, on_change)
     max_bytes = config.max_message_mb << 20
@@ -159,7 +160,7 @@ async def serve(config: ServerConfig) -> int:
     service = ExplainService(registry, limits, metrics, lifecycle)
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await _set_health(health_servicer, registry, draining=False)
+    await _set_health(health_servicer, registry, lifecycle)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
@@ -201,7 +202,7 @@ async def serve(config: ServerConfig) -> int:
             loading.result()
             for model in registry.models.values():
                 metrics.model_load_seconds.labels(model.name).set(model.description.load_seconds)
-            await _set_health(health_servicer, registry, draining=False)
+            await _set_health(health_servicer, registry, lifecycle)
             log.info("all models loaded and warmed up; SERVING")
             await stopping
         except ModelLoadError as err:
@@ -211,7 +212,7 @@ async def serve(config: ServerConfig) -> int:
         loading.cancel()
     log.info("shutting down (grace %g s)", config.grace_seconds)
     lifecycle.shutting_down = True
-    await _set_health(health_servicer, registry, draining=True)
+    await _set_health(health_servicer, registry, lifecycle)
     # Keep listening while draining, so that new calls get our UNAVAILABLE message, not a
     # refused connection.
     await lifecycle.drain(config.grace_seconds)
