@@ -1,0 +1,103 @@
+"""The contract every explained tower meets: f = f_hi o f_lo, split at a named layer (method.md).
+
+A tower of any family (ViT, ResNet, ConvNeXt, FastViT, timm or Hugging Face transformers)
+presents its hidden state at a layer as positions x features, (B, S, d): the tokens of a
+transformer, or the cells of a convolutional feature map in row-major order (d = channels).
+Image positions are the prefix tokens (class token, registers), then the grid row by row.
+The engine needs nothing else: it integrates the Jacobian of :meth:`SplitTower.upper` along
+the straight path from the reference's hidden state to the input's (engine/generic.py), or
+takes a faster path where a tower's structure allows one (engine/towers.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not of the kind the engine explains (raised at load time); the message
+    names the model part and the reason."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer whose input a user may attribute: what its positions are.
+
+    Attributes:
+        name: readable name: ``block 11`` for transformers, ``layer4`` or ``stages.3`` for
+            convolutional stages, ``head`` for the pooling head's input.
+        grid: image towers: (Gh, Gw), the grid the positions after the prefix form, row 0 at
+            the top of the model input; None for text towers.
+        prefix: labels of the positions before the grid (``cls``, ``reg0``, ...); empty for
+            text towers and for towers without prefix tokens.
+    """
+
+    name: str
+    grid: tuple[int, int] | None = None
+    prefix: tuple[str, ...] = ()
+
+    @property
+    def positions(self) -> int | None:
+        """S for an image layer (prefix plus grid); None for text, whose S is the caption's."""
+        return None if self.grid is None else len(self.prefix) + self.grid[0] * self.grid[1]
+
+
+class SplitTower:
+    """One tower of a dual encoder, split at any of its :attr:`layers`.
+
+    ``upper`` must be a pure function of its arguments that ``torch.func.jvp``, ``vjp`` and
+    ``vmap`` can transform: no fused attention kernels, no in-place updates of its inputs, no
+    data-dependent Python control flow on ``hidden``.
+    """
+
+    embed_dim: int
+    """D, the width of the embedding :meth:`upper` returns."""
+
+    layers: tuple[Layer, ...]
+    """The layers a user may pick, by index; the last is usually the pooling head's input."""
+
+    default_layer: int
+    """The layer explained when a request names none."""
+
+    sees_padding: bool = False
+    """Text towers only. True when the tower reads every position of its context, padding
+    included (no causal mask and no key mask, e.g. SigLIP's text tower): inputs then arrive
+    padded to :attr:`context_length` and every position is attributed. False when positions
+    after a caption's end cannot change its embedding (causal or key-masked), so a batch may
+    pad to its longest caption and the padding is not attributed."""
+
+    context_length: int | None = None
+    """Text towers: most positions an input may have; None for image towers."""
+
+    pad_id: int = 0
+    """Text towers: the id that pads token sequences."""
+
+    def lower(self, inputs: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+        """f_lo: the hidden state entering ``layer``, with the model's own modules.
+
+        Args:
+            inputs: text: (B, S) int64 ids, each padded with :attr:`pad_id` after its first
+                ``lengths[b]`` ids; image: normalised pixels (B, 3, H, W) in the model's dtype.
+            layer: index into :attr:`layers`.
+            lengths: (B,) int64: text: each input's ids before the padding (its start to end
+                tokens); image: ignored.
+
+        Returns:
+            (B, S, d) in the model's dtype.
+        """
+        raise NotImplementedError
+
+    def upper(self, hidden: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+        """f_hi: unnormalised embeddings (B, D) from the hidden states (B, S, d) entering ``layer``.
+
+        ``lengths`` is as for :meth:`lower` (the pooled row, key masks); a reference is
+        evaluated with its input's lengths, so that both are pooled at the same row (method.md).
+        """
+        raise NotImplementedError
+
+    def own_rows(self, lengths: torch.Tensor, seq: int) -> torch.Tensor:
+        """The positions attributed per input, (B,) int64: all ``seq`` when the tower sees
+        padding, else each input's ``lengths``."""
+        return torch.full_like(lengths, seq) if self.sees_padding else lengths
