@@ -11,37 +11,16 @@ takes a faster path where a tower's structure allows one (engine/towers.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from .layers import Layer
+
+__all__ = ["Layer", "SplitTower", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
     """The model is not of the kind the engine explains (raised at load time); the message
     names the model part and the reason."""
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A layer whose input a user may attribute: what its positions are.
-
-    Attributes:
-        name: readable name: ``block 11`` for transformers, ``layer4`` or ``stages.3`` for
-            convolutional stages, ``head`` for the pooling head's input.
-        grid: image towers: (Gh, Gw), the grid the positions after the prefix form, row 0 at
-            the top of the model input; None for text towers.
-        prefix: labels of the positions before the grid (``cls``, ``reg0``, ...); empty for
-            text towers and for towers without prefix tokens.
-    """
-
-    name: str
-    grid: tuple[int, int] | None = None
-    prefix: tuple[str, ...] = ()
-
-    @property
-    def positions(self) -> int | None:
-        """S for an image layer (prefix plus grid); None for text, whose S is the caption's."""
-        return None if self.grid is None else len(self.prefix) + self.grid[0] * self.grid[1]
 
 
 class SplitTower:
