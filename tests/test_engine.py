@@ -26,7 +26,9 @@ CAPTION = "a red circle and a blue square"
 
 def make_explainer(model) -> Explainer:
     tok = open_clip.get_tokenizer(TINY)
-    return Explainer(model, sot_token_id=tok.sot_token_id, eot_token_id=tok.eot_token_id, budget=ChunkBudget(1 << 20))
+    return Explainer.for_clip(
+        model, sot_token_id=tok.sot_token_id, eot_token_id=tok.eot_token_id, budget=ChunkBudget(1 << 20)
+    )
 
 
 def caption_ids(text: str = CAPTION) -> torch.Tensor:

@@ -157,7 +157,7 @@ def load_model(
             "the engine needs open_clip's SimpleTokenizer (CLIP BPE)"
         )
     try:
-        explainer = Explainer(
+        explainer = Explainer.for_clip(
             model,
             sot_token_id=tokenizer.sot_token_id,
             eot_token_id=tokenizer.eot_token_id,
