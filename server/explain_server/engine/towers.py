@@ -54,6 +54,7 @@ def attention_half(
     x: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x + ls_1(attn(ln_1(x)))`` of an open_clip ``ResidualAttentionBlock``, with explicit attention.
 
@@ -63,6 +64,7 @@ def attention_half(
         attn_mask: additive float mask (S, S) or None.
         rows: (B, Q) int64, the rows of each input to compute (every row still serves as key
             and value); None = all S rows.
+        key_mask: additive float mask (B, S) over each input's keys (e.g. its padding), or None.
 
     Returns:
         (B, Q, d).
@@ -81,6 +83,8 @@ def attention_half(
     mask = mask_rows(attn_mask, rows)
     if mask is not None:
         scores = scores + mask.to(scores.dtype)
+    if key_mask is not None:
+        scores = scores + key_mask[:, None, None, :].to(scores.dtype)
     out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, -1, width)
     return select_rows(x, rows) + block.ls_1(attn.out_proj(out))
 
