@@ -8,8 +8,10 @@ a line here.
 from __future__ import annotations
 
 import torch
+from open_clip.timm_model import TimmModel
 
 from ..split import SplitTower, UnsupportedModelError
+from .timm_trunks import timm_image_tower
 
 
 def split_towers(model: torch.nn.Module) -> tuple[SplitTower, SplitTower]:
@@ -28,4 +30,7 @@ def text_tower(model: torch.nn.Module) -> SplitTower:
 
 def image_tower(model: torch.nn.Module) -> SplitTower:
     """The image tower's adapter. Raises UnsupportedModelError."""
+    visual = getattr(model, "visual", None)
+    if isinstance(visual, TimmModel):
+        return timm_image_tower(visual)
     raise UnsupportedModelError(f"no adapter explains the image tower of {type(model).__name__}")
