@@ -53,7 +53,7 @@ def _patch(name: str) -> int:
 
 
 def _transformer(name: str) -> tuple[dict[str, Any], int]:
-    """ViT and Eva (EVA01/02, PE-Core): fewer, narrower blocks; a 4x4 patch grid."""
+    """ViT and Eva (EVA01/02, PE-Core, any timm ViT named by its patch): fewer, narrower blocks; a 4x4 patch grid."""
     size = 4 * _patch(name)
     return dict(depth=DEPTH, embed_dim=WIDTH, num_heads=HEADS, img_size=size), size
 
@@ -103,7 +103,7 @@ def _small_mci_vit(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 # timm name pattern -> (entrypoint overrides, image size); the first match wins.
 _RECIPES: tuple[tuple[str, Callable[[str], tuple[dict[str, Any], int]]], ...] = (
-    (r"^vit_.*_siglip_|^vit_large_patch14_clip_|^eva|^vit_pe_core_", _transformer),
+    (r"^(vit|eva)\w*_patch\d+", _transformer),  # SigLIP, CLIP ViT-L, EVA01/02, PE-Core, and timm's other ViTs
     (r"^vitamin_", _vitamin),
     (r"^convnext_", _convnext),
     (r"^fastvit_mci", _fastvit),

@@ -179,12 +179,41 @@ def test_preparing_for_forward_mode_keeps_the_embeddings(tmp_path, architecture)
     assert bool(fused) == architecture.startswith("MobileCLIP")  # FastViT trunks have branches to fuse
 
 
-def test_an_unknown_trunk_is_refused_by_name():
-    visual = TimmModel("test_resnet", embed_dim=16, image_size=32)
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        ("vit_base_patch16_reg4_gap_256", ("reg0", "reg1", "reg2", "reg3")),
+        ("vit_small_patch16_rope_mixed_224", ("cls",)),
+    ],
+)
+def test_registers_and_depth_dependent_rope_beyond_open_clips_trunks(name, prefix):
+    """Register tokens are labelled after the class token, and an Eva whose rope differs per block
+    ("mixed") is split correctly: timm trunks no pretrained open_clip model uses yet."""
+    small, size = register_scaled_timm(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        visual = TimmModel(small, embed_dim=32, image_size=size)
+    perturb(visual)
+    visual = visual.double().eval()
+    tower = image_tower(_holding(visual))
+    assert all(layer.prefix == prefix for layer in tower.layers)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = visual(x)
+        for index in range(len(tower.layers)):
+            torch.testing.assert_close(tower.upper(tower.lower(x, index, None), index, None), want, **TOL)
+
+
+def _holding(visual: torch.nn.Module) -> torch.nn.Module:
+    """A bare module whose ``visual`` is ``visual``: what image_tower reads of a dual encoder."""
     model = torch.nn.Module()
     model.visual = visual
+    return model
+
+
+def test_an_unknown_trunk_is_refused_by_name():
     with pytest.raises(UnsupportedModelError, match="ResNet"):
-        image_tower(model)
+        image_tower(_holding(TimmModel("test_resnet", embed_dim=16, image_size=32)))
 
 
 @pytest.mark.parametrize(
