@@ -11,10 +11,12 @@ from typing import Callable
 
 import torch
 from open_clip.model import CLIP
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer
 
 from ..split import SplitTower, UnsupportedModelError
 from . import openclip
+from .timm_trunks import timm_image_tower
 
 TEXT_ADAPTERS: dict[type, Callable[[torch.nn.Module], SplitTower]] = {
     TextTransformer: openclip.TextTower,  # model.text of CustomTextCLIP and CoCa
@@ -25,7 +27,7 @@ TEXT_ADAPTERS: dict[type, Callable[[torch.nn.Module], SplitTower]] = {
 
 IMAGE_ADAPTERS: dict[type, Callable[[torch.nn.Module], SplitTower]] = {
     VisionTransformer: openclip.VisionTower,
-    # ModifiedResNet, TimmModel: their own modules
+    TimmModel: timm_image_tower,  # picks the adapter by the timm trunk's class
 }
 """Image adapters by the class of ``model.visual``."""
 
