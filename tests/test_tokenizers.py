@@ -188,3 +188,15 @@ def test_load_tokenizer_reads_a_local_directory_with_the_architectures_options(t
         load_tokenizer(name, str(tmp_path / "missing"))
     with pytest.raises(TokenizerLoadError, match="cannot load a Hugging Face tokenizer"):
         load_tokenizer(name, str(tmp_path))
+
+
+def test_model_specs_name_a_tokenizer_directory_in_both_forms():
+    from explain_server.model_spec import ModelSpec
+
+    spec = ModelSpec.parse("x=xlm-roberta-base-ViT-B-32:/w/a,b.pt,tokenizer=/tok/xlm-r,n_steps=5")
+    assert (spec.pretrained, spec.tokenizer, spec.n_steps) == ("/w/a,b.pt", "/tok/xlm-r", 5)
+    assert ModelSpec.parse("b32=ViT-B-32:openai").tokenizer is None
+    table = {"name": "x", "architecture": "ViT-B-16-SigLIP", "pretrained": "webli", "tokenizer": "/tok/siglip"}
+    assert ModelSpec.from_table(table).tokenizer == "/tok/siglip"
+    with pytest.raises(ValueError, match="option tokenizer is given twice"):
+        ModelSpec.parse("x=A:openai,tokenizer=/a,tokenizer=/b")

@@ -38,6 +38,7 @@ FAMILIES = {
     "roberta": ("roberta", "byte_bpe", "mean_pooler", "mlp"),
     "xlm-roberta": ("xlm-roberta", "unigram", "mean_pooler", "mlp"),
     "nllb": ("m2m_100", "nllb", "cls_pooler", "linear"),
+    "bert": ("bert", "wordpiece", "cls_pooler", "mlp"),  # no pretrained model; the encoder's own pooler
 }
 
 

@@ -8,8 +8,10 @@ a line here.
 from __future__ import annotations
 
 import torch
+from open_clip.hf_model import HFTextEncoder
 
 from ..split import SplitTower, UnsupportedModelError
+from .hf_text import HFTextTower
 
 
 def split_towers(model: torch.nn.Module) -> tuple[SplitTower, SplitTower]:
@@ -23,6 +25,8 @@ def split_towers(model: torch.nn.Module) -> tuple[SplitTower, SplitTower]:
 
 def text_tower(model: torch.nn.Module) -> SplitTower:
     """The text tower's adapter. Raises UnsupportedModelError."""
+    if isinstance(getattr(model, "text", None), HFTextEncoder):
+        return HFTextTower(model.text)
     raise UnsupportedModelError(f"no adapter explains the text tower of {type(model).__name__}")
 
 
