@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import open_clip
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .engine.attribution import ChunkBudget
 from .engine.explainer import Explainer
 from .model_spec import ModelSpec
+from .tokenizers import CaptionTokenizer, TokenizerLoadError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class LoadedModel:
 
     spec: ModelSpec
     model: open_clip.model.CLIP
-    tokenizer: SimpleTokenizer
+    tokenizer: CaptionTokenizer
     preprocess_cfg: PreprocessCfg
     explainer: Explainer
     device: torch.device
@@ -150,17 +150,16 @@ def load_model(
     except Exception as err:  # open_clip raises RuntimeError, safetensors/torch their own types
         raise ModelLoadError(f"model {spec.name!r}: cannot load weights {spec.pretrained!r}: {err}") from err
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(spec.architecture)
-    if not isinstance(tokenizer, SimpleTokenizer):
-        raise ModelLoadError(
-            f"model {spec.name!r}: tokenizer {type(tokenizer).__name__} is not supported; "
-            "the engine needs open_clip's SimpleTokenizer (CLIP BPE)"
-        )
+    try:
+        tokenizer = load_tokenizer(spec.architecture, spec.tokenizer)
+    except TokenizerLoadError as err:
+        raise ModelLoadError(f"model {spec.name!r}: {err}") from err
     try:
         explainer = Explainer.for_clip(
             model,
-            sot_token_id=tokenizer.sot_token_id,
-            eot_token_id=tokenizer.eot_token_id,
+            # CLIP's reference is [start, 0, end]; other tokenizers' towers go through the generic path
+            sot_token_id=tokenizer.reference_ids[0],
+            eot_token_id=tokenizer.reference_ids[-1],
             budget=ChunkBudget(memory_bytes, chunk_seconds),
         )
     except ValueError as err:

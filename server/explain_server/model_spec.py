@@ -21,8 +21,10 @@ DEFAULT_N_STEPS = 3
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _OPTION = re.compile(r",(?P<key>[A-Za-z_]\w*)=(?P<value>[^,=/]*)$")
+# a path's value may hold "/", so the tokenizer option is read by its key
+_TOKENIZER_OPTION = re.compile(r",tokenizer=(?P<value>[^,=]+)$")
 _INT_OPTIONS = ("text_layer", "image_layer", "n_steps", "instances")
-_OPTIONS = ("text_layer", "image_layer", "n_steps", "method", "instances", "device")
+_OPTIONS = ("text_layer", "image_layer", "n_steps", "method", "instances", "device", "tokenizer")
 _REQUIRED = ("name", "architecture", "pretrained")
 
 DEVICE_FORMS = "auto, cpu, cuda or cuda:INDEX"
@@ -57,6 +59,10 @@ class ModelSpec:
         instances: worker processes serving this model (at least 1).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:INDEX``; see
             :func:`explain_server.config.instance_devices` for what each instance gets.
+        tokenizer: a local directory holding the model's Hugging Face tokenizer (as
+            ``save_pretrained`` writes it), used instead of the hub tokenizer the architecture
+            names (SigLIP, SigLIP2, CLIPA, XLM-RoBERTa, RoBERTa, NLLB, MetaCLIP 2 models), so
+            that nothing is downloaded; None: open_clip's own tokenizer for the architecture.
 
     Raises:
         ValueError: a field of the wrong type or out of range, naming the field.
@@ -71,6 +77,7 @@ class ModelSpec:
     method: str = DEFAULT_METHOD
     instances: int = 1
     device: str = "auto"
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("name", "architecture", "pretrained", "method"):
@@ -88,14 +95,17 @@ class ModelSpec:
             raise ValueError(f"instances must be a positive integer; got {self.instances!r}")
         if not is_device(self.device):
             raise ValueError(f"device must be {DEVICE_FORMS}; got {self.device!r}")
+        if self.tokenizer is not None and not (isinstance(self.tokenizer, str) and self.tokenizer):
+            raise ValueError(f"tokenizer must be a directory path; got {self.tokenizer!r}")
 
     @classmethod
     def parse(cls, text: str, defaults: Mapping[str, Any] | None = None) -> ModelSpec:
         """Parse the shorthand ``NAME=ARCH:PRETRAINED[,KEY=VALUE]...``.
 
-        KEY is text_layer, image_layer, n_steps, instances (non-negative integers), method or
-        device. Trailing ``,KEY=VALUE`` pieces (KEY an identifier; VALUE without ``,``, ``=`` or
-        ``/``) are read as options; any other comma stays part of PRETRAINED (a path may hold one).
+        KEY is text_layer, image_layer, n_steps, instances (non-negative integers), method,
+        device or tokenizer (a directory). Trailing ``,KEY=VALUE`` pieces (KEY an identifier;
+        VALUE without ``,``, ``=`` or ``/``, except tokenizer's, which may hold ``/``) are read as
+        options; any other comma stays part of PRETRAINED (a path may hold one).
 
         Args:
             text: the shorthand.
@@ -109,8 +119,8 @@ class ModelSpec:
         name, sep, rest = text.partition("=")
         architecture, sep2, pretrained = rest.partition(":")
         options: dict[str, int | str] = {}
-        while (match := _OPTION.search(pretrained)) is not None:
-            key, value = match["key"], match["value"]
+        while (match := _OPTION.search(pretrained) or _TOKENIZER_OPTION.search(pretrained)) is not None:
+            key, value = match.groupdict().get("key", "tokenizer"), match["value"]
             if key not in _OPTIONS:
                 raise ValueError(f"unknown option {key!r}; options are {', '.join(_OPTIONS)}")
             if key in options:

@@ -10,18 +10,20 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from open_clip.hf_model import HFTextEncoder
 from open_clip.model import CLIP
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer
 
 from ..split import SplitTower, UnsupportedModelError
 from . import openclip
+from .hf_text import HFTextTower
 from .timm_trunks import timm_image_tower
 
 TEXT_ADAPTERS: dict[type, Callable[[torch.nn.Module], SplitTower]] = {
     TextTransformer: openclip.TextTower,  # model.text of CustomTextCLIP and CoCa
     CLIP: openclip.TextTower,  # the text tower built into open_clip.model.CLIP
-    # HFTextEncoder: its own module
+    HFTextEncoder: HFTextTower,  # Hugging Face encoders inside open_clip (RoBERTa, XLM-R, NLLB)
 }
 """Text adapters by the class of the text tower (:func:`text_module`)."""
 
