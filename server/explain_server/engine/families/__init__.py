@@ -21,11 +21,24 @@ def split_towers(model: torch.nn.Module) -> tuple[SplitTower, SplitTower]:
     return text_tower(model), image_tower(model)
 
 
+def _from_transformers(model: torch.nn.Module) -> bool:
+    # by module name: transformers is an optional extra, imported only for its own models
+    return type(model).__module__.startswith("transformers.")
+
+
 def text_tower(model: torch.nn.Module) -> SplitTower:
     """The text tower's adapter. Raises UnsupportedModelError."""
+    if _from_transformers(model):
+        from . import hf_models
+
+        return hf_models.text_tower(model)
     raise UnsupportedModelError(f"no adapter explains the text tower of {type(model).__name__}")
 
 
 def image_tower(model: torch.nn.Module) -> SplitTower:
     """The image tower's adapter. Raises UnsupportedModelError."""
+    if _from_transformers(model):
+        from . import hf_models
+
+        return hf_models.image_tower(model)
     raise UnsupportedModelError(f"no adapter explains the image tower of {type(model).__name__}")
