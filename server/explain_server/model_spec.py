@@ -1,6 +1,10 @@
 """What a hosted model is: :class:`ModelSpec`, from a TOML ``[[models]]`` table or the
 ``--model NAME=ARCH:PRETRAINED[,KEY=VALUE]...`` shorthand.
 
+Hugging Face transformers models (CLIPModel, SiglipModel, Siglip2Model) take the architecture
+``hf`` and a local directory or hub repository id as PRETRAINED:
+``--model NAME=hf:PATH_OR_REPO[,KEY=VALUE]...`` (``architecture = "hf"`` in a table).
+
 Pure data: this module imports neither torch nor open_clip, so that reading a configuration
 stays cheap; :mod:`.models` loads what a spec names.
 """
@@ -27,6 +31,9 @@ _INT_OPTIONS = ("text_layer", "image_layer", "n_steps", "instances")
 _OPTIONS = ("text_layer", "image_layer", "n_steps", "method", "instances", "device", "tokenizer")
 _REQUIRED = ("name", "architecture", "pretrained")
 
+HF_ARCHITECTURE = "hf"
+"""The architecture of a Hugging Face transformers model (its PRETRAINED names the model)."""
+
 DEVICE_FORMS = "auto, cpu, cuda or cuda:INDEX"
 """The device settings there are, as messages name them."""
 
@@ -48,10 +55,13 @@ class ModelSpec:
 
     Attributes:
         name: the name requests use.
-        architecture: open_clip architecture (``open_clip.list_models()`` or a ``--model-config`` file stem).
+        architecture: open_clip architecture (``open_clip.list_models()`` or a ``--model-config`` file
+            stem), or ``hf`` for a Hugging Face transformers model.
         pretrained: an open_clip pretrained tag (downloaded and cached by open_clip when online),
             a path to a local weights file (.safetensors, .pt, .bin), or ``random:SEED`` for
-            seeded random weights (tests and demos; not a trained model).
+            seeded random weights (tests and demos; not a trained model). With architecture
+            ``hf``: a local directory that ``save_pretrained`` wrote (read offline) or a hub
+            repository id such as ``google/siglip-base-patch16-224`` (fetched when online).
         text_layer: default text-tower attribution block; None = the last block's input, as in exclip.
         image_layer: the same for the image tower.
         n_steps: default quadrature nodes.
@@ -100,7 +110,7 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, text: str, defaults: Mapping[str, Any] | None = None) -> ModelSpec:
-        """Parse the shorthand ``NAME=ARCH:PRETRAINED[,KEY=VALUE]...``.
+        """Parse the shorthand ``NAME=ARCH:PRETRAINED[,KEY=VALUE]...``, or ``NAME=hf:PATH_OR_REPO[,KEY=VALUE]...``.
 
         KEY is text_layer, image_layer, n_steps, instances (non-negative integers), method,
         device or tokenizer (a directory). Trailing ``,KEY=VALUE`` pieces (KEY an identifier;
@@ -130,7 +140,10 @@ class ModelSpec:
             options[key] = int(value) if key in _INT_OPTIONS else value
             pretrained = pretrained[: match.start()]
         if not (sep and sep2 and name and architecture and pretrained):
-            raise ValueError("must be NAME=ARCH:PRETRAINED[,OPTION=VALUE]... (e.g. b32=ViT-B-32:openai,n_steps=5)")
+            raise ValueError(
+                "must be NAME=ARCH:PRETRAINED[,OPTION=VALUE]... (e.g. b32=ViT-B-32:openai,n_steps=5) "
+                "or NAME=hf:PATH_OR_REPO[,OPTION=VALUE]... (e.g. siglip=hf:google/siglip-base-patch16-224)"
+            )
         return cls(
             **{**(defaults or {}), "name": name, "architecture": architecture, "pretrained": pretrained, **options}
         )
@@ -160,9 +173,14 @@ class ModelSpec:
         return cls(**{**(defaults or {}), **table})
 
     @property
+    def hf_source(self) -> str | None:
+        """The local directory or hub repository id of a Hugging Face model (architecture ``hf``), else None."""
+        return self.pretrained if self.architecture == HF_ARCHITECTURE else None
+
+    @property
     def random_seed(self) -> int | None:
-        """The seed when ``pretrained`` is ``random[:SEED]``, else None."""
+        """The seed when ``pretrained`` is ``random[:SEED]`` (open_clip architectures only), else None."""
         kind, _, seed = self.pretrained.partition(":")
-        if kind != "random":
+        if kind != "random" or self.architecture == HF_ARCHITECTURE:
             return None
         return int(seed) if seed else 0

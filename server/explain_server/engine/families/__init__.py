@@ -50,8 +50,17 @@ def text_module(model: torch.nn.Module) -> torch.nn.Module:
     return text if isinstance(text, torch.nn.Module) else model
 
 
+def _from_transformers(model: torch.nn.Module) -> bool:
+    # by module name: transformers is an optional extra, imported only for its own models
+    return type(model).__module__.startswith("transformers.")
+
+
 def text_tower(model: torch.nn.Module) -> SplitTower:
     """The text tower's adapter. Raises UnsupportedModelError."""
+    if _from_transformers(model):
+        from . import hf_models
+
+        return hf_models.text_tower(model)
     module = text_module(model)
     adapter = TEXT_ADAPTERS.get(type(module))
     if adapter is None:
@@ -63,6 +72,10 @@ def text_tower(model: torch.nn.Module) -> SplitTower:
 
 def image_tower(model: torch.nn.Module) -> SplitTower:
     """The image tower's adapter. Raises UnsupportedModelError."""
+    if _from_transformers(model):
+        from . import hf_models
+
+        return hf_models.image_tower(model)
     visual = getattr(model, "visual", None)
     adapter = IMAGE_ADAPTERS.get(type(visual))
     if adapter is None:
