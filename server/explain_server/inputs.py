@@ -234,10 +234,15 @@ def crop_box(width: int, height: int, cfg: PreprocessCfg) -> tuple[float, float,
 
 @dataclass(frozen=True)
 class Caption:
-    """A tokenised caption: ids from the start token up to and including the end token."""
+    """A tokenised caption: ids from the start token up to and including the end token.
+
+    ``spans``: per token, the characters [start, end) of the caption it spells (start == end
+    for special tokens); empty when the tokenizer does not report them.
+    """
 
     token_ids: torch.Tensor  # (S_t,) int64
     labels: tuple[str, ...]  # one decoded label per token
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 def token_label(tokenizer: SimpleTokenizer, token_id: int) -> str:

@@ -29,6 +29,8 @@ from open_clip.model import CLIP
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch.func import jvp, vmap
 
+from .layers import Layer
+
 # A tangent map: tangents (C, B, S, d) at a fixed primal -> their images.
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -208,6 +210,11 @@ class Tower:
         """Number of transformer blocks."""
         return len(self.blocks)
 
+    @property
+    def default_layer(self) -> int:
+        """The input of the last block, as in exclip."""
+        return self.n_layers - 1
+
     def mask(self, seq: int) -> torch.Tensor | None:
         """Additive attention mask for ``seq`` positions, or None."""
         return None
@@ -321,6 +328,11 @@ class TextTower(Tower):
         self.blocks = model.transformer.resblocks
         self.final_norm = model.ln_final
         _check_blocks(self.blocks, "text")
+        self.layers = tuple(Layer(f"block {i}") for i in range(self.n_layers))
+        # causal: positions after the end token cannot change the embedding
+        self.sees_padding = False
+        self.context_length = int(model.context_length)
+        self.pad_id = 0
         projection = model.text_projection
         if projection is None:
             self.embed_dim = model.transformer.width
@@ -390,6 +402,7 @@ class ImageTower(Tower):
         self.final_norm = visual.ln_post
         _check_blocks(self.blocks, "image")
         self.embed_dim = visual.output_dim
+        self.layers = tuple(Layer(f"block {i}", self.grid_size, ("cls",)) for i in range(self.n_layers))
 
     @property
     def grid_size(self) -> tuple[int, int]:
