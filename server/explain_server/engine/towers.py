@@ -327,8 +327,11 @@ class TextTower(Tower):
         self.blocks = model.transformer.resblocks
         self.final_norm = model.ln_final
         _check_blocks(self.blocks, "text")
-        self.layers = tuple(Layer(f"block {i}") for i in range(len(self.blocks)))
-        self.context_length = model.context_length
+        self.layers = tuple(Layer(f"block {i}") for i in range(self.n_layers))
+        # causal: positions after the end token cannot change the embedding
+        self.sees_padding = False
+        self.context_length = int(model.context_length)
+        self.pad_id = 0
         projection = model.text_projection
         if projection is None:
             self.embed_dim = model.transformer.width
@@ -399,8 +402,7 @@ class ImageTower(Tower):
         self.final_norm = visual.ln_post
         _check_blocks(self.blocks, "image")
         self.embed_dim = visual.output_dim
-        grid = tuple(visual.grid_size)
-        self.layers = tuple(Layer(f"block {i}", grid, ("cls",)) for i in range(len(self.blocks)))
+        self.layers = tuple(Layer(f"block {i}", self.grid_size, ("cls",)) for i in range(self.n_layers))
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 
 import open_clip
 import torch
+from open_clip.tokenizer import HFTokenizer
 from PIL import Image
 
 from ..engine.explainer import NonFiniteError
@@ -60,19 +61,31 @@ class WorkerSettings:
     log_level: str
 
 
+def pad_label(tokenizer: object) -> str:
+    """The label of padding rows: a Hugging Face tokenizer's own pad token, else ``<pad>``
+    (open_clip's CLIP tokenizer pads with id 0, whose text "!" would read as a word)."""
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.tokenizer.pad_token:
+        return str(tokenizer.tokenizer.pad_token)
+    return "<pad>"
+
+
 def describe(loaded: LoadedModel) -> ModelDescription:
-    """What the front end needs to know of ``loaded``."""
+    """What the front end needs to know of ``loaded``: its towers' layers and padding come
+    from the explainer's ``text`` and ``image`` towers."""
+    text, image = loaded.explainer.text, loaded.explainer.image
     return ModelDescription(
         image_size=loaded.image_size,
         patch_size=loaded.patch_size,
-        grid_size=loaded.grid_size,
         embed_dim=loaded.embed_dim,
         logit_scale=loaded.logit_scale,
-        context_length=loaded.model.context_length,
-        text_layers=loaded.explainer.text.n_layers,
-        image_layers=loaded.explainer.image.n_layers,
+        context_length=text.context_length,
+        text_layer_list=tuple(text.layers),
+        image_layer_list=tuple(image.layers),
         default_text_layer=loaded.default_text_layer,
         default_image_layer=loaded.default_image_layer,
+        text_sees_padding=bool(text.sees_padding),
+        pad_id=int(text.pad_id),
+        pad_label=pad_label(loaded.tokenizer),
         preprocess_cfg=dict(loaded.model.visual.preprocess_cfg),
         device=str(loaded.device),
         dtype=loaded.dtype_name,
