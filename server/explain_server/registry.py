@@ -11,7 +11,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .loading import ModelLoadError
 from .model_spec import ModelSpec
-from .tokenizers import CaptionTokenizer, load_tokenizer
+from .tokenizers import CaptionTokenizer, spec_tokenizer
 from .worker.protocol import ModelDescription
 from .worker_pool import ModelWorkers
 
@@ -30,7 +30,7 @@ class ServedModel:
     def describe(self, description: ModelDescription) -> None:
         """Take the first ready worker's description and build the tokenizer and preprocessing from it."""
         self.description = description
-        self.tokenizer = load_tokenizer(self.spec.architecture, self.spec.tokenizer)
+        self.tokenizer = spec_tokenizer(self.spec, description.context_length)
         self.preprocess_cfg = PreprocessCfg(**description.preprocess_cfg)
         self.transform = image_transform_v2(self.preprocess_cfg, is_train=False)
 

@@ -248,3 +248,28 @@ def load_tokenizer(architecture: str, directory: str | None = None) -> CaptionTo
     except Exception as err:  # transformers raises OSError, ValueError and others for a bad directory
         raise TokenizerLoadError(f"cannot load a Hugging Face tokenizer from {directory}: {err}") from err
     return caption_tokenizer(tokenizer)
+
+
+def hf_tokenizer(directory: str, context_length: int) -> CaptionTokenizer:
+    """The tokenizer of a transformers model (``hf:`` specs) from its directory or hub id.
+
+    Raises:
+        TokenizerLoadError: no tokenizer there, or one of a kind the service does not read.
+    """
+    try:
+        tokenizer = HFTokenizer(directory, context_length=context_length)
+    except Exception as err:  # transformers raises OSError, ValueError and others for a bad directory
+        raise TokenizerLoadError(f"cannot load a Hugging Face tokenizer from {directory}: {err}") from err
+    return caption_tokenizer(tokenizer)
+
+
+def spec_tokenizer(spec, context_length: int) -> CaptionTokenizer:
+    """The tokenizer of a model spec: a transformers model's own (``hf:``), else the open_clip
+    architecture's, from the spec's ``tokenizer`` directory when it names one.
+
+    Raises:
+        TokenizerLoadError: as :func:`load_tokenizer` and :func:`hf_tokenizer`.
+    """
+    if spec.hf_source is not None:
+        return hf_tokenizer(spec.tokenizer or spec.hf_source, context_length)
+    return load_tokenizer(spec.architecture, spec.tokenizer)

@@ -83,6 +83,7 @@ class Explainer:
         image: SplitTower,
         *,
         text_reference: torch.Tensor,
+        pad_id: int | None = None,
         image_size: tuple[int, int],
         device: torch.device,
         dtype: torch.dtype,
@@ -94,6 +95,7 @@ class Explainer:
         Args:
             text, image: the towers.
             text_reference: the reference's ids before padding, (R,) int64.
+            pad_id: the id captions are padded with (the tokenizer's); the text tower's when None.
             image_size: the model's input (height, width) in pixels.
             budget: the memory and time one chunk of the engine's work may take (it learns
                 this model's speed as it runs, so give each explainer its own).
@@ -105,6 +107,7 @@ class Explainer:
         self.embed_dim = int(image.embed_dim)
         self.device, self.dtype = device, dtype
         self._fast = dict(fast or {})
+        self.pad_id = text.pad_id if pad_id is None else pad_id
         self._text_reference_ids = self._pad_ids([text_reference.to(device)], text.context_length)
         self._text_reference_length = torch.tensor([len(text_reference)], device=device)
         height, width = image_size
@@ -135,7 +138,7 @@ class Explainer:
         )
 
     def _pad_ids(self, ids: list[torch.Tensor], seq: int) -> torch.Tensor:
-        batch = torch.full((len(ids), seq), self.text.pad_id, dtype=torch.long, device=self.device)
+        batch = torch.full((len(ids), seq), self.pad_id, dtype=torch.long, device=self.device)
         for row, one in enumerate(ids):
             batch[row, : len(one)] = one
         return batch

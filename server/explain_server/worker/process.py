@@ -8,6 +8,7 @@ its connection close and exits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -17,7 +18,6 @@ from multiprocessing.connection import Connection
 
 import open_clip
 import torch
-from open_clip.tokenizer import HFTokenizer
 from PIL import Image
 
 from ..engine.explainer import NonFiniteError
@@ -26,6 +26,7 @@ from ..loading import LoadedModel, ModelLoadError, load_model
 from ..model_spec import ModelSpec
 from ..settings import BatchingConfig
 from ..shapes import model as shapes_model
+from ..tokenizers import CaptionTokenizer, ClipTokenizer
 from .factor_cache import FactorCache
 from .protocol import LoadFailed, ModelDescription, Ready
 from .serve import serve
@@ -61,12 +62,12 @@ class WorkerSettings:
     log_level: str
 
 
-def pad_label(tokenizer: object) -> str:
-    """The label of padding rows: a Hugging Face tokenizer's own pad token, else ``<pad>``
-    (open_clip's CLIP tokenizer pads with id 0, whose text "!" would read as a word)."""
-    if isinstance(tokenizer, HFTokenizer) and tokenizer.tokenizer.pad_token:
-        return str(tokenizer.tokenizer.pad_token)
-    return "<pad>"
+def pad_label(tokenizer: CaptionTokenizer) -> str:
+    """The label of padding rows: the tokenizer's own pad token, else ``<pad>`` (open_clip's CLIP
+    tokenizer pads with id 0, whose text "!" would read as a word)."""
+    if isinstance(tokenizer, ClipTokenizer):
+        return "<pad>"
+    return tokenizer.special_label(tokenizer.pad_id) or "<pad>"
 
 
 def describe(loaded: LoadedModel) -> ModelDescription:
@@ -84,9 +85,9 @@ def describe(loaded: LoadedModel) -> ModelDescription:
         default_text_layer=loaded.default_text_layer,
         default_image_layer=loaded.default_image_layer,
         text_sees_padding=bool(text.sees_padding),
-        pad_id=int(text.pad_id),
+        pad_id=int(loaded.explainer.pad_id),
         pad_label=pad_label(loaded.tokenizer),
-        preprocess_cfg=dict(loaded.model.visual.preprocess_cfg),
+        preprocess_cfg=dataclasses.asdict(loaded.preprocess_cfg),
         device=str(loaded.device),
         dtype=loaded.dtype_name,
         load_seconds=loaded.load_seconds,
