@@ -17,7 +17,7 @@ from explain_server.engine.explainer import Explainer, NonFiniteError, Side
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 from explain_server.engine.towers import ImageTower, TextTower
 from explain_server.loading import ModelLoadError, load_model, resolve_device
-from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelSpec
+from explain_server.model_spec import ModelSpec
 
 pytestmark = pytest.mark.unit
 
@@ -401,7 +401,7 @@ def test_model_spec_takes_default_settings_as_trailing_options():
     assert (spec.n_steps, spec.method) == (8, "riemann_trapezoid")
     plain = ModelSpec.parse("r=ViT-B-32:random:7,text_layer=0")
     assert plain == ModelSpec("r", "ViT-B-32", "random:7", text_layer=0)
-    assert (plain.n_steps, plain.method) == (DEFAULT_N_STEPS, DEFAULT_METHOD)
+    assert (plain.n_steps, plain.method) == (None, None)  # the family's, once the model is loaded
     assert ModelSpec.parse("w=ViT-B-32:/w/a,b=c/d.pt").pretrained == "/w/a,b=c/d.pt"
 
 

@@ -175,7 +175,8 @@ def test_layers_name_blocks_and_head_with_the_models_grid(loaded):
     text, image = loaded.text, loaded.image
     names = ["block 0", "block 1", "head"]
     assert [layer.name for layer in text.layers] == names and [layer.name for layer in image.layers] == names
-    assert text.default_layer == image.default_layer == 1
+    # the text towers pool one row: their last block; SigLIP's MAP head reads every row: its input
+    assert text.default_layer == 1 and image.default_layer == (1 if loaded.model_type == "clip" else 2)
     assert all(layer.grid is None and layer.prefix == () for layer in text.layers)
     prefix = ("cls",) if loaded.model_type == "clip" else ()
     assert all(layer.grid == (4, 4) and layer.prefix == prefix for layer in image.layers)

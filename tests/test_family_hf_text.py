@@ -49,7 +49,9 @@ def test_the_adapter_is_chosen_and_names_its_layers(models, family):
     assert isinstance(tower, HFTextTower) and not tower.sees_padding
     n = len(tower.layers) - 1
     assert [layer.name for layer in tower.layers] == [*(f"block {i}" for i in range(n)), "head"]
-    assert tower.default_layer == n - 1 and tower.embed_dim == 24
+    # the pooler's input where it averages every row; a class-token pooler's reads one
+    assert tower.default_layer == (n if FAMILIES[family][2] == "mean_pooler" else n - 1)
+    assert tower.embed_dim == 24
     assert tower.pad_id == model.text.config.pad_token_id == tokenizer.pad_id
     assert model.text.transformer.config._attn_implementation == "eager"
 

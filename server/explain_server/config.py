@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model to host (repeatable). PRETRAINED: an open_clip tag such as 'openai' (downloaded "
         "and cached by open_clip when online), a local weights file, or 'random:SEED' (seeded random "
         "weights, tests only). OPTIONs, the model's default explanation settings: text_layer, "
-        f"image_layer (default: each tower's last block), n_steps ({DEFAULT_N_STEPS}), method "
-        f"({DEFAULT_METHOD}); and where it runs: instances, device (default: --instances, --device). "
+        "image_layer (default: the family's, docs/benchmarks.md), n_steps and method (default: the "
+        f"family's, else {DEFAULT_METHOD} with {DEFAULT_N_STEPS} nodes); and where it runs: instances, device (default: --instances, --device). "
         f"Default: {DEFAULT_MODEL}",
     )
     p.add_argument(
@@ -426,7 +426,7 @@ def _check_together(config: ServerConfig, origin: _Origin) -> None:
     if config.default_model is not None and config.default_model not in names:
         raise origin.error("default_model", f"{config.default_model!r} is not one of the configured models {names}")
     for spec in config.models:
-        if spec.n_steps > config.max_n_steps:
+        if spec.n_steps is not None and spec.n_steps > config.max_n_steps:
             raise ValueError(
                 f"{origin.where('models')}model {spec.name!r}: n_steps={spec.n_steps} exceeds "
                 f"{origin.label('max_n_steps')} {config.max_n_steps}"

@@ -14,9 +14,10 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from .engine.attribution import ChunkBudget
 from .engine.explainer import Explainer
 from .engine.families import split_towers
-from .engine.split import SplitTower, UnsupportedModelError
+from .engine.quadrature import check_rule
+from .engine.split import SplitTower, UnsupportedModelError, default_quadrature
 from .engine.towers import ImageTower, TextTower
-from .model_spec import ModelSpec
+from .model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS, ModelSpec
 from .tokenizers import CaptionTokenizer, TokenizerLoadError, hf_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -104,13 +105,19 @@ class LoadedModel:
 
     @property
     def default_method(self) -> str:
-        """The spec's ``method``."""
-        return self.spec.method
+        """The spec's ``method``, else the towers' family's (:func:`default_quadrature`), else
+        ``model_spec.DEFAULT_METHOD``."""
+        family, _ = default_quadrature(self.explainer.text, self.explainer.image)
+        return self.spec.method or family or DEFAULT_METHOD
 
     @property
     def default_n_steps(self) -> int:
-        """The spec's ``n_steps``."""
-        return self.spec.n_steps
+        """The spec's ``n_steps``, else the family's when :attr:`default_method` is the family's
+        method, else ``model_spec.DEFAULT_N_STEPS``."""
+        if self.spec.n_steps is not None:
+            return self.spec.n_steps
+        method, n_steps = default_quadrature(self.explainer.text, self.explainer.image)
+        return n_steps if method is not None and method == self.default_method else DEFAULT_N_STEPS
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -191,6 +198,7 @@ def load_model(
         logit_bias=None if getattr(model, "logit_bias", None) is None else float(model.logit_bias),
     )
     _check_layers(spec, loaded.explainer)
+    _check_quadrature(loaded)
     loaded.load_seconds = time.perf_counter() - start
     log.info(
         "loaded model %s (%s, %s) on %s in %.1f s",
@@ -243,6 +251,14 @@ def _check_layers(spec: ModelSpec, explainer: Explainer) -> None:
             )
 
 
+def _check_quadrature(loaded: LoadedModel) -> None:
+    """The spec's method or n_steps completed with the family's must make a rule."""
+    try:
+        check_rule(loaded.default_method, loaded.default_n_steps)
+    except ValueError as err:
+        raise ModelLoadError(f"model {loaded.spec.name!r}: {err}") from err
+
+
 def _load_hf(spec: ModelSpec, device: torch.device, dtype: str, budget: ChunkBudget) -> LoadedModel:
     """A transformers CLIPModel, SiglipModel or Siglip2Model (the ``hf`` extra)."""
     from .hf_loading import HFLoadError, load_hf  # transformers is optional: imported for hf: specs only
@@ -265,4 +281,5 @@ def _load_hf(spec: ModelSpec, device: torch.device, dtype: str, budget: ChunkBud
         logit_bias=hf.logit_bias,
     )
     _check_layers(spec, loaded.explainer)
+    _check_quadrature(loaded)
     return loaded

@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .engine.quadrature import check_rule
+from .engine.quadrature import METHODS, check_rule
 
-# The service default: chosen by `make bench` (benchmarks/bench_engine.py), the cheapest rule
-# whose convergence delta is no larger than both first-order Riemann rules' at n_steps=50.
+# The service default where a model's towers name none (SplitTower.default_method): chosen by
+# `make bench` (benchmarks/bench_engine.py), the cheapest rule whose convergence delta is no
+# larger than both first-order Riemann rules' at n_steps=50.
 DEFAULT_METHOD = "gausslegendre"
 DEFAULT_N_STEPS = 3
 
@@ -62,10 +63,13 @@ class ModelSpec:
             seeded random weights (tests and demos; not a trained model). With architecture
             ``hf``: a local directory that ``save_pretrained`` wrote (read offline) or a hub
             repository id such as ``google/siglip-base-patch16-224`` (fetched when online).
-        text_layer: default text-tower attribution block; None = the last block's input, as in exclip.
+        text_layer: default text-tower attribution layer; None = the tower's family default
+            (``SplitTower.default_layer``).
         image_layer: the same for the image tower.
-        n_steps: default quadrature nodes.
-        method: default quadrature rule (Captum's names).
+        n_steps: default quadrature nodes; None = the family's (``SplitTower.default_n_steps``)
+            when the method is the family's, else :data:`DEFAULT_N_STEPS`.
+        method: default quadrature rule (Captum's names); None = the family's
+            (``SplitTower.default_method``), else :data:`DEFAULT_METHOD`.
         instances: worker processes serving this model (at least 1).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:INDEX``; see
             :func:`explain_server.config.instance_devices` for what each instance gets.
@@ -83,8 +87,8 @@ class ModelSpec:
     pretrained: str
     text_layer: int | None = None
     image_layer: int | None = None
-    n_steps: int = DEFAULT_N_STEPS
-    method: str = DEFAULT_METHOD
+    n_steps: int | None = None
+    method: str | None = None
     instances: int = 1
     device: str = "auto"
     tokenizer: str | None = None
@@ -92,15 +96,18 @@ class ModelSpec:
     def __post_init__(self) -> None:
         for key in ("name", "architecture", "pretrained", "method"):
             value = getattr(self, key)
+            if key == "method" and value is None:
+                continue
             if not (isinstance(value, str) and value):
                 raise ValueError(f"{key} must be a non-empty string; got {value!r}")
         for key in ("text_layer", "image_layer"):
             value = getattr(self, key)
             if value is not None and not (_is_int(value) and value >= 0):
                 raise ValueError(f"{key} must be a non-negative integer; got {value!r}")
-        if not _is_int(self.n_steps):
+        if self.n_steps is not None and not _is_int(self.n_steps):
             raise ValueError(f"n_steps must be an integer; got {self.n_steps!r}")
-        check_rule(self.method, self.n_steps)
+        # a rule or a node count alone is checked as far as it goes; the family fills in the rest
+        check_rule(self.method or METHODS[0], 2 if self.n_steps is None else self.n_steps)
         if not (_is_int(self.instances) and self.instances >= 1):
             raise ValueError(f"instances must be a positive integer; got {self.instances!r}")
         if not is_device(self.device):

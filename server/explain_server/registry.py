@@ -48,11 +48,11 @@ class ServedModel:
 
     @property
     def default_method(self) -> str:
-        return self.spec.method
+        return self.description.default_method
 
     @property
     def default_n_steps(self) -> int:
-        return self.spec.n_steps
+        return self.description.default_n_steps
 
 
 class ModelRegistry:

@@ -15,7 +15,7 @@ import torch
 
 from .layers import Layer
 
-__all__ = ["Layer", "SplitTower", "UnsupportedModelError"]
+__all__ = ["Layer", "SplitTower", "UnsupportedModelError", "default_quadrature"]
 
 
 class UnsupportedModelError(ValueError):
@@ -38,7 +38,17 @@ class SplitTower:
     """The layers a user may pick, by index; the last is usually the pooling head's input."""
 
     default_layer: int
-    """The layer explained when a request names none."""
+    """The layer explained when a request names none: the pooling head's input where the head
+    reads every row (average, attention or MAP pooling), else the last block's or stage's input
+    (benchmarks/choose_defaults.py, docs/benchmarks.md)."""
+
+    default_method: str | None = None
+    """The quadrature rule this tower's family is explained with when neither request nor model
+    configuration names one (chosen by measurement with :attr:`default_n_steps`); None: the
+    service default (``model_spec.DEFAULT_METHOD``)."""
+
+    default_n_steps: int | None = None
+    """The quadrature nodes that go with :attr:`default_method`."""
 
     sees_padding: bool = False
     """Text towers only. True when the tower reads every position of its context, padding
@@ -80,3 +90,16 @@ class SplitTower:
         """The positions attributed per input, (B,) int64: all ``seq`` when the tower sees
         padding, else each input's ``lengths``."""
         return torch.full_like(lengths, seq) if self.sees_padding else lengths
+
+
+def default_quadrature(text: SplitTower, image: SplitTower) -> tuple[str | None, int | None]:
+    """The (method, n_steps) two towers' families ask for when nothing else names one.
+
+    Both sides of an explanation share one rule: the towers' common :attr:`~SplitTower.default_method`
+    with the more nodes either asks for; a tower that names none defers to the other; (None, None)
+    when neither names one or they name different rules (the service default then applies).
+    """
+    named = [(t.default_method, t.default_n_steps) for t in (text, image) if t.default_method is not None]
+    if not named or len({method for method, _ in named}) > 1:
+        return None, None
+    return named[0][0], max(n for _, n in named)

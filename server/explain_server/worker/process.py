@@ -91,6 +91,8 @@ def describe(loaded: LoadedModel) -> ModelDescription:
         device=str(loaded.device),
         dtype=loaded.dtype_name,
         load_seconds=loaded.load_seconds,
+        default_method=loaded.default_method,
+        default_n_steps=loaded.default_n_steps,
     )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..engine.attribution import Attribution
 from ..engine.layers import Layer
+from ..model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS
 
 
 class Tower(Enum):
@@ -116,6 +117,8 @@ class ModelDescription:
         preprocess_cfg: open_clip's preprocessing configuration, as a dict.
         device, dtype: where and in what the model runs.
         load_seconds: loading plus warm-up.
+        default_method, default_n_steps: the quadrature explained with when a request names
+            none (the model's configuration, else its family's; see ``LoadedModel``).
     """
 
     image_size: tuple[int, int]
@@ -134,6 +137,8 @@ class ModelDescription:
     device: str
     dtype: str
     load_seconds: float
+    default_method: str = DEFAULT_METHOD
+    default_n_steps: int = DEFAULT_N_STEPS
 
     @property
     def text_layers(self) -> int:

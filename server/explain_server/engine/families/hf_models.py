@@ -200,7 +200,12 @@ class HFImageTower(SplitTower):
         self.grid = (side, side)
         self.image_size = (side * self.patch, side * self.patch)
         self.layers = _block_layers(len(self.blocks), self.grid, prefix)
-        self.default_layer = len(self.blocks) - 1
+        # SigLIP's MAP head reads every row: its input; CLIP's class token is one row
+        self.default_layer = len(self.blocks) - 1 if self.clip else len(self.blocks)
+        # SigLIP's MAP head as measured on open_clip's ViT-B-16-SigLIP (the same architecture);
+        # CLIP: the service default
+        if not self.clip:
+            self.default_method, self.default_n_steps = "gausslegendre", 4
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """The hidden state entering block 0 from normalised pixels (B, 3, H, W)."""

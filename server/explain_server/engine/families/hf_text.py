@@ -15,7 +15,7 @@ positions after a caption's ``lengths[b]`` tokens cannot change its embedding.
 from __future__ import annotations
 
 import torch
-from open_clip.hf_model import HFTextEncoder
+from open_clip.hf_model import HFTextEncoder, MaxPooler, MeanPooler
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
@@ -58,7 +58,10 @@ class HFTextTower(SplitTower):
         self.embed_dim = text.output_dim
         n = len(self.blocks)
         self.layers = (*(Layer(f"block {i}") for i in range(n)), Layer("head"))
-        self.default_layer = n - 1
+        # the pooler's input where it reads every row (mean, max); a class-token pooler reads one
+        self.default_layer = n if isinstance(text.pooler, (MeanPooler, MaxPooler)) else n - 1
+        # measured on xlm-roberta-base-ViT-B-32 (benchmarks/choose_defaults.py)
+        self.default_method, self.default_n_steps = "gausslegendre", 3
         self.pad_id = config.pad_token_id
         positions = config.max_position_embeddings
         self.context_length = (

@@ -190,7 +190,12 @@ class VisionTower(SplitTower):
         self.blocks = visual.transformer.resblocks
         self.embed_dim = visual.proj.shape[1] if visual.proj is not None else visual.ln_post.normalized_shape[0]
         self.layers = block_layers(len(self.blocks), tuple(visual.grid_size), ("cls",))
-        self.default_layer = len(self.blocks) - 1
+        # the head's input where the pooling reads every row (average, CoCa's attentional
+        # pooler); a class-token head reads one row, which would take every attribution
+        reads_all = visual.attn_pool is not None or visual.pool_type != "tok"
+        self.default_layer = len(self.blocks) if reads_all else len(self.blocks) - 1
+        # measured (benchmarks/choose_defaults.py; the class-token case: bench_engine.py's sweep)
+        self.default_method, self.default_n_steps = "gausslegendre", 3
 
     def _norm_before_pool(self, x: torch.Tensor) -> torch.Tensor:
         """The row-wise norm between the last block and the pooling (part of the ``head`` layer)."""
@@ -242,6 +247,10 @@ class TextTower(SplitTower):
 
     suffix: tuple[str, ...]
     """Labels of hidden rows after the ids: ``("cls",)`` with CoCa's class token, else empty."""
+
+    # measured with each image tower it is paired with (benchmarks/choose_defaults.py): the
+    # image side asks for more nodes where a pair needs them
+    default_method, default_n_steps = "gausslegendre", 2
 
     def __init__(self, source: TextTransformer | CLIP):
         """Wrap ``source``: a ``TextTransformer``, or a ``CLIP`` whose text tower is built in.

@@ -90,7 +90,13 @@ class TimmTransformerTower(SplitTower):
         self.layers = tuple(Layer(f"block {i}", grid, prefix) for i in range(self.n_blocks)) + (
             Layer("head", grid, prefix),
         )
-        self.default_layer = self.n_blocks - 1
+        # the head's input where the pooling reads every row (MAP, average); a class-token
+        # head reads one row, which would take every attribution
+        self.default_layer = self.n_blocks - 1 if trunk.global_pool == "token" else self.n_blocks
+        # measured per pooling (benchmarks/choose_defaults.py): EVA02's last block (class
+        # token), SigLIP's MAP head, ViTamin's average
+        self.default_method = "gausslegendre"
+        self.default_n_steps = {"token": 6, "map": 4}.get(trunk.global_pool, 3)
         with torch.no_grad():
             self.embed_dim = visual(_zero_image(visual)).shape[-1]
 
@@ -164,7 +170,10 @@ class TimmConvTower(SplitTower):
             self.embed_dim = self.visual.head(trunk.forward_head(x)).shape[-1]
         self.widths = tuple(widths)
         self.layers = tuple(Layer(f"stages.{i}", grids[i]) for i in range(self.n_stages)) + (Layer("head", grids[-1]),)
-        self.default_layer = self.n_stages - 1
+        self.default_layer = self.n_stages  # the head's input: the pooling averages every cell
+        # measured on MobileCLIP-S1 (benchmarks/choose_defaults.py; ConvNeXt's random weights
+        # leave the yardstick uninformative, docs/benchmarks.md)
+        self.default_method, self.default_n_steps = "gausslegendre", 2
 
     def lower(self, inputs: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
         """The feature map entering ``layers[layer]`` as (B, H * W, C), row-major; see SplitTower."""
