@@ -41,6 +41,9 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_soak.py --record docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_batching.py --record docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_grounding.py --record docs/benchmarks.md
+	# one real-size model per family at its defaults (issue 22); the defaults themselves come from
+	# benchmarks/choose_defaults.py --record docs/benchmarks.md (about half an hour on one thread)
+	$(BIN)/python benchmarks/bench_families.py --record docs/benchmarks.md
 	# the single-process design the worker split is measured against (issue 24)
 	test -d bench-out/baseline || git worktree add --detach bench-out/baseline 970cf2c
 	$(BIN)/python benchmarks/bench_workers.py --baseline-tree bench-out/baseline --record docs/benchmarks.md
