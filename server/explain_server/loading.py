@@ -219,6 +219,10 @@ def _explainer(
             fast[tower] = build(model)
         except UnsupportedModelError:  # the generic path explains it
             pass
+    # what the model computes in: the dtype of most of its weights (open_clip keeps a few in float32)
+    by_dtype: dict[torch.dtype, int] = {}
+    for parameter in model.parameters():
+        by_dtype[parameter.dtype] = by_dtype.get(parameter.dtype, 0) + parameter.numel()
     weight = next(model.parameters())
     return Explainer(
         text,
@@ -227,7 +231,7 @@ def _explainer(
         pad_id=tokenizer.pad_id,
         image_size=_pair(preprocess_cfg.size),
         device=weight.device,
-        dtype=weight.dtype,
+        dtype=max(by_dtype, key=by_dtype.get),
         budget=budget,
         fast=fast,
     )

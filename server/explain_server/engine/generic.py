@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .attribution import ChunkBudget, PathIntegral, _Factors, _Nodes, _schedule, _similar, _Timed
-from .split import SplitTower
+from .split import RowSplit, SplitTower
 
 # Live tangent-sized copies per unit of work, as a factor on the bytes one evaluation of f_hi
 # creates: a JVP holds a tangent beside each primal tensor, plus temporaries.
@@ -136,14 +136,8 @@ def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budge
             c = min(n_columns, seq - start)
             cols = torch.arange(start, start + c, device=path.device)
             here, moved, content = path[keep], delta[keep], lengths[keep]
-            tangents = torch.zeros((c, *here.shape), dtype=here.dtype, device=here.device)
-            tangents[torch.arange(c), :, cols] = moved[:, cols].transpose(0, 1)
-
-            def column(t: torch.Tensor, here=here, content=content) -> torch.Tensor:
-                return jvp(lambda h: tower.upper(h, layer, content), (here,), (t,))[1]
-
             with _Timed(budget, len(here) * (primal + c * tangent), path.device):
-                products = vmap(column)(tangents)  # (c, N, D)
+                products = _column_jvps(tower.row_split(layer) or _whole(tower, layer), here, moved, content, cols)
                 parts = torch.einsum("ckd,rk->rdc", products.to(weights.dtype), weights)
             for index, part in zip(still, parts):
                 own_columns = min(c, integrals[index].own_rows - start)
@@ -151,6 +145,36 @@ def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budge
                     factors.sums[index][:, start : start + own_columns] += part[:, :own_columns]
             start += c
     return factors.results()
+
+
+def _whole(tower: SplitTower, layer: int) -> RowSplit:
+    """f_hi with no row-wise part split off."""
+    return RowSplit(lambda x, positions: x, lambda h, lengths: tower.upper(h, layer, lengths))
+
+
+def _column_jvps(
+    split: RowSplit, path: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """J_hi(path) applied to ``delta`` on one position at a time: (c, N, D) for the c ``cols``.
+
+    The row-wise part moves the column's own row only, so its JVP runs on that row; the rest
+    takes one vmapped JVP over the columns, whose primal is computed once.
+    """
+    nodes, seq = path.shape[:2]
+    positions = torch.arange(seq, device=path.device).expand(nodes, seq)
+    primal = split.rows(path, positions)  # (N, S, e)
+    count = len(cols)
+    row_path = path[:, cols].transpose(0, 1).reshape(count * nodes, 1, -1)
+    row_delta = delta[:, cols].transpose(0, 1).reshape(count * nodes, 1, -1)
+    row_positions = cols.repeat_interleave(nodes)[:, None]
+    moved = jvp(lambda x: split.rows(x, row_positions), (row_path,), (row_delta,))[1]
+    tangents = torch.zeros((count, *primal.shape), dtype=primal.dtype, device=primal.device)
+    tangents[torch.arange(count), :, cols] = moved.reshape(count, nodes, -1)
+
+    def column(t: torch.Tensor) -> torch.Tensor:
+        return jvp(lambda h: split.rest(h, lengths), (primal,), (t,))[1]
+
+    return vmap(column)(tangents)
 
 
 def _reverse(tower: SplitTower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget) -> list:

@@ -86,8 +86,12 @@ def _check_attention(model: PreTrainedModel) -> None:
         )
 
 
-def _block_layers(count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()) -> tuple[Layer, ...]:
-    return tuple(Layer(f"block {i}", grid, prefix) for i in range(count)) + (Layer("head", grid, prefix),)
+def _block_layers(
+    count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = (), head: bool = True
+) -> tuple[Layer, ...]:
+    """The blocks, then ``head`` only where the pooling reads every position (SigLIP's MAP head)."""
+    blocks = tuple(Layer(f"block {i}", grid, prefix) for i in range(count))
+    return blocks + (Layer("head", grid, prefix),) if head else blocks
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,7 @@ class HFTextTower(SplitTower):
         self.context_length = int(self.config.max_position_embeddings)
         self.pad_id = int(pad_id)
         self.embed_dim = int(projection.out_features)
-        self.layers = _block_layers(len(self.blocks))
+        self.layers = _block_layers(len(self.blocks), head=False)  # pooled at one row: end token or last
         self.default_layer = len(self.blocks) - 1
 
     def _mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -199,7 +203,7 @@ class HFImageTower(SplitTower):
             prefix = ()
         self.grid = (side, side)
         self.image_size = (side * self.patch, side * self.patch)
-        self.layers = _block_layers(len(self.blocks), self.grid, prefix)
+        self.layers = _block_layers(len(self.blocks), self.grid, prefix, head=not prefix)  # MAP, not a class token
         self.default_layer = len(self.blocks) - 1
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,10 @@ class HFTextTower(SplitTower):
         text.transformer.set_attn_implementation("eager")
         self.embed_dim = text.output_dim
         n = len(self.blocks)
-        self.layers = (*(Layer(f"block {i}") for i in range(n)), Layer("head"))
+        # ``head`` only where the pooler reads every token (a mean): a class-token pooler reads one
+        self.layers = tuple(Layer(f"block {i}") for i in range(n))
+        if type(text.pooler).__name__ in ("MeanPooler", "MaxPooler"):
+            self.layers += (Layer("head"),)
         self.default_layer = n - 1
         self.pad_id = config.pad_token_id
         positions = config.max_position_embeddings

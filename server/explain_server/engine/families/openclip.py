@@ -153,9 +153,16 @@ def attentional_pool(pooler: AttentionalPooler, keys: torch.Tensor, queries: sli
     return mha.out_proj(out)
 
 
-def block_layers(count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()) -> tuple[Layer, ...]:
-    """``block 0`` .. ``block count-1`` and ``head``, all with the same positions."""
-    return tuple(Layer(f"block {i}", grid, prefix) for i in range(count)) + (Layer("head", grid, prefix),)
+def block_layers(
+    count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = (), head: bool = True
+) -> tuple[Layer, ...]:
+    """``block 0`` .. ``block count-1``, then ``head`` when ``head``, all with the same positions.
+
+    A head that pools one row (a class or end token) is not offered: at its input every other
+    position's attribution would be zero.
+    """
+    blocks = tuple(Layer(f"block {i}", grid, prefix) for i in range(count))
+    return blocks + (Layer("head", grid, prefix),) if head else blocks
 
 
 class VisionTower(SplitTower):
@@ -189,7 +196,8 @@ class VisionTower(SplitTower):
         self.visual = visual
         self.blocks = visual.transformer.resblocks
         self.embed_dim = visual.proj.shape[1] if visual.proj is not None else visual.ln_post.normalized_shape[0]
-        self.layers = block_layers(len(self.blocks), tuple(visual.grid_size), ("cls",))
+        pools_all = visual.attn_pool is not None or visual.pool_type == "avg"
+        self.layers = block_layers(len(self.blocks), tuple(visual.grid_size), ("cls",), head=pools_all)
         self.default_layer = len(self.blocks) - 1
 
     def _norm_before_pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +283,7 @@ class TextTower(SplitTower):
             self.embed_dim = projection.out_features
         else:
             self.embed_dim = projection.shape[1]
-        self.layers = block_layers(len(self.blocks))
+        self.layers = block_layers(len(self.blocks), head=False)  # every text pooling reads one row
         self.default_layer = len(self.blocks) - 1
 
     def _norm_before_pool(self) -> bool:

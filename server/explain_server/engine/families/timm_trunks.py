@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import torch
 from open_clip.timm_model import TimmModel
+from timm.layers import AttentionPoolLatent
 from timm.models.convnext import ConvNeXt
 from timm.models.eva import Eva
 from timm.models.fastvit import FastVit
 from timm.models.vision_transformer import VisionTransformer
 from timm.utils import reparameterize_model
 
-from ..split import Layer, SplitTower, UnsupportedModelError
+from ..split import Layer, RowSplit, SplitTower, UnsupportedModelError
 
 
 def timm_image_tower(visual: TimmModel) -> SplitTower:
@@ -87,9 +88,9 @@ class TimmTransformerTower(SplitTower):
         assert len(prefix) == trunk.num_prefix_tokens, (prefix, trunk.num_prefix_tokens)
         grid = tuple(trunk.patch_embed.grid_size)
         self.n_blocks = len(trunk.blocks)
-        self.layers = tuple(Layer(f"block {i}", grid, prefix) for i in range(self.n_blocks)) + (
-            Layer("head", grid, prefix),
-        )
+        self.layers = tuple(Layer(f"block {i}", grid, prefix) for i in range(self.n_blocks))
+        if trunk.attn_pool is not None or trunk.global_pool != "token":  # a class-token pool reads one row
+            self.layers += (Layer("head", grid, prefix),)
         self.default_layer = self.n_blocks - 1
         with torch.no_grad():
             self.embed_dim = visual(_zero_image(visual)).shape[-1]
@@ -132,6 +133,43 @@ class TimmTransformerTower(SplitTower):
         if layer < self.n_blocks:
             x = self.trunk.norm(self._blocks(x, layer, self.n_blocks, self._rope()))
         return self.visual.head(self.trunk.forward_head(x))
+
+    def row_split(self, layer: int) -> RowSplit | None:
+        """At ``head`` of an attention-pooled trunk (SigLIP, PE-Core): the pool's key and value
+        projections are row-wise, so a position's tangent moves one key and one value row."""
+        pool = self.trunk.attn_pool
+        if layer != self.n_blocks or not isinstance(pool, AttentionPoolLatent):
+            return None
+        skip = 0 if self.is_eva or self.trunk.pool_include_prefix else self.trunk.num_prefix_tokens
+
+        def rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            if pool.pos_embed is not None:  # the pool's own position embedding, over the pooled positions
+                x = x + pool.pos_embed[(positions - skip).clamp(min=0)].to(x.dtype)
+            return pool.kv(x)
+
+        def rest(kv: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            pooled = _latent_attention(pool, kv[:, skip:])
+            trunk = self.trunk
+            return self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(pooled))))
+
+        return RowSplit(rows, rest)
+
+
+def _latent_attention(pool: AttentionPoolLatent, kv: torch.Tensor) -> torch.Tensor:
+    """``AttentionPoolLatent.forward`` from its key-value projection ``kv`` (B, N, 2C) on, with
+    explicit attention."""
+    batch, count, _ = kv.shape
+    heads, head_dim, latents = pool.num_heads, pool.head_dim, pool.latent_len
+    q = pool.q(pool.latent.expand(batch, -1, -1)).reshape(batch, latents, heads, head_dim).transpose(1, 2)
+    k, v = kv.reshape(batch, count, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    attn = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    x = pool.proj((attn @ v).transpose(1, 2).reshape(batch, latents, heads * head_dim))
+    if pool.mlp is not None:
+        x = x + pool.mlp(pool.norm(x))
+    if pool.pool == "token":
+        return x[:, 0]
+    return x.mean(1) if pool.pool == "avg" else x
 
 
 class TimmConvTower(SplitTower):
