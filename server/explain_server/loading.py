@@ -219,10 +219,12 @@ def _explainer(
             fast[tower] = build(model)
         except UnsupportedModelError:  # the generic path explains it
             pass
-    # what the model computes in: the dtype of most of its weights (open_clip keeps a few in float32)
+    # what the model computes in: the dtype of most of its linear and convolution weights (open_clip
+    # keeps embeddings and norms in float32 for half precision)
     by_dtype: dict[torch.dtype, int] = {}
-    for parameter in model.parameters():
-        by_dtype[parameter.dtype] = by_dtype.get(parameter.dtype, 0) + parameter.numel()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            by_dtype[module.weight.dtype] = by_dtype.get(module.weight.dtype, 0) + module.weight.numel()
     weight = next(model.parameters())
     return Explainer(
         text,
