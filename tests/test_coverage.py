@@ -151,7 +151,9 @@ def test_completeness_on_every_family(scaled, family, architecture):
         model = open_clip.create_model(stand_in.name, pretrained=None).double().eval().requires_grad_(False)
     tokenizer = load_tokenizer(stand_in.name, stand_in.tokenizer)
     explainer = float64_explainer(model, tokenizer, PreprocessCfg(**model.visual.preprocess_cfg))
-    pixels = torch.randn((3, *model.visual.image_size), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    size = model.visual.image_size  # ModifiedResNet keeps an int
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    pixels = torch.randn((3, *size), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ids = tokenize(tokenizer, CAPTION).token_ids
     layers = dict(text_layer=explainer.text.default_layer, image_layer=explainer.image.default_layer)
     check_completeness(
