@@ -8,8 +8,10 @@ a line here.
 from __future__ import annotations
 
 import torch
+from open_clip.modified_resnet import ModifiedResNet
 
 from ..split import SplitTower, UnsupportedModelError
+from .resnet import ResNetImageTower
 
 
 def split_towers(model: torch.nn.Module) -> tuple[SplitTower, SplitTower]:
@@ -28,4 +30,6 @@ def text_tower(model: torch.nn.Module) -> SplitTower:
 
 def image_tower(model: torch.nn.Module) -> SplitTower:
     """The image tower's adapter. Raises UnsupportedModelError."""
+    if isinstance(getattr(model, "visual", None), ModifiedResNet):
+        return ResNetImageTower(model.visual)
     raise UnsupportedModelError(f"no adapter explains the image tower of {type(model).__name__}")
