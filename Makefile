@@ -15,11 +15,11 @@ $(VENV)/.server-installed: pyproject.toml server/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e . -e ./server
 	touch $@
 
-# Tests add exclip 1.1, the reference implementation. It imports `clip`, which the
-# openai-clip sdist provides; that sdist only builds beside setuptools<81 (pkg_resources),
-# hence no build isolation for those two.
+# Tests add the server's hf extra (Hugging Face transformers models) and exclip 1.1, the
+# reference implementation. exclip imports `clip`, which the openai-clip sdist provides; that
+# sdist only builds beside setuptools<81 (pkg_resources), hence no build isolation for those two.
 $(VENV)/.test-installed: $(VENV)/.server-installed
-	$(BIN)/python -m pip install -e ".[test]" -e ./server
+	$(BIN)/python -m pip install -e ".[test]" -e "./server[hf]"
 	$(BIN)/python -m pip install --no-build-isolation openai-clip==1.0.1 exclip==1.1
 	touch $@
 

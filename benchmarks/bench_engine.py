@@ -152,7 +152,7 @@ def quadrature_sweep(max_n: int = 16) -> tuple[list[str], tuple[str, int]]:
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-B-32", pretrained=None).eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    explainer = Explainer(
+    explainer = Explainer.for_clip(
         model, sot_token_id=tokenizer.sot_token_id, eot_token_id=tokenizer.eot_token_id, budget=ChunkBudget(128 * MIB)
     )
     transform = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)

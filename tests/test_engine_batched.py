@@ -37,7 +37,7 @@ DEVICE = torch.device(os.environ.get("EXPLAIN_TEST_DEVICE", "cpu"))
 def explainer(request) -> Explainer:
     model = seeded_model(TINY).to(DEVICE, request.param).requires_grad_(False)
     # ids of the tiny model's tokenizer (open_clip's CLIP BPE)
-    return Explainer(model, sot_token_id=49406, eot_token_id=49407, budget=ChunkBudget(AMPLE))
+    return Explainer.for_clip(model, sot_token_id=49406, eot_token_id=49407, budget=ChunkBudget(AMPLE))
 
 
 class StopAfter:

@@ -66,7 +66,7 @@ def test_every_layer_equals_exclip_on_a_four_block_model(tmp_path, text_layer, i
         .explain(tokens, pixels, text_layer=text_layer, image_layer=image_layer, N=10)
         .numpy()
     )
-    explainer = Explainer(
+    explainer = Explainer.for_clip(
         model.requires_grad_(False),
         sot_token_id=tokenizer.sot_token_id,
         eot_token_id=tokenizer.eot_token_id,

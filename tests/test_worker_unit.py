@@ -17,6 +17,7 @@ from inprocess import ThreadWorker
 
 from explain_server.engine.attribution import Attribution
 from explain_server.engine.explainer import Factor, NonFiniteError
+from explain_server.engine.layers import Layer
 from explain_server.metrics import Metrics
 from explain_server.settings import BatchingConfig
 from explain_server.worker.backend import ExplainBackend, QueuedJob
@@ -194,8 +195,10 @@ def dying_then_serving(explainer: FakeExplainer):
         launched.append(connection)
 
         def run():
+            text = tuple(Layer(f"block {i}") for i in range(2))
+            image = tuple(Layer(f"block {i}", (4, 4), ("cls",)) for i in range(2))
             description = ModelDescription(
-                (64, 64), (16, 16), (4, 4), 8, 1.0, 77, 2, 2, 1, 1, {}, "cpu", "float32", 0.0
+                (64, 64), (16, 16), 8, 1.0, 77, text, image, 1, 1, False, 0, "<pad>", {}, "cpu", "float32", 0.0
             )
             connection.send(Ready(description))
             if first:

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "image", "caption", "text_layer", "image_layer", "n_steps", "method", "request_id")
+    __slots__ = ("model", "image", "caption", "text_layer", "image_layer", "n_steps", "method", "request_id", "text_layer_name", "image_layer_name")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     CAPTION_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class ExplainRequest(_message.Message):
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: bytes
     caption: str
@@ -24,10 +26,12 @@ class ExplainRequest(_message.Message):
     n_steps: int
     method: str
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., caption: _Optional[str] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    text_layer_name: str
+    image_layer_name: str
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., caption: _Optional[str] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ..., text_layer_name: _Optional[str] = ..., image_layer_name: _Optional[str] = ...) -> None: ...
 
 class ExplainManyRequest(_message.Message):
-    __slots__ = ("model", "images", "captions", "text_layer", "image_layer", "n_steps", "method", "request_id")
+    __slots__ = ("model", "images", "captions", "text_layer", "image_layer", "n_steps", "method", "request_id", "text_layer_name", "image_layer_name")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CAPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +40,8 @@ class ExplainManyRequest(_message.Message):
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
     captions: _containers.RepeatedScalarFieldContainer[str]
@@ -44,7 +50,9 @@ class ExplainManyRequest(_message.Message):
     n_steps: int
     method: str
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., captions: _Optional[_Iterable[str]] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    text_layer_name: str
+    image_layer_name: str
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., captions: _Optional[_Iterable[str]] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ..., text_layer_name: _Optional[str] = ..., image_layer_name: _Optional[str] = ...) -> None: ...
 
 class ExplainManyResponse(_message.Message):
     __slots__ = ("explanations",)
@@ -99,19 +107,31 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class ResolvedOptions(_message.Message):
-    __slots__ = ("text_layer", "image_layer", "n_steps", "method")
+    __slots__ = ("text_layer", "image_layer", "n_steps", "method", "text_layer_name", "image_layer_name")
     TEXT_LAYER_FIELD_NUMBER: _ClassVar[int]
     IMAGE_LAYER_FIELD_NUMBER: _ClassVar[int]
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    TEXT_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
     text_layer: int
     image_layer: int
     n_steps: int
     method: str
-    def __init__(self, text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+    text_layer_name: str
+    image_layer_name: str
+    def __init__(self, text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., text_layer_name: _Optional[str] = ..., image_layer_name: _Optional[str] = ...) -> None: ...
+
+class TextSpan(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "token_ids", "tokens", "attribution", "cls_attribution", "score", "logit_scale", "reference_terms", "convergence_delta", "crop_box", "image_size", "timings", "options")
+    __slots__ = ("request_id", "model", "token_ids", "tokens", "attribution", "cls_attribution", "score", "logit_scale", "reference_terms", "convergence_delta", "crop_box", "image_size", "timings", "options", "image_prefix", "prefix_attribution", "padding", "token_spans")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +146,10 @@ class ExplainResponse(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SPANS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -140,11 +164,29 @@ class ExplainResponse(_message.Message):
     image_size: ImageSize
     timings: Timings
     options: ResolvedOptions
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., cls_attribution: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., logit_scale: _Optional[float] = ..., reference_terms: _Optional[_Union[ReferenceTerms, _Mapping]] = ..., convergence_delta: _Optional[float] = ..., crop_box: _Optional[_Union[Box, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[ResolvedOptions, _Mapping]] = ...) -> None: ...
+    image_prefix: _containers.RepeatedScalarFieldContainer[str]
+    prefix_attribution: Float32Tensor
+    padding: _containers.RepeatedScalarFieldContainer[bool]
+    token_spans: _containers.RepeatedCompositeFieldContainer[TextSpan]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., cls_attribution: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., logit_scale: _Optional[float] = ..., reference_terms: _Optional[_Union[ReferenceTerms, _Mapping]] = ..., convergence_delta: _Optional[float] = ..., crop_box: _Optional[_Union[Box, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[ResolvedOptions, _Mapping]] = ..., image_prefix: _Optional[_Iterable[str]] = ..., prefix_attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., padding: _Optional[_Iterable[bool]] = ..., token_spans: _Optional[_Iterable[_Union[TextSpan, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LayerInfo(_message.Message):
+    __slots__ = ("index", "name", "grid_height", "grid_width", "prefix")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    grid_height: int
+    grid_width: int
+    prefix: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., prefix: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
     __slots__ = ("mean", "std", "resize_mode", "interpolation", "fill_color", "conversion")
@@ -163,7 +205,7 @@ class Preprocessing(_message.Message):
     def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize_mode: _Optional[str] = ..., interpolation: _Optional[str] = ..., fill_color: _Optional[int] = ..., conversion: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "pretrained", "embed_dim", "image_size", "patch_size", "grid_height", "grid_width", "context_length", "text_layers", "image_layers", "default_text_layer", "default_image_layer", "default_n_steps", "default_method", "methods", "max_n_steps", "preprocessing", "device", "dtype")
+    __slots__ = ("name", "architecture", "pretrained", "embed_dim", "image_size", "patch_size", "grid_height", "grid_width", "context_length", "text_layers", "image_layers", "default_text_layer", "default_image_layer", "default_n_steps", "default_method", "methods", "max_n_steps", "preprocessing", "device", "dtype", "text_layer_list", "image_layer_list", "default_text_layer_name", "default_image_layer_name", "text_sees_padding", "pad_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +226,12 @@ class ModelInfo(_message.Message):
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_LAYER_LIST_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_LAYER_LIST_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TEXT_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_IMAGE_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_SEES_PADDING_FIELD_NUMBER: _ClassVar[int]
+    PAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     pretrained: str
@@ -204,7 +252,13 @@ class ModelInfo(_message.Message):
     preprocessing: Preprocessing
     device: str
     dtype: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., pretrained: _Optional[str] = ..., embed_dim: _Optional[int] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., patch_size: _Optional[_Union[ImageSize, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., context_length: _Optional[int] = ..., text_layers: _Optional[int] = ..., image_layers: _Optional[int] = ..., default_text_layer: _Optional[int] = ..., default_image_layer: _Optional[int] = ..., default_n_steps: _Optional[int] = ..., default_method: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., max_n_steps: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    text_layer_list: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    image_layer_list: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    default_text_layer_name: str
+    default_image_layer_name: str
+    text_sees_padding: bool
+    pad_token: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., pretrained: _Optional[str] = ..., embed_dim: _Optional[int] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., patch_size: _Optional[_Union[ImageSize, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., context_length: _Optional[int] = ..., text_layers: _Optional[int] = ..., image_layers: _Optional[int] = ..., default_text_layer: _Optional[int] = ..., default_image_layer: _Optional[int] = ..., default_n_steps: _Optional[int] = ..., default_method: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., max_n_steps: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., text_layer_list: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., image_layer_list: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., default_text_layer_name: _Optional[str] = ..., default_image_layer_name: _Optional[str] = ..., text_sees_padding: _Optional[bool] = ..., pad_token: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_image_pixels", "max_image_side", "max_explanations_per_call", "max_pixels_per_call")

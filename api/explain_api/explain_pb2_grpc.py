@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ExplainStub:
-    """Explains why a CLIP model scores an image-caption pair the way it does.
+    """Explains why a dual encoder (CLIP-like) scores an image-caption pair the way it does.
     """
 
     def __init__(self, channel):
@@ -53,11 +53,11 @@ class ExplainStub:
 
 
 class ExplainServicer:
-    """Explains why a CLIP model scores an image-caption pair the way it does.
+    """Explains why a dual encoder (CLIP-like) scores an image-caption pair the way it does.
     """
 
     def Explain(self, request, context):
-        """Token x patch interaction attributions for one image and one caption.
+        """Token x image-region interaction attributions for one image and one caption.
         Errors: INVALID_ARGUMENT (bad image, caption, layer, n_steps or method;
         the message names the field), NOT_FOUND (unknown model), UNAVAILABLE
         (models still loading, or the server is shutting down),
@@ -123,7 +123,7 @@ def add_ExplainServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Explain:
-    """Explains why a CLIP model scores an image-caption pair the way it does.
+    """Explains why a dual encoder (CLIP-like) scores an image-caption pair the way it does.
     """
 
     @staticmethod

@@ -30,7 +30,7 @@ from explain_client.errors import (
     from_rpc_error,
 )
 from explain_client.explanation import Explanation, ReferenceTerms, ResolvedOptions
-from explain_client.server_info import ModelInfo, Preprocessing, ServerLimits
+from explain_client.server_info import LayerInfo, ModelInfo, Preprocessing, ServerLimits
 
 __all__ = [
     "CancelledError",
@@ -40,6 +40,7 @@ __all__ = [
     "Explanation",
     "InternalError",
     "InvalidArgumentError",
+    "LayerInfo",
     "MessageTooLargeError",
     "ModelInfo",
     "NotFoundError",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -68,6 +69,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def layer_argument(text: str) -> int | str:
+    """argparse type of a layer: an index (negative counts from the end), or a name such as
+    "block 11", "layer4" or "head"; shared with explain-eval."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _parse_span(text: str) -> Span:
     match = _RANGE.match(text)
     return (int(match[1]), int(match[2])) if match else text
@@ -113,8 +123,23 @@ def _add_explain_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=positive_float, metavar="SECONDS", help="call deadline")
     parser.add_argument("--n-steps", type=int, metavar="N", help="quadrature nodes")
     parser.add_argument("--method", help='quadrature rule, e.g. "riemann_right", "gausslegendre"')
-    parser.add_argument("--text-layer", type=int, metavar="L", help="text-tower block (negative: from the end)")
-    parser.add_argument("--image-layer", type=int, metavar="L", help="image-tower block (negative: from the end)")
+    parser.add_argument(
+        "--text-layer",
+        type=layer_argument,
+        metavar="L",
+        help='text-tower layer: index (negative: from the end) or name, e.g. "block 11" (`models --json` lists them)',
+    )
+    parser.add_argument(
+        "--image-layer",
+        type=layer_argument,
+        metavar="L",
+        help='image-tower layer: index (negative: from the end) or name, e.g. "block 11", "layer4", "head"',
+    )
+    parser.add_argument(
+        "--show-padding",
+        action="store_true",
+        help="list padding rows too (models whose text tower sees padding, e.g. SigLIP, attribute them)",
+    )
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,7 +299,7 @@ def _models(argv: Sequence[str]) -> int:
         "architecture",
         "weights",
         "grid",
-        "blocks (text, image)",
+        "layers (text, image)",
         "defaults (text, image, method, n_steps)",
     )
     rows = [
@@ -284,7 +309,9 @@ def _models(argv: Sequence[str]) -> int:
             model.pretrained,
             f"{model.grid[0]}x{model.grid[1]}",
             f"{model.text_layers}, {model.image_layers}",
-            f"{model.default_text_layer}, {model.default_image_layer}, {model.default_method}, {model.default_n_steps}",
+            f"{_layer_label(model.default_text_layer, model.default_text_layer_name)}, "
+            f"{_layer_label(model.default_image_layer, model.default_image_layer_name)}, "
+            f"{model.default_method}, {model.default_n_steps}",
         )
         for model in models
     ]
@@ -294,13 +321,37 @@ def _models(argv: Sequence[str]) -> int:
     return 0
 
 
-def _format_report(explanation: Explanation, top: int) -> str:
+def _layer_label(index: int, name: str) -> str:
+    """A layer as the reports show it: its name (servers that predate names: its index)."""
+    return name or str(index)
+
+
+def _format_report(explanation: Explanation, top: int, show_padding: bool = False) -> str:
+    """The text report: score, layers, tokens (padding rows only with ``show_padding``), the
+    image prefix's share, and the top interactions."""
+    padding = set(explanation.padding_rows)
+    shown = [row for row in range(len(explanation.tokens)) if show_padding or row not in padding]
+    tokens = " ".join(f"[{i}]{explanation.tokens[i]}" for i in shown)
+    if padding and not show_padding:
+        label = explanation.tokens[min(padding)]
+        tokens += f"  (+{len(padding)} padding rows {label!r} not shown; --show-padding lists them)"
+    options, (gh, gw) = explanation.options, explanation.grid
+    image = _layer_label(options.image_layer, options.image_layer_name)
     lines = [
         f"model:             {explanation.model}",
         f"score:             {explanation.score:.6f} (cosine; logit {explanation.score * explanation.logit_scale:.4f})",
         f"convergence delta: {explanation.convergence_delta:.3e}",
-        "tokens:            " + " ".join(f"[{i}]{t}" for i, t in enumerate(explanation.tokens)),
+        f"layers:            text {_layer_label(options.text_layer, options.text_layer_name)}; "
+        f"image {image} ({gh}x{gw} grid)",
+        "tokens:            " + tokens,
     ]
+    if explanation.image_prefix:
+        sums = explanation.prefix_attribution.sum(axis=0, dtype=np.float64)
+        lines.append(
+            "image prefix:      "
+            + ", ".join(f"{label} {value:+.6f}" for label, value in zip(explanation.image_prefix, sums))
+            + " (summed over tokens)"
+        )
     interactions = explanation.top_interactions(top)
     if interactions:
         width = max(len("token"), *(len(label) for _, label, *_ in interactions))
@@ -448,9 +499,10 @@ def _explain(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps(explanation.to_dict()))
     else:
-        print(_format_report(explanation, args.top))
+        print(_format_report(explanation, args.top, args.show_padding))
 
-    span = args.span if args.span is not None else (1, len(explanation.tokens) - 1)
+    content = explanation.content_rows or [0]
+    span = args.span if args.span is not None else (content[0], content[-1] + 1)
     try:
         if args.span is not None and not args.json:
             print("\n" + _format_span(explanation, span))

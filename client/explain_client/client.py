@@ -65,10 +65,16 @@ def _checked(field: str, value: Any) -> Any:
     return value
 
 
+_LAYER_FIELDS = ("text_layer", "image_layer")
+
+
 def _set_options(request: Any, options: dict[str, Any]) -> None:
     for field, value in options.items():
-        if value is not None:
-            setattr(request, field, _checked(field, value))
+        if value is None:
+            continue
+        if field in _LAYER_FIELDS and isinstance(value, str):  # a layer by name, e.g. "block 11", "layer4"
+            field = f"{field}_name"
+        setattr(request, field, _checked(field, value))
 
 
 # RFC 6750's b64token: what may follow "Bearer " in an authorization header
@@ -149,8 +155,8 @@ def explain_request(
     caption: str,
     *,
     model: str | None = None,
-    text_layer: int | None = None,
-    image_layer: int | None = None,
+    text_layer: int | str | None = None,
+    image_layer: int | str | None = None,
     n_steps: int | None = None,
     method: str | None = None,
     request_id: str | None = None,
@@ -360,8 +366,8 @@ class ExplainClient:
         caption: str,
         *,
         model: str | None = None,
-        text_layer: int | None = None,
-        image_layer: int | None = None,
+        text_layer: int | str | None = None,
+        image_layer: int | str | None = None,
         n_steps: int | None = None,
         method: str | None = None,
         request_id: str | None = None,
@@ -374,9 +380,11 @@ class ExplainClient:
                 array (see :func:`explain_client.images.encode_image`).
             caption: the caption text.
             model: hosted model name; ``None`` = the server's default.
-            text_layer: text-tower block in [-L_t, L_t - 1] (negative counts
-                from the end); ``None`` = the model's default.
-            image_layer: image-tower block in [-L_v, L_v - 1]; ``None`` = default.
+            text_layer: text-tower layer: an index in [-L_t, L_t - 1] (negative
+                counts from the end), or a name from ``ModelInfo.text_layer_list``
+                (e.g. "block 11"); ``None`` = the model's default.
+            image_layer: image-tower layer: an index in [-L_v, L_v - 1], or a name
+                (e.g. "block 11", "layer4", "head"); ``None`` = default.
             n_steps: quadrature nodes in [1, max_n_steps]; ``None`` = default.
             method: quadrature rule (see ``ModelInfo.methods``); ``None`` = default.
             request_id: id echoed in the response (at most 128 printable ASCII
@@ -421,8 +429,8 @@ class ExplainClient:
         captions: Sequence[str],
         *,
         model: str | None = None,
-        text_layer: int | None = None,
-        image_layer: int | None = None,
+        text_layer: int | str | None = None,
+        image_layer: int | str | None = None,
         n_steps: int | None = None,
         method: str | None = None,
         request_id: str | None = None,

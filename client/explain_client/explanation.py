@@ -3,7 +3,8 @@
 Method: L. Moeller, P. Tilli, N. T. Vu, S. Pado, "Explaining Caption-Image
 Interactions in CLIP Models with Second-Order Attributions", TMLR 2025
 (arXiv 2408.14153). ``attribution[s, i, j]`` is the interaction of caption
-token ``s`` with image patch ``(i, j)``, in cosine units.
+token ``s`` with image grid cell ``(i, j)``, in cosine units; the grid is that
+of the attributed image layer (a ViT's patches, a ResNet stage's feature map).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ Span = Union[str, Sequence[int]]
 class ReferenceTerms:
     """The reference terms of the decomposition, in cosine units (divided by ||e_t|| ||e_v||).
 
-    ``score = attribution.sum() + cls_attribution.sum() + text_reference
+    ``score = attribution.sum() + prefix_attribution.sum() + text_reference
     + image_reference - both_references + convergence_delta``.
     """
 
@@ -50,13 +51,17 @@ class ResolvedOptions:
     """The options an explanation was computed with, server defaults resolved."""
 
     text_layer: int
-    """Text-tower block whose input hidden states were attributed (non-negative index)."""
+    """Text-tower layer whose input hidden states were attributed (non-negative index)."""
     image_layer: int
-    """Image-tower block whose input hidden states were attributed (non-negative index)."""
+    """Image-tower layer whose input hidden states were attributed (non-negative index)."""
     n_steps: int
     """Quadrature nodes of the path integral."""
     method: str
     """Quadrature rule, e.g. "riemann_right" or "gausslegendre"."""
+    text_layer_name: str = ""
+    """Name of the text layer, e.g. "block 11"; empty from servers that predate layer names."""
+    image_layer_name: str = ""
+    """Name of the image layer, e.g. "block 11", "layer4", "head"; empty from older servers."""
 
 
 def _normalise(text: str) -> str:
@@ -85,24 +90,32 @@ _FLOAT_FIELDS = ("score", "logit_scale", "convergence_delta", "queue_seconds", "
 # raises; instances compare by identity instead.
 @dataclass(frozen=True, eq=False)
 class Explanation:
-    """Token x patch interaction attributions of one image-caption pair.
+    """Token x image-region interaction attributions of one image-caption pair.
 
-    T is the number of caption tokens from the start token to the end token
-    (row 0 is "<start_of_text>", row T-1 "<end_of_text>"); (Gh, Gw) is the patch
-    grid of the crop box the model saw, grid row 0 at its top, column 0 at its
-    left. Attribution values are raw and signed cosine contributions:
-    positive values raise the similarity; multiply by ``logit_scale`` for logits.
+    T is the number of attributed token rows: for CLIP from the start token to
+    the end token (row 0 is "<start_of_text>", row T-1 "<end_of_text>"); for
+    a text tower that sees padding (SigLIP) the caption's tokens then padding
+    rows up to the context length (``padding``). (Gh, Gw) is the grid of the
+    attributed image layer over the crop box the model saw, grid row 0 at its
+    top, column 0 at its left; each cell covers (crop size) / (Gh, Gw). Image
+    positions before the grid (class token, registers) are in
+    ``prefix_attribution``, labelled by ``image_prefix``. Attribution values are
+    raw and signed cosine contributions: positive values raise the similarity;
+    multiply by ``logit_scale`` for logits.
 
     Arrays are read-only float32 copies. Construction validates consistency and
     raises ValueError on mismatched shapes, an empty crop box or a bad image size.
+    The fields after ``compute_seconds`` have defaults for explanations from servers
+    that predate them: ``cls_attribution`` then stands for a one-token prefix "cls".
     """
 
     attribution: np.ndarray
     """float32 (T, Gh, Gw): token x patch interactions, cosine units."""
     cls_attribution: np.ndarray
-    """float32 (T,): token x image-class-token interactions, cosine units."""
+    """float32 (T,): token x image-class-token interactions, cosine units; (0,) when the
+    image layer has no class token (see ``prefix_attribution``)."""
     token_ids: tuple[int, ...]
-    """open_clip token ids, length T."""
+    """Token ids, length T (padding rows carry the pad id)."""
     tokens: tuple[str, ...]
     """Decoded label of each token, length T."""
     score: float
@@ -128,6 +141,19 @@ class Explanation:
     until the batch that computed it started."""
     compute_seconds: float
     """Wall time of the batch that computed this explanation (with any other requests in it), seconds."""
+    image_prefix: tuple[str, ...] | None = None
+    """Labels of the image positions before the grid: ``("cls",)`` for open_clip's ViTs,
+    ``("cls", "reg0", ...)`` with registers, ``()`` for towers without (ResNets, ConvNeXts,
+    SigLIP's ViTs). None (the default) = ``("cls",)`` when ``cls_attribution`` has T values,
+    else ``()``."""
+    prefix_attribution: np.ndarray | None = None
+    """float32 (T, P): token x prefix-position interactions, P = len(image_prefix), cosine
+    units. None (the default) = ``cls_attribution`` as its one column, or (T, 0)."""
+    padding: tuple[bool, ...] = ()
+    """Per token row, whether it is padding; empty (the default) = no padding rows."""
+    token_spans: tuple[tuple[int, int], ...] = ()
+    """Per token row, the caption characters [start, end) it spells (start == end for special
+    and padding tokens); empty when the server does not report them."""
 
     def __post_init__(self) -> None:
         attribution = _read_only_float32(self.attribution)
@@ -139,12 +165,24 @@ class Explanation:
         if attribution.ndim != 3 or min(attribution.shape[1:]) < 1:
             raise ValueError(f"attribution must have shape (T, Gh, Gw) with Gh, Gw >= 1; got {attribution.shape}")
         n_tokens = attribution.shape[0]
-        if n_tokens < 2:
-            raise ValueError(f"need at least the start and end tokens; got T = {n_tokens}")
-        if cls_attribution.shape != (n_tokens,):
-            raise ValueError(f"cls_attribution has shape {cls_attribution.shape}; expected ({n_tokens},)")
+        if n_tokens < 1:
+            raise ValueError("need at least one token row; got T = 0")
         if len(token_ids) != n_tokens or len(tokens) != n_tokens:
             raise ValueError(f"{len(token_ids)} token ids and {len(tokens)} tokens for T = {n_tokens} rows")
+        image_prefix, prefix_attribution = self._prefix(cls_attribution, n_tokens)
+        if "cls" in image_prefix:
+            if cls_attribution.shape != (n_tokens,):
+                raise ValueError(f"cls_attribution has shape {cls_attribution.shape}; expected ({n_tokens},)")
+        elif cls_attribution.size:
+            raise ValueError(
+                f"cls_attribution has {cls_attribution.size} values but image_prefix {image_prefix} has no cls"
+            )
+        padding = tuple(bool(p) for p in self.padding) or (False,) * n_tokens
+        if len(padding) != n_tokens:
+            raise ValueError(f"{len(padding)} padding flags for T = {n_tokens} rows")
+        token_spans = tuple((int(a), int(b)) for a, b in self.token_spans)
+        if token_spans and (len(token_spans) != n_tokens or any(not 0 <= a <= b for a, b in token_spans)):
+            raise ValueError(f"token_spans must be T = {n_tokens} (start, end) pairs with 0 <= start <= end")
         if len(crop_box) != 4 or not (crop_box[2] > crop_box[0] and crop_box[3] > crop_box[1]):
             raise ValueError(f"crop_box must be (x0, y0, x1, y1) with x1 > x0, y1 > y0; got {crop_box}")
         if len(image_size) != 2 or min(image_size) < 1:
@@ -153,6 +191,10 @@ class Explanation:
         for name, value in (
             ("attribution", attribution),
             ("cls_attribution", cls_attribution),
+            ("image_prefix", image_prefix),
+            ("prefix_attribution", prefix_attribution),
+            ("padding", padding),
+            ("token_spans", token_spans),
             ("token_ids", token_ids),
             ("tokens", tokens),
             ("crop_box", crop_box),
@@ -160,6 +202,22 @@ class Explanation:
             *((name, float(getattr(self, name))) for name in _FLOAT_FIELDS),
         ):
             object.__setattr__(self, name, value)
+
+    def _prefix(self, cls_attribution: np.ndarray, n_tokens: int) -> tuple[tuple[str, ...], np.ndarray]:
+        """The validated prefix labels and (T, P) attributions, defaults resolved from ``cls_attribution``."""
+        if self.image_prefix is None and self.prefix_attribution is None:
+            if cls_attribution.shape == (n_tokens,):
+                return ("cls",), _read_only_float32(cls_attribution[:, None])
+            return (), _read_only_float32(np.zeros((n_tokens, 0)))
+        image_prefix = tuple(str(label) for label in self.image_prefix or ())
+        values = np.zeros((n_tokens, 0)) if self.prefix_attribution is None else self.prefix_attribution
+        prefix_attribution = _read_only_float32(values)
+        if prefix_attribution.shape != (n_tokens, len(image_prefix)):
+            raise ValueError(
+                f"prefix_attribution has shape {prefix_attribution.shape}; expected ({n_tokens}, {len(image_prefix)}) "
+                f"for image_prefix {image_prefix}"
+            )
+        return image_prefix, prefix_attribution
 
     @classmethod
     def from_proto(cls, resp: explain_pb2.ExplainResponse) -> Explanation:
@@ -185,9 +243,23 @@ class Explanation:
             image_size=(resp.image_size.width, resp.image_size.height),
             request_id=resp.request_id,
             model=resp.model,
-            options=ResolvedOptions(opts.text_layer, opts.image_layer, opts.n_steps, opts.method),
+            options=ResolvedOptions(
+                opts.text_layer,
+                opts.image_layer,
+                opts.n_steps,
+                opts.method,
+                opts.text_layer_name,
+                opts.image_layer_name,
+            ),
             queue_seconds=resp.timings.queue_seconds,
             compute_seconds=resp.timings.compute_seconds,
+            # servers that predate these fields send neither: cls_attribution stands for the prefix
+            image_prefix=tuple(resp.image_prefix) if resp.HasField("prefix_attribution") else None,
+            prefix_attribution=(
+                decode_float32_tensor(resp.prefix_attribution) if resp.HasField("prefix_attribution") else None
+            ),
+            padding=tuple(resp.padding),
+            token_spans=tuple((span.start, span.end) for span in resp.token_spans),
         )
 
     def __repr__(self) -> str:
@@ -200,8 +272,23 @@ class Explanation:
 
     @property
     def grid(self) -> tuple[int, int]:
-        """(Gh, Gw): rows and columns of the patch grid."""
+        """(Gh, Gw): rows and columns of the image layer's grid."""
         return self.attribution.shape[1], self.attribution.shape[2]
+
+    @property
+    def content_rows(self) -> list[int]:
+        """Token rows that stand for caption text: with ``token_spans``, the rows that spell
+        at least one character; without, every row but padding and the first and last of the
+        rest (CLIP's start and end tokens)."""
+        if self.token_spans:
+            return [row for row, (a, b) in enumerate(self.token_spans) if b > a and not self.padding[row]]
+        tokens = [row for row, pad in enumerate(self.padding) if not pad]
+        return tokens[1:-1]
+
+    @property
+    def padding_rows(self) -> list[int]:
+        """Token rows that are padding (a text tower that sees padding attributes them too)."""
+        return [row for row, pad in enumerate(self.padding) if pad]
 
     def rows(self, span: Span) -> list[int]:
         """Token rows of a caption span.
@@ -211,8 +298,8 @@ class Explanation:
                 ``start..stop-1`` (``0 <= start < stop <= T``), or a substring of
                 the caption. Substrings are matched case-insensitively with all
                 whitespace removed, against the concatenated labels of the
-                content tokens (rows 1..T-2); the first match wins and every row
-                it overlaps is returned, so "red circ" selects "red" and "circle".
+                :attr:`content_rows`; the first match wins and every row it
+                overlaps is returned, so "red circ" selects "red" and "circle".
 
         Returns:
             Ascending, contiguous row indices.
@@ -240,7 +327,7 @@ class Explanation:
             raise ValueError("span substring is empty or whitespace only")
         labels: list[str] = []
         row_of_char: list[int] = []
-        for row in range(1, len(self.tokens) - 1):
+        for row in self.content_rows:
             # Normalise per label so that the char -> row map stays aligned even
             # when lower-casing changes a label's length.
             label = _normalise(self.tokens[row])
@@ -248,7 +335,8 @@ class Explanation:
             row_of_char.extend([row] * len(label))
         at = "".join(labels).find(needle)
         if at < 0:
-            raise ValueError(f"span {substring!r} not found in the caption tokens {list(self.tokens[1:-1])}")
+            words = [self.tokens[row] for row in self.content_rows]
+            raise ValueError(f"span {substring!r} not found in the caption tokens {words}")
         return list(range(row_of_char[at], row_of_char[at + len(needle) - 1] + 1))
 
     def heatmap(self, span: Span) -> np.ndarray:
@@ -303,8 +391,8 @@ class Explanation:
     def top_interactions(self, k: int = 5) -> list[tuple[int, str, int, int, float]]:
         """The k token-patch interactions of largest magnitude.
 
-        The start and end token rows are excluded: they stand for no part of
-        the caption (the end token aggregates all of it).
+        Only :attr:`content_rows` count: start, end and padding rows stand for
+        no part of the caption (the end token aggregates all of it).
 
         Args:
             k: how many to return (fewer if there are fewer entries).
@@ -318,12 +406,13 @@ class Explanation:
         """
         if k < 0:
             raise ValueError(f"k must be >= 0; got {k}")
-        content = self.attribution[1:-1]
+        rows = self.content_rows
+        content = self.attribution[rows]
         order = np.argsort(-np.abs(content).ravel(), kind="stable")[:k]
         result = []
         for flat in order:
             s, i, j = (int(v) for v in np.unravel_index(flat, content.shape))
-            result.append((s + 1, self.tokens[s + 1], i, j, float(content[s, i, j])))
+            result.append((rows[s], self.tokens[rows[s]], i, j, float(content[s, i, j])))
         return result
 
     def overlay(self, image: ImageInput, span: Span, *, alpha: float = 0.5) -> Image.Image:
@@ -364,8 +453,8 @@ class Explanation:
         """A JSON-serialisable dict of all fields.
 
         Arrays become nested lists of floats (``attribution``: T x Gh x Gw,
-        ``cls_attribution``: T), tuples become lists, and ``reference_terms``
-        and ``options`` become dicts.
+        ``cls_attribution``: T or 0, ``prefix_attribution``: T x P), tuples
+        become lists, and ``reference_terms`` and ``options`` become dicts.
         """
         return {
             "request_id": self.request_id,
@@ -379,6 +468,10 @@ class Explanation:
             "tokens": list(self.tokens),
             "attribution": self.attribution.tolist(),
             "cls_attribution": self.cls_attribution.tolist(),
+            "image_prefix": list(self.image_prefix),
+            "prefix_attribution": self.prefix_attribution.tolist(),
+            "padding": list(self.padding),
+            "token_spans": [list(span) for span in self.token_spans],
             "crop_box": list(self.crop_box),
             "image_size": list(self.image_size),
             "queue_seconds": self.queue_seconds,

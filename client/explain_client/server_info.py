@@ -7,7 +7,27 @@ from dataclasses import dataclass
 
 from explain_api import explain_pb2
 
-__all__ = ["ModelInfo", "Preprocessing", "ServerLimits"]
+__all__ = ["LayerInfo", "ModelInfo", "Preprocessing", "ServerLimits"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer of a tower whose input an explanation may attribute."""
+
+    index: int
+    """What ``text_layer`` / ``image_layer`` take."""
+    name: str
+    """Readable name, also accepted instead of the index: "block 11", "layer4", "stages.2", "head"."""
+    grid: tuple[int, int] | None
+    """Image layers: (Gh, Gw) of the grid after the prefix; None for text layers."""
+    prefix: tuple[str, ...]
+    """Image layers: labels of the positions before the grid ("cls", "reg0", ...)."""
+
+    @classmethod
+    def from_proto(cls, info: explain_pb2.LayerInfo) -> LayerInfo:
+        """Convert a ``LayerInfo`` message."""
+        grid = (info.grid_height, info.grid_width) if info.grid_height and info.grid_width else None
+        return cls(info.index, info.name, grid, tuple(info.prefix))
 
 
 @dataclass(frozen=True)
@@ -43,15 +63,15 @@ class ModelInfo:
     image_size: tuple[int, int]
     """Model input (width, height), pixels."""
     patch_size: tuple[int, int]
-    """Patch (width, height), pixels."""
+    """ViT patch (width, height), pixels; (0, 0) for towers without patches."""
     grid: tuple[int, int]
-    """(Gh, Gw): patch rows and columns."""
+    """(Gh, Gw) of the default image layer (``image_layer_list`` has every layer's)."""
     context_length: int
-    """Text tokens, including start and end."""
+    """Text tokens, special tokens included."""
     text_layers: int
-    """Blocks in the text tower."""
+    """L_t, layers of the text tower."""
     image_layers: int
-    """Blocks in the image tower."""
+    """L_v, layers of the image tower."""
     default_text_layer: int
     default_image_layer: int
     default_n_steps: int
@@ -66,6 +86,16 @@ class ModelInfo:
     """E.g. "float32"."""
     is_default: bool
     """Whether requests without a model name use this model."""
+    text_layer_list: tuple[LayerInfo, ...] = ()
+    """Every text layer, by index; empty from servers that predate layer names."""
+    image_layer_list: tuple[LayerInfo, ...] = ()
+    """Every image layer, by index, with its grid and prefix; empty from older servers."""
+    default_text_layer_name: str = ""
+    default_image_layer_name: str = ""
+    text_sees_padding: bool = False
+    """Whether explanations carry padding rows up to ``context_length`` (e.g. SigLIP)."""
+    pad_token: str = ""
+    """The label of padding rows."""
 
     @classmethod
     def from_proto(cls, info: explain_pb2.ModelInfo, *, is_default: bool) -> ModelInfo:
@@ -99,6 +129,12 @@ class ModelInfo:
             device=info.device,
             dtype=info.dtype,
             is_default=is_default,
+            text_layer_list=tuple(LayerInfo.from_proto(layer) for layer in info.text_layer_list),
+            image_layer_list=tuple(LayerInfo.from_proto(layer) for layer in info.image_layer_list),
+            default_text_layer_name=info.default_text_layer_name,
+            default_image_layer_name=info.default_image_layer_name,
+            text_sees_padding=info.text_sees_padding,
+            pad_token=info.pad_token,
         )
 
 

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .settings import ImageLimits
+from .token_spans import readable
+from .tokenizers import CaptionTokenizer, caption_tokenizer
 
 # Documented in ListModels (Preprocessing.conversion).
 CONVERSION_RULES = (
@@ -234,16 +236,32 @@ def crop_box(width: int, height: int, cfg: PreprocessCfg) -> tuple[float, float,
 
 @dataclass(frozen=True)
 class Caption:
-    """A tokenised caption: ids from the start token up to and including the end token."""
+    """A tokenised caption: ids from the start token up to and including the end token.
+
+    Attributes:
+        token_ids: (S_t,) int64, the ids the text tower reads before any padding.
+        labels: one readable label per token: a special token's text, else the token's text as
+            the tokenizer sees it (e.g. lower-cased); a token holding part of a character's
+            UTF-8 bytes is labelled with the characters it shares with its neighbours (never
+            U+FFFD); a token of whitespace only is labelled U+2581.
+        spans: per token, the (start, end) character offsets in the caption string as given
+            (before any cleaning) of the characters it stands for: (0, 0) for special tokens;
+            the whole character for each fragment of a multi-byte character (shared by the
+            fragments); an empty span for whitespace tokens. Characters the tokenizer's cleaning
+            deletes (punctuation for SigLIP, invisible characters) belong to the token before
+            them, so the spans cover every non-whitespace character of the caption.
+    """
 
     token_ids: torch.Tensor  # (S_t,) int64
-    labels: tuple[str, ...]  # one decoded label per token
+    labels: tuple[str, ...]  # one readable label per token
+    spans: tuple[tuple[int, int], ...] = ()  # one (start, end) per token, in the caption as given
 
 
 def token_label(tokenizer: SimpleTokenizer, token_id: int) -> str:
-    """Readable label of one token: its BPE text without the end-of-word marker, as UTF-8.
+    """Readable label of one token on its own: its BPE text without the end-of-word marker, as UTF-8.
 
-    Byte-pair fragments that are not valid UTF-8 alone decode to U+FFFD.
+    Byte-pair fragments that are not valid UTF-8 alone decode to U+FFFD; :func:`tokenize` labels
+    them from the caption instead.
     """
     text = tokenizer.decoder[token_id].replace("</w>", "")
     if text.startswith("<") and text.endswith(">"):  # special tokens are plain text
@@ -251,46 +269,55 @@ def token_label(tokenizer: SimpleTokenizer, token_id: int) -> str:
     return bytearray(tokenizer.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
 
 
-def tokenize(tokenizer: SimpleTokenizer, caption: str) -> Caption:
-    """Tokenise with open_clip's tokenizer and cut after the end token.
+def tokenize(tokenizer: CaptionTokenizer | SimpleTokenizer | HFTokenizer, caption: str) -> Caption:
+    """Tokenise with the model's tokenizer and cut after the end token.
 
     Control characters (U+0000-U+001F, U+007F-U+009F) count as whitespace, as tab and newline
     do. Policy for long captions: refused, never truncated (a truncated caption would be
     explained as if it were the whole one).
 
+    Args:
+        tokenizer: a :class:`~.tokenizers.CaptionTokenizer`, or open_clip's tokenizer of the model.
+        caption: the caption as the request gives it.
+
     Raises:
         InputError: the caption is empty or only whitespace and control characters, longer
             than :data:`MAX_CAPTION_CHARS`, spells a special token (also through the
             tokenizer's cleaning, e.g. an HTML entity), has no tokens, or needs more tokens
-            (start and end included) than the model's context length.
+            (special tokens included) than the model's context length.
     """
-    caption = caption.translate(_CONTROLS_AS_SPACES)
-    if not caption.strip():
+    tok = caption_tokenizer(tokenizer)
+    text = caption.translate(_CONTROLS_AS_SPACES)
+    if not text.strip():
         raise InputError("caption", "must contain text; it is empty or only whitespace and control characters")
-    if len(caption) > MAX_CAPTION_CHARS:
+    if len(text) > MAX_CAPTION_CHARS:
         raise InputError(
             "caption",
-            f"has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS} (models read at most a few dozen tokens)",
+            f"has {len(text)} characters; the limit is {MAX_CAPTION_CHARS} (models read at most a few dozen tokens)",
         )
-    encoded = tokenizer.encode(caption)
+    cleaned, pieces, sequence = tok.encode(text)
     # checked on the ids: the tokenizer's cleaning (lower-casing, HTML entities, deleting
     # invisible characters) can spell a special token the raw text does not
-    for special in (tokenizer.sot_token_id, tokenizer.eot_token_id):
-        if special in encoded:
-            raise InputError(
-                "caption",
-                f"contains {tokenizer.decoder[special]!r}, which the tokenizer reads as a special token (after "
-                "lower-casing, decoding HTML entities and deleting invisible characters); remove it",
-            )
-    if not encoded:
+    content = {p.token_id for p in pieces}
+    for special in tok.refused_ids:
+        if special in content:
+            raise InputError("caption", tok.refusal(special))
+    if not pieces:
         raise InputError("caption", "has no tokens after normalisation")
-    # the ids open_clip's tokenizer returns, without the padding; built from one encoding,
-    # since a caption that fits the context is never truncated or reduced
-    token_ids = torch.tensor([tokenizer.sot_token_id, *encoded, tokenizer.eot_token_id], dtype=torch.long)
-    if len(token_ids) > tokenizer.context_length:
+    if len(sequence) > tok.context_length:
         raise InputError(
             "caption",
-            f"has {len(token_ids)} tokens including the start and end tokens; "
-            f"the model's limit is {tokenizer.context_length}",
+            f"has {len(sequence)} tokens including {tok.counted}; the model's limit is {tok.context_length}",
         )
-    return Caption(token_ids=token_ids, labels=tuple(token_label(tokenizer, int(i)) for i in token_ids))
+    # the translation of control characters is one-for-one, so offsets in text are offsets in caption
+    labels, spans = readable(text, cleaned, pieces)
+    first, last = tok.prefix_length, tok.prefix_length + len(pieces)
+    return Caption(
+        token_ids=torch.tensor(sequence, dtype=torch.long),
+        labels=(
+            *(tok.special_label(i) for i in sequence[:first]),
+            *labels,
+            *(tok.special_label(i) for i in sequence[last:]),
+        ),
+        spans=((0, 0),) * first + tuple(spans) + ((0, 0),) * (len(sequence) - last),
+    )

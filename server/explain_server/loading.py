@@ -9,12 +9,15 @@ from dataclasses import dataclass
 
 import open_clip
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .engine.attribution import ChunkBudget
 from .engine.explainer import Explainer
+from .engine.families import split_towers
+from .engine.split import SplitTower, UnsupportedModelError
+from .engine.towers import ImageTower, TextTower
 from .model_spec import ModelSpec
+from .tokenizers import CaptionTokenizer, TokenizerLoadError, hf_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +46,24 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class LoadedModel:
-    """A preloaded, warmed-up model with its tokenizer, preprocessing and explainer."""
+    """A preloaded, warmed-up model with its tokenizer, preprocessing and explainer.
+
+    Attributes:
+        model: the open_clip model, or the transformers CLIPModel / SiglipModel / Siglip2Model.
+        logit_scale: exp(logit_scale), the factor from cosine to logits.
+        logit_bias: SigLIP's bias added to the scaled cosine; None for models without one.
+    """
 
     spec: ModelSpec
-    model: open_clip.model.CLIP
-    tokenizer: SimpleTokenizer
+    model: torch.nn.Module
+    tokenizer: CaptionTokenizer
     preprocess_cfg: PreprocessCfg
     explainer: Explainer
     device: torch.device
     dtype_name: str
     load_seconds: float
+    logit_scale: float
+    logit_bias: float | None = None
 
     def __post_init__(self) -> None:
         self.transform = image_transform_v2(self.preprocess_cfg, is_train=False)
@@ -60,17 +71,21 @@ class LoadedModel:
     @property
     def image_size(self) -> tuple[int, int]:
         """Model input (height, width) in pixels."""
-        return tuple(self.model.visual.image_size)
+        return _pair(self.preprocess_cfg.size)
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        """Patch (height, width) in pixels."""
-        return tuple(self.model.visual.patch_size)
+        """Pixels per grid cell at the default image layer, (height, width); (0, 0) when the grid
+        does not divide the input."""
+        (height, width), (rows, cols) = self.image_size, self.grid_size
+        if height % rows or width % cols:
+            return (0, 0)
+        return (height // rows, width // cols)
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """(Gh, Gw)."""
-        return self.explainer.image.grid_size
+        """(Gh, Gw) at the default image layer."""
+        return self.explainer.image.layers[self.default_image_layer].grid
 
     @property
     def embed_dim(self) -> int:
@@ -78,19 +93,14 @@ class LoadedModel:
         return self.explainer.embed_dim
 
     @property
-    def logit_scale(self) -> float:
-        """exp(logit_scale): the factor from cosine to logits."""
-        return float(self.model.logit_scale.detach().exp())
-
-    @property
     def default_text_layer(self) -> int:
-        """The spec's ``text_layer``, else the input of the last text block (as in exclip)."""
-        return self.explainer.text.n_layers - 1 if self.spec.text_layer is None else self.spec.text_layer
+        """The spec's ``text_layer``, else the tower's default."""
+        return self.explainer.text.default_layer if self.spec.text_layer is None else self.spec.text_layer
 
     @property
     def default_image_layer(self) -> int:
-        """The spec's ``image_layer``, else the input of the last image block (as in exclip)."""
-        return self.explainer.image.n_layers - 1 if self.spec.image_layer is None else self.spec.image_layer
+        """The spec's ``image_layer``, else the tower's default."""
+        return self.explainer.image.default_layer if self.spec.image_layer is None else self.spec.image_layer
 
     @property
     def default_method(self) -> str:
@@ -101,6 +111,10 @@ class LoadedModel:
     def default_n_steps(self) -> int:
         """The spec's ``n_steps``."""
         return self.spec.n_steps
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _create(spec: ModelSpec, device: torch.device, dtype: str) -> torch.nn.Module:
@@ -138,6 +152,11 @@ def load_model(
             message names the model.
     """
     start = time.perf_counter()
+    budget = ChunkBudget(memory_bytes, chunk_seconds)
+    if spec.hf_source is not None:
+        loaded = _load_hf(spec, device, dtype, budget)
+        loaded.load_seconds = time.perf_counter() - start
+        return loaded
     if spec.architecture not in open_clip.list_models():
         raise ModelLoadError(
             f"model {spec.name!r}: unknown open_clip architecture {spec.architecture!r} "
@@ -150,37 +169,28 @@ def load_model(
     except Exception as err:  # open_clip raises RuntimeError, safetensors/torch their own types
         raise ModelLoadError(f"model {spec.name!r}: cannot load weights {spec.pretrained!r}: {err}") from err
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(spec.architecture)
-    if not isinstance(tokenizer, SimpleTokenizer):
-        raise ModelLoadError(
-            f"model {spec.name!r}: tokenizer {type(tokenizer).__name__} is not supported; "
-            "the engine needs open_clip's SimpleTokenizer (CLIP BPE)"
-        )
     try:
-        explainer = Explainer(
-            model,
-            sot_token_id=tokenizer.sot_token_id,
-            eot_token_id=tokenizer.eot_token_id,
-            budget=ChunkBudget(memory_bytes, chunk_seconds),
-        )
-    except ValueError as err:
+        tokenizer = load_tokenizer(spec.architecture, spec.tokenizer)
+    except TokenizerLoadError as err:
+        raise ModelLoadError(f"model {spec.name!r}: {err}") from err
+    try:
+        text, image = split_towers(model)
+    except UnsupportedModelError as err:
         raise ModelLoadError(f"model {spec.name!r} ({spec.architecture}) cannot be explained: {err}") from err
-    for tower, layer in (("text", spec.text_layer), ("image", spec.image_layer)):
-        blocks = getattr(explainer, tower).n_layers
-        if layer is not None and layer >= blocks:
-            raise ModelLoadError(
-                f"model {spec.name!r}: {tower}_layer={layer} is not a block of its {blocks}-block {tower} tower"
-            )
+    preprocess_cfg = PreprocessCfg(**model.visual.preprocess_cfg)
     loaded = LoadedModel(
         spec=spec,
         model=model,
         tokenizer=tokenizer,
-        preprocess_cfg=PreprocessCfg(**model.visual.preprocess_cfg),
-        explainer=explainer,
+        preprocess_cfg=preprocess_cfg,
+        explainer=_explainer(model, text, image, tokenizer, preprocess_cfg, budget),
         device=device,
         dtype_name=dtype,
         load_seconds=0.0,
+        logit_scale=float(model.logit_scale.detach().exp()),
+        logit_bias=None if getattr(model, "logit_bias", None) is None else float(model.logit_bias),
     )
+    _check_layers(spec, loaded.explainer)
     loaded.load_seconds = time.perf_counter() - start
     log.info(
         "loaded model %s (%s, %s) on %s in %.1f s",
@@ -190,4 +200,69 @@ def load_model(
         device,
         loaded.load_seconds,
     )
+    return loaded
+
+
+def _explainer(
+    model: torch.nn.Module,
+    text: SplitTower,
+    image: SplitTower,
+    tokenizer: CaptionTokenizer,
+    preprocess_cfg: PreprocessCfg,
+    budget: ChunkBudget,
+) -> Explainer:
+    """The explainer of ``model``'s towers, with the fast path of engine/towers.py on the
+    towers whose structure it covers (open_clip's ViT CLIP)."""
+    fast = {}
+    for tower, build in ((text, TextTower), (image, ImageTower)):
+        try:
+            fast[tower] = build(model)
+        except UnsupportedModelError:  # the generic path explains it
+            pass
+    weight = next(model.parameters())
+    return Explainer(
+        text,
+        image,
+        text_reference=torch.tensor(tokenizer.reference_ids),
+        pad_id=tokenizer.pad_id,
+        image_size=_pair(preprocess_cfg.size),
+        device=weight.device,
+        dtype=weight.dtype,
+        budget=budget,
+        fast=fast,
+    )
+
+
+def _check_layers(spec: ModelSpec, explainer: Explainer) -> None:
+    for tower, layer in (("text", spec.text_layer), ("image", spec.image_layer)):
+        count = len(getattr(explainer, tower).layers)
+        if layer is not None and layer >= count:
+            raise ModelLoadError(
+                f"model {spec.name!r}: {tower}_layer={layer} is not a layer of its {tower} tower, which has "
+                f"{count} (0 to {count - 1})"
+            )
+
+
+def _load_hf(spec: ModelSpec, device: torch.device, dtype: str, budget: ChunkBudget) -> LoadedModel:
+    """A transformers CLIPModel, SiglipModel or Siglip2Model (the ``hf`` extra)."""
+    from .hf_loading import HFLoadError, load_hf  # transformers is optional: imported for hf: specs only
+
+    try:
+        hf = load_hf(spec.hf_source, device=device, dtype=dtype)
+        tokenizer = hf_tokenizer(spec.tokenizer or spec.hf_source, hf.text.context_length)
+    except (HFLoadError, TokenizerLoadError) as err:
+        raise ModelLoadError(f"model {spec.name!r}: {err}") from err
+    loaded = LoadedModel(
+        spec=spec,
+        model=hf.model,
+        tokenizer=tokenizer,
+        preprocess_cfg=hf.preprocess_cfg,
+        explainer=_explainer(hf.model, hf.text, hf.image, tokenizer, hf.preprocess_cfg, budget),
+        device=device,
+        dtype_name=dtype,
+        load_seconds=0.0,
+        logit_scale=hf.logit_scale,
+        logit_bias=hf.logit_bias,
+    )
+    _check_layers(spec, loaded.explainer)
     return loaded

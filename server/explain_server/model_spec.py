@@ -1,6 +1,10 @@
 """What a hosted model is: :class:`ModelSpec`, from a TOML ``[[models]]`` table or the
 ``--model NAME=ARCH:PRETRAINED[,KEY=VALUE]...`` shorthand.
 
+Hugging Face transformers models (CLIPModel, SiglipModel, Siglip2Model) take the architecture
+``hf`` and a local directory or hub repository id as PRETRAINED:
+``--model NAME=hf:PATH_OR_REPO[,KEY=VALUE]...`` (``architecture = "hf"`` in a table).
+
 Pure data: this module imports neither torch nor open_clip, so that reading a configuration
 stays cheap; :mod:`.models` loads what a spec names.
 """
@@ -21,9 +25,14 @@ DEFAULT_N_STEPS = 3
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _OPTION = re.compile(r",(?P<key>[A-Za-z_]\w*)=(?P<value>[^,=/]*)$")
+# a path's value may hold "/", so the tokenizer option is read by its key
+_TOKENIZER_OPTION = re.compile(r",tokenizer=(?P<value>[^,=]+)$")
 _INT_OPTIONS = ("text_layer", "image_layer", "n_steps", "instances")
-_OPTIONS = ("text_layer", "image_layer", "n_steps", "method", "instances", "device")
+_OPTIONS = ("text_layer", "image_layer", "n_steps", "method", "instances", "device", "tokenizer")
 _REQUIRED = ("name", "architecture", "pretrained")
+
+HF_ARCHITECTURE = "hf"
+"""The architecture of a Hugging Face transformers model (its PRETRAINED names the model)."""
 
 DEVICE_FORMS = "auto, cpu, cuda or cuda:INDEX"
 """The device settings there are, as messages name them."""
@@ -46,10 +55,13 @@ class ModelSpec:
 
     Attributes:
         name: the name requests use.
-        architecture: open_clip architecture (``open_clip.list_models()`` or a ``--model-config`` file stem).
+        architecture: open_clip architecture (``open_clip.list_models()`` or a ``--model-config`` file
+            stem), or ``hf`` for a Hugging Face transformers model.
         pretrained: an open_clip pretrained tag (downloaded and cached by open_clip when online),
             a path to a local weights file (.safetensors, .pt, .bin), or ``random:SEED`` for
-            seeded random weights (tests and demos; not a trained model).
+            seeded random weights (tests and demos; not a trained model). With architecture
+            ``hf``: a local directory that ``save_pretrained`` wrote (read offline) or a hub
+            repository id such as ``google/siglip-base-patch16-224`` (fetched when online).
         text_layer: default text-tower attribution block; None = the last block's input, as in exclip.
         image_layer: the same for the image tower.
         n_steps: default quadrature nodes.
@@ -57,6 +69,10 @@ class ModelSpec:
         instances: worker processes serving this model (at least 1).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:INDEX``; see
             :func:`explain_server.config.instance_devices` for what each instance gets.
+        tokenizer: a local directory holding the model's Hugging Face tokenizer (as
+            ``save_pretrained`` writes it), used instead of the hub tokenizer the architecture
+            names (SigLIP, SigLIP2, CLIPA, XLM-RoBERTa, RoBERTa, NLLB, MetaCLIP 2 models), so
+            that nothing is downloaded; None: open_clip's own tokenizer for the architecture.
 
     Raises:
         ValueError: a field of the wrong type or out of range, naming the field.
@@ -71,6 +87,7 @@ class ModelSpec:
     method: str = DEFAULT_METHOD
     instances: int = 1
     device: str = "auto"
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("name", "architecture", "pretrained", "method"):
@@ -88,14 +105,17 @@ class ModelSpec:
             raise ValueError(f"instances must be a positive integer; got {self.instances!r}")
         if not is_device(self.device):
             raise ValueError(f"device must be {DEVICE_FORMS}; got {self.device!r}")
+        if self.tokenizer is not None and not (isinstance(self.tokenizer, str) and self.tokenizer):
+            raise ValueError(f"tokenizer must be a directory path; got {self.tokenizer!r}")
 
     @classmethod
     def parse(cls, text: str, defaults: Mapping[str, Any] | None = None) -> ModelSpec:
-        """Parse the shorthand ``NAME=ARCH:PRETRAINED[,KEY=VALUE]...``.
+        """Parse the shorthand ``NAME=ARCH:PRETRAINED[,KEY=VALUE]...``, or ``NAME=hf:PATH_OR_REPO[,KEY=VALUE]...``.
 
-        KEY is text_layer, image_layer, n_steps, instances (non-negative integers), method or
-        device. Trailing ``,KEY=VALUE`` pieces (KEY an identifier; VALUE without ``,``, ``=`` or
-        ``/``) are read as options; any other comma stays part of PRETRAINED (a path may hold one).
+        KEY is text_layer, image_layer, n_steps, instances (non-negative integers), method,
+        device or tokenizer (a directory). Trailing ``,KEY=VALUE`` pieces (KEY an identifier;
+        VALUE without ``,``, ``=`` or ``/``, except tokenizer's, which may hold ``/``) are read as
+        options; any other comma stays part of PRETRAINED (a path may hold one).
 
         Args:
             text: the shorthand.
@@ -109,8 +129,8 @@ class ModelSpec:
         name, sep, rest = text.partition("=")
         architecture, sep2, pretrained = rest.partition(":")
         options: dict[str, int | str] = {}
-        while (match := _OPTION.search(pretrained)) is not None:
-            key, value = match["key"], match["value"]
+        while (match := _OPTION.search(pretrained) or _TOKENIZER_OPTION.search(pretrained)) is not None:
+            key, value = match.groupdict().get("key", "tokenizer"), match["value"]
             if key not in _OPTIONS:
                 raise ValueError(f"unknown option {key!r}; options are {', '.join(_OPTIONS)}")
             if key in options:
@@ -120,7 +140,10 @@ class ModelSpec:
             options[key] = int(value) if key in _INT_OPTIONS else value
             pretrained = pretrained[: match.start()]
         if not (sep and sep2 and name and architecture and pretrained):
-            raise ValueError("must be NAME=ARCH:PRETRAINED[,OPTION=VALUE]... (e.g. b32=ViT-B-32:openai,n_steps=5)")
+            raise ValueError(
+                "must be NAME=ARCH:PRETRAINED[,OPTION=VALUE]... (e.g. b32=ViT-B-32:openai,n_steps=5) "
+                "or NAME=hf:PATH_OR_REPO[,OPTION=VALUE]... (e.g. siglip=hf:google/siglip-base-patch16-224)"
+            )
         return cls(
             **{**(defaults or {}), "name": name, "architecture": architecture, "pretrained": pretrained, **options}
         )
@@ -150,9 +173,14 @@ class ModelSpec:
         return cls(**{**(defaults or {}), **table})
 
     @property
+    def hf_source(self) -> str | None:
+        """The local directory or hub repository id of a Hugging Face model (architecture ``hf``), else None."""
+        return self.pretrained if self.architecture == HF_ARCHITECTURE else None
+
+    @property
     def random_seed(self) -> int | None:
-        """The seed when ``pretrained`` is ``random[:SEED]``, else None."""
+        """The seed when ``pretrained`` is ``random[:SEED]`` (open_clip architectures only), else None."""
         kind, _, seed = self.pretrained.partition(":")
-        if kind != "random":
+        if kind != "random" or self.architecture == HF_ARCHITECTURE:
             return None
         return int(seed) if seed else 0

@@ -7,12 +7,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import open_clip
-from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .loading import ModelLoadError
 from .model_spec import ModelSpec
+from .tokenizers import CaptionTokenizer, spec_tokenizer
 from .worker.protocol import ModelDescription
 from .worker_pool import ModelWorkers
 
@@ -24,14 +23,14 @@ class ServedModel:
     spec: ModelSpec
     workers: ModelWorkers
     description: ModelDescription | None = None
-    tokenizer: SimpleTokenizer | None = None
+    tokenizer: CaptionTokenizer | None = None
     preprocess_cfg: PreprocessCfg | None = None
     transform: Callable | None = field(default=None, repr=False)
 
     def describe(self, description: ModelDescription) -> None:
         """Take the first ready worker's description and build the tokenizer and preprocessing from it."""
         self.description = description
-        self.tokenizer = open_clip.get_tokenizer(self.spec.architecture)
+        self.tokenizer = spec_tokenizer(self.spec, description.context_length)
         self.preprocess_cfg = PreprocessCfg(**description.preprocess_cfg)
         self.transform = image_transform_v2(self.preprocess_cfg, is_train=False)
 

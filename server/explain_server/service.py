@@ -23,10 +23,12 @@ import numpy as np
 
 from explain_api import explain_pb2, explain_pb2_grpc
 
+from .engine.layers import Layer
 from .engine.quadrature import METHODS, min_n_steps
 from .inputs import CONVERSION_RULES, Caption, InputError, check_resize, crop_box, load_image, open_image, tokenize
 from .lifecycle import Lifecycle, ShuttingDown
 from .metrics import Metrics, abort_internal, cancellation_code
+from .positions import image_columns, token_rows
 from .registry import ModelRegistry, ServedModel
 from .settings import Limits
 from .worker.protocol import Dropped, Explained, Failed, JobSpec, SideInput, SideKey, Tower
@@ -43,7 +45,7 @@ _PREPARE_THREADS = 2
 
 @dataclass(frozen=True)
 class Options:
-    """Resolved, validated explanation options (non-negative layer indices)."""
+    """Resolved, validated explanation options (non-negative layer indices into the towers' layers)."""
 
     text_layer: int
     image_layer: int
@@ -51,15 +53,34 @@ class Options:
     method: str
 
 
-def _layer(request: explain_pb2.ExplainRequest, field: str, n_layers: int, default: int) -> int:
-    if not request.HasField(field):
+def _layer(request: explain_pb2.ExplainRequest, tower: str, layers: tuple[Layer, ...], default: int) -> int:
+    """The non-negative layer index a request names for ``tower`` (``text`` or ``image``): by
+    index (``{tower}_layer``) or by name (``{tower}_layer_name``), else ``default``.
+
+    Raises:
+        InputError: both fields set, an index out of range, or an unknown name (the message
+            lists the tower's layer names).
+    """
+    index_field, name_field = f"{tower}_layer", f"{tower}_layer_name"
+    count = len(layers)
+    if request.HasField(name_field):
+        if request.HasField(index_field):
+            raise InputError(name_field, f"set {index_field} or {name_field}, not both")
+        name = getattr(request, name_field)
+        names = [layer.name for layer in layers]
+        if name not in names:
+            raise InputError(
+                name_field, f"no {tower} layer named {name!r} in this model; its layers are: {', '.join(names)}"
+            )
+        return names.index(name)
+    if not request.HasField(index_field):
         return default
-    value = getattr(request, field)
-    if not -n_layers <= value < n_layers:
+    value = getattr(request, index_field)
+    if not -count <= value < count:
         raise InputError(
-            field, f"must be in [{-n_layers}, {n_layers - 1}] for this model ({n_layers} blocks); got {value}"
+            index_field, f"must be in [{-count}, {count - 1}] for this model ({count} {tower} layers); got {value}"
         )
-    return value % n_layers
+    return value % count
 
 
 def resolve_options(request: explain_pb2.ExplainRequest, model: ServedModel, limits: Limits) -> Options:
@@ -76,8 +97,8 @@ def resolve_options(request: explain_pb2.ExplainRequest, model: ServedModel, lim
     if not minimum <= n_steps <= limits.max_n_steps:
         raise InputError("n_steps", f"must be in [{minimum}, {limits.max_n_steps}] for method {method}; got {n_steps}")
     return Options(
-        text_layer=_layer(request, "text_layer", model.description.text_layers, model.default_text_layer),
-        image_layer=_layer(request, "image_layer", model.description.image_layers, model.default_image_layer),
+        text_layer=_layer(request, "text", model.description.text_layer_list, model.default_text_layer),
+        image_layer=_layer(request, "image", model.description.image_layer_list, model.default_image_layer),
         n_steps=n_steps,
         method=method,
     )
@@ -178,19 +199,26 @@ class _Stop:
 def _response(
     model: ServedModel, request_id: str, options: Options, text: _Prepared, image: _Prepared, result: Explained
 ) -> explain_pb2.ExplainResponse:
-    caption, attribution = text.extra, result.attribution
-    grid_h, grid_w = model.description.grid_size
-    seq = len(caption.labels)
-    grid = np.ascontiguousarray(attribution.interactions[:, 1:].reshape(seq, grid_h, grid_w), dtype="<f4")
+    """The response of one explanation: rows and columns of the attribution labelled by
+    :mod:`.positions` (padding rows, the resolved image layer's prefix and grid)."""
+    d, attribution = model.description, result.attribution
+    interactions = np.asarray(attribution.interactions)
+    rows = token_rows(text.extra, interactions.shape[0], d.pad_id, d.pad_label)
+    image_layer = d.image_layer_list[options.image_layer]
+    columns = image_columns(interactions, image_layer)
     width, height = image.extra
     x0, y0, x1, y1 = crop_box(width, height, model.preprocess_cfg)
     return explain_pb2.ExplainResponse(
         request_id=request_id,
         model=model.name,
-        token_ids=caption.token_ids.tolist(),
-        tokens=caption.labels,
-        attribution=explain_pb2.Float32Tensor(shape=grid.shape, data=grid.tobytes()),
-        cls_attribution=attribution.interactions[:, 0].tolist(),
+        token_ids=rows.token_ids,
+        tokens=rows.labels,
+        padding=rows.padding,
+        token_spans=[explain_pb2.TextSpan(start=a, end=b) for a, b in rows.spans],
+        attribution=_tensor(columns.grid),
+        cls_attribution=columns.cls.tolist(),
+        image_prefix=columns.prefix,
+        prefix_attribution=_tensor(columns.prefix_attribution),
         score=attribution.score,
         logit_scale=model.description.logit_scale,
         reference_terms=explain_pb2.ReferenceTerms(
@@ -207,7 +235,21 @@ def _response(
             image_layer=options.image_layer,
             n_steps=options.n_steps,
             method=options.method,
+            text_layer_name=d.text_layer_list[options.text_layer].name,
+            image_layer_name=image_layer.name,
         ),
+    )
+
+
+def _tensor(array: np.ndarray) -> explain_pb2.Float32Tensor:
+    """A little-endian float32, C-contiguous ``array`` as a Float32Tensor."""
+    return explain_pb2.Float32Tensor(shape=array.shape, data=array.tobytes())
+
+
+def _layer_info(index: int, layer: Layer) -> explain_pb2.LayerInfo:
+    grid_h, grid_w = layer.grid or (0, 0)
+    return explain_pb2.LayerInfo(
+        index=index, name=layer.name, grid_height=grid_h, grid_width=grid_w, prefix=layer.prefix
     )
 
 
@@ -228,6 +270,12 @@ def _model_info(model: ServedModel, limits: Limits) -> explain_pb2.ModelInfo:
         image_layers=d.image_layers,
         default_text_layer=model.default_text_layer,
         default_image_layer=model.default_image_layer,
+        text_layer_list=[_layer_info(i, layer) for i, layer in enumerate(d.text_layer_list)],
+        image_layer_list=[_layer_info(i, layer) for i, layer in enumerate(d.image_layer_list)],
+        default_text_layer_name=d.text_layer_list[model.default_text_layer].name,
+        default_image_layer_name=d.image_layer_list[model.default_image_layer].name,
+        text_sees_padding=d.text_sees_padding,
+        pad_token=d.pad_label,
         default_n_steps=model.default_n_steps,
         default_method=model.default_method,
         methods=METHODS,
@@ -566,8 +614,12 @@ def _digest(data: bytes) -> str:
 
 
 def _prepare_text(model: ServedModel, o: Options, text: str) -> _Prepared:
+    """Tokenise; for a tower that sees padding, the ids go to the worker padded to its context length."""
     caption = tokenize(model.tokenizer, text)
     ids = caption.token_ids.numpy()
+    d = model.description
+    if d.text_sees_padding:
+        ids = np.pad(ids, (0, d.context_length - len(ids)), constant_values=d.pad_id)
     key = SideKey(Tower.TEXT, o.text_layer, o.method, o.n_steps, _digest(ids.tobytes()))
     return _Prepared(SideInput(key, ids), caption)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from explain_api.grounding import DatasetError, load_dataset
 from explain_api.version import add_version_argument
-from explain_client.cli import add_credential_arguments, connection_credentials, positive_float
+from explain_client.cli import add_credential_arguments, connection_credentials, layer_argument, positive_float
 from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
 from explain_client.evaluation.report import markdown_table, summarise
@@ -50,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--n-steps", type=int, metavar="N", help="quadrature nodes (default: the server's)")
     parser.add_argument("--method", help="quadrature rule (default: the server's)")
-    parser.add_argument("--text-layer", type=int, metavar="L", help="text-tower block (default: the server's)")
-    parser.add_argument("--image-layer", type=int, metavar="L", help="image-tower block (default: the server's)")
+    parser.add_argument(
+        "--text-layer", type=layer_argument, metavar="L", help="text-tower layer, index or name (default: the server's)"
+    )
+    parser.add_argument(
+        "--image-layer",
+        type=layer_argument,
+        metavar="L",
+        help='image-tower layer, index or name such as "block 11" or "layer4" (default: the server\'s)',
+    )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (there is none without tqdm, the eval extra)"
     )

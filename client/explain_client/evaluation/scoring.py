@@ -10,8 +10,9 @@ of the response's crop box ``(cx0, cy0, cx1, cy1)`` in original-image pixels, wi
 - relevance mass: the heatmap's positive part inside the union of the boxes (each cell
   weighted by the fraction of its area the union covers) over its whole positive part
   (0 when the heatmap has no positive value);
-- box to text: for each box, the content token (start and end tokens excluded) with the
-  highest :meth:`Explanation.token_scores` over the box is a hit when it lies in the phrase.
+- box to text: for each box, the content token (:attr:`Explanation.content_rows`: start, end
+  and padding tokens excluded) with the highest :meth:`Explanation.token_scores` over the box
+  is a hit when it lies in the phrase.
 """
 
 from __future__ import annotations
@@ -34,24 +35,27 @@ class AlignmentError(ValueError):
 
 
 def token_char_spans(explanation: Explanation, text: str) -> list[tuple[int, int]]:
-    """Character range ``[a, b)`` of ``text`` that each content token (rows 1..T-2) spells.
+    """Character range ``[a, b)`` of ``text`` that each of :attr:`Explanation.content_rows` spells.
 
-    The tokenizer lower-cases and collapses whitespace, so tokens are matched in order,
-    case-insensitively, skipping whitespace and control characters in ``text`` (the service
-    reads control characters as spaces).
+    The server's ``token_spans`` when it reports them. Otherwise the labels are aligned with
+    the text: the tokenizer lower-cases and collapses whitespace, so tokens are matched in
+    order, case-insensitively, skipping whitespace and control characters in ``text`` (the
+    service reads control characters as spaces).
 
     Returns:
         One (a, b) per content row, in row order.
 
     Raises:
-        AlignmentError: a token's label is not the next text of the caption (e.g. text the
-            tokenizer rewrote, such as HTML entities or characters split across byte-level
-            tokens).
+        AlignmentError: without ``token_spans``, a token's label is not the next text of the
+            caption (e.g. text the tokenizer rewrote, such as HTML entities or characters
+            split across byte-level tokens).
     """
+    if explanation.token_spans:
+        return [explanation.token_spans[row] for row in explanation.content_rows]
     spans = []
     at = 0
     lowered = text.lower()
-    for row in range(1, len(explanation.tokens) - 1):
+    for row in explanation.content_rows:
         label = "".join(explanation.tokens[row].split()).lower()
         while at < len(text) and (text[at].isspace() or unicodedata.category(text[at]) == "Cc"):
             at += 1
@@ -75,7 +79,8 @@ def phrase_rows(explanation: Explanation, text: str, start: int, end: int) -> li
         AlignmentError: the tokens do not spell out ``text`` (see :func:`token_char_spans`), or
             no token overlaps the span.
     """
-    rows = [row for row, (a, b) in enumerate(token_char_spans(explanation, text), start=1) if a < end and b > start]
+    spans = token_char_spans(explanation, text)
+    rows = [row for row, (a, b) in zip(explanation.content_rows, spans) if a < end and b > start]
     if not rows:
         raise AlignmentError(f"no token overlaps characters [{start}, {end}) of {text!r}")
     return rows
@@ -151,15 +156,16 @@ def score_phrase(explanation: Explanation, rows: Sequence[int], boxes: Sequence[
         The :class:`PhraseScore`.
 
     Raises:
-        ValueError: no boxes, or rows not contiguous or outside the content tokens.
+        ValueError: no boxes, or rows not contiguous or not all content rows.
     """
     if not boxes:
         raise ValueError("a phrase needs at least one box")
     rows = tuple(int(r) for r in rows)
     if not rows or rows != tuple(range(rows[0], rows[-1] + 1)):
         raise ValueError(f"rows must be ascending and contiguous; got {rows}")
-    if rows[0] < 1 or rows[-1] > len(explanation.tokens) - 2:
-        raise ValueError(f"rows {rows} are not content rows 1..{len(explanation.tokens) - 2}")
+    content = explanation.content_rows
+    if not set(rows) <= set(content):
+        raise ValueError(f"rows {rows} are not all content rows {content}")
     heat = explanation.heatmap((rows[0], rows[-1] + 1))
     xs, ys = cell_edges(explanation)
     i, j = divmod(int(np.argmax(heat)), heat.shape[1])
@@ -169,8 +175,8 @@ def score_phrase(explanation: Explanation, rows: Sequence[int], boxes: Sequence[
     mass = float((positive * union_coverage(xs, ys, boxes)).sum() / total) if total > 0 else 0.0
     box_hits = []
     for box in boxes:
-        scores = explanation.token_scores(box)[1:-1]  # content tokens only
-        box_hits.append(int(np.argmax(scores)) + 1 in rows)
+        scores = explanation.token_scores(box)[content]
+        box_hits.append(content[int(np.argmax(scores))] in rows)
     return PhraseScore(
         rows=rows,
         peak=(i, j),

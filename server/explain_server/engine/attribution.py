@@ -159,6 +159,8 @@ class PathIntegral:
         length: the input's own rows, from the first (S when None); rows from ``length`` on
             are padding after a caption's end token (a causal tower: no row before ``length``
             depends on them), and its factor has ``length`` columns.
+        content_length: the ``lengths`` entry f_hi takes for this input (its ids before the
+            padding, see :class:`~.split.SplitTower`); ``length`` when None.
     """
 
     hidden: torch.Tensor
@@ -167,11 +169,17 @@ class PathIntegral:
     weights: np.ndarray
     should_stop: StopCheck = never
     length: int | None = None
+    content_length: int | None = None
 
     @property
     def own_rows(self) -> int:
-        """The number of rows that are the input's own (not padding)."""
+        """The number of rows attributed: the input's own, or all of them for a tower that reads padding."""
         return self.hidden.shape[0] if self.length is None else self.length
+
+    @property
+    def content(self) -> int:
+        """The ``lengths`` entry of this input for f_hi."""
+        return self.own_rows if self.content_length is None else self.content_length
 
 
 class _Nodes:
@@ -415,9 +423,8 @@ def reverse_factors(
         nodes = _Nodes(integrals, group, seq)
         members = nodes.members
         with torch.enable_grad():  # callers run under no_grad; reverse mode needs the graph
-            pool = tower.pool_rows(nodes.length)
             with _Timed(budget, len(group) * upper, probe.device):
-                pullback = vjp(lambda h: tower.upper(h, layer, pool), nodes.path)[1]
+                pullback = vjp(lambda h: tower.upper(h, layer, nodes.length), nodes.path)[1]
             eye = torch.eye(dim, dtype=probe.dtype, device=probe.device)
             for start in range(0, dim, n_dims):
                 if not factors.poll(members):

@@ -1,4 +1,4 @@
-"""Explain (caption, image) pairs with a loaded open_clip CLIP model, one side at a time and batched."""
+"""Explain (caption, image) pairs with a loaded dual encoder, one side at a time and batched."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from open_clip.model import CLIP
-from torch.nn.utils.rnn import pad_sequence
 
+from . import generic
 from .attribution import (
     FACTORS,
     Attribution,
@@ -21,7 +21,8 @@ from .attribution import (
     never,
 )
 from .quadrature import nodes_and_weights
-from .towers import ImageTower, TextTower
+from .split import SplitTower
+from .towers import ImageTower, TextTower, Tower
 
 
 class NonFiniteError(ArithmeticError):
@@ -67,56 +68,112 @@ class Factor:
 class Explainer:
     """Computes :class:`Attribution` s for one model; references are deterministic and cached.
 
-    References (method.md, exclip's defaults): the text reference is the token sequence
-    [start, id 0, end] padded with zeros; the image reference is the all-zeros tensor in
-    normalised pixel space (the dataset-mean image). Their hidden states never change, so
-    they are computed once per layer.
+    References (method.md, exclip's defaults): the text reference is the tokenizer's special
+    tokens around one id 0 ([start, 0, end] for CLIP), padded like any caption; the image
+    reference is the all-zeros tensor in normalised pixel space (the dataset-mean image).
+    Their hidden states never change, so they are computed once per layer.
+
+    Each tower is explained by the generic path (engine/generic.py), or by a structure-aware
+    fast path (engine/towers.py) at the layers where one is given.
     """
 
-    def __init__(self, model: CLIP, *, sot_token_id: int, eot_token_id: int, budget: ChunkBudget):
-        """Wrap an eval-mode ``model``.
+    def __init__(
+        self,
+        text: SplitTower,
+        image: SplitTower,
+        *,
+        text_reference: torch.Tensor,
+        pad_id: int | None = None,
+        image_size: tuple[int, int],
+        device: torch.device,
+        dtype: torch.dtype,
+        budget: ChunkBudget,
+        fast: dict[SplitTower, Tower] | None = None,
+    ):
+        """Explain with two towers of an eval-mode model on ``device`` computing in ``dtype``.
 
         Args:
-            model: open_clip CLIP in eval mode, on its device and dtype.
-            sot_token_id, eot_token_id: the tokenizer's start and end token ids.
+            text, image: the towers.
+            text_reference: the reference's ids before padding, (R,) int64.
+            pad_id: the id captions are padded with (the tokenizer's); the text tower's when None.
+            image_size: the model's input (height, width) in pixels.
             budget: the memory and time one chunk of the engine's work may take (it learns
                 this model's speed as it runs, so give each explainer its own).
+            fast: per tower, a fast path on the same model whose layer i is the tower's layer
+                i, for its :attr:`Tower.n_layers` first layers.
+        """
+        self.text, self.image = text, image
+        self.budget = budget
+        self.embed_dim = int(image.embed_dim)
+        self.device, self.dtype = device, dtype
+        self._fast = dict(fast or {})
+        self.pad_id = text.pad_id if pad_id is None else pad_id
+        self._text_reference_ids = self._pad_ids([text_reference.to(device)], text.context_length)
+        self._text_reference_length = torch.tensor([len(text_reference)], device=device)
+        height, width = image_size
+        self._image_reference = torch.zeros((1, 3, height, width), dtype=dtype, device=device)
+        self._reference_hidden: dict[tuple[SplitTower, int], torch.Tensor] = {}
+
+    @classmethod
+    def for_clip(
+        cls, model: CLIP, *, sot_token_id: int, eot_token_id: int, budget: ChunkBudget, fast: bool = True
+    ) -> "Explainer":
+        """An explainer of an open_clip ViT ``CLIP`` through the fast-path towers (the generic
+        path on the same towers when ``fast`` is False).
 
         Raises:
-            UnsupportedModelError: a tower the engine cannot explain.
+            UnsupportedModelError: a tower the fast path cannot split.
         """
-        self.text = TextTower(model)
-        self.image = ImageTower(model)
-        self.budget = budget
-        self.embed_dim = int(model.visual.output_dim)
-        # the patch embedding's weights say what the image tower computes in
-        weight = model.visual.conv1.weight
-        self.device, self.dtype = weight.device, weight.dtype
-        ref_ids = torch.zeros((1, model.context_length), dtype=torch.long, device=self.device)
-        ref_ids[0, 0], ref_ids[0, 2] = sot_token_id, eot_token_id
-        self._text_reference_ids = ref_ids
-        height, width = model.visual.image_size
-        self._image_reference = torch.zeros((1, 3, height, width), dtype=self.dtype, device=self.device)
-        self._reference_hidden: dict[tuple[TextTower | ImageTower, int], torch.Tensor] = {}
+        text, image = TextTower(model), ImageTower(model)
+        weight = model.visual.conv1.weight  # the patch embedding's weights say what the image tower computes in
+        return cls(
+            text,
+            image,
+            text_reference=torch.tensor([sot_token_id, 0, eot_token_id]),
+            image_size=tuple(model.visual.image_size),
+            device=weight.device,
+            dtype=weight.dtype,
+            budget=budget,
+            fast={text: text, image: image} if fast else None,
+        )
 
-    def _reference(self, tower: TextTower | ImageTower, layer: int) -> torch.Tensor:
+    def _pad_ids(self, ids: list[torch.Tensor], seq: int) -> torch.Tensor:
+        batch = torch.full((len(ids), seq), self.pad_id, dtype=torch.long, device=self.device)
+        for row, one in enumerate(ids):
+            batch[row, : len(one)] = one
+        return batch
+
+    def _reference(self, tower: SplitTower, layer: int) -> torch.Tensor:
         key = (tower, layer)
         if key not in self._reference_hidden:
-            reference = self._text_reference_ids if tower is self.text else self._image_reference
-            self._reference_hidden[key] = tower.lower(reference, layer)[0]
+            if tower is self.text:
+                hidden = tower.lower(self._text_reference_ids, layer, self._text_reference_length)
+            else:
+                hidden = tower.lower(self._image_reference, layer, torch.zeros(1, dtype=torch.long))
+            self._reference_hidden[key] = hidden[0]
         return self._reference_hidden[key]
 
-    def factors(self, tower: TextTower | ImageTower, sides: list[Side]) -> list[Factor | None]:
+    def _lower(self, tower: SplitTower, inputs: list[torch.Tensor], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs' hidden states at ``layer`` (B, S, d) and their lengths (B,)."""
+        if tower is self.text:
+            lengths = torch.tensor([len(ids) for ids in inputs], device=self.device)
+            # a tower that reads padding sees the whole context; otherwise the longest input's rows suffice
+            seq = tower.context_length if tower.sees_padding else int(lengths.max())
+            return tower.lower(self._pad_ids(inputs, seq), layer, lengths), lengths
+        hidden = tower.lower(torch.stack(inputs).to(self.dtype), layer, torch.zeros(len(inputs), dtype=torch.long))
+        return hidden, torch.full((len(inputs),), hidden.shape[1], device=self.device)
+
+    def factors(self, tower: SplitTower, sides: list[Side]) -> list[Factor | None]:
         """Factors and path endpoints of many inputs on one tower, batched.
 
         Inputs with the same attribution layer share every pass: the lower tower, the path
-        endpoints and the JVP (or VJP) chunks. Captions of different lengths are padded after
-        their end tokens to the longest: a causal tower's rows up to the end token do not
-        depend on the padding, and each caption is pooled at its own end token.
+        endpoints and the JVP (or VJP) chunks. Captions of different lengths are padded to
+        the longest after their end tokens (to the context when the tower reads padding),
+        and each is pooled where it is alone.
 
         Args:
-            tower: ``self.text`` (inputs: token ids (S_t,) int64, start to end token) or
-                ``self.image`` (inputs: normalised pixels (3, H, W)).
+            tower: ``self.text`` (inputs: token ids (S_t,) int64, start to end token, no
+                padding) or ``self.image`` (inputs: normalised pixels (3, H, W)).
             sides: what to compute.
 
         Returns:
@@ -130,22 +187,18 @@ class Explainer:
         results: list[Factor | None] = [None] * len(sides)
         with torch.no_grad():
             for layer, members in groups.items():
-                inputs = [sides[i].inputs.to(self.device) for i in members]
-                if tower is self.text:
-                    hidden = tower.lower(pad_sequence(inputs, batch_first=True), layer)
-                    lengths = torch.tensor([len(ids) for ids in inputs], device=self.device)
-                else:
-                    hidden = tower.lower(torch.stack(inputs).to(self.dtype), layer)
-                    lengths = torch.full((len(members),), hidden.shape[1], device=self.device)
-                # Causal tower: the reference's first S rows do not depend on what follows them.
-                reference = self._reference(tower, layer)[: hidden.shape[1]]
-                # The reference's endpoint is pooled where its input's is (method.md): once per such row.
-                pool = tower.pool_rows(lengths)
-                reference_pool, reference_of = pool.unique(return_inverse=True)
+                hidden, lengths = self._lower(tower, [sides[i].inputs.to(self.device) for i in members], layer)
+                seq = hidden.shape[1]
+                # rows up to S of the reference do not depend on later ones where inputs are cut
+                reference = self._reference(tower, layer)[:seq]
+                own = tower.own_rows(lengths, seq)
+                # The reference's endpoint is taken with its input's lengths (pooled at the same
+                # row, method.md): once per distinct length.
+                reference_lengths, reference_of = lengths.unique(return_inverse=True)
                 endpoints = tower.upper(
-                    torch.cat([hidden, reference.expand(len(reference_pool), -1, -1)]),
+                    torch.cat([hidden, reference.expand(len(reference_lengths), -1, -1)]),
                     layer,
-                    torch.cat([pool, reference_pool]),
+                    torch.cat([lengths, reference_lengths]),
                 )
                 integrals = [
                     PathIntegral(
@@ -153,16 +206,23 @@ class Explainer:
                         reference,
                         *nodes_and_weights(sides[i].method, sides[i].n_steps),
                         sides[i].should_stop,
+                        int(own[j]),
                         int(lengths[j]),
                     )
                     for j, i in enumerate(members)
                 ]
-                mode = choose_mode(tower, layer, hidden.shape[1], self.embed_dim)
-                for j, (i, factor) in enumerate(zip(members, FACTORS[mode](tower, layer, integrals, self.budget))):
+                for j, (i, factor) in enumerate(zip(members, self._integrate(tower, layer, integrals))):
                     if factor is not None:
-                        own, ref = endpoints[j], endpoints[len(members) + reference_of[j]]
-                        results[i] = Factor(factor, torch.stack([own, ref]))
+                        own_end, ref_end = endpoints[j], endpoints[len(members) + reference_of[j]]
+                        results[i] = Factor(factor, torch.stack([own_end, ref_end]))
         return results
+
+    def _integrate(self, tower: SplitTower, layer: int, integrals: list[PathIntegral]) -> list[torch.Tensor | None]:
+        fast = self._fast.get(tower)
+        if fast is not None and layer < fast.n_layers:
+            mode = choose_mode(fast, layer, integrals[0].hidden.shape[0], self.embed_dim)
+            return FACTORS[mode](fast, layer, integrals, self.budget)
+        return generic.factors(tower, layer, integrals, self.budget)
 
     def combine(self, text: Factor, image: Factor) -> Attribution:
         """The :class:`Attribution` of one pair from its two sides' factors (paper Eq. 10, method.md).

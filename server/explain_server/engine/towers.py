@@ -29,12 +29,10 @@ from open_clip.model import CLIP
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch.func import jvp, vmap
 
+from .split import Layer, SplitTower, UnsupportedModelError
+
 # A tangent map: tangents (C, B, S, d) at a fixed primal -> their images.
 Linear = Callable[[torch.Tensor], torch.Tensor]
-
-
-class UnsupportedModelError(ValueError):
-    """The model is not of the kind the engine explains (raised at load time)."""
 
 
 def select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -56,6 +54,7 @@ def attention_half(
     x: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x + ls_1(attn(ln_1(x)))`` of an open_clip ``ResidualAttentionBlock``, with explicit attention.
 
@@ -65,6 +64,7 @@ def attention_half(
         attn_mask: additive float mask (S, S) or None.
         rows: (B, Q) int64, the rows of each input to compute (every row still serves as key
             and value); None = all S rows.
+        key_mask: additive float mask (B, S) over each input's keys (e.g. its padding), or None.
 
     Returns:
         (B, Q, d).
@@ -83,6 +83,8 @@ def attention_half(
     mask = mask_rows(attn_mask, rows)
     if mask is not None:
         scores = scores + mask.to(scores.dtype)
+    if key_mask is not None:
+        scores = scores + key_mask[:, None, None, :].to(scores.dtype)
     out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, -1, width)
     return select_rows(x, rows) + block.ls_1(attn.out_proj(out))
 
@@ -192,21 +194,24 @@ def _check_blocks(blocks: torch.nn.ModuleList, tower: str) -> None:
 _ACTIVATIONS = (torch.nn.GELU, QuickGELU)
 
 
-class Tower:
+class Tower(SplitTower):
     """One tower split at a block: ``lower`` (f_lo) and ``upper`` (f_hi) of method.md.
 
     Subclasses say where the blocks are, which row is pooled, the attention mask, and the final
-    norm and projection of the pooled row.
+    norm and projection of the pooled row. Layer i is the input of block i.
     """
 
     blocks: torch.nn.ModuleList
-    embed_dim: int
-    """D, the width of the embedding :meth:`head` returns."""
 
     @property
     def n_layers(self) -> int:
         """Number of transformer blocks."""
         return len(self.blocks)
+
+    @property
+    def default_layer(self) -> int:
+        """The input of the last block, as in exclip."""
+        return self.n_layers - 1
 
     def mask(self, seq: int) -> torch.Tensor | None:
         """Additive attention mask for ``seq`` positions, or None."""
@@ -274,21 +279,22 @@ class Tower:
         """Block ``layer``'s attention half on the rows it must compute."""
         return attention_half(self.blocks[layer], x, self.mask(x.shape[1]), self.query_rows(layer, pool))
 
-    def upper(self, hidden: torch.Tensor, layer: int, pool: torch.Tensor | None = None) -> torch.Tensor:
+    def upper(self, hidden: torch.Tensor, layer: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """f_hi: the embedding from the hidden states entering block ``layer``.
 
         Args:
             hidden: (B, S, d).
             layer: block index in [0, n_layers - 1].
-            pool: (B,) int64, each input's pooled row (see :meth:`pool_rows`); None = that of
-                an unpadded input of S rows.
+            lengths: (B,) int64, each input's rows before its padding (see :meth:`pool_rows`);
+                None = S, no padding.
 
         Returns:
             Unnormalised embeddings (B, D).
         """
-        if pool is None:
+        if lengths is None:
             batch, seq = hidden.shape[:2]
-            pool = self.pool_rows(torch.full((batch,), seq, device=hidden.device))
+            lengths = torch.full((batch,), seq, device=hidden.device)
+        pool = self.pool_rows(lengths)
         return self.finish(self.attention(hidden, layer, pool), layer, pool)
 
 
@@ -321,6 +327,11 @@ class TextTower(Tower):
         self.blocks = model.transformer.resblocks
         self.final_norm = model.ln_final
         _check_blocks(self.blocks, "text")
+        self.layers = tuple(Layer(f"block {i}") for i in range(self.n_layers))
+        # causal: positions after the end token cannot change the embedding
+        self.sees_padding = False
+        self.context_length = int(model.context_length)
+        self.pad_id = 0
         projection = model.text_projection
         if projection is None:
             self.embed_dim = model.transformer.width
@@ -346,13 +357,14 @@ class TextTower(Tower):
             return F.linear(x, projection.weight, projection.bias if bias else None)
         return x @ projection
 
-    def lower(self, token_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    def lower(self, token_ids: torch.Tensor, layer: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """f_lo: hidden states entering block ``layer``, with the model's own modules.
 
         Args:
             token_ids: (B, S) int64, cut after the end token of the longest sequence; shorter
                 ones padded with zeros after their end token.
             layer: block index in [0, n_layers - 1].
+            lengths: unused: no row depends on the rows after it.
 
         Returns:
             (B, S, d_t) in the model's dtype.
@@ -390,6 +402,7 @@ class ImageTower(Tower):
         self.final_norm = visual.ln_post
         _check_blocks(self.blocks, "image")
         self.embed_dim = visual.output_dim
+        self.layers = tuple(Layer(f"block {i}", self.grid_size, ("cls",)) for i in range(self.n_layers))
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -404,12 +417,13 @@ class ImageTower(Tower):
         """``proj`` (ln_post, the final norm, is row-wise: applying it to the pooled row equals open_clip's order)."""
         return x @ self.visual.proj if self.visual.proj is not None else x
 
-    def lower(self, pixels: torch.Tensor, layer: int) -> torch.Tensor:
+    def lower(self, pixels: torch.Tensor, layer: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """g_lo: hidden states entering block ``layer``, with the model's own modules.
 
         Args:
             pixels: normalised images (B, 3, H, W) in the model's dtype.
             layer: block index in [0, n_layers - 1].
+            lengths: unused.
 
         Returns:
             (B, 1 + Gh * Gw, d_v): the class token, then the patches in row-major order.

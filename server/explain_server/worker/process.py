@@ -8,6 +8,7 @@ its connection close and exits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from ..loading import LoadedModel, ModelLoadError, load_model
 from ..model_spec import ModelSpec
 from ..settings import BatchingConfig
 from ..shapes import model as shapes_model
+from ..tokenizers import CaptionTokenizer, ClipTokenizer
 from .factor_cache import FactorCache
 from .protocol import LoadFailed, ModelDescription, Ready
 from .serve import serve
@@ -60,20 +62,32 @@ class WorkerSettings:
     log_level: str
 
 
+def pad_label(tokenizer: CaptionTokenizer) -> str:
+    """The label of padding rows: the tokenizer's own pad token, else ``<pad>`` (open_clip's CLIP
+    tokenizer pads with id 0, whose text "!" would read as a word)."""
+    if isinstance(tokenizer, ClipTokenizer):
+        return "<pad>"
+    return tokenizer.special_label(tokenizer.pad_id) or "<pad>"
+
+
 def describe(loaded: LoadedModel) -> ModelDescription:
-    """What the front end needs to know of ``loaded``."""
+    """What the front end needs to know of ``loaded``: its towers' layers and padding come
+    from the explainer's ``text`` and ``image`` towers."""
+    text, image = loaded.explainer.text, loaded.explainer.image
     return ModelDescription(
         image_size=loaded.image_size,
         patch_size=loaded.patch_size,
-        grid_size=loaded.grid_size,
         embed_dim=loaded.embed_dim,
         logit_scale=loaded.logit_scale,
-        context_length=loaded.model.context_length,
-        text_layers=loaded.explainer.text.n_layers,
-        image_layers=loaded.explainer.image.n_layers,
+        context_length=text.context_length,
+        text_layer_list=tuple(text.layers),
+        image_layer_list=tuple(image.layers),
         default_text_layer=loaded.default_text_layer,
         default_image_layer=loaded.default_image_layer,
-        preprocess_cfg=dict(loaded.model.visual.preprocess_cfg),
+        text_sees_padding=bool(text.sees_padding),
+        pad_id=int(loaded.explainer.pad_id),
+        pad_label=pad_label(loaded.tokenizer),
+        preprocess_cfg=dataclasses.asdict(loaded.preprocess_cfg),
         device=str(loaded.device),
         dtype=loaded.dtype_name,
         load_seconds=loaded.load_seconds,

@@ -15,6 +15,7 @@ from enum import Enum
 import numpy as np
 
 from ..engine.attribution import Attribution
+from ..engine.layers import Layer
 
 
 class Tower(Enum):
@@ -30,7 +31,7 @@ class SideKey:
 
     Attributes:
         tower: which tower.
-        layer: the non-negative block index whose inputs are attributed.
+        layer: the non-negative index (into the tower's layers) whose inputs are attributed.
         method, n_steps: the quadrature rule and its node count.
         digest: SHA-256 of the content (token ids, or the image's bytes as sent).
     """
@@ -44,7 +45,9 @@ class SideKey:
 
 @dataclass(frozen=True)
 class SideInput:
-    """One side of a job: its key and its model inputs (token ids (S_t,) int64, or pixels (3, H, W))."""
+    """One side of a job: its key and its model inputs: token ids (S_t,) int64 as the text tower
+    reads them (the caption's, then, for a tower that sees padding, pad ids up to its context
+    length), or pixels (3, H, W)."""
 
     key: SideKey
     inputs: np.ndarray
@@ -99,12 +102,17 @@ class ModelDescription:
     """What the front end needs to know of a loaded model to validate, tokenise and answer.
 
     Attributes:
-        image_size, patch_size, grid_size: (height, width) in pixels, pixels and patches.
+        image_size, patch_size: (height, width) of the model input and of a ViT's patches, in
+            pixels; the patch size is (0, 0) for towers without patches.
         embed_dim: D, the joint embedding width.
         logit_scale: exp(logit_scale).
-        context_length: the text tower's token limit.
-        text_layers, image_layers: blocks per tower.
-        default_text_layer, default_image_layer: the blocks explained when a request names none.
+        context_length: the text tower's token limit, special tokens included.
+        text_layer_list, image_layer_list: the layers a request may attribute, by index (the
+            explainer's ``text.layers`` and ``image.layers``).
+        default_text_layer, default_image_layer: the layers explained when a request names none.
+        text_sees_padding: the text tower reads its padding (SplitTower.sees_padding): inputs
+            are padded to ``context_length`` with ``pad_id`` and every row is attributed.
+        pad_id, pad_label: the id that pads token sequences, and the label of padding rows.
         preprocess_cfg: open_clip's preprocessing configuration, as a dict.
         device, dtype: where and in what the model runs.
         load_seconds: loading plus warm-up.
@@ -112,18 +120,35 @@ class ModelDescription:
 
     image_size: tuple[int, int]
     patch_size: tuple[int, int]
-    grid_size: tuple[int, int]
     embed_dim: int
     logit_scale: float
     context_length: int
-    text_layers: int
-    image_layers: int
+    text_layer_list: tuple[Layer, ...]
+    image_layer_list: tuple[Layer, ...]
     default_text_layer: int
     default_image_layer: int
+    text_sees_padding: bool
+    pad_id: int
+    pad_label: str
     preprocess_cfg: dict
     device: str
     dtype: str
     load_seconds: float
+
+    @property
+    def text_layers(self) -> int:
+        """L_t, the number of text layers."""
+        return len(self.text_layer_list)
+
+    @property
+    def image_layers(self) -> int:
+        """L_v, the number of image layers."""
+        return len(self.image_layer_list)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(Gh, Gw) of the default image layer."""
+        return self.image_layer_list[self.default_image_layer].grid
 
 
 @dataclass(frozen=True)

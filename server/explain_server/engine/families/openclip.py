@@ -1,0 +1,353 @@
+"""open_clip's own transformer towers as :class:`~..split.SplitTower` s (method.md, "Beyond CLIP's ViT towers").
+
+Covers open_clip's ``VisionTransformer`` (class-token, average and CoCa's attentional pooling,
+with or without ``ln_pre`` and with the final norm before or after pooling) and its text
+transformer, both the ``TextTransformer`` module (``model.text`` of ``CustomTextCLIP`` and
+``CoCa``) and the tower built into ``open_clip.model.CLIP`` (causal or not; pooled at the end
+token, by ``argmax`` or ``eos``, at the first or last position, or at CoCa's appended class
+token).
+
+``lower`` runs the model's own modules. ``upper`` runs the blocks with an explicit attention,
+since nn.MultiheadAttention's fast path and the fused attention kernels break
+``torch.func.jvp``; where a single row is pooled, the last block computes that row alone.
+
+Layers: ``block i`` is the input of transformer block i; ``head`` is the input of the pooling
+head, after all blocks and the final norm when that norm is row-wise and precedes pooling
+(``ln_post`` / ``ln_final`` applied to every row, or the attentional pooler's key norm
+``ln_k``); where the norm follows pooling (``final_ln_after_pool``, CoCa's text class token)
+``upper`` applies it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.transformer import (
+    AttentionalPooler,
+    CustomResidualAttentionBlock,
+    ResidualAttentionBlock,
+    TextTransformer,
+    VisionTransformer,
+)
+
+from ..split import Layer, SplitTower, UnsupportedModelError
+from ..towers import attention_half, mask_rows, mlp_half, select_rows
+
+
+def check_blocks(blocks: torch.nn.ModuleList, tower: str) -> None:
+    """Refuse blocks ``upper`` cannot run with explicit attention.
+
+    Raises:
+        UnsupportedModelError: a block class other than open_clip's self-attention
+            ``ResidualAttentionBlock`` / ``CustomResidualAttentionBlock``, or scaled cosine
+            attention (open_clip 3.3's own forward of it fails: ``torch.bmm`` on 4-D tensors).
+    """
+    for i, block in enumerate(blocks):
+        if type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv"):
+            if not block.attn.batch_first or not block.attn._qkv_same_embed_dim or block.attn.bias_k is not None:
+                raise UnsupportedModelError(
+                    f"{tower} tower block {i}: attention must be batch-first with packed q/k/v and no extra key bias"
+                )
+        elif type(block) is CustomResidualAttentionBlock:
+            if block.attn.logit_scale is not None:
+                raise UnsupportedModelError(
+                    f"{tower} tower block {i}: CustomResidualAttentionBlock with scaled cosine attention is not "
+                    "supported (open_clip's own forward of it fails)"
+                )
+        else:
+            raise UnsupportedModelError(
+                f"{tower} tower block {i} is {type(block).__name__}; only open_clip's ResidualAttentionBlock and "
+                "CustomResidualAttentionBlock (self-attention) are supported"
+            )
+
+
+def custom_attention_half(
+    block: CustomResidualAttentionBlock,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x + ls_1(ln_attn(attn(ln_1(x))))`` of a ``CustomResidualAttentionBlock`` with explicit attention
+    (qk norm, per-head scale, inner norm); arguments as :func:`..towers.attention_half`."""
+    attn = block.attn
+    batch, seq, width = x.shape
+    heads = attn.num_heads
+    y = block.ln_1(x)
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
+    q = F.linear(select_rows(y, rows), w_q, b_q).view(batch, -1, heads, attn.head_dim).transpose(1, 2)
+    k = F.linear(y, w_k, b_k).view(batch, seq, heads, attn.head_dim).transpose(1, 2)
+    v = F.linear(y, w_v, b_v).view(batch, seq, heads, attn.head_dim).transpose(1, 2)
+    scores = (attn.ln_q(q) @ attn.ln_k(k).transpose(-2, -1)) * attn.scale
+    mask = mask_rows(attn_mask, rows)
+    if mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    if key_mask is not None:
+        scores = scores + key_mask[:, None, None, :].to(scores.dtype)
+    out = scores.softmax(dim=-1) @ v
+    if attn.head_scale is not None:
+        out = out * attn.head_scale
+    out = attn.out_proj(attn.ln_inner(out.transpose(1, 2).reshape(batch, -1, width)))
+    return select_rows(x, rows) + block.ls_1(block.ln_attn(out))
+
+
+def run_blocks(
+    blocks: torch.nn.ModuleList,
+    x: torch.Tensor,
+    first: int,
+    attn_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    last_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Blocks ``first``.. of ``blocks`` on ``x`` (B, S, d) with explicit attention.
+
+    Args:
+        attn_mask: additive (S, S) mask, or None.
+        key_mask: additive (B, S) mask over keys, or None.
+        last_rows: (B, Q) int64, the only rows the last block computes; None = all.
+
+    Returns:
+        (B, S, d), or (B, Q, d) when ``last_rows`` is given and the last block ran.
+    """
+    for index in range(first, len(blocks)):
+        block = blocks[index]
+        rows = last_rows if index == len(blocks) - 1 else None
+        if type(block) is ResidualAttentionBlock:
+            x = attention_half(block, x, attn_mask, rows, key_mask=key_mask)
+        else:
+            x = custom_attention_half(block, x, attn_mask, rows, key_mask)
+        x = mlp_half(block, x)
+    return x
+
+
+def attentional_pool(pooler: AttentionalPooler, keys: torch.Tensor, queries: slice) -> torch.Tensor:
+    """CoCa's ``AttentionalPooler`` with explicit attention, for some of its learned queries.
+
+    Args:
+        pooler: the pooler.
+        keys: (B, S, d) tokens already normalised by ``pooler.ln_k``.
+        queries: which learned queries to compute (its norm ``ln_q`` is row-wise).
+
+    Returns:
+        (B, Q, D) pooled queries.
+    """
+    mha = pooler.attn
+    batch, seq, _ = keys.shape
+    heads, width = mha.num_heads, mha.embed_dim
+    head_dim = width // heads
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+    q = F.linear(pooler.ln_q(pooler.query[queries]), w_q, b_q)
+    q = q.view(-1, heads, head_dim).transpose(0, 1)  # (H, Q, e), shared by the batch
+    k = F.linear(keys, w_k, b_k).view(batch, seq, heads, head_dim).transpose(1, 2)
+    v = F.linear(keys, w_v, b_v).view(batch, seq, heads, head_dim).transpose(1, 2)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
+    out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, -1, width)
+    return mha.out_proj(out)
+
+
+def block_layers(count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()) -> tuple[Layer, ...]:
+    """``block 0`` .. ``block count-1`` and ``head``, all with the same positions."""
+    return tuple(Layer(f"block {i}", grid, prefix) for i in range(count)) + (Layer("head", grid, prefix),)
+
+
+class VisionTower(SplitTower):
+    """open_clip's ``VisionTransformer``; positions are the class token then the patch grid.
+
+    Pooling: the class token (``tok``), the mean of the patch tokens (``avg``), or CoCa's
+    attentional pooler (its first query is the contrastive embedding), each with the final norm
+    ``ln_post`` before pooling (row-wise: the ``head`` layer's hidden state includes it) or after
+    (``final_ln_after_pool``, CLIPA: ``upper`` applies it). With the attentional pooler the
+    ``head`` layer's hidden state includes the pooler's key norm ``ln_k``.
+    """
+
+    def __init__(self, visual: VisionTransformer):
+        """Wrap ``visual``.
+
+        Raises:
+            UnsupportedModelError: ``pool_type`` 'none' (no single embedding), the 'parallel' /
+                'cascade' attentional poolers (open_clip marks them untested; no pretrained
+                config uses them), or an unsupported block (see :func:`check_blocks`).
+        """
+        if visual.attn_pool is not None and visual.attn_pool_contrastive is not None:
+            raise UnsupportedModelError(
+                f"VisionTransformer with attentional_pool {visual.attn_pool_type!r} is not supported "
+                "(open_clip marks it untested; only the original CoCa pooler is)"
+            )
+        if visual.pool_type not in ("tok", "avg"):
+            raise UnsupportedModelError(
+                f"VisionTransformer pool_type {visual.pool_type!r} yields no single embedding; 'tok' or 'avg' needed"
+            )
+        check_blocks(visual.transformer.resblocks, "image")
+        self.visual = visual
+        self.blocks = visual.transformer.resblocks
+        self.embed_dim = visual.proj.shape[1] if visual.proj is not None else visual.ln_post.normalized_shape[0]
+        self.layers = block_layers(len(self.blocks), tuple(visual.grid_size), ("cls",))
+        self.default_layer = len(self.blocks) - 1
+
+    def _norm_before_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The row-wise norm between the last block and the pooling (part of the ``head`` layer)."""
+        if self.visual.attn_pool is not None:
+            return self.visual.attn_pool.ln_k(x)
+        return x if self.visual.final_ln_after_pool else self.visual.ln_post(x)
+
+    def lower(self, inputs: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+        """g_lo with the model's own modules: (B, 1 + Gh * Gw, d), class token first (see SplitTower)."""
+        x = self.visual._embeds(inputs)
+        for block in self.blocks[:layer]:
+            x = block(x)
+        return self._norm_before_pool(x) if layer == len(self.blocks) else x
+
+    def upper(self, hidden: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+        """g_hi: the blocks from ``layer``, pooling, norm and projection, as ``visual.forward`` (see SplitTower)."""
+        visual = self.visual
+        tok = visual.pool_type == "tok"
+        x = hidden
+        if layer < len(self.blocks):
+            # only the class token reaches a 'tok'-pooled embedding without the attentional pooler
+            single = tok and visual.attn_pool is None
+            rows = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device) if single else None
+            x = self._norm_before_pool(run_blocks(self.blocks, x, layer, last_rows=rows))
+        if visual.attn_pool is not None:
+            # ln_post is row-wise over the pooler's queries, so only the pooled ones are computed
+            x = visual.ln_post(attentional_pool(visual.attn_pool, x, slice(0, 1) if tok else slice(None)))
+        pooled = x[:, 0] if tok else x[:, 1:].mean(dim=1)
+        if visual.attn_pool is None and visual.final_ln_after_pool:
+            pooled = visual.ln_post(pooled)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+class TextTower(SplitTower):
+    """open_clip's text transformer: a ``TextTransformer`` module or the tower built into ``CLIP``.
+
+    Positions are the token ids. With CoCa's class token (``embed_cls``) the hidden state has
+    one more row, the class token appended after the ids (labelled by :attr:`suffix`); its
+    embedding depends on the padded length (the class token's position), so such inputs are
+    padded to :attr:`context_length` and every row is attributed (:attr:`sees_padding`).
+
+    Pooled row: ``argmax`` and ``eos`` pool the end token, taken as row ``lengths - 1`` (for
+    open_clip's tokenisers the end token is the last real id; tested); ``first`` row 0;
+    ``last`` and CoCa's class token the last row. A key mask (CoCa, ``use_pad_mask``) is also
+    taken from ``lengths``: ids from ``lengths`` on are padding. open_clip masks ids equal to
+    ``pad_id`` instead; the two differ only for a caption with ``pad_id`` among its real ids
+    (CLIP's id 0 is "!"), where ``lower`` (the model's own ``_embeds``) and ``upper`` disagree.
+    """
+
+    suffix: tuple[str, ...]
+    """Labels of hidden rows after the ids: ``("cls",)`` with CoCa's class token, else empty."""
+
+    def __init__(self, source: TextTransformer | CLIP):
+        """Wrap ``source``: a ``TextTransformer``, or a ``CLIP`` whose text tower is built in.
+
+        Raises:
+            UnsupportedModelError: pool_type 'none' (no single embedding) or an unsupported
+                block (see :func:`check_blocks`).
+        """
+        self.source = source
+        module = isinstance(source, TextTransformer)
+        self.pool_type = source.pool_type if module else source.text_pool_type
+        self.cls = getattr(source, "cls_emb", None) is not None
+        if not self.cls and self.pool_type not in ("argmax", "eos", "first", "last"):
+            raise UnsupportedModelError(
+                f"text pool_type {self.pool_type!r} yields no single embedding; argmax, eos, first or last needed"
+            )
+        self.blocks = source.transformer.resblocks
+        check_blocks(self.blocks, "text")
+        self.key_masked = module and (source.use_pad_mask or self.cls)
+        self.correct_cls_mask = module and source.correct_cls_mask
+        self.context_length = source.context_length
+        self.pad_id = source.pad_id if module else 0
+        self.suffix = ("cls",) if self.cls else ()
+        # Padding moves the embedding when nothing masks it (no causal and no key mask), when
+        # the last (padding) row is pooled, and through the position of CoCa's class token.
+        self.sees_padding = self.cls or self.pool_type == "last" or (source.attn_mask is None and not self.key_masked)
+        projection = source.text_projection
+        if projection is None:
+            self.embed_dim = source.transformer.width
+        elif isinstance(projection, torch.nn.Linear):
+            self.embed_dim = projection.out_features
+        else:
+            self.embed_dim = projection.shape[1]
+        self.layers = block_layers(len(self.blocks))
+        self.default_layer = len(self.blocks) - 1
+
+    def _norm_before_pool(self) -> bool:
+        """``ln_final`` on every row before pooling (it follows the pooling of CoCa's class token)."""
+        return not self.cls
+
+    def _pool_rows(self, lengths: torch.Tensor, seq: int) -> torch.Tensor:
+        """(B,) the pooled row of each input of ``seq`` rows."""
+        if self.cls or self.pool_type == "last":
+            return torch.full_like(lengths, seq - 1)
+        if self.pool_type == "first":
+            return torch.zeros_like(lengths)
+        return lengths - 1
+
+    def _key_mask(self, lengths: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """open_clip's padding (and class-token) key mask, from ``lengths``: (B, seq) additive, or None."""
+        if not self.key_masked:
+            return None
+        ids = seq - 1 if self.cls else seq
+        valid = torch.arange(ids, device=lengths.device)[None] < lengths[:, None]
+        if self.cls:
+            # open_clip's legacy mask (the default) shifts the validity by one position
+            keep = valid.new_ones(valid.shape[0], 1)
+            valid = torch.cat([valid, keep] if self.correct_cls_mask else [keep, valid], 1)
+        return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+
+    def _causal_mask(self, seq: int) -> torch.Tensor | None:
+        mask = self.source.attn_mask
+        return None if mask is None else mask[:seq, :seq]
+
+    def _embeds(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden state entering block 0 and the attention mask the model's blocks take."""
+        source = self.source
+        if isinstance(source, TextTransformer):
+            x, mask = source._embeds(ids)
+            # without a key mask open_clip passes its whole causal mask, fit for context-length inputs only
+            return x, mask if mask is None or mask.dim() == 3 else mask[: x.shape[1], : x.shape[1]]
+        cast = source.transformer.get_cast_dtype()
+        x = source.token_embedding(ids).to(cast) + source.positional_embedding[: ids.shape[1]].to(cast)
+        mask = self._causal_mask(ids.shape[1])
+        return x, None if mask is None else mask.to(cast)
+
+    def lower(self, inputs: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+        """f_lo with the model's own modules: (B, S, d), or (B, S + 1, d) with CoCa's class token."""
+        x, mask = self._embeds(inputs)
+        for block in self.blocks[:layer]:
+            x = block(x, attn_mask=mask)
+        if layer == len(self.blocks) and self._norm_before_pool():
+            x = self.source.ln_final(x)
+        return x
+
+    def upper(self, hidden: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+        """f_hi: the blocks from ``layer``, pooling, ``ln_final`` and ``text_projection`` (see SplitTower)."""
+        seq = hidden.shape[1]
+        pool = self._pool_rows(lengths, seq)
+        if layer < len(self.blocks):
+            x = run_blocks(
+                self.blocks,
+                hidden,
+                layer,
+                attn_mask=self._causal_mask(seq),
+                key_mask=self._key_mask(lengths, seq, hidden.dtype),
+                last_rows=pool[:, None],
+            )[:, 0]
+            x = self.source.ln_final(x)  # row-wise, so the pooled row alone, before or after pooling alike
+        else:
+            x = select_rows(hidden, pool[:, None])[:, 0]
+            if not self._norm_before_pool():
+                x = self.source.ln_final(x)
+        projection = self.source.text_projection
+        if projection is None:
+            return x
+        if isinstance(projection, torch.nn.Linear):
+            return projection(x)
+        return x @ projection

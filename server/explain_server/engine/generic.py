@@ -1,0 +1,182 @@
+"""Attribution factors of any tower, by batched forward- or reverse-mode AD on f_hi (method.md).
+
+The factor of position s is  T[:, s] = sum_k w_k J_hi(h(a_k)) [dt on row s, 0 elsewhere]: one
+Jacobian-vector product of :meth:`SplitTower.upper` per column and quadrature node (forward
+mode), or one vector-Jacobian product per embedding dimension and node (reverse mode),
+whichever costs less. Nothing here knows the tower's structure: the JVP carries a dense
+tangent through f_hi, so this path is the baseline that the structure-aware paths of
+engine/towers.py beat where they apply.
+
+Work is split as on the fast path: nodes of all the requests in a batch share passes, longest
+inputs first; each pass runs its columns (or dimensions) in chunks sized by the
+:class:`ChunkBudget` from a cost profile of f_hi (multiply-adds and bytes of the tensors one
+evaluation creates, measured once per tower, layer and length); stop checks run before each chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.func import jvp, vjp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .attribution import ChunkBudget, PathIntegral, _Factors, _Nodes, _schedule, _similar, _Timed
+from .split import SplitTower
+
+# Live tangent-sized copies per unit of work, as a factor on the bytes one evaluation of f_hi
+# creates: a JVP holds a tangent beside each primal tensor, plus temporaries.
+_TANGENT_COPIES = 3
+# A dense tangent through a linear layer costs what its primal does; through products of two
+# moving tensors (attention scores, normalisation), about twice.
+_TANGENT_COST = 1.5
+
+
+class _ByteCounter(TorchDispatchMode):
+    """Sums the bytes of every tensor the dispatched operations create."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.bytes += tensor.element_size() * tensor.nelement()
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def _profile(tower: SplitTower, layer: int, seq: int, width: int, dtype: torch.dtype, device: torch.device):
+    """(multiply-adds, bytes created) of f_hi on one input of ``seq`` positions."""
+    hidden = torch.zeros((1, seq, width), dtype=dtype, device=device)
+    lengths = torch.full((1,), seq, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, _ByteCounter() as memory:
+        tower.upper(hidden, layer, lengths)
+    return max(counter.get_total_flops() / 2, 1.0), max(memory.bytes, 1)
+
+
+def choose_mode(tower: SplitTower, seq: int) -> str:
+    """'forward' (``seq`` JVPs) or 'reverse' (D VJPs of about twice the primal's cost)."""
+    return "forward" if seq * _TANGENT_COST <= 2 * tower.embed_dim else "reverse"
+
+
+def factors(
+    tower: SplitTower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget
+) -> list[torch.Tensor | None]:
+    """Factors of ``integrals`` on ``tower`` at ``layer``, in the cheaper mode.
+
+    Args:
+        tower: f_hi is ``tower.upper(., layer, lengths)``, with each integral's
+            ``content_length`` as its length.
+        layer: index into ``tower.layers``.
+        integrals: the integrals, all with the same (padded) number of positions S.
+        budget: the memory and time one chunk may take.
+
+    Returns:
+        Per integral, in order: its factor (D, own_rows) in at least float32, whose column sum
+        approximates f_hi(h) - f_hi(h^r); or None when its ``should_stop`` returned true at a
+        poll (polls run before every chunk).
+    """
+    seq = integrals[0].hidden.shape[0]
+    run = _forward if choose_mode(tower, seq) == "forward" else _reverse
+    return run(tower, layer, integrals, budget)
+
+
+def _lengths(integrals: list[PathIntegral], owner: torch.Tensor) -> torch.Tensor:
+    """The ``lengths`` argument of f_hi for each node: its integral's content length."""
+    return torch.tensor([integrals[i].content for i in owner.tolist()], device=owner.device)
+
+
+def _plan(
+    tower: SplitTower,
+    layer: int,
+    integrals: list[PathIntegral],
+    queue: list[tuple[int, int]],
+    budget: ChunkBudget,
+    unit_cost: float,
+    units: int | None,
+) -> tuple[int, int, int, float, float]:
+    """The next pass: (rows, nodes, units per chunk, multiply-adds of one node's primal and of one unit).
+
+    ``units`` is the number of units (None: one per column); ``unit_cost`` a unit's cost as a
+    multiple of the primal's.
+    """
+    probe = integrals[0].hidden
+    # the longest input left: later passes need no more rows (all rows when padding is read)
+    seq = integrals[queue[0][0]].own_rows
+    flops, created = _profile(tower, layer, seq, probe.shape[1], probe.dtype, probe.device)
+    n_nodes, width = budget.plan(
+        created, _TANGENT_COPIES * created, flops, unit_cost * flops, units or seq, _similar(integrals, queue, seq)
+    )
+    return seq, n_nodes, width, flops, unit_cost * flops
+
+
+def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget) -> list:
+    """Forward mode: a chunk is c columns x n nodes, one vmapped JVP whose primal is computed once."""
+    factors = _Factors(integrals, tower.embed_dim)
+    queue = _schedule(integrals)
+    while queue := factors.pending(queue):
+        seq, n_nodes, n_columns, primal, tangent = _plan(tower, layer, integrals, queue, budget, _TANGENT_COST, None)
+        group, queue = queue[:n_nodes], queue[n_nodes:]
+        nodes = _Nodes(integrals, group, seq)
+        path, delta, owner, members = nodes.path, nodes.delta, nodes.owner, nodes.members
+        lengths = _lengths(integrals, owner)
+        start = 0
+        while start < seq:
+            # an integral leaves the pass once every column left is past its rows, or once stopped
+            still = factors.poll([i for i in members if integrals[i].own_rows > start])
+            if not still:
+                break
+            keep = torch.isin(owner, torch.tensor(still, device=owner.device))
+            weights = nodes.weights[[members.index(i) for i in still]][:, keep]
+            c = min(n_columns, seq - start)
+            cols = torch.arange(start, start + c, device=path.device)
+            here, moved, content = path[keep], delta[keep], lengths[keep]
+            tangents = torch.zeros((c, *here.shape), dtype=here.dtype, device=here.device)
+            tangents[torch.arange(c), :, cols] = moved[:, cols].transpose(0, 1)
+
+            def column(t: torch.Tensor, here=here, content=content) -> torch.Tensor:
+                return jvp(lambda h: tower.upper(h, layer, content), (here,), (t,))[1]
+
+            with _Timed(budget, len(here) * (primal + c * tangent), path.device):
+                products = vmap(column)(tangents)  # (c, N, D)
+                parts = torch.einsum("ckd,rk->rdc", products.to(weights.dtype), weights)
+            for index, part in zip(still, parts):
+                own_columns = min(c, integrals[index].own_rows - start)
+                if own_columns > 0:
+                    factors.sums[index][:, start : start + own_columns] += part[:, :own_columns]
+            start += c
+    return factors.results()
+
+
+def _reverse(tower: SplitTower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget) -> list:
+    """Reverse mode: a pass pulls back embedding dimensions in chunks from one forward of its nodes."""
+    dim = tower.embed_dim
+    factors = _Factors(integrals, dim)
+    queue = _schedule(integrals)
+    while queue := factors.pending(queue):
+        seq, n_nodes, n_dims, primal, pullback_flops = _plan(tower, layer, integrals, queue, budget, 2.0, dim)
+        group, queue = queue[:n_nodes], queue[n_nodes:]
+        nodes = _Nodes(integrals, group, seq)
+        members = nodes.members
+        lengths = _lengths(integrals, nodes.owner)
+        with torch.enable_grad():  # callers run under no_grad; reverse mode needs the graph
+            with _Timed(budget, len(group) * primal, nodes.path.device):
+                pullback = vjp(lambda h: tower.upper(h, layer, lengths), nodes.path)[1]
+            eye = torch.eye(dim, dtype=nodes.path.dtype, device=nodes.path.device)
+            for start in range(0, dim, n_dims):
+                if not factors.poll(members):
+                    break
+                cotangents = eye[start : start + n_dims, None, :].expand(-1, len(group), -1)  # (c, N, D)
+                with _Timed(budget, len(group) * len(cotangents) * pullback_flops, nodes.path.device):
+                    grads = vmap(pullback)(cotangents)[0].detach()  # (c, N, S, d)
+                    w = nodes.weights
+                    parts = torch.einsum("cksd,ksd,rk->rcs", grads.to(w.dtype), nodes.delta.to(w.dtype), w)
+                for index, part in zip(members, parts):
+                    own = integrals[index].own_rows
+                    factors.sums[index][start : start + n_dims] += part[:, :own]
+    return factors.results()

@@ -1,0 +1,197 @@
+"""Scaled-down stand-ins for open_clip's pretrained architectures whose image tower is a timm trunk.
+
+open_clip builds such a tower as ``TimmModel(timm.create_model(vision_cfg['timm_model_name'], ...))``
+and passes timm no size arguments, so a smaller tower needs a smaller *timm model name*. For each
+timm trunk that ``open_clip.list_pretrained()`` uses, :func:`register_scaled_timm` registers
+``small_<name>`` with timm: the original entrypoint called with fewer and narrower blocks and a small
+image, keeping its module types, pooling, prefix tokens and rope. :func:`scaled_config` rewrites an
+architecture's open_clip config around it (and shrinks an open_clip text tower), and
+:func:`add_scaled_architecture` makes ``open_clip.create_model`` build it. Weights are random.
+
+Usage::
+
+    name = add_scaled_architecture("ViT-B-16-SigLIP", tmp_dir)   # "small-ViT-B-16-SigLIP"
+    model = open_clip.create_model(name, pretrained=None)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import re
+from typing import Any, Callable
+
+import open_clip
+import torch.nn as nn
+from open_clip.factory import get_model_config
+from timm.models import is_model, model_entrypoint, register_model
+from timm.models.vision_transformer_hybrid import ConvStem, _create_vision_transformer_hybrid
+from timm.models.vitamin import VitCfg, VitConvCfg
+
+WIDTH = 64
+"""Width of every scaled transformer (vision and text) and of the joint embedding."""
+
+HEADS = 2
+"""Attention heads of every scaled transformer block (head width 32, which 2-d rope needs divisible by 4)."""
+
+DEPTH = 2
+"""Blocks of every scaled transformer."""
+
+PREFIX = "small_"
+"""Prefix of the registered timm names."""
+
+# Stages of the FastViT-MCi entrypoints (their per-stage arguments must keep this length).
+_FASTVIT_STAGES = {"fastvit_mci0": 4, "fastvit_mci1": 4, "fastvit_mci2": 4, "fastvit_mci3": 5, "fastvit_mci4": 5}
+
+
+def _patch(name: str) -> int:
+    match = re.search(r"patch(\d+)", name)
+    if match is None:
+        raise ValueError(f"no patch size in timm name {name!r}")
+    return int(match[1])
+
+
+def _transformer(name: str) -> tuple[dict[str, Any], int]:
+    """ViT and Eva (EVA01/02, PE-Core, any timm ViT named by its patch): fewer, narrower blocks; a 4x4 patch grid."""
+    size = 4 * _patch(name)
+    return dict(depth=DEPTH, embed_dim=WIDTH, num_heads=HEADS, img_size=size), size
+
+
+def _vitamin(name: str) -> tuple[dict[str, Any], int]:
+    """ViTamin: the same conv-stage embedding (stem, two MbConv stages, strided conv; stride 16), narrower;
+    every ViTamin entrypoint uses this conv config."""
+    embed_cfg = VitCfg(
+        embed_dim=(16, 32, WIDTH),
+        depths=(1, 1, 1),
+        stem_width=16,
+        conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6),
+        head_type="1d",
+    )
+    return dict(depth=DEPTH, embed_dim=WIDTH, num_heads=HEADS, img_size=64, embed_cfg=embed_cfg), 64
+
+
+def _convnext(name: str) -> tuple[dict[str, Any], int]:
+    """ConvNeXt: one block per stage, narrow stages; 64 px gives maps of 16, 8, 4 and 2 cells a side."""
+    return dict(depths=(1, 1, 1, 1), dims=(16, 24, 32, WIDTH)), 64
+
+
+def _fastvit(name: str) -> tuple[dict[str, Any], int]:
+    """FastViT-MCi: one block per stage, narrow stages (attention stages keep timm's head width 32);
+    the five-stage variants (stride 64) get 128 px so that their last map is 2x2 as well."""
+    stages = _FASTVIT_STAGES[name]
+    dims = (16, 32, 32, WIDTH) if stages == 4 else (16, 32, 32, WIDTH, WIDTH)
+    return dict(layers=(1,) * stages, embed_dims=dims), 32 * 2 ** (stages - 3)
+
+
+def _small_mci_vit(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``vit_base_mci_224`` with its conv stem narrowed: the entrypoint fixes the stem's channels to the
+    ViT width (768), so it is rebuilt here with the same layer types, kernels and strides (stride 16)."""
+    backbone = ConvStem(
+        channels=(WIDTH // 4, WIDTH // 4, WIDTH),
+        stride=(4, 2, 2),
+        kernel_size=(4, 2, 2),
+        padding=0,
+        in_chans=kwargs.get("in_chans", 3),
+        act_layer=nn.GELU,
+    )
+    args = dict(embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, no_embed_class=True, img_size=64)
+    return _create_vision_transformer_hybrid(
+        "vit_base_mci_224", backbone=backbone, embed_args=dict(proj=False), pretrained=pretrained, **{**args, **kwargs}
+    )
+
+
+# timm name pattern -> (entrypoint overrides, image size); the first match wins.
+_RECIPES: tuple[tuple[str, Callable[[str], tuple[dict[str, Any], int]]], ...] = (
+    (r"^(vit|eva)\w*_patch\d+", _transformer),  # SigLIP, CLIP ViT-L, EVA01/02, PE-Core, and timm's other ViTs
+    (r"^vitamin_", _vitamin),
+    (r"^convnext_", _convnext),
+    (r"^fastvit_mci", _fastvit),
+)
+
+
+def register_scaled_timm(name: str) -> tuple[str, int]:
+    """Register ``small_<name>``, a scaled-down ``name`` with the same module types, with timm.
+
+    Args:
+        name: a timm model name that an open_clip pretrained architecture uses.
+
+    Returns:
+        (the registered timm name, the image size it is built for).
+
+    Raises:
+        ValueError: no recipe scales ``name``.
+    """
+    small = PREFIX + name
+    if name.startswith("vit_base_mci_"):
+        entry, size = _small_mci_vit, 64
+    else:
+        recipe = next((fn for pattern, fn in _RECIPES if re.search(pattern, name)), None)
+        if recipe is None:
+            raise ValueError(f"no recipe scales the timm model {name!r}")
+        overrides, size = recipe(name)
+        original = model_entrypoint(name)
+
+        def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+            return original(pretrained=pretrained, **{**overrides, **kwargs})
+
+    # register_model names the model after the function and files it under the function's module.
+    entry.__name__ = small
+    entry.__module__ = __name__
+    if not is_model(small):
+        register_model(entry)
+    return small, size
+
+
+def scaled_config(architecture: str, text_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The open_clip config of ``architecture`` with its timm image tower scaled down.
+
+    The joint embedding becomes :data:`WIDTH` wide. An open_clip text tower keeps its context length,
+    vocabulary, pooling and masking and shrinks to :data:`DEPTH` blocks of :data:`WIDTH` with
+    :data:`HEADS` heads; a Hugging Face text tower (``hf_model_name``) is kept as it is unless
+    ``text_cfg`` replaces it.
+
+    Args:
+        architecture: an open_clip architecture whose ``vision_cfg`` names a ``timm_model_name``.
+        text_cfg: a text config to use instead of the shrunk one.
+
+    Returns:
+        a config dict for ``open_clip.add_model_config``.
+
+    Raises:
+        ValueError: the architecture has no timm image tower, or no recipe scales its trunk.
+    """
+    cfg = copy.deepcopy(get_model_config(architecture))
+    if cfg is None or "timm_model_name" not in cfg.get("vision_cfg", {}):
+        raise ValueError(f"{architecture!r} has no timm image tower")
+    vision = cfg["vision_cfg"]
+    vision["timm_model_name"], vision["image_size"] = register_scaled_timm(vision["timm_model_name"])
+    cfg["embed_dim"] = WIDTH
+    if text_cfg is not None:
+        cfg["text_cfg"] = text_cfg
+    elif "hf_model_name" not in cfg["text_cfg"]:
+        cfg["text_cfg"].update(width=WIDTH, heads=HEADS, layers=DEPTH)
+    return cfg
+
+
+def add_scaled_architecture(architecture: str, directory: pathlib.Path, text_cfg: dict[str, Any] | None = None) -> str:
+    """Write :func:`scaled_config` of ``architecture`` to ``directory`` and register it with open_clip.
+
+    Returns:
+        the name ``open_clip.create_model`` builds it under: ``small-<architecture>``.
+    """
+    name = f"small-{architecture}"
+    path = pathlib.Path(directory) / f"{name}.json"
+    path.write_text(json.dumps(scaled_config(architecture, text_cfg)))
+    open_clip.add_model_config(path)
+    return name
+
+
+def timm_architectures() -> dict[str, str]:
+    """Every pretrained open_clip architecture with a timm image tower -> its timm trunk's name."""
+    found = {}
+    for architecture, _ in open_clip.list_pretrained():
+        vision = (get_model_config(architecture) or {}).get("vision_cfg", {})
+        if "timm_model_name" in vision:
+            found[architecture] = vision["timm_model_name"]
+    return found
