@@ -38,8 +38,6 @@ from explain_server.worker.process import warm_up
 ROOT = pathlib.Path(__file__).parent.parent
 CAPTION = "a photo of a cat"
 ARCHITECTURES = pretrained_architectures()
-RESNET_MERGED = importlib.util.find_spec("explain_server.engine.families.resnet") is not None
-NOT_MERGED = "the ResNet adapter (engine/families/resnet.py, branch fam-resnet) is not merged yet"
 
 # family -> the architecture that stands for it in the completeness and server tests
 FAMILIES = {
@@ -59,12 +57,6 @@ FAMILIES = {
     "xlm-roberta": "xlm-roberta-base-ViT-B-32",
     "nllb": "nllb-clip-base",
 }
-
-
-def needs_resnet(architecture: str) -> list:
-    """The skip mark an OpenAI ResNet architecture gets while its adapter is not merged."""
-    resnet = isinstance(open_clip.get_model_config(architecture)["vision_cfg"].get("layers"), list)
-    return [pytest.mark.skipif(resnet and not RESNET_MERGED, reason=NOT_MERGED)]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +90,7 @@ def own_cosine(model: torch.nn.Module, ids: torch.Tensor, context: int, pad_id: 
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("architecture", [pytest.param(a, marks=needs_resnet(a)) for a in ARCHITECTURES])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_every_pretrained_architecture_loads_and_explains(scaled, architecture):
     loaded = load(scaled(architecture))
     caption = tokenize(loaded.tokenizer, CAPTION)
@@ -141,9 +133,7 @@ def check_completeness(explain, ids: torch.Tensor, cosine: float) -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize(
-    "family, architecture", [pytest.param(f, a, marks=needs_resnet(a)) for f, a in FAMILIES.items()]
-)
+@pytest.mark.parametrize("family, architecture", list(FAMILIES.items()))
 def test_completeness_on_every_family(scaled, family, architecture):
     stand_in = scaled(architecture)
     with torch.random.fork_rng(devices=[]):
@@ -257,7 +247,7 @@ def png(seed: int, width: int = 80, height: int = 60) -> bytes:
 
 @pytest.mark.integration
 def test_one_server_explains_a_model_of_every_family(scaled, transformers_dirs):
-    served = [f for f, a in FAMILIES.items() if RESNET_MERGED or f != "resnet"]
+    served = list(FAMILIES)
     models = [load(scaled(FAMILIES[family]), family) for family in served]
     hf = load_model(
         ModelSpec.parse(f"hf-clip=hf:{transformers_dirs['clip']}"),
