@@ -247,11 +247,13 @@ class _PooledLastBlock:
         attn, block = self.attn, self.block
         x, q, k, v = rows.split(self.sizes, dim=-1)
         x, q = x[:, :1], q[:, :1]
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2) for t in (q, k, v))  # (B, heads, ., hd)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # (B, ., heads, head_dim)
         if self.kv_heads != self.heads:
-            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
-        out = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-        out = attn.norm(out.transpose(1, 2).flatten(2))
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=2) for t in (k, v))
+        # one query: products and sums in the rows' own layout, where matmuls would copy transposed
+        # (and, under vmap, mostly zero) key and value tangents
+        weights = ((q * attn.scale) * k).sum(-1, keepdim=True).softmax(dim=1)  # (B, S, heads, 1)
+        out = attn.norm((weights * v).sum(1, keepdim=True).flatten(2))
         if getattr(attn, "gate", None) is not None:
             out = out * attn.gate(self._attention_input(x)).sigmoid()
         out = attn.proj(out)
