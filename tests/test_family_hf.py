@@ -534,3 +534,49 @@ def test_hf_attributions_equal_open_clips(both, layers, method, n_steps):
     np.testing.assert_allclose(got.interactions, want.interactions, rtol=0, atol=1e-10 * scale)
     for name in ("score", "text_reference", "image_reference", "both_references"):
         assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-10, abs=1e-12)
+
+
+# --- the row-wise split of f_hi (engine/generic.py's cheaper JVPs) ---------------------------
+
+
+def test_row_splits_rest_of_rows_is_f_hi_and_keeps_the_factors(loaded):
+    """At the last layer (text and image) and at SigLIP's MAP head, rest(rows(h)) is f_hi, and
+    the generic path's factors with the split equal those without it, for captions of
+    different lengths in one batch."""
+    from explain_server.engine import generic
+    from explain_server.engine.attribution import PathIntegral
+    from explain_server.engine.quadrature import nodes_and_weights
+
+    ids, lengths, _ = text_inputs(loaded)
+    images = pixels(2)
+    alphas, weights = nodes_and_weights("gausslegendre", 2)
+    for tower, inputs, want in (
+        (loaded.text, ids, loaded.model.get_text_features(input_ids=ids).pooler_output),
+        (loaded.image, images, image_features(loaded.model, images)),
+    ):
+        layers = [layer for layer in range(len(tower.layers)) if tower.row_split(layer) is not None]
+        assert layers == list(range(len(tower.blocks) - 1, len(tower.layers)))  # the last layer, and a head
+        for layer in layers:
+            split = tower.row_split(layer)
+            with torch.no_grad():
+                hidden = tower.lower(inputs, layer, lengths)
+                seq = hidden.shape[1]
+                own = tower.own_rows(lengths, seq) if tower is loaded.text else torch.full((2,), seq)
+                content = lengths if tower is loaded.text else own
+                positions = torch.arange(seq).expand(len(hidden), -1)
+                got = split.rest(split.rows(hidden, positions), content)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+                generator = torch.Generator().manual_seed(layer)
+                reference = torch.randn(hidden.shape[1:], generator=generator, dtype=hidden.dtype)
+                paths = [
+                    PathIntegral(h, reference, alphas, weights, length=int(n), content_length=int(c))
+                    for h, n, c in zip(hidden, own, content)
+                ]
+                fast = generic._forward(tower, layer, paths, ChunkBudget(1 << 16))
+                tower.row_split = lambda layer: None  # the same tower without the split
+                try:
+                    slow = generic._forward(tower, layer, paths, ChunkBudget(1 << 30))
+                finally:
+                    del tower.row_split
+            for factor, expected in zip(fast, slow):
+                torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)
