@@ -15,6 +15,8 @@ a ResNet image tower (exclip/explanation.py):
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import open_clip
 import pytest
@@ -78,6 +80,11 @@ def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
 
 
+@pytest.mark.skipif(
+    os.environ.get("EXPLAIN_RN50_ORACLE") != "1",
+    reason="opt-in (EXPLAIN_RN50_ORACLE=1): exclip builds RN50's whole feature-pair matrix, about 17 minutes "
+    "and 10 GB on a 2-core CPU; the tiny-ResNet cases below run every time",
+)
 def test_rn50_equals_exclip():
     """RN50 (quickgelu: OpenAI's text tower) with seeded random weights, at layer4 and text block 11."""
     model = seeded_resnet("RN50-quickgelu").requires_grad_(False)
@@ -88,7 +95,9 @@ def test_rn50_equals_exclip():
     got = ours(model, tokens, pixels, image_layer=4, text_layer=11)
 
     assert got.shape == reference.shape == (int(tokens[0].argmax()) + 1, 14, 14)
-    assert relative_error(got, reference) <= 1e-4
+    error = relative_error(got, reference)
+    print(f"RN50 relative L2 error against exclip: {error:.2e}")  # recorded in docs/benchmarks.md
+    assert error <= 1e-4
 
 
 @pytest.mark.parametrize("image_layer", [1, 2, 3, 4])
