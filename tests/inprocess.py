@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import grpc
 import torch
 from conftest import TINY
-from loopback import in_process
+from loopback import started
 
 from explain_api import explain_pb2_grpc
 from explain_server.lifecycle import Lifecycle
@@ -75,11 +75,13 @@ def serve_loaded(loaded: LoadedModel, connection: Connection, batching: Batching
 
 @dataclass
 class Served:
-    """A running in-process server: the service, its metrics and a client channel to it."""
+    """A running in-process server: the service, its metrics, a client channel to it and its target
+    (for a synchronous client, which must call from another thread than the server's event loop)."""
 
     service: ExplainService
     metrics: Metrics
     channel: grpc.aio.Channel
+    target: str
 
     @property
     def stub(self) -> explain_pb2_grpc.ExplainStub:
@@ -92,22 +94,28 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(
-    loaded: LoadedModel,
+    loaded: LoadedModel | Sequence[LoadedModel],
     *,
     batching: BatchingConfig = BatchingConfig(),
     limits: Limits = Limits(),
     cache_bytes: int = 256 << 20,
 ) -> AsyncIterator[Served]:
-    """Serve ``loaded`` on a free loopback port, wired as server.py wires it (interceptors, health)."""
+    """Serve ``loaded`` (one model, or several with the first as the default, each with a worker
+    of its own) on a free loopback port, wired as server.py wires it (interceptors, health)."""
+    models = [loaded] if isinstance(loaded, LoadedModel) else list(loaded)
     metrics = Metrics()
-    instance = WorkerInstance(
-        loaded.spec.name,
-        0,
-        lambda connection: ThreadWorker(lambda: serve_loaded(loaded, connection, batching, cache_bytes)),
-        metrics,
-        on_change=lambda: None,
-    )
-    registry = ModelRegistry([ServedModel(loaded.spec, ModelWorkers(loaded.spec.name, [instance]))], loaded.spec.name)
+
+    def workers(model: LoadedModel) -> ModelWorkers:
+        instance = WorkerInstance(
+            model.spec.name,
+            0,
+            lambda connection: ThreadWorker(lambda: serve_loaded(model, connection, batching, cache_bytes)),
+            metrics,
+            on_change=lambda: None,
+        )
+        return ModelWorkers(model.spec.name, [instance])
+
+    registry = ModelRegistry([ServedModel(m.spec, workers(m)) for m in models], models[0].spec.name)
     service = ExplainService(registry, limits, metrics, Lifecycle())
     server = grpc.aio.server(
         interceptors=[GrpcMetricsInterceptor(metrics), MalformedRequestInterceptor()],
@@ -118,9 +126,10 @@ async def serving(
     )
     explain_pb2_grpc.add_ExplainServicer_to_server(service, server)
     await registry.start()
+    options = [("grpc.max_send_message_length", limits.max_message_bytes)]
     try:
-        async with in_process(server, [("grpc.max_send_message_length", limits.max_message_bytes)]) as channel:
-            yield Served(service, metrics, channel)
+        async with started(server) as target, grpc.aio.insecure_channel(target, options=options) as channel:
+            yield Served(service, metrics, channel, target)
     finally:
         service.close()
         registry.stop(60)

@@ -18,18 +18,24 @@ def bind(server: grpc.Server | grpc.aio.Server) -> str:
 
 
 @contextlib.asynccontextmanager
-async def in_process(
-    server: grpc.aio.Server, channel_options: Sequence[tuple[str, object]] = ()
-) -> AsyncIterator[grpc.aio.Channel]:
+async def started(server: grpc.aio.Server) -> AsyncIterator[str]:
     """Serve ``server`` (its services added, not yet started) on a free port of ``HOST`` with the
-    health service added, SERVING; yield a plaintext channel to it, and stop it afterwards."""
+    health service added, SERVING; yield its target, and stop it afterwards."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     target = bind(server)
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(target, options=channel_options) as channel:
-            yield channel
+        yield target
     finally:
         await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    server: grpc.aio.Server, channel_options: Sequence[tuple[str, object]] = ()
+) -> AsyncIterator[grpc.aio.Channel]:
+    """:func:`started`, yielding a plaintext channel to the server instead of its target."""
+    async with started(server) as target, grpc.aio.insecure_channel(target, options=channel_options) as channel:
+        yield channel

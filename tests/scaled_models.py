@@ -1,17 +1,25 @@
-"""Scaled-down stand-ins for open_clip's pretrained architectures whose image tower is a timm trunk.
+"""Scaled-down stand-ins for every architecture of ``open_clip.list_pretrained()``, with random weights.
 
-open_clip builds such a tower as ``TimmModel(timm.create_model(vision_cfg['timm_model_name'], ...))``
-and passes timm no size arguments, so a smaller tower needs a smaller *timm model name*. For each
-timm trunk that ``open_clip.list_pretrained()`` uses, :func:`register_scaled_timm` registers
-``small_<name>`` with timm: the original entrypoint called with fewer and narrower blocks and a small
-image, keeping its module types, pooling, prefix tokens and rope. :func:`scaled_config` rewrites an
-architecture's open_clip config around it (and shrinks an open_clip text tower), and
-:func:`add_scaled_architecture` makes ``open_clip.create_model`` build it. Weights are random.
+Each stand-in keeps the module types, pooling, masking, prefix tokens and rope of its architecture
+and shrinks it: fewer and narrower blocks, a small image, a small vocabulary.
+
+- timm image towers: open_clip builds such a tower as ``TimmModel(timm.create_model(vision_cfg['timm_model_name'],
+  ...))`` and passes timm no size arguments, so a smaller tower needs a smaller *timm model name*. For each timm
+  trunk that ``open_clip.list_pretrained()`` uses, :func:`register_scaled_timm` registers ``small_<name>`` with
+  timm: the original entrypoint called with fewer and narrower blocks and a small image.
+- open_clip's own towers (VisionTransformer of CLIP, CLIPA, CoCa, MetaCLIP worldwide; ModifiedResNet; the text
+  transformers): their config's sizes are shrunk in place (:func:`scaled_config`).
+- Hugging Face text towers (RoBERTa, XLM-RoBERTa, NLLB) and hub tokenizers (SigLIP, SigLIP2, CLIPA's BERT,
+  XLM-V): tests/tiny_hf.py builds them locally, and the open_clip text vocabulary shrinks to the tokenizer's.
+
+:func:`scale_architecture` does all of it for one architecture and says which tokenizer directory the model
+spec needs (``tokenizer=DIR``).
 
 Usage::
 
-    name = add_scaled_architecture("ViT-B-16-SigLIP", tmp_dir)   # "small-ViT-B-16-SigLIP"
-    model = open_clip.create_model(name, pretrained=None)
+    scaled = scale_architecture("ViT-B-16-SigLIP", tmp_dir)   # scaled.name == "small-ViT-B-16-SigLIP"
+    model = open_clip.create_model(scaled.name, pretrained=None)
+    spec = ModelSpec.parse(scaled.spec("m"))                  # m=small-...:random:0,tokenizer=...
 """
 
 from __future__ import annotations
@@ -20,14 +28,17 @@ import copy
 import json
 import pathlib
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import open_clip
+import tiny_hf
 import torch.nn as nn
 from open_clip.factory import get_model_config
 from timm.models import is_model, model_entrypoint, register_model
 from timm.models.vision_transformer_hybrid import ConvStem, _create_vision_transformer_hybrid
 from timm.models.vitamin import VitCfg, VitConvCfg
+from transformers import AutoTokenizer
 
 WIDTH = 64
 """Width of every scaled transformer (vision and text) and of the joint embedding."""
@@ -143,38 +154,92 @@ def register_scaled_timm(name: str) -> tuple[str, int]:
     return small, size
 
 
-def scaled_config(architecture: str, text_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The open_clip config of ``architecture`` with its timm image tower scaled down.
+RESNET_WIDTH = 8
+"""Stem width of every scaled ModifiedResNet: its attention pool reads 32 x 8 = 256 channels."""
 
-    The joint embedding becomes :data:`WIDTH` wide. An open_clip text tower keeps its context length,
-    vocabulary, pooling and masking and shrinks to :data:`DEPTH` blocks of :data:`WIDTH` with
-    :data:`HEADS` heads; a Hugging Face text tower (``hf_model_name``) is kept as it is unless
+RESNET_HEAD_WIDTH = 32
+"""Head width of a scaled ModifiedResNet's attention pool (8 heads)."""
+
+# Hub tokenizers of open_clip text towers -> the kind tests/tiny_hf.py trains in their place; the first
+# matching pattern wins (SigLIP2's Gemma tokenizer before SigLIP's sentencepiece one).
+HUB_TOKENIZERS: tuple[tuple[str, str], ...] = (
+    (r"SigLIP2", "byte_fallback_bpe"),
+    (r"SigLIP", "siglip"),
+    (r"^bert-", "wordpiece"),
+    (r"xlm-v", "unigram"),
+)
+
+# Hugging Face text towers (hf_model_name) -> the tiny_hf.FAMILIES entry that stands in for them.
+HF_TEXT_TOWERS: tuple[tuple[str, str], ...] = (
+    (r"^xlm-roberta-", "xlm-roberta"),
+    (r"^roberta-", "roberta"),
+    (r"nllb-", "nllb"),
+)
+
+
+def _match(table: tuple[tuple[str, str], ...], name: str, what: str) -> str:
+    found = next((value for pattern, value in table if re.search(pattern, name)), None)
+    if found is None:
+        raise ValueError(f"no local stand-in for the {what} {name!r}")
+    return found
+
+
+def _scaled_vision(vision: dict[str, Any]) -> None:
+    """Shrink a vision config in place: a timm trunk by name, a ModifiedResNet or an open_clip ViT by size."""
+    if "timm_model_name" in vision:
+        vision["timm_model_name"], vision["image_size"] = register_scaled_timm(vision["timm_model_name"])
+    elif isinstance(vision.get("layers"), (list, tuple)):
+        # ModifiedResNet: one Bottleneck per stage; 64 px gives maps of 16, 16, 8, 4 and 2 cells a side
+        vision.update(layers=[1, 1, 1, 1], width=RESNET_WIDTH, head_width=RESNET_HEAD_WIDTH, image_size=64)
+    else:
+        # open_clip's VisionTransformer: a 4x4 patch grid; CoCa's attentional pooler keeps its queries
+        vision.update(layers=DEPTH, width=WIDTH, head_width=WIDTH // HEADS, image_size=4 * vision["patch_size"])
+        if "attn_pooler_heads" in vision:
+            vision["attn_pooler_heads"] = HEADS
+
+
+def scaled_config(
+    architecture: str, text_cfg: dict[str, Any] | None = None, vocab_size: int | None = None
+) -> dict[str, Any]:
+    """The open_clip config of ``architecture``, scaled down.
+
+    The image tower shrinks (:func:`_scaled_vision`), the joint embedding becomes :data:`WIDTH` wide.
+    An open_clip text tower keeps its context length, pooling, masking and tokenizer options and
+    shrinks to :data:`DEPTH` blocks of :data:`WIDTH` with :data:`HEADS` heads (CoCa's multimodal
+    decoder as well); a Hugging Face text tower (``hf_model_name``) is kept as it is unless
     ``text_cfg`` replaces it.
 
     Args:
-        architecture: an open_clip architecture whose ``vision_cfg`` names a ``timm_model_name``.
+        architecture: an open_clip architecture.
         text_cfg: a text config to use instead of the shrunk one.
+        vocab_size: the open_clip text tower's vocabulary, when its tokenizer is replaced by a
+            smaller one; None keeps it (CLIP's BPE, whose ids reach 49407).
 
     Returns:
         a config dict for ``open_clip.add_model_config``.
 
     Raises:
-        ValueError: the architecture has no timm image tower, or no recipe scales its trunk.
+        ValueError: unknown architecture, or no recipe scales its timm trunk.
     """
     cfg = copy.deepcopy(get_model_config(architecture))
-    if cfg is None or "timm_model_name" not in cfg.get("vision_cfg", {}):
-        raise ValueError(f"{architecture!r} has no timm image tower")
-    vision = cfg["vision_cfg"]
-    vision["timm_model_name"], vision["image_size"] = register_scaled_timm(vision["timm_model_name"])
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {architecture!r}")
+    _scaled_vision(cfg["vision_cfg"])
     cfg["embed_dim"] = WIDTH
     if text_cfg is not None:
         cfg["text_cfg"] = text_cfg
     elif "hf_model_name" not in cfg["text_cfg"]:
         cfg["text_cfg"].update(width=WIDTH, heads=HEADS, layers=DEPTH)
+        if vocab_size is not None:
+            cfg["text_cfg"]["vocab_size"] = vocab_size
+    if "multimodal_cfg" in cfg:
+        cfg["multimodal_cfg"].update(width=WIDTH, heads=HEADS, layers=1, attn_pooler_heads=HEADS)
     return cfg
 
 
-def add_scaled_architecture(architecture: str, directory: pathlib.Path, text_cfg: dict[str, Any] | None = None) -> str:
+def add_scaled_architecture(
+    architecture: str, directory: pathlib.Path, text_cfg: dict[str, Any] | None = None, vocab_size: int | None = None
+) -> str:
     """Write :func:`scaled_config` of ``architecture`` to ``directory`` and register it with open_clip.
 
     Returns:
@@ -182,9 +247,65 @@ def add_scaled_architecture(architecture: str, directory: pathlib.Path, text_cfg
     """
     name = f"small-{architecture}"
     path = pathlib.Path(directory) / f"{name}.json"
-    path.write_text(json.dumps(scaled_config(architecture, text_cfg)))
+    path.write_text(json.dumps(scaled_config(architecture, text_cfg, vocab_size)))
     open_clip.add_model_config(path)
     return name
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A registered scaled-down architecture.
+
+    Attributes:
+        name: what ``open_clip.create_model`` builds it under, ``small-<architecture>``.
+        architecture: the real architecture it stands for.
+        tokenizer: the local tokenizer directory a model spec needs (``tokenizer=DIR``), or None
+            when open_clip's own CLIP tokenizer serves.
+    """
+
+    name: str
+    architecture: str
+    tokenizer: str | None
+
+    def spec(self, model: str, seed: int = 0, **options: Any) -> str:
+        """The ``--model`` shorthand that loads it with seeded random weights, e.g. ``m=small-RN50:random:0``."""
+        extra = {**options, **({"tokenizer": self.tokenizer} if self.tokenizer else {})}
+        return f"{model}={self.name}:random:{seed}" + "".join(f",{k}={v}" for k, v in extra.items())
+
+
+def scale_architecture(architecture: str, directory: pathlib.Path) -> Scaled:
+    """Register the scaled-down ``architecture`` with open_clip (and timm), building what it needs locally.
+
+    A Hugging Face text tower becomes a tiny one of its family, saved with its tokenizer under
+    ``directory/hf-<family>``; a hub tokenizer becomes a small trained one under
+    ``directory/tokenizer-<kind>``, and the open_clip text vocabulary shrinks to its size. Both are
+    built once per directory.
+
+    Raises:
+        ValueError: unknown architecture, or a trunk, text tower or tokenizer without a stand-in.
+    """
+    directory = pathlib.Path(directory)
+    text = (get_model_config(architecture) or {}).get("text_cfg", {})
+    if "hf_model_name" in text:
+        family = _match(HF_TEXT_TOWERS, text["hf_model_name"], "Hugging Face text tower")
+        local = directory / f"hf-{family}"
+        if not (local / "config.json").exists():
+            tiny_hf.save_text_tower(local, family, width=WIDTH, layers=DEPTH)
+        text_cfg = {**text, "hf_model_name": str(local), "hf_tokenizer_name": str(local)}
+        return Scaled(add_scaled_architecture(architecture, directory, text_cfg=text_cfg), architecture, str(local))
+    if "hf_tokenizer_name" in text:
+        kind = _match(HUB_TOKENIZERS, text["hf_tokenizer_name"], "tokenizer")
+        local = directory / f"tokenizer-{kind}"
+        if not (local / "tokenizer.json").exists():
+            tiny_hf.save_tokenizer(local, kind)
+        vocab = len(AutoTokenizer.from_pretrained(local))
+        return Scaled(add_scaled_architecture(architecture, directory, vocab_size=vocab), architecture, str(local))
+    return Scaled(add_scaled_architecture(architecture, directory), architecture, None)
+
+
+def pretrained_architectures() -> list[str]:
+    """Every architecture of ``open_clip.list_pretrained()``, once each, sorted."""
+    return sorted({architecture for architecture, _ in open_clip.list_pretrained()})
 
 
 def timm_architectures() -> dict[str, str]:

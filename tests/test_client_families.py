@@ -192,3 +192,15 @@ def test_overlay_cells_are_the_crop_box_divided_by_any_grid():
     y, x = np.unravel_index(int(red.argmax()), red.shape)
     assert 100 <= x < 130 and 50 <= y < 80
     assert red[:, :10].max() == 0 and red[110:].max() == 0  # outside the crop box
+
+
+def test_the_logit_adds_siglips_bias_where_the_server_reports_one():
+    """logit = score x logit_scale (+ logit_bias): absent for CLIP, added for SigLIP."""
+    clip = Explanation.from_proto(response())
+    assert clip.logit_bias is None and clip.logit == pytest.approx(0.1 * 10.0)
+    with_bias = response()
+    with_bias.logit_bias = -10.0
+    siglip = Explanation.from_proto(with_bias)
+    assert siglip.logit_bias == -10.0 and siglip.logit == pytest.approx(0.1 * 10.0 - 10.0)
+    assert siglip.to_dict()["logit_bias"] == -10.0
+    assert "logit -9.0000" in _format_report(siglip, top=3)

@@ -9,10 +9,12 @@ import torch
 from conftest import TINY, seeded_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scaled_models import add_scaled_architecture
 
 from explain_server.engine import generic
 from explain_server.engine.attribution import FACTORS, ChunkBudget, PathIntegral
 from explain_server.engine.explainer import Explainer, Side
+from explain_server.engine.families import split_towers
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
 
 pytestmark = pytest.mark.unit
@@ -124,3 +126,31 @@ def test_generic_stops_and_batches_like_alone(tiny64):
             alone = slow.factors(slow.text, [Side(side.inputs, 1, "gausslegendre", 3)])[0]
             torch.testing.assert_close(factor.matrix, alone.matrix, rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(factor.endpoints, alone.endpoints, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("architecture", ["ViT-B-16-SigLIP", "PE-Core-B-16"])
+def test_a_row_split_changes_the_cost_not_the_factors(tmp_path, architecture):
+    """At an attention-pooled head, f_hi = rest o rows; the factors equal those of the whole f_hi."""
+    name = add_scaled_architecture(architecture, tmp_path)
+    model = seeded_model(name).double().requires_grad_(False)
+    image = split_towers(model)[1]
+    layer = len(image.layers) - 1
+    split = image.row_split(layer)
+    size = model.visual.preprocess_cfg["size"]
+    pixels_ = torch.randn(
+        (2, 3, *((size, size) if isinstance(size, int) else size)),
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
+    with torch.no_grad():
+        hidden = image.lower(pixels_, layer, None)
+        reference = image.lower(torch.zeros_like(pixels_[:1]), layer, None)[0]
+        positions = torch.arange(hidden.shape[1]).expand(2, -1)
+        torch.testing.assert_close(split.rest(split.rows(hidden, positions), None), image.upper(hidden, layer, None))
+        alphas, weights = nodes_and_weights("gausslegendre", 3)
+        paths = [PathIntegral(h, reference, alphas, weights) for h in hidden]
+        got = generic._forward(image, layer, paths, ChunkBudget(1 << 16))
+        image.row_split = lambda layer: None  # the same tower without the split
+        want = generic._forward(image, layer, paths, ChunkBudget(AMPLE))
+    for factor, expected in zip(got, want):
+        torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)

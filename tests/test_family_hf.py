@@ -24,10 +24,9 @@ from open_clip.transform import PreprocessCfg
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.func import jvp, vjp, vmap
 
-from explain_server.engine.attribution import ChunkBudget, combine
-from explain_server.engine.explainer import Explainer, Side
+from explain_server.engine.attribution import ChunkBudget
+from explain_server.engine.explainer import Explainer
 from explain_server.engine.families import hf_models, image_tower, split_towers, text_tower
-from explain_server.engine.quadrature import nodes_and_weights
 from explain_server.engine.split import UnsupportedModelError
 from explain_server.engine.towers import ImageTower, TextTower
 from explain_server.hf_loading import HFLoadError, is_local, load_hf, preprocess_cfg
@@ -172,11 +171,13 @@ def test_every_layer_composes_to_the_models_own_features(loaded):
 
 
 def test_layers_name_blocks_and_head_with_the_models_grid(loaded):
+    """Blocks, and ``head`` only where the pooling reads every position (SigLIP's MAP head)."""
     text, image = loaded.text, loaded.image
-    names = ["block 0", "block 1", "head"]
-    assert [layer.name for layer in text.layers] == names and [layer.name for layer in image.layers] == names
+    blocks = ["block 0", "block 1"]
+    assert [layer.name for layer in text.layers] == blocks
+    assert [layer.name for layer in image.layers] == blocks + (["head"] if loaded.model_type != "clip" else [])
     # the text towers pool one row: their last block; SigLIP's MAP head reads every row: its input
-    assert text.default_layer == 1 and image.default_layer == (1 if loaded.model_type == "clip" else 2)
+    assert text.default_layer == 1 and image.default_layer == len(image.layers) - 1
     assert all(layer.grid is None and layer.prefix == () for layer in text.layers)
     prefix = ("cls",) if loaded.model_type == "clip" else ()
     assert all(layer.grid == (4, 4) and layer.prefix == prefix for layer in image.layers)
@@ -507,52 +508,76 @@ def test_hf_path_equals_open_clip_on_converted_weights(both):
     assert hf.preprocess_cfg == PreprocessCfg(size=64)  # open_clip's for OpenAI CLIP: the mean, std, resize
 
 
-def dense_factor(tower, hidden, reference, lengths, layer, method, n_steps) -> torch.Tensor:
-    """T (D, S): per position s, the JVP of upper along the path with tangent dt on row s,
-    summed over the quadrature nodes (method.md): the generic method, one position at a time."""
-    alphas, weights = nodes_and_weights(method, n_steps)
-    delta = hidden - reference
-    columns = []
-    for s in range(hidden.shape[0]):
-        tangent = torch.zeros_like(hidden)
-        tangent[s] = delta[s]
-        column = sum(
-            w * jvp(lambda h: tower.upper(h, layer, lengths), ((reference + a * delta)[None],), (tangent[None],))[1][0]
-            for a, w in zip(alphas, weights)
-        )
-        columns.append(column)
-    return torch.stack(columns, dim=1)
-
-
 @pytest.mark.parametrize("layers, method, n_steps", [((1, 1), "gausslegendre", 3), ((0, 1), "riemann_right", 4)])
 def test_hf_attributions_equal_open_clips(both, layers, method, n_steps):
-    """The same token x patch attributions from the HF towers as from open_clip's Explainer,
-    with its references ([start, 0, end]; the zero image) at the same layers."""
+    """The same token x patch attributions from the HF towers (generic path) as from open_clip's
+    towers (fast path), with the same references ([start, 0, end]; the zero image)."""
     model, hf = both
     text_layer, image_layer = layers
     ids = open_clip_ids(7, 1)
     image = pixels(1, size=64, seed=3)[0]
-    explainer = Explainer(model, sot_token_id=49406, eot_token_id=49407, budget=ChunkBudget(1 << 24))
-    factors = [
-        explainer.factors(tower, [Side(inputs, layer, method, n_steps)])[0]
-        for tower, inputs, layer in ((explainer.text, ids, text_layer), (explainer.image, image, image_layer))
-    ]
-    want = explainer.combine(*factors)
-
-    lengths = torch.tensor([len(ids)])
-    reference_ids = torch.tensor([[49406, 0, 49407, 0, 0, 0, 0]])
-    sides = []
-    with torch.no_grad():
-        for tower, inputs, reference, layer in (
-            (hf.text, ids[None], reference_ids, text_layer),
-            (hf.image, image[None], torch.zeros_like(image[None]), image_layer),
-        ):
-            hidden, ref = tower.lower(inputs, layer, lengths)[0], tower.lower(reference, layer, lengths)[0]
-            endpoints = torch.cat([tower.upper(hidden[None], layer, lengths), tower.upper(ref[None], layer, lengths)])
-            sides.append((dense_factor(tower, hidden, ref, lengths, layer, method, n_steps), endpoints))
-    got = combine(sides[0][0], sides[1][0], sides[0][1], sides[1][1])
+    options = dict(text_layer=text_layer, image_layer=image_layer, method=method, n_steps=n_steps)
+    want = Explainer.for_clip(model, sot_token_id=49406, eot_token_id=49407, budget=ChunkBudget(1 << 24)).explain(
+        ids, image, **options
+    )
+    explainer = Explainer(
+        hf.text,
+        hf.image,
+        text_reference=torch.tensor([49406, 0, 49407]),
+        image_size=(64, 64),
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        budget=ChunkBudget(1 << 24),
+    )
+    got = explainer.explain(ids, image, **options)
     # float64 throughout: the two paths agree to rounding (about 1e-15 of the largest interaction)
     scale = np.abs(want.interactions).max()
     np.testing.assert_allclose(got.interactions, want.interactions, rtol=0, atol=1e-10 * scale)
     for name in ("score", "text_reference", "image_reference", "both_references"):
         assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-10, abs=1e-12)
+
+
+# --- the row-wise split of f_hi (engine/generic.py's cheaper JVPs) ---------------------------
+
+
+def test_row_splits_rest_of_rows_is_f_hi_and_keeps_the_factors(loaded):
+    """At the last layer (text and image) and at SigLIP's MAP head, rest(rows(h)) is f_hi, and
+    the generic path's factors with the split equal those without it, for captions of
+    different lengths in one batch."""
+    from explain_server.engine import generic
+    from explain_server.engine.attribution import PathIntegral
+    from explain_server.engine.quadrature import nodes_and_weights
+
+    ids, lengths, _ = text_inputs(loaded)
+    images = pixels(2)
+    alphas, weights = nodes_and_weights("gausslegendre", 2)
+    for tower, inputs, want in (
+        (loaded.text, ids, loaded.model.get_text_features(input_ids=ids).pooler_output),
+        (loaded.image, images, image_features(loaded.model, images)),
+    ):
+        layers = [layer for layer in range(len(tower.layers)) if tower.row_split(layer) is not None]
+        assert layers == list(range(len(tower.blocks) - 1, len(tower.layers)))  # the last layer, and a head
+        for layer in layers:
+            split = tower.row_split(layer)
+            with torch.no_grad():
+                hidden = tower.lower(inputs, layer, lengths)
+                seq = hidden.shape[1]
+                own = tower.own_rows(lengths, seq) if tower is loaded.text else torch.full((2,), seq)
+                content = lengths if tower is loaded.text else own
+                positions = torch.arange(seq).expand(len(hidden), -1)
+                got = split.rest(split.rows(hidden, positions), content)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+                generator = torch.Generator().manual_seed(layer)
+                reference = torch.randn(hidden.shape[1:], generator=generator, dtype=hidden.dtype)
+                paths = [
+                    PathIntegral(h, reference, alphas, weights, length=int(n), content_length=int(c))
+                    for h, n, c in zip(hidden, own, content)
+                ]
+                fast = generic._forward(tower, layer, paths, ChunkBudget(1 << 16))
+                tower.row_split = lambda layer: None  # the same tower without the split
+                try:
+                    slow = generic._forward(tower, layer, paths, ChunkBudget(1 << 30))
+                finally:
+                    del tower.row_split
+            for factor, expected in zip(fast, slow):
+                torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)

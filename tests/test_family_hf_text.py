@@ -9,8 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_hf import FAMILIES, register_tiny_hf_clip
 
+from explain_server.engine import generic
+from explain_server.engine.attribution import ChunkBudget, PathIntegral
 from explain_server.engine.families import text_tower
 from explain_server.engine.families.hf_text import HFTextTower
+from explain_server.engine.quadrature import nodes_and_weights
 from explain_server.inputs import tokenize
 from explain_server.tokenizers import load_tokenizer
 
@@ -47,11 +50,12 @@ CAPTIONS = ["a photo of a cat", "صورة قطة", "猫", "two dogs playing in t
 def test_the_adapter_is_chosen_and_names_its_layers(models, family):
     model, tower, tokenizer = models[family]
     assert isinstance(tower, HFTextTower) and not tower.sees_padding
-    n = len(tower.layers) - 1
-    assert [layer.name for layer in tower.layers] == [*(f"block {i}" for i in range(n)), "head"]
-    # the pooler's input where it averages every row; a class-token pooler's reads one
-    assert tower.default_layer == (n if FAMILIES[family][2] == "mean_pooler" else n - 1)
-    assert tower.embed_dim == 24
+    n = len(tower.blocks)
+    # ``head`` only where the pooler reads every token: a class-token pooler reads one
+    head = ["head"] if type(model.text.pooler).__name__ == "MeanPooler" else []
+    assert [layer.name for layer in tower.layers] == [*(f"block {i}" for i in range(n)), *head]
+    # the pooler's input where it has one, else the last block's
+    assert tower.default_layer == len(tower.layers) - 1 and tower.embed_dim == 24
     assert tower.pad_id == model.text.config.pad_token_id == tokenizer.pad_id
     assert model.text.transformer.config._attn_implementation == "eager"
 
@@ -124,3 +128,36 @@ def test_nllb_pools_its_language_token(models):
     tangent[:, 1:] = 1.0
     assert torch.func.jvp(lambda h: tower.upper(h, head, lengths), (hidden,), (tangent,))[1].abs().max() == 0
     assert tokenizer.special_label(int(ids[0, 0])) == "eng_Latn"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(captions=st.lists(st.sampled_from(CAPTIONS), min_size=1, max_size=3))
+def test_the_row_split_is_f_hi_and_keeps_the_factors(models, family, captions):
+    """At the last encoder layer rest(rows(h)) is f_hi, and the generic path's factors are the
+    same with the split as without, for captions of different lengths in one batch."""
+    model, tower, tokenizer = models[family]
+    splits = [layer for layer in range(len(tower.layers)) if tower.row_split(layer) is not None]
+    assert splits == [len(tower.blocks) - 1]  # the last encoder layer only
+    ids, lengths = padded(model, tokenizer, captions)
+    layer = len(tower.blocks) - 1
+    split = tower.row_split(layer)
+    with torch.no_grad():
+        hidden = tower.lower(ids, layer, lengths)
+        positions = torch.arange(hidden.shape[1]).expand(len(ids), -1)
+        got = split.rest(split.rows(hidden, positions), lengths)
+        torch.testing.assert_close(got, model.encode_text(ids), rtol=0, atol=1e-10)
+        alphas, weights = nodes_and_weights("gausslegendre", 2)
+        reference = torch.randn(hidden.shape[1:], generator=torch.Generator().manual_seed(1), dtype=hidden.dtype)
+        paths = [
+            PathIntegral(h, reference, alphas, weights, length=int(n), content_length=int(n))
+            for h, n in zip(hidden, lengths)
+        ]
+        fast = generic._forward(tower, layer, paths, ChunkBudget(1 << 16))
+        tower.row_split = lambda layer: None  # the same tower without the split
+        try:
+            slow = generic._forward(tower, layer, paths, ChunkBudget(1 << 30))
+        finally:
+            del tower.row_split
+    for factor, expected in zip(fast, slow):
+        torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)

@@ -81,7 +81,7 @@ def tiny_config(name: str) -> dict:
 
 
 def build(name: str, seed: int = 0) -> torch.nn.Module:
-    """The tiny model of ``name`` with seeded random weights, float64, eval mode."""
+    """The tiny model of ``name`` with seeded random weights, float64, eval mode, no gradients."""
     cfg = tiny_config(name)
     custom = cfg.pop("custom_text", False)
     with torch.random.fork_rng(devices=[]):
@@ -95,7 +95,7 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
         for parameter in model.parameters():
             if parameter.dim() == 1:
                 parameter.data.normal_(parameter.data.mean().item(), 0.2)
-    return model.double().eval()
+    return model.double().eval().requires_grad_(False)  # as the server loads it
 
 
 MODELS = {name: build(name) for name in VARIANTS}
@@ -153,7 +153,8 @@ def test_text_composition_equals_encode_text_at_every_layer(name):
         hidden = tower.lower(ids, layer, lengths)
         assert hidden.shape[1] == ids.shape[1] + len(tower.suffix)
         torch.testing.assert_close(tower.upper(hidden, layer, lengths), expected, rtol=0, atol=1e-10)
-    assert [layer.name for layer in tower.layers] == ["block 0", "block 1", "head"]
+    # every text pooling reads one row: at a ``head`` layer the other positions would have no attribution
+    assert [layer.name for layer in tower.layers] == ["block 0", "block 1"]
     assert tower.default_layer == 1
 
 
@@ -358,3 +359,78 @@ def test_float32_models_agree_with_their_own_forward():
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+# --- the row-wise split of f_hi (engine/generic.py's cheaper JVPs) ---------------------------
+
+
+def split_layers(tower) -> list[int]:
+    """The layers at which ``tower`` offers a row split."""
+    return [layer for layer in range(len(tower.layers)) if tower.row_split(layer) is not None]
+
+
+def test_which_layers_split():
+    """Every text tower at its last block; class-token image towers at their last block, CoCa's
+    attentional pooler at the head; no split where f_hi begins with a block whose rows are all averaged."""
+    for name in VARIANTS:
+        model = MODELS[name]
+        assert split_layers(text_tower(model)) == [1], name
+        want = {"coca_ViT-B-32": [2], "custom-blocks": [], "ViT-L-14-CLIPA": []}.get(name, [1])
+        assert split_layers(image_tower(model)) == want, name
+
+
+def path_integrals(tower, hidden: torch.Tensor, lengths: torch.Tensor, n_steps: int = 3) -> list:
+    """One path per input, from a shared random reference, as the explainer sets them up."""
+    from explain_server.engine.attribution import PathIntegral
+    from explain_server.engine.quadrature import nodes_and_weights
+
+    generator = torch.Generator().manual_seed(7)
+    reference = torch.randn(hidden.shape[1:], generator=generator, dtype=hidden.dtype)
+    alphas, weights = nodes_and_weights("gausslegendre", n_steps)
+    own = tower.own_rows(lengths, hidden.shape[1])
+    return [
+        PathIntegral(h, reference, alphas, weights, length=int(n), content_length=int(c))
+        for h, n, c in zip(hidden, own, lengths)
+    ]
+
+
+def check_split(tower, layer: int, hidden: torch.Tensor, lengths: torch.Tensor) -> None:
+    """rest o rows is f_hi, and the generic path's factors are the same with the split as without."""
+    from explain_server.engine import generic
+    from explain_server.engine.attribution import ChunkBudget
+
+    split = tower.row_split(layer)
+    positions = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
+    with torch.no_grad():
+        got = split.rest(split.rows(hidden, positions), lengths)
+        torch.testing.assert_close(got, tower.upper(hidden, layer, lengths), rtol=0, atol=1e-10)
+        paths = path_integrals(tower, hidden, lengths)
+        fast = generic._forward(tower, layer, paths, ChunkBudget(1 << 16))
+        tower.row_split = lambda layer: None  # the same tower without the split (an instance attribute)
+        try:
+            slow = generic._forward(tower, layer, paths, ChunkBudget(1 << 30))
+        finally:
+            del tower.row_split
+    for factor, expected in zip(fast, slow):
+        torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@settings(max_examples=3, deadline=None)
+@given(lengths=st.lists(st.integers(3, CONTEXT), min_size=1, max_size=3))
+def test_text_row_split_is_f_hi_and_keeps_the_factors(name, lengths):
+    """Captions of different lengths in one batch: their pooled rows, causal and key masks come from lengths."""
+    model = MODELS[name]
+    tower = text_tower(model)
+    ids, _ = text_inputs(model, lengths, seed=sum(lengths))
+    lengths = torch.tensor(lengths)
+    layer = len(tower.blocks) - 1
+    check_split(tower, layer, tower.lower(ids, layer, lengths), lengths)
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n not in ("custom-blocks", "ViT-L-14-CLIPA")])
+def test_image_row_split_is_f_hi_and_keeps_the_factors(name):
+    tower = image_tower(MODELS[name])
+    (layer,) = split_layers(tower)
+    hidden = tower.lower(images(seed=3), layer, None)
+    check_split(tower, layer, hidden, torch.full((2,), hidden.shape[1]))  # an image's rows are all its own

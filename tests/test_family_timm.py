@@ -19,8 +19,11 @@ from open_clip.timm_model import TimmModel
 from scaled_models import add_scaled_architecture, register_scaled_timm
 from torch.func import jvp, vjp, vmap
 
+from explain_server.engine import generic
+from explain_server.engine.attribution import ChunkBudget, PathIntegral
 from explain_server.engine.families import image_tower
 from explain_server.engine.families.timm_trunks import TimmConvTower, TimmTransformerTower
+from explain_server.engine.quadrature import nodes_and_weights
 from explain_server.engine.split import UnsupportedModelError
 
 pytestmark = pytest.mark.unit
@@ -107,14 +110,17 @@ def test_layers_name_blocks_or_stages_then_the_pooling_input(towers, architectur
     trunk = model.visual.trunk
     x = images(model, 1)
     names = [layer.name for layer in tower.layers]
-    assert names[-1] == "head"
-    # the head's input, unless the head reads the class token alone
-    assert tower.default_layer == len(names) - (2 if getattr(trunk, "global_pool", None) == "token" else 1)
+    # a class-token pool reads one row: its input is no layer to explain
+    one_row = isinstance(tower, TimmTransformerTower) and trunk.attn_pool is None and trunk.global_pool == "token"
+    assert (names[-1] == "head") != one_row
+    units = len(trunk.blocks) if isinstance(tower, TimmTransformerTower) else len(trunk.stages)
+    # the head's input where there is one, else the last block's
+    assert tower.default_layer == len(names) - 1
     with torch.no_grad():
         features = trunk.forward_features(x)
-        head = tower.lower(x, len(names) - 1, None)
+        head = tower.lower(x, units, None)
     if isinstance(tower, TimmTransformerTower):
-        assert names[:-1] == [f"block {i}" for i in range(len(trunk.blocks))]
+        assert names[:units] == [f"block {i}" for i in range(len(trunk.blocks))]
         prefix = tower.layers[0].prefix
         assert len(prefix) == trunk.num_prefix_tokens
         assert prefix[:1] == (("cls",) if trunk.cls_token is not None else ())
@@ -242,3 +248,85 @@ def test_scaled_trunks_keep_the_module_types_and_tokens(name):
     for attribute in ("num_prefix_tokens", "global_pool", "no_embed_class", "rope_mixed"):
         assert getattr(small, attribute, None) == getattr(full, attribute, None), attribute
     assert (getattr(small, "rope", None) is None) == (getattr(full, "rope", None) is None)
+
+
+# architecture -> whether its pool reads the class token alone (else all rows: MAP or average)
+LAST_BLOCK = {
+    "EVA02-B-16": True,
+    "EVA01-g-14": True,
+    "EVA02-E-14": True,
+    "MobileCLIP2-L-14": True,
+    "MobileCLIP-B": True,
+    "PE-Core-B-16": False,
+    "ViTamin-S": False,
+}
+
+
+def _check_last_block_split(tower, hidden: torch.Tensor, want: torch.Tensor, subset: torch.Tensor) -> None:
+    """rest(rows(h, all positions)) is the embedding ``want``, and rows is row-wise: any ``subset`` of
+    positions, each with its own index, gives those rows of the full evaluation."""
+    last = len(tower.trunk.blocks) - 1
+    split = tower.row_split(last)
+    batch, seq = hidden.shape[:2]
+    rows = split.rows(hidden, torch.arange(seq).expand(batch, -1))
+    torch.testing.assert_close(split.rest(rows, None), want, **TOL)
+    torch.testing.assert_close(tower.upper(hidden, last, None), want, **TOL)
+    picked = split.rows(hidden[:, subset], subset.expand(batch, -1))
+    torch.testing.assert_close(picked, rows[:, subset], **TOL)
+
+
+@pytest.mark.parametrize("architecture", LAST_BLOCK)
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_the_last_block_of_a_class_token_pool_splits_off_its_rows(towers, architecture, data):
+    """At the last block, f_hi = rest o rows where the pool reads the class token alone; no split
+    where it reads every row."""
+    model, tower = towers(architecture)
+    last = len(model.visual.trunk.blocks) - 1
+    if not LAST_BLOCK[architecture]:
+        assert tower.row_split(last) is None
+        return
+    batch = data.draw(st.integers(1, 3), label="batch")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    seq = tower.layers[last].positions
+    subset = torch.tensor(data.draw(st.lists(st.integers(0, seq - 1), min_size=1, max_size=5), label="subset"))
+    x = images(model, batch, seed)
+    with torch.no_grad():
+        _check_last_block_split(tower, tower.lower(x, last, None), model.encode_image(x), subset)
+
+
+def test_the_last_block_splits_with_depth_dependent_rope():
+    """A class-token pool on an Eva whose rope differs per block ("mixed", AttentionRope): each row
+    takes its own block's rope entry."""
+    small, size = register_scaled_timm("vit_small_patch16_rope_mixed_224")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        visual = TimmModel(small, embed_dim=32, image_size=size, pool="token")
+    perturb(visual)
+    visual = visual.double().eval()
+    tower = image_tower(_holding(visual))
+    assert visual.trunk.rope_mixed and tower.row_split(len(visual.trunk.blocks) - 1) is not None
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = tower.lower(x, len(visual.trunk.blocks) - 1, None)
+        _check_last_block_split(tower, hidden, visual(x), torch.tensor([5, 0, 16, 3]))
+
+
+@pytest.mark.parametrize("architecture", [name for name, one_row in LAST_BLOCK.items() if one_row])
+def test_the_last_block_split_changes_the_cost_not_the_factors(tmp_path, architecture):
+    """The generic path's factors at the last block are the same with and without the row split."""
+    model = build(architecture, tmp_path).requires_grad_(False)
+    tower = image_tower(model)
+    last = len(model.visual.trunk.blocks) - 1
+    x = images(model, 2)
+    with torch.no_grad():
+        hidden = tower.lower(x, last, None)
+        reference = tower.lower(torch.zeros_like(x[:1]), last, None)[0]
+        alphas, weights = nodes_and_weights("gausslegendre", 3)
+        paths = [PathIntegral(h, reference, alphas, weights) for h in hidden]
+        assert tower.row_split(last) is not None
+        got = generic._forward(tower, last, paths, ChunkBudget(1 << 16))
+        tower.row_split = lambda layer: None  # the same tower without the split
+        want = generic._forward(tower, last, paths, ChunkBudget(1 << 30))
+    for factor, expected in zip(got, want):
+        torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)

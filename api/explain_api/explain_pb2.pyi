@@ -131,7 +131,7 @@ class TextSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "token_ids", "tokens", "attribution", "cls_attribution", "score", "logit_scale", "reference_terms", "convergence_delta", "crop_box", "image_size", "timings", "options", "image_prefix", "prefix_attribution", "padding", "token_spans")
+    __slots__ = ("request_id", "model", "token_ids", "tokens", "attribution", "cls_attribution", "score", "logit_scale", "reference_terms", "convergence_delta", "crop_box", "image_size", "timings", "options", "image_prefix", "prefix_attribution", "padding", "token_spans", "logit_bias")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class ExplainResponse(_message.Message):
     PREFIX_ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     TOKEN_SPANS_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -168,7 +169,8 @@ class ExplainResponse(_message.Message):
     prefix_attribution: Float32Tensor
     padding: _containers.RepeatedScalarFieldContainer[bool]
     token_spans: _containers.RepeatedCompositeFieldContainer[TextSpan]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., cls_attribution: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., logit_scale: _Optional[float] = ..., reference_terms: _Optional[_Union[ReferenceTerms, _Mapping]] = ..., convergence_delta: _Optional[float] = ..., crop_box: _Optional[_Union[Box, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[ResolvedOptions, _Mapping]] = ..., image_prefix: _Optional[_Iterable[str]] = ..., prefix_attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., padding: _Optional[_Iterable[bool]] = ..., token_spans: _Optional[_Iterable[_Union[TextSpan, _Mapping]]] = ...) -> None: ...
+    logit_bias: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., cls_attribution: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., logit_scale: _Optional[float] = ..., reference_terms: _Optional[_Union[ReferenceTerms, _Mapping]] = ..., convergence_delta: _Optional[float] = ..., crop_box: _Optional[_Union[Box, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[ResolvedOptions, _Mapping]] = ..., image_prefix: _Optional[_Iterable[str]] = ..., prefix_attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., padding: _Optional[_Iterable[bool]] = ..., token_spans: _Optional[_Iterable[_Union[TextSpan, _Mapping]]] = ..., logit_bias: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -205,7 +207,7 @@ class Preprocessing(_message.Message):
     def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize_mode: _Optional[str] = ..., interpolation: _Optional[str] = ..., fill_color: _Optional[int] = ..., conversion: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "pretrained", "embed_dim", "image_size", "patch_size", "grid_height", "grid_width", "context_length", "text_layers", "image_layers", "default_text_layer", "default_image_layer", "default_n_steps", "default_method", "methods", "max_n_steps", "preprocessing", "device", "dtype", "text_layer_list", "image_layer_list", "default_text_layer_name", "default_image_layer_name", "text_sees_padding", "pad_token")
+    __slots__ = ("name", "architecture", "pretrained", "embed_dim", "image_size", "patch_size", "grid_height", "grid_width", "context_length", "text_layers", "image_layers", "default_text_layer", "default_image_layer", "default_n_steps", "default_method", "methods", "max_n_steps", "preprocessing", "device", "dtype", "text_layer_list", "image_layer_list", "default_text_layer_name", "default_image_layer_name", "text_sees_padding", "pad_token", "logit_bias")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PRETRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +234,7 @@ class ModelInfo(_message.Message):
     DEFAULT_IMAGE_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
     TEXT_SEES_PADDING_FIELD_NUMBER: _ClassVar[int]
     PAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     pretrained: str
@@ -258,7 +261,8 @@ class ModelInfo(_message.Message):
     default_image_layer_name: str
     text_sees_padding: bool
     pad_token: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., pretrained: _Optional[str] = ..., embed_dim: _Optional[int] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., patch_size: _Optional[_Union[ImageSize, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., context_length: _Optional[int] = ..., text_layers: _Optional[int] = ..., image_layers: _Optional[int] = ..., default_text_layer: _Optional[int] = ..., default_image_layer: _Optional[int] = ..., default_n_steps: _Optional[int] = ..., default_method: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., max_n_steps: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., text_layer_list: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., image_layer_list: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., default_text_layer_name: _Optional[str] = ..., default_image_layer_name: _Optional[str] = ..., text_sees_padding: _Optional[bool] = ..., pad_token: _Optional[str] = ...) -> None: ...
+    logit_bias: float
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., pretrained: _Optional[str] = ..., embed_dim: _Optional[int] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., patch_size: _Optional[_Union[ImageSize, _Mapping]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ..., context_length: _Optional[int] = ..., text_layers: _Optional[int] = ..., image_layers: _Optional[int] = ..., default_text_layer: _Optional[int] = ..., default_image_layer: _Optional[int] = ..., default_n_steps: _Optional[int] = ..., default_method: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., max_n_steps: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., text_layer_list: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., image_layer_list: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., default_text_layer_name: _Optional[str] = ..., default_image_layer_name: _Optional[str] = ..., text_sees_padding: _Optional[bool] = ..., pad_token: _Optional[str] = ..., logit_bias: _Optional[float] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_image_pixels", "max_image_side", "max_explanations_per_call", "max_pixels_per_call")

@@ -339,7 +339,7 @@ def _format_report(explanation: Explanation, top: int, show_padding: bool = Fals
     image = _layer_label(options.image_layer, options.image_layer_name)
     lines = [
         f"model:             {explanation.model}",
-        f"score:             {explanation.score:.6f} (cosine; logit {explanation.score * explanation.logit_scale:.4f})",
+        f"score:             {explanation.score:.6f} (cosine; logit {explanation.logit:.4f})",
         f"convergence delta: {explanation.convergence_delta:.3e}",
         f"layers:            text {_layer_label(options.text_layer, options.text_layer_name)}; "
         f"image {image} ({gh}x{gw} grid)",

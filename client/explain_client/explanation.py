@@ -154,6 +154,8 @@ class Explanation:
     token_spans: tuple[tuple[int, int], ...] = ()
     """Per token row, the caption characters [start, end) it spells (start == end for special
     and padding tokens); empty when the server does not report them."""
+    logit_bias: float | None = None
+    """SigLIP's bias: logit = score x logit_scale + logit_bias; None for models without one."""
 
     def __post_init__(self) -> None:
         attribution = _read_only_float32(self.attribution)
@@ -260,6 +262,7 @@ class Explanation:
             ),
             padding=tuple(resp.padding),
             token_spans=tuple((span.start, span.end) for span in resp.token_spans),
+            logit_bias=resp.logit_bias if resp.HasField("logit_bias") else None,
         )
 
     def __repr__(self) -> str:
@@ -449,6 +452,11 @@ class Explanation:
             )
         return render_overlay(picture, heat, self.crop_box, alpha=alpha)
 
+    @property
+    def logit(self) -> float:
+        """The model's logit for the pair: score x logit_scale (+ logit_bias where the model has one)."""
+        return self.score * self.logit_scale + (self.logit_bias or 0.0)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of all fields.
 
@@ -461,6 +469,7 @@ class Explanation:
             "model": self.model,
             "score": self.score,
             "logit_scale": self.logit_scale,
+            "logit_bias": self.logit_bias,
             "convergence_delta": self.convergence_delta,
             "reference_terms": dataclasses.asdict(self.reference_terms),
             "options": dataclasses.asdict(self.options),

@@ -96,6 +96,8 @@ class ModelInfo:
     """Whether explanations carry padding rows up to ``context_length`` (e.g. SigLIP)."""
     pad_token: str = ""
     """The label of padding rows."""
+    logit_bias: float | None = None
+    """SigLIP's bias: logit = cosine x logit_scale + logit_bias; None for models without one."""
 
     @classmethod
     def from_proto(cls, info: explain_pb2.ModelInfo, *, is_default: bool) -> ModelInfo:
@@ -135,6 +137,7 @@ class ModelInfo:
             default_image_layer_name=info.default_image_layer_name,
             text_sees_padding=info.text_sees_padding,
             pad_token=info.pad_token,
+            logit_bias=info.logit_bias if info.HasField("logit_bias") else None,
         )
 
 

@@ -227,6 +227,12 @@ def _explainer(
             fast[tower] = build(model)
         except UnsupportedModelError:  # the generic path explains it
             pass
+    # what the model computes in: the dtype of most of its linear and convolution weights (open_clip
+    # keeps embeddings and norms in float32 for half precision)
+    by_dtype: dict[torch.dtype, int] = {}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            by_dtype[module.weight.dtype] = by_dtype.get(module.weight.dtype, 0) + module.weight.numel()
     weight = next(model.parameters())
     return Explainer(
         text,
@@ -235,7 +241,7 @@ def _explainer(
         pad_id=tokenizer.pad_id,
         image_size=_pair(preprocess_cfg.size),
         device=weight.device,
-        dtype=weight.dtype,
+        dtype=max(by_dtype, key=by_dtype.get),
         budget=budget,
         fast=fast,
     )

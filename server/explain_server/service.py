@@ -221,6 +221,7 @@ def _response(
         prefix_attribution=_tensor(columns.prefix_attribution),
         score=attribution.score,
         logit_scale=model.description.logit_scale,
+        logit_bias=model.description.logit_bias,
         reference_terms=explain_pb2.ReferenceTerms(
             text_reference=attribution.text_reference,
             image_reference=attribution.image_reference,
@@ -276,6 +277,7 @@ def _model_info(model: ServedModel, limits: Limits) -> explain_pb2.ModelInfo:
         default_image_layer_name=d.image_layer_list[model.default_image_layer].name,
         text_sees_padding=d.text_sees_padding,
         pad_token=d.pad_label,
+        logit_bias=d.logit_bias,
         default_n_steps=model.default_n_steps,
         default_method=model.default_method,
         methods=METHODS,

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .attribution import ChunkBudget, PathIntegral, _Factors, _Nodes, _schedule, _similar, _Timed
-from .split import SplitTower
+from .split import RowSplit, SplitTower
 
 # Live tangent-sized copies per unit of work, as a factor on the bytes one evaluation of f_hi
 # creates: a JVP holds a tangent beside each primal tensor, plus temporaries.
@@ -34,7 +34,8 @@ _TANGENT_COST = 1.5
 
 
 class _ByteCounter(TorchDispatchMode):
-    """Sums the bytes of every tensor the dispatched operations create."""
+    """Sums the bytes of the new storage the dispatched operations create (views and in-place
+    results share their inputs' storage and are not counted)."""
 
     def __init__(self):
         super().__init__()
@@ -42,20 +43,28 @@ class _ByteCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
         for tensor in torch.utils._pytree.tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in seen:
                 self.bytes += tensor.element_size() * tensor.nelement()
         return out
 
 
 @functools.lru_cache(maxsize=256)
-def _profile(tower: SplitTower, layer: int, seq: int, width: int, dtype: torch.dtype, device: torch.device):
-    """(multiply-adds, bytes created) of f_hi on one input of ``seq`` positions."""
+def _profile(
+    tower: SplitTower, layer: int, seq: int, width: int, dtype: torch.dtype, device: torch.device, dense: bool
+) -> tuple[float, int]:
+    """(multiply-adds, bytes of new storage) of one input of ``seq`` positions through the part of
+    f_hi a unit of work carries densely: the rest after its row split (``dense``), else all of it."""
     hidden = torch.zeros((1, seq, width), dtype=dtype, device=device)
     lengths = torch.full((1,), seq, device=device)
+    split = (tower.row_split(layer) if dense else None) or _whole(tower, layer)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter, _ByteCounter() as memory:
-        tower.upper(hidden, layer, lengths)
+    with torch.no_grad():
+        rows = split.rows(hidden, torch.arange(seq, device=device)[None])
+        with counter, _ByteCounter() as memory:
+            split.rest(rows, lengths)
     return max(counter.get_total_flops() / 2, 1.0), max(memory.bytes, 1)
 
 
@@ -99,16 +108,18 @@ def _plan(
     budget: ChunkBudget,
     unit_cost: float,
     units: int | None,
+    dense: bool,
 ) -> tuple[int, int, int, float, float]:
     """The next pass: (rows, nodes, units per chunk, multiply-adds of one node's primal and of one unit).
 
     ``units`` is the number of units (None: one per column); ``unit_cost`` a unit's cost as a
-    multiple of the primal's.
+    multiple of the primal's; ``dense``: forward mode, whose units carry a dense tangent through
+    the rest of a row split only.
     """
     probe = integrals[0].hidden
     # the longest input left: later passes need no more rows (all rows when padding is read)
     seq = integrals[queue[0][0]].own_rows
-    flops, created = _profile(tower, layer, seq, probe.shape[1], probe.dtype, probe.device)
+    flops, created = _profile(tower, layer, seq, probe.shape[1], probe.dtype, probe.device, dense)
     n_nodes, width = budget.plan(
         created, _TANGENT_COPIES * created, flops, unit_cost * flops, units or seq, _similar(integrals, queue, seq)
     )
@@ -120,7 +131,9 @@ def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budge
     factors = _Factors(integrals, tower.embed_dim)
     queue = _schedule(integrals)
     while queue := factors.pending(queue):
-        seq, n_nodes, n_columns, primal, tangent = _plan(tower, layer, integrals, queue, budget, _TANGENT_COST, None)
+        seq, n_nodes, n_columns, primal, tangent = _plan(
+            tower, layer, integrals, queue, budget, _TANGENT_COST, None, True
+        )
         group, queue = queue[:n_nodes], queue[n_nodes:]
         nodes = _Nodes(integrals, group, seq)
         path, delta, owner, members = nodes.path, nodes.delta, nodes.owner, nodes.members
@@ -136,14 +149,8 @@ def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budge
             c = min(n_columns, seq - start)
             cols = torch.arange(start, start + c, device=path.device)
             here, moved, content = path[keep], delta[keep], lengths[keep]
-            tangents = torch.zeros((c, *here.shape), dtype=here.dtype, device=here.device)
-            tangents[torch.arange(c), :, cols] = moved[:, cols].transpose(0, 1)
-
-            def column(t: torch.Tensor, here=here, content=content) -> torch.Tensor:
-                return jvp(lambda h: tower.upper(h, layer, content), (here,), (t,))[1]
-
             with _Timed(budget, len(here) * (primal + c * tangent), path.device):
-                products = vmap(column)(tangents)  # (c, N, D)
+                products = _column_jvps(tower.row_split(layer) or _whole(tower, layer), here, moved, content, cols)
                 parts = torch.einsum("ckd,rk->rdc", products.to(weights.dtype), weights)
             for index, part in zip(still, parts):
                 own_columns = min(c, integrals[index].own_rows - start)
@@ -153,13 +160,43 @@ def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budge
     return factors.results()
 
 
+def _whole(tower: SplitTower, layer: int) -> RowSplit:
+    """f_hi with no row-wise part split off."""
+    return RowSplit(lambda x, positions: x, lambda h, lengths: tower.upper(h, layer, lengths))
+
+
+def _column_jvps(
+    split: RowSplit, path: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """J_hi(path) applied to ``delta`` on one position at a time: (c, N, D) for the c ``cols``.
+
+    The row-wise part moves the column's own row only, so its JVP runs on that row; the rest
+    takes one vmapped JVP over the columns, whose primal is computed once.
+    """
+    nodes, seq = path.shape[:2]
+    positions = torch.arange(seq, device=path.device).expand(nodes, seq)
+    primal = split.rows(path, positions)  # (N, S, e)
+    count = len(cols)
+    row_path = path[:, cols].transpose(0, 1).reshape(count * nodes, 1, -1)
+    row_delta = delta[:, cols].transpose(0, 1).reshape(count * nodes, 1, -1)
+    row_positions = cols.repeat_interleave(nodes)[:, None]
+    moved = jvp(lambda x: split.rows(x, row_positions), (row_path,), (row_delta,))[1]
+    tangents = torch.zeros((count, *primal.shape), dtype=primal.dtype, device=primal.device)
+    tangents[torch.arange(count), :, cols] = moved.reshape(count, nodes, -1)
+
+    def column(t: torch.Tensor) -> torch.Tensor:
+        return jvp(lambda h: split.rest(h, lengths), (primal,), (t,))[1]
+
+    return vmap(column)(tangents)
+
+
 def _reverse(tower: SplitTower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget) -> list:
     """Reverse mode: a pass pulls back embedding dimensions in chunks from one forward of its nodes."""
     dim = tower.embed_dim
     factors = _Factors(integrals, dim)
     queue = _schedule(integrals)
     while queue := factors.pending(queue):
-        seq, n_nodes, n_dims, primal, pullback_flops = _plan(tower, layer, integrals, queue, budget, 2.0, dim)
+        seq, n_nodes, n_dims, primal, pullback_flops = _plan(tower, layer, integrals, queue, budget, 2.0, dim, False)
         group, queue = queue[:n_nodes], queue[n_nodes:]
         nodes = _Nodes(integrals, group, seq)
         members = nodes.members

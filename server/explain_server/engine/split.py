@@ -11,16 +11,35 @@ takes a faster path where a tower's structure allows one (engine/towers.py).
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from .layers import Layer
 
-__all__ = ["Layer", "SplitTower", "UnsupportedModelError", "default_quadrature"]
+__all__ = ["Layer", "RowSplit", "SplitTower", "UnsupportedModelError", "default_quadrature"]
 
 
 class UnsupportedModelError(ValueError):
     """The model is not of the kind the engine explains (raised at load time); the message
     names the model part and the reason."""
+
+
+class RowSplit(NamedTuple):
+    """f_hi = rest o rows, where ``rows`` maps each position's vector alone.
+
+    A tangent on one position then moves one row of ``rows``' output, so its JVP costs one row,
+    not S; only ``rest`` sees a dense tangent. An attention pooling head over all positions, whose
+    key and value projections are row-wise, costs a few rows per position instead of S.
+
+    Attributes:
+        rows: (x (B, R, d), positions (B, R) int64, each row's index among the S positions)
+            -> (B, R, e).
+        rest: (rows' output for all S positions (B, S, e), lengths (B,)) -> (B, D).
+    """
+
+    rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    rest: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class SplitTower:
@@ -85,6 +104,12 @@ class SplitTower:
         evaluated with its input's lengths, so that both are pooled at the same row (method.md).
         """
         raise NotImplementedError
+
+    def row_split(self, layer: int) -> RowSplit | None:
+        """An optional speed-up: f_hi at ``layer`` as :class:`RowSplit`, with
+        ``rest(rows(h, arange(S)), lengths) == upper(h, layer, lengths)``; None when f_hi
+        starts with no row-wise part worth splitting off."""
+        return None
 
     def own_rows(self, lengths: torch.Tensor, seq: int) -> torch.Tensor:
         """The positions attributed per input, (B,) int64: all ``seq`` when the tower sees

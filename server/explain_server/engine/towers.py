@@ -386,9 +386,10 @@ class ImageTower(Tower):
         """Wrap ``model.visual``.
 
         Raises:
-            UnsupportedModelError: not a class-token-pooled open_clip ``VisionTransformer``.
+            UnsupportedModelError: not a class-token-pooled open_clip ``VisionTransformer``
+                (e.g. a transformers CLIPModel, which has no ``visual``).
         """
-        visual = model.visual
+        visual = getattr(model, "visual", None)
         if type(visual) is not VisionTransformer:
             raise UnsupportedModelError(
                 f"image tower {type(visual).__name__} is not supported; only open_clip's VisionTransformer"

@@ -79,6 +79,7 @@ def describe(loaded: LoadedModel) -> ModelDescription:
         patch_size=loaded.patch_size,
         embed_dim=loaded.embed_dim,
         logit_scale=loaded.logit_scale,
+        logit_bias=loaded.logit_bias,
         context_length=text.context_length,
         text_layer_list=tuple(text.layers),
         image_layer_list=tuple(image.layers),

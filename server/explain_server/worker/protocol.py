@@ -107,6 +107,7 @@ class ModelDescription:
             pixels; the patch size is (0, 0) for towers without patches.
         embed_dim: D, the joint embedding width.
         logit_scale: exp(logit_scale).
+        logit_bias: SigLIP's bias added to the scaled cosine; None for models without one.
         context_length: the text tower's token limit, special tokens included.
         text_layer_list, image_layer_list: the layers a request may attribute, by index (the
             explainer's ``text.layers`` and ``image.layers``).
@@ -137,6 +138,7 @@ class ModelDescription:
     device: str
     dtype: str
     load_seconds: float
+    logit_bias: float | None = None
     default_method: str = DEFAULT_METHOD
     default_n_steps: int = DEFAULT_N_STEPS
 

@@ -12,12 +12,14 @@ from typing import Callable
 import torch
 from open_clip.hf_model import HFTextEncoder
 from open_clip.model import CLIP
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer
 
 from ..split import SplitTower, UnsupportedModelError
 from . import openclip
 from .hf_text import HFTextTower
+from .resnet import ResNetImageTower
 from .timm_trunks import timm_image_tower
 
 TEXT_ADAPTERS: dict[type, Callable[[torch.nn.Module], SplitTower]] = {
@@ -30,6 +32,7 @@ TEXT_ADAPTERS: dict[type, Callable[[torch.nn.Module], SplitTower]] = {
 IMAGE_ADAPTERS: dict[type, Callable[[torch.nn.Module], SplitTower]] = {
     VisionTransformer: openclip.VisionTower,
     TimmModel: timm_image_tower,  # picks the adapter by the timm trunk's class
+    ModifiedResNet: ResNetImageTower,  # OpenAI's ResNets (RN50, RN101, RN50xN)
 }
 """Image adapters by the class of ``model.visual``."""
 

@@ -35,14 +35,17 @@ the pooling, after the encoder's last layer and the row-wise final layer norm):
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, CLIPModel, PreTrainedModel, SiglipModel
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 from transformers.models.siglip2.modeling_siglip2 import Siglip2Model
 
-from ..split import Layer, SplitTower, UnsupportedModelError
+from ..split import Layer, RowSplit, SplitTower, UnsupportedModelError
 
 MODELS = (CLIPModel, SiglipModel, Siglip2Model)
 """The dual encoders this module adapts."""
@@ -86,13 +89,62 @@ def _check_attention(model: PreTrainedModel) -> None:
         )
 
 
-def _block_layers(count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()) -> tuple[Layer, ...]:
-    return tuple(Layer(f"block {i}", grid, prefix) for i in range(count)) + (Layer("head", grid, prefix),)
+def _block_layers(
+    count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = (), head: bool = True
+) -> tuple[Layer, ...]:
+    """The blocks, then ``head`` only where the pooling reads every position (SigLIP's MAP head)."""
+    blocks = tuple(Layer(f"block {i}", grid, prefix) for i in range(count))
+    return blocks + (Layer("head", grid, prefix),) if head else blocks
 
 
 def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Row ``rows[b]`` of each ``x[b]``: (B, S, d), (B,) int64 -> (B, d)."""
     return x.gather(1, rows[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]
+
+
+def _layer_start(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The row-wise start of a CLIP / SigLIP encoder layer: (B, R, d) -> (B, R, 4d), each row's
+    input beside the query, key and value projections of its ``layer_norm1``."""
+    y = layer.layer_norm1(x)
+    attention = layer.self_attn
+    return torch.cat([x, attention.q_proj(y), attention.k_proj(y), attention.v_proj(y)], dim=-1)
+
+
+def _layer_rest(
+    layer: torch.nn.Module, start: torch.Tensor, rows: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """A CLIP / SigLIP encoder layer from its row-wise start (B, S, 4d), for the query ``rows``
+    (B, Q) int64 only (None: all S), with the layer's own modules and attention function.
+
+    Args:
+        mask: the model's additive attention mask (B or 1, 1, S, S), or None.
+
+    Returns:
+        (B, Q, d), the layer's output rows.
+    """
+    attention = layer.self_attn
+    x, q, k, v = start.split(start.shape[-1] // 4, dim=-1)
+    batch = x.shape[0]
+    if rows is not None:
+        x, q = _select(x, rows), _select(q, rows)
+        if mask is not None:
+            mask = torch.take_along_dim(mask.expand(batch, -1, -1, -1), rows[:, None, :, None], dim=2)
+    queries = q.shape[1]
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, sys.modules[type(attention).__module__].eager_attention_forward
+    )
+    out = function(attention, heads(q), heads(k), heads(v), mask, scaling=attention.scale, dropout=0.0)[0]
+    x = x + attention.out_proj(out.reshape(batch, queries, -1))
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def _select(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows[b]`` of each ``x[b]``: (B, S, d), (B, Q) int64 -> (B, Q, d)."""
+    return x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))
 
 
 class HFTextTower(SplitTower):
@@ -118,7 +170,7 @@ class HFTextTower(SplitTower):
         self.context_length = int(self.config.max_position_embeddings)
         self.pad_id = int(pad_id)
         self.embed_dim = int(projection.out_features)
-        self.layers = _block_layers(len(self.blocks))
+        self.layers = _block_layers(len(self.blocks), head=False)  # pooled at one row: end token or last
         self.default_layer = len(self.blocks) - 1
 
     def _mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -141,16 +193,32 @@ class HFTextTower(SplitTower):
         """f_hi: the remaining encoder layers, final layer norm, pooled row, projection.
 
         The pooled row is each input's ``lengths - 1`` (its end token) for CLIP, the last of
-        the S positions for SigLIP. See :meth:`SplitTower.upper`.
+        the S positions for SigLIP; the last layer computes that row alone. See
+        :meth:`SplitTower.upper`.
         """
         x = hidden
         if layer < len(self.blocks):
             mask = self._mask(x)
-            for block in self.blocks[layer:]:
+            for block in self.blocks[layer:-1]:
                 x = block(x, mask)
-            x = self.final_norm(x)
-        pooled = _rows(x, lengths - 1) if self.causal else x[:, -1]
-        return self.projection(pooled)
+            return self._rest(_layer_start(self.blocks[-1], x), lengths)
+        return self.projection(_rows(x, self._pooled(lengths, x.shape[1])))
+
+    def _pooled(self, lengths: torch.Tensor, seq: int) -> torch.Tensor:
+        """(B,) int64, each input's pooled row."""
+        return lengths - 1 if self.causal else torch.full_like(lengths, seq - 1)
+
+    def _rest(self, start: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The embedding from the last layer's row-wise start (B, S, 4d): the pooled row through
+        the layer, the final layer norm (row-wise) and the projection."""
+        rows = self._pooled(lengths, start.shape[1])[:, None]
+        return self.projection(self.final_norm(_layer_rest(self.blocks[-1], start, rows, self._mask(start))[:, 0]))
+
+    def row_split(self, layer: int) -> RowSplit | None:
+        """At the last layer: its row-wise start, then the pooled row alone (see :meth:`upper`)."""
+        if layer != len(self.blocks) - 1:
+            return None
+        return RowSplit(lambda x, positions: _layer_start(self.blocks[-1], x), self._rest)
 
 
 class HFImageTower(SplitTower):
@@ -199,9 +267,9 @@ class HFImageTower(SplitTower):
             prefix = ()
         self.grid = (side, side)
         self.image_size = (side * self.patch, side * self.patch)
-        self.layers = _block_layers(len(self.blocks), self.grid, prefix)
+        self.layers = _block_layers(len(self.blocks), self.grid, prefix, head=not prefix)  # MAP, not a class token
         # SigLIP's MAP head reads every row: its input; CLIP's class token is one row
-        self.default_layer = len(self.blocks) - 1 if self.clip else len(self.blocks)
+        self.default_layer = len(self.blocks) if not prefix else len(self.blocks) - 1
         # SigLIP's MAP head as measured on open_clip's ViT-B-16-SigLIP (the same architecture);
         # CLIP: the service default
         if not self.clip:
@@ -229,35 +297,65 @@ class HFImageTower(SplitTower):
 
     def upper(self, hidden: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
         """f_hi: the remaining encoder layers, final layer norm and pooling (CLIP: class token
-        and projection; SigLIP: the MAP head). See :meth:`SplitTower.upper`."""
+        and projection, the last layer computing the class token alone; SigLIP: the MAP head).
+        See :meth:`SplitTower.upper`."""
         x = hidden
-        for block in self.blocks[layer:]:
+        if layer == len(self.blocks):
+            return self._from_head(x)
+        for block in self.blocks[layer:-1]:
             x = block(x, None)
+        return self._rest(_layer_start(self.blocks[-1], x))
+
+    def _rest(self, start: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding from the last layer's row-wise start (B, S, 4d)."""
         if self.clip:
+            rows = torch.zeros(start.shape[0], 1, dtype=torch.long, device=start.device)
             # the layer norm is row-wise: norming the class token alone is what CLIP computes
-            pooled = x[:, 0] if layer == len(self.blocks) else self.final_norm(x[:, 0])
-            return self.projection(pooled)
-        if layer < len(self.blocks):
-            x = self.final_norm(x)
-        return attention_pool(self.head, x)
+            return self.projection(self.final_norm(_layer_rest(self.blocks[-1], start, rows, None)[:, 0]))
+        return self._from_head(self.final_norm(_layer_rest(self.blocks[-1], start, None, None)))
+
+    def _from_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding from the ``head`` layer's hidden state (B, S, d)."""
+        if self.clip:
+            return self.projection(x[:, 0])
+        return attention_pool(self.head, head_keys_values(self.head, x))
+
+    def row_split(self, layer: int) -> RowSplit | None:
+        """At the last layer: its row-wise start (CLIP: then the class token alone); at SigLIP's
+        ``head``: the MAP head's key and value projections."""
+        if layer == len(self.blocks) - 1:
+            return RowSplit(lambda x, positions: _layer_start(self.blocks[-1], x), self._rest)
+        if layer == len(self.blocks):
+            return RowSplit(
+                lambda x, positions: head_keys_values(self.head, x), lambda kv, lengths: attention_pool(self.head, kv)
+            )
+        return None
 
 
-def attention_pool(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """SigLIP's ``MultiheadAttentionPoolingHead`` on (B, S, d) hidden states -> (B, d).
+def head_keys_values(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The row-wise start of SigLIP's ``MultiheadAttentionPoolingHead``: keys and values
+    (B, R, 2d) of hidden states (B, R, d), from its ``nn.MultiheadAttention``'s weights."""
+    attention = head.attention
+    width = attention.embed_dim
+    bias = attention.in_proj_bias[width:] if attention.in_proj_bias is not None else None
+    return F.linear(x, attention.in_proj_weight[width:], bias)
+
+
+def attention_pool(head: torch.nn.Module, kv: torch.Tensor) -> torch.Tensor:
+    """SigLIP's ``MultiheadAttentionPoolingHead`` from its keys and values (B, S, 2d) -> (B, d).
 
     The learned probe attends to every position through the head's ``nn.MultiheadAttention``
     weights, written out (its fused fast path breaks forward-mode AD); then the residual MLP
     on the pooled row, with the head's own modules. No key mask: every patch is valid.
     """
     attention = head.attention
-    batch, seq, width = x.shape
+    batch, seq, _ = kv.shape
+    width = attention.embed_dim
     heads = attention.num_heads
     head_dim = width // heads
-    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attention.in_proj_bias.chunk(3) if attention.in_proj_bias is not None else (None,) * 3
-    q = F.linear(head.probe, w_q, b_q).view(1, 1, heads, head_dim).transpose(1, 2)
-    k = F.linear(x, w_k, b_k).view(batch, seq, heads, head_dim).transpose(1, 2)
-    v = F.linear(x, w_v, b_v).view(batch, seq, heads, head_dim).transpose(1, 2)
+    bias = attention.in_proj_bias[:width] if attention.in_proj_bias is not None else None
+    q = F.linear(head.probe, attention.in_proj_weight[:width], bias).view(1, 1, heads, head_dim).transpose(1, 2)
+    k, v = (part.reshape(batch, seq, heads, head_dim).transpose(1, 2) for part in kv.chunk(2, dim=-1))
     weights = ((q @ k.transpose(-2, -1)) * head_dim**-0.5).softmax(dim=-1)
     pooled = attention.out_proj((weights @ v).transpose(1, 2).reshape(batch, 1, width))
     return (pooled + head.mlp(head.layernorm(pooled)))[:, 0]

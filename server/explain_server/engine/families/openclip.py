@@ -21,6 +21,7 @@ head, after all blocks and the final norm when that norm is row-wise and precede
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,8 @@ from open_clip.transformer import (
     VisionTransformer,
 )
 
-from ..split import Layer, SplitTower, UnsupportedModelError
-from ..towers import attention_half, mask_rows, mlp_half, select_rows
+from ..split import Layer, RowSplit, SplitTower, UnsupportedModelError
+from ..towers import mask_rows, mlp_half, select_rows
 
 
 def check_blocks(blocks: torch.nn.ModuleList, tower: str) -> None:
@@ -64,35 +65,85 @@ def check_blocks(blocks: torch.nn.ModuleList, tower: str) -> None:
             )
 
 
-def custom_attention_half(
-    block: CustomResidualAttentionBlock,
+def qkv_rows(block: ResidualAttentionBlock | CustomResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """The row-wise start of a block: each row's input beside its query, key and value.
+
+    Args:
+        block: an open_clip self-attention block (packed ``in_proj`` weights).
+        x: (B, R, d) rows entering the block.
+
+    Returns:
+        (B, R, 4d): ``[x, q, k, v]``, the projections of ``ln_1(x)``.
+    """
+    attn = block.attn
+    return torch.cat([x, F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)], dim=-1)
+
+
+def attend(
+    block: ResidualAttentionBlock | CustomResidualAttentionBlock,
     x: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    rows: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
     key_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``x + ls_1(ln_attn(attn(ln_1(x))))`` of a ``CustomResidualAttentionBlock`` with explicit attention
-    (qk norm, per-head scale, inner norm); arguments as :func:`..towers.attention_half`."""
+    """The attention half of a block from its projections: ``x + ls_1(attention)``, explicit.
+
+    ``CustomResidualAttentionBlock``'s options (qk norm, per-head scale, inner norm, ``ln_attn``)
+    are applied where it has them.
+
+    Args:
+        x: (B, Q, d) the query rows' inputs (the residual).
+        q: (B, Q, d) their queries; k, v: (B, S, d) every row's keys and values.
+        mask: additive mask broadcastable to the scores (B, H, Q, S), or None.
+        key_mask: additive (B, S) mask over keys, or None.
+
+    Returns:
+        (B, Q, d).
+    """
     attn = block.attn
-    batch, seq, width = x.shape
+    batch, queries, width = q.shape
     heads = attn.num_heads
-    y = block.ln_1(x)
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
-    q = F.linear(select_rows(y, rows), w_q, b_q).view(batch, -1, heads, attn.head_dim).transpose(1, 2)
-    k = F.linear(y, w_k, b_k).view(batch, seq, heads, attn.head_dim).transpose(1, 2)
-    v = F.linear(y, w_v, b_v).view(batch, seq, heads, attn.head_dim).transpose(1, 2)
-    scores = (attn.ln_q(q) @ attn.ln_k(k).transpose(-2, -1)) * attn.scale
-    mask = mask_rows(attn_mask, rows)
+    head_dim = width // heads
+    custom = type(block) is CustomResidualAttentionBlock
+    q = q.reshape(batch, queries, heads, head_dim).transpose(1, 2)
+    k = k.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+    v = v.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+    if custom:
+        q, k = attn.ln_q(q), attn.ln_k(k)
+    scores = (q @ k.transpose(-2, -1)) * (attn.scale if custom else 1.0 / math.sqrt(head_dim))
     if mask is not None:
         scores = scores + mask.to(scores.dtype)
     if key_mask is not None:
         scores = scores + key_mask[:, None, None, :].to(scores.dtype)
     out = scores.softmax(dim=-1) @ v
-    if attn.head_scale is not None:
+    if custom and attn.head_scale is not None:
         out = out * attn.head_scale
-    out = attn.out_proj(attn.ln_inner(out.transpose(1, 2).reshape(batch, -1, width)))
-    return select_rows(x, rows) + block.ls_1(block.ln_attn(out))
+    out = out.transpose(1, 2).reshape(batch, queries, width)
+    if custom:
+        return x + block.ls_1(block.ln_attn(attn.out_proj(attn.ln_inner(out))))
+    return x + block.ls_1(attn.out_proj(out))
+
+
+def attention_rows(
+    block: ResidualAttentionBlock | CustomResidualAttentionBlock,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x + ls_1(attn(ln_1(x)))`` for the query ``rows`` (B, Q) int64 (None = all S rows);
+    every row still serves as key and value. Masks as :func:`..towers.attention_half`.
+    Returns (B, Q, d)."""
+    width = x.shape[-1]
+    attn = block.attn
+    y = block.ln_1(x)
+    w_q, w_kv = attn.in_proj_weight.split([width, 2 * width])
+    b_q, b_kv = attn.in_proj_bias.split([width, 2 * width]) if attn.in_proj_bias is not None else (None, None)
+    k, v = F.linear(y, w_kv, b_kv).chunk(2, dim=-1)
+    q = F.linear(select_rows(y, rows), w_q, b_q)
+    return attend(block, select_rows(x, rows), q, k, v, mask_rows(attn_mask, rows), key_mask)
 
 
 def run_blocks(
@@ -116,46 +167,97 @@ def run_blocks(
     for index in range(first, len(blocks)):
         block = blocks[index]
         rows = last_rows if index == len(blocks) - 1 else None
-        if type(block) is ResidualAttentionBlock:
-            x = attention_half(block, x, attn_mask, rows, key_mask=key_mask)
-        else:
-            x = custom_attention_half(block, x, attn_mask, rows, key_mask)
-        x = mlp_half(block, x)
+        x = mlp_half(block, attention_rows(block, x, attn_mask, rows, key_mask))
     return x
 
 
-def attentional_pool(pooler: AttentionalPooler, keys: torch.Tensor, queries: slice) -> torch.Tensor:
+def last_block_split(
+    block: ResidualAttentionBlock | CustomResidualAttentionBlock,
+    attn_mask: Callable[[int], torch.Tensor | None],
+    key_mask: Callable[[torch.Tensor, int, torch.dtype], torch.Tensor | None],
+    pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    head: Callable[[torch.Tensor], torch.Tensor],
+) -> RowSplit:
+    """f_hi at the input of the last block, for a tower pooled at one row per input.
+
+    ``rows`` is :func:`qkv_rows`; ``rest`` attends from the pooled row alone over every key and
+    value, finishes the block on that row and applies ``head``: so a column's dense tangent in
+    ``rest`` costs one query row, not a block over S rows.
+
+    Args:
+        block: the last block.
+        attn_mask: sequence length -> the additive (S, S) mask, or None.
+        key_mask: (lengths, S, dtype) -> the additive (B, S) key mask, or None.
+        pool: (lengths, rows' output (B, S, 4d)) -> (B,) int64, each input's pooled row.
+        head: the pooled rows after the block (B, d) -> embeddings (B, D).
+    """
+
+    def rest(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        seq, width = h.shape[1], h.shape[-1] // 4
+        x, q, k, v = h.split(width, dim=-1)
+        rows = pool(lengths, h)[:, None]
+        out = attend(
+            block,
+            select_rows(x, rows),
+            select_rows(q, rows),
+            k,
+            v,
+            mask_rows(attn_mask(seq), rows),
+            key_mask(lengths, seq, h.dtype),
+        )
+        return head(mlp_half(block, out)[:, 0])
+
+    return RowSplit(lambda x, positions: qkv_rows(block, x), rest)
+
+
+def pool_keys_values(pooler: AttentionalPooler, keys: torch.Tensor) -> torch.Tensor:
+    """The row-wise start of CoCa's pooler: keys and values (B, R, 2D) of tokens (B, R, d)
+    already normalised by ``pooler.ln_k``."""
+    mha = pooler.attn
+    width = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        w_k, w_v = mha.in_proj_weight[width:].chunk(2)
+    else:
+        w_k, w_v = mha.k_proj_weight, mha.v_proj_weight
+    b_k, b_v = mha.in_proj_bias[width:].chunk(2) if mha.in_proj_bias is not None else (None, None)
+    return torch.cat([F.linear(keys, w_k, b_k), F.linear(keys, w_v, b_v)], dim=-1)
+
+
+def attentional_pool(pooler: AttentionalPooler, kv: torch.Tensor, queries: slice) -> torch.Tensor:
     """CoCa's ``AttentionalPooler`` with explicit attention, for some of its learned queries.
 
     Args:
         pooler: the pooler.
-        keys: (B, S, d) tokens already normalised by ``pooler.ln_k``.
+        kv: (B, S, 2D) keys and values, :func:`pool_keys_values`.
         queries: which learned queries to compute (its norm ``ln_q`` is row-wise).
 
     Returns:
         (B, Q, D) pooled queries.
     """
     mha = pooler.attn
-    batch, seq, _ = keys.shape
+    batch, seq, _ = kv.shape
     heads, width = mha.num_heads, mha.embed_dim
     head_dim = width // heads
-    if mha._qkv_same_embed_dim:
-        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    else:
-        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+    w_q = mha.in_proj_weight[:width] if mha._qkv_same_embed_dim else mha.q_proj_weight
+    b_q = mha.in_proj_bias[:width] if mha.in_proj_bias is not None else None
     q = F.linear(pooler.ln_q(pooler.query[queries]), w_q, b_q)
     q = q.view(-1, heads, head_dim).transpose(0, 1)  # (H, Q, e), shared by the batch
-    k = F.linear(keys, w_k, b_k).view(batch, seq, heads, head_dim).transpose(1, 2)
-    v = F.linear(keys, w_v, b_v).view(batch, seq, heads, head_dim).transpose(1, 2)
+    k, v = (part.reshape(batch, seq, heads, head_dim).transpose(1, 2) for part in kv.chunk(2, dim=-1))
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
     out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, -1, width)
     return mha.out_proj(out)
 
 
-def block_layers(count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = ()) -> tuple[Layer, ...]:
-    """``block 0`` .. ``block count-1`` and ``head``, all with the same positions."""
-    return tuple(Layer(f"block {i}", grid, prefix) for i in range(count)) + (Layer("head", grid, prefix),)
+def block_layers(
+    count: int, grid: tuple[int, int] | None = None, prefix: tuple[str, ...] = (), head: bool = True
+) -> tuple[Layer, ...]:
+    """``block 0`` .. ``block count-1``, then ``head`` when ``head``, all with the same positions.
+
+    A head that pools one row (a class or end token) is not offered: at its input every other
+    position's attribution would be zero.
+    """
+    blocks = tuple(Layer(f"block {i}", grid, prefix) for i in range(count))
+    return blocks + (Layer("head", grid, prefix),) if head else blocks
 
 
 class VisionTower(SplitTower):
@@ -189,11 +291,10 @@ class VisionTower(SplitTower):
         self.visual = visual
         self.blocks = visual.transformer.resblocks
         self.embed_dim = visual.proj.shape[1] if visual.proj is not None else visual.ln_post.normalized_shape[0]
-        self.layers = block_layers(len(self.blocks), tuple(visual.grid_size), ("cls",))
-        # the head's input where the pooling reads every row (average, CoCa's attentional
-        # pooler); a class-token head reads one row, which would take every attribution
-        reads_all = visual.attn_pool is not None or visual.pool_type != "tok"
-        self.default_layer = len(self.blocks) if reads_all else len(self.blocks) - 1
+        pools_all = visual.attn_pool is not None or visual.pool_type == "avg"
+        self.layers = block_layers(len(self.blocks), tuple(visual.grid_size), ("cls",), head=pools_all)
+        # the head's input where the pooling reads every row (average, CoCa's attentional pooler)
+        self.default_layer = len(self.layers) - 1
         # measured (benchmarks/choose_defaults.py; the class-token case: bench_engine.py's sweep)
         self.default_method, self.default_n_steps = "gausslegendre", 3
 
@@ -210,23 +311,54 @@ class VisionTower(SplitTower):
             x = block(x)
         return self._norm_before_pool(x) if layer == len(self.blocks) else x
 
+    def _single(self) -> bool:
+        """Only the class token reaches the embedding: 'tok' pooling without the attentional pooler."""
+        return self.visual.pool_type == "tok" and self.visual.attn_pool is None
+
     def upper(self, hidden: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
         """g_hi: the blocks from ``layer``, pooling, norm and projection, as ``visual.forward`` (see SplitTower)."""
-        visual = self.visual
-        tok = visual.pool_type == "tok"
         x = hidden
         if layer < len(self.blocks):
-            # only the class token reaches a 'tok'-pooled embedding without the attentional pooler
-            single = tok and visual.attn_pool is None
-            rows = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device) if single else None
+            rows = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device) if self._single() else None
             x = self._norm_before_pool(run_blocks(self.blocks, x, layer, last_rows=rows))
+        return self._from_head(x)
+
+    def _from_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding from the ``head`` layer's hidden state (B, S, d) (or its class token alone)."""
+        visual = self.visual
         if visual.attn_pool is not None:
-            # ln_post is row-wise over the pooler's queries, so only the pooled ones are computed
-            x = visual.ln_post(attentional_pool(visual.attn_pool, x, slice(0, 1) if tok else slice(None)))
-        pooled = x[:, 0] if tok else x[:, 1:].mean(dim=1)
-        if visual.attn_pool is None and visual.final_ln_after_pool:
+            return self._from_keys_values(pool_keys_values(visual.attn_pool, x))
+        pooled = x[:, 0] if visual.pool_type == "tok" else x[:, 1:].mean(dim=1)
+        if visual.final_ln_after_pool:
             pooled = visual.ln_post(pooled)
         return pooled @ visual.proj if visual.proj is not None else pooled
+
+    def _from_keys_values(self, kv: torch.Tensor) -> torch.Tensor:
+        """The embedding from the attentional pooler's keys and values (B, S, 2D)."""
+        visual = self.visual
+        tok = visual.pool_type == "tok"
+        # ln_post is row-wise over the pooler's queries, so only the pooled ones are computed
+        x = visual.ln_post(attentional_pool(visual.attn_pool, kv, slice(0, 1) if tok else slice(None)))
+        pooled = x[:, 0] if tok else x[:, 1:].mean(dim=1)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    def row_split(self, layer: int) -> RowSplit | None:
+        """At the last block of a class-token tower, :func:`last_block_split`; at the ``head`` of
+        CoCa's attentional pooler, its key and value projections are the row-wise part."""
+        if layer == len(self.blocks) - 1 and self._single():
+            return last_block_split(
+                self.blocks[-1],
+                lambda seq: None,
+                lambda lengths, seq, dtype: None,
+                lambda lengths, h: torch.zeros(h.shape[0], dtype=torch.long, device=h.device),
+                lambda row: self._from_head(self._norm_before_pool(row[:, None])),
+            )
+        if layer == len(self.blocks) and self.visual.attn_pool is not None:
+            pooler = self.visual.attn_pool
+            return RowSplit(
+                lambda x, positions: pool_keys_values(pooler, x), lambda kv, lengths: self._from_keys_values(kv)
+            )
+        return None
 
 
 class TextTower(SplitTower):
@@ -284,7 +416,7 @@ class TextTower(SplitTower):
             self.embed_dim = projection.out_features
         else:
             self.embed_dim = projection.shape[1]
-        self.layers = block_layers(len(self.blocks))
+        self.layers = block_layers(len(self.blocks), head=False)  # every text pooling reads one row
         self.default_layer = len(self.blocks) - 1
 
     def _norm_before_pool(self) -> bool:
@@ -349,14 +481,33 @@ class TextTower(SplitTower):
                 key_mask=self._key_mask(lengths, seq, hidden.dtype),
                 last_rows=pool[:, None],
             )[:, 0]
-            x = self.source.ln_final(x)  # row-wise, so the pooled row alone, before or after pooling alike
-        else:
-            x = select_rows(hidden, pool[:, None])[:, 0]
-            if not self._norm_before_pool():
-                x = self.source.ln_final(x)
+            return self._head(x)
+        x = select_rows(hidden, pool[:, None])[:, 0]
+        if not self._norm_before_pool():
+            x = self.source.ln_final(x)
+        return self._project(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding from the last block's pooled rows (B, d): ``ln_final`` (row-wise, so the
+        pooled row alone, before or after pooling alike) and the projection."""
+        return self._project(self.source.ln_final(x))
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         projection = self.source.text_projection
         if projection is None:
             return x
         if isinstance(projection, torch.nn.Linear):
             return projection(x)
         return x @ projection
+
+    def row_split(self, layer: int) -> RowSplit | None:
+        """At the last block, :func:`last_block_split`: every text pooling reads one row."""
+        if layer != len(self.blocks) - 1:
+            return None
+        return last_block_split(
+            self.blocks[-1],
+            self._causal_mask,
+            self._key_mask,
+            lambda lengths, h: self._pool_rows(lengths, h.shape[1]),
+            self._head,
+        )

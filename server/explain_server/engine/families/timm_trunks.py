@@ -13,6 +13,11 @@ inside ``forward_features``:
   stage's feature map in row-major order; layers are ``stages.i`` and ``head`` (after the last
   stage and ``norm_pre`` / ``final_conv``: the global pool's input).
 
+Where the trunk pools its class token alone (EVA01/02, ``vit_large_patch14_clip``, ``vit_base_mci``),
+nothing after the last block's attention mixes rows, so ``upper`` runs that block for the class row
+only: its query attends over every row's keys and values, then its MLP and the final norm see one row.
+:meth:`TimmTransformerTower.row_split` splits that block further (see :class:`_PooledLastBlock`).
+
 ``upper`` always ends with the trunk's own ``forward_head`` (token, average or MAP pooling, fc norm,
 classifier-as-projection) and the TimmModel's head, so it returns exactly what
 ``CLIP.encode_image`` returns before normalisation. Building an adapter prepares the tower for
@@ -26,14 +31,17 @@ position encoding block fused into single convolutions: the same function, fewer
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
+from timm.layers import Attention, AttentionPoolLatent, AttentionRope
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.convnext import ConvNeXt
-from timm.models.eva import Eva
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.fastvit import FastVit
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from timm.utils import reparameterize_model
 
-from ..split import Layer, SplitTower, UnsupportedModelError
+from ..split import Layer, RowSplit, SplitTower, UnsupportedModelError
 
 
 def timm_image_tower(visual: TimmModel) -> SplitTower:
@@ -87,16 +95,18 @@ class TimmTransformerTower(SplitTower):
         assert len(prefix) == trunk.num_prefix_tokens, (prefix, trunk.num_prefix_tokens)
         grid = tuple(trunk.patch_embed.grid_size)
         self.n_blocks = len(trunk.blocks)
-        self.layers = tuple(Layer(f"block {i}", grid, prefix) for i in range(self.n_blocks)) + (
-            Layer("head", grid, prefix),
-        )
-        # the head's input where the pooling reads every row (MAP, average); a class-token
-        # head reads one row, which would take every attribution
-        self.default_layer = self.n_blocks - 1 if trunk.global_pool == "token" else self.n_blocks
+        self.layers = tuple(Layer(f"block {i}", grid, prefix) for i in range(self.n_blocks))
+        one_row = trunk.attn_pool is None and trunk.global_pool == "token"  # the class token's row alone
+        if not one_row:
+            self.layers += (Layer("head", grid, prefix),)
+        last = trunk.blocks[-1]
+        self.last = _PooledLastBlock(last, trunk.num_prefix_tokens) if one_row and _PooledLastBlock.fits(last) else None
+        # the head's input where the pooling reads every row (MAP, average), else the last block's
+        self.default_layer = len(self.layers) - 1
         # measured per pooling (benchmarks/choose_defaults.py): EVA02's last block (class
         # token), SigLIP's MAP head, ViTamin's average
         self.default_method = "gausslegendre"
-        self.default_n_steps = {"token": 6, "map": 4}.get(trunk.global_pool, 3)
+        self.default_n_steps = 6 if one_row else 4 if trunk.global_pool == "map" else 3
         with torch.no_grad():
             self.embed_dim = visual(_zero_image(visual)).shape[-1]
 
@@ -110,15 +120,14 @@ class TimmTransformerTower(SplitTower):
             return rope.get_embed()
         return rope.get_embed(shape=self.trunk.patch_embed.grid_size)
 
+    def _block_rope(self, rope: torch.Tensor | None, index: int) -> torch.Tensor | None:
+        """Block ``index``'s rotary embedding: its own slice where the rope is depth-dependent ("mixed")."""
+        return rope[index] if rope is not None and getattr(self.trunk, "rope_mixed", False) else rope
+
     def _blocks(self, x: torch.Tensor, start: int, stop: int, rope: torch.Tensor | None) -> torch.Tensor:
         for i in range(start, stop):
             block = self.trunk.blocks[i]
-            if not self.is_eva:
-                x = block(x)
-            elif getattr(self.trunk, "rope_mixed", False) and rope is not None:
-                x = block(x, rope=rope[i])
-            else:
-                x = block(x, rope=rope)
+            x = block(x, rope=self._block_rope(rope, i)) if self.is_eva else block(x)
         return x
 
     def lower(self, inputs: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
@@ -136,8 +145,149 @@ class TimmTransformerTower(SplitTower):
         """The unnormalised embedding (B, D) from the tokens entering ``layers[layer]``; see SplitTower."""
         x = hidden
         if layer < self.n_blocks:
-            x = self.trunk.norm(self._blocks(x, layer, self.n_blocks, self._rope()))
+            rope = self._rope()
+            if self.last is None:
+                x = self.trunk.norm(self._blocks(x, layer, self.n_blocks, rope))
+            else:
+                x = self._blocks(x, layer, self.n_blocks - 1, rope)
+                positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[:2])
+                return self._pooled(self.last.rows(x, positions, self._block_rope(rope, self.n_blocks - 1)), lengths)
         return self.visual.head(self.trunk.forward_head(x))
+
+    def _pooled(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The embedding from the last block's ``rows`` of every position: that block, the final norm and
+        the head on the class row."""
+        return self.visual.head(self.trunk.forward_head(self.trunk.norm(self.last.finish(rows))))
+
+    def row_split(self, layer: int) -> RowSplit | None:
+        """At the last block of a class-token-pooled trunk: the block's norm and query, key and value
+        projections are row-wise, so a position's tangent moves one row of them, and the rest is one
+        query's attention and one row's MLP (see :class:`_PooledLastBlock`). At ``head`` of an
+        attention-pooled trunk (SigLIP, PE-Core): the pool's key and value projections are row-wise,
+        so a position's tangent moves one key and one value row."""
+        if layer == self.n_blocks - 1 and self.last is not None:
+            rope = self._block_rope(self._rope(), layer)
+            return RowSplit(lambda x, positions: self.last.rows(x, positions, rope), self._pooled)
+        pool = self.trunk.attn_pool
+        if layer != self.n_blocks or not isinstance(pool, AttentionPoolLatent):
+            return None
+        skip = 0 if self.is_eva or self.trunk.pool_include_prefix else self.trunk.num_prefix_tokens
+
+        def rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            if pool.pos_embed is not None:  # the pool's own position embedding, over the pooled positions
+                x = x + pool.pos_embed[(positions - skip).clamp(min=0)].to(x.dtype)
+            return pool.kv(x)
+
+        def rest(kv: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            pooled = _latent_attention(pool, kv[:, skip:])
+            trunk = self.trunk
+            return self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(pooled))))
+
+        return RowSplit(rows, rest)
+
+
+class _PooledLastBlock:
+    """A trunk's last transformer block, split for a pool that reads the class token (row 0) alone.
+
+    ``rows`` is the block's row-wise start: each row's input with its query, key and value (after the
+    q/k norms and, on Eva, the rotary embedding at the row's own position; prefix tokens take none).
+    ``finish`` is the rest for the class row only: its query attends over every row's key and value,
+    then the projection, residuals, and MLP run on that one row. The block's own modules do all but the
+    attention product. Fits timm's pre-norm ``Block`` with ``Attention``, and Eva's pre- and post-norm
+    blocks with ``EvaAttention`` or ``AttentionRope`` (fused or separate projections, grouped keys and
+    values, gated output).
+    """
+
+    def __init__(self, block: torch.nn.Module, prefix: int):
+        attn = block.attn
+        self.block, self.attn, self.prefix = block, attn, prefix
+        self.post_norm = isinstance(block, EvaBlockPostNorm)
+        self.heads, self.kv_heads = attn.num_heads, getattr(attn, "num_kv_heads", attn.num_heads)
+        self.sizes = [attn.proj.out_features, self.heads * attn.head_dim, *2 * [self.kv_heads * attn.head_dim]]
+
+    @staticmethod
+    def fits(block: torch.nn.Module) -> bool:
+        """Whether ``block``'s forward is the one this class reproduces (exact types: a subclass may differ)."""
+        vit = type(block) is Block and type(block.attn) is Attention
+        eva = type(block) in (EvaBlock, EvaBlockPostNorm) and type(block.attn) in (EvaAttention, AttentionRope)
+        return vit or eva
+
+    def _attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.post_norm else self.block.norm1(x)
+
+    def rows(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        """Each row's [input, query, key, value] (B, R, C + 3 * heads * head_dim, fewer with grouped keys).
+
+        Args:
+            x: (B, R, C) rows of the block's input.
+            positions: (B, R) each row's index among all positions (prefix tokens first).
+            rope: the block's rotary embedding over the grid positions, as Eva passes it; or None.
+        """
+        attn = self.attn
+        h = self._attention_input(x)
+        if attn.qkv is None:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            q_bias = getattr(attn, "q_bias", None)
+            if q_bias is None:
+                qkv = attn.qkv(h)
+            else:  # Eva keeps its (fixed zero) key bias apart from the weights
+                bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+                qkv = attn.qkv(h) + bias if attn.qkv_bias_separate else F.linear(h, attn.qkv.weight, bias)
+            q, k, v = qkv.unflatten(-1, (3, -1)).unbind(-2)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # (B, R, heads, head_dim)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            # rope's table runs over the grid (its second-to-last dimension); each row takes its own entry
+            table = rope.movedim(-2, 0)[(positions - self.prefix).clamp(min=0)]
+            table = table.unsqueeze(-2) if rope.dim() == 2 else table
+            on_grid = (positions >= self.prefix)[..., None, None]
+            half = getattr(attn, "rotate_half", False)
+            q = torch.where(on_grid, apply_rot_embed_cat(q, table, half=half), q).type_as(v)
+            k = torch.where(on_grid, apply_rot_embed_cat(k, table, half=half), k).type_as(v)
+        return torch.cat([x, q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+
+    def finish(self, rows: torch.Tensor) -> torch.Tensor:
+        """The block's output on the class row (B, 1, C) from :meth:`rows` of every position (B, S, .)."""
+        attn, block = self.attn, self.block
+        x, q, k, v = rows.split(self.sizes, dim=-1)
+        x, q = x[:, :1], q[:, :1]
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # (B, ., heads, head_dim)
+        if self.kv_heads != self.heads:
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=2) for t in (k, v))
+        # one query: products and sums in the rows' own layout, where matmuls would copy transposed
+        # (and, under vmap, mostly zero) key and value tangents
+        weights = ((q * attn.scale) * k).sum(-1, keepdim=True).softmax(dim=1)  # (B, S, heads, 1)
+        out = attn.norm((weights * v).sum(1, keepdim=True).flatten(2))
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(self._attention_input(x)).sigmoid()
+        out = attn.proj(out)
+        if self.post_norm:
+            x = x + block.norm1(out)
+            return x + block.norm2(block.mlp(x))
+        if isinstance(block, Block):
+            x = x + block.ls1(out)
+            return x + block.ls2(block.mlp(block.norm2(x)))
+        x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
+        out = block.mlp(block.norm2(x))
+        return x + (out if block.gamma_2 is None else block.gamma_2 * out)
+
+
+def _latent_attention(pool: AttentionPoolLatent, kv: torch.Tensor) -> torch.Tensor:
+    """``AttentionPoolLatent.forward`` from its key-value projection ``kv`` (B, N, 2C) on, with
+    explicit attention."""
+    batch, count, _ = kv.shape
+    heads, head_dim, latents = pool.num_heads, pool.head_dim, pool.latent_len
+    q = pool.q(pool.latent.expand(batch, -1, -1)).reshape(batch, latents, heads, head_dim).transpose(1, 2)
+    k, v = kv.reshape(batch, count, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    attn = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    x = pool.proj((attn @ v).transpose(1, 2).reshape(batch, latents, heads * head_dim))
+    if pool.mlp is not None:
+        x = x + pool.mlp(pool.norm(x))
+    if pool.pool == "token":
+        return x[:, 0]
+    return x.mean(1) if pool.pool == "avg" else x
 
 
 class TimmConvTower(SplitTower):
