@@ -10,8 +10,11 @@ from hypothesis import strategies as st
 from resnets import seeded_resnet
 from torch.func import jvp, vjp, vmap
 
+from explain_server.engine import generic
+from explain_server.engine.attribution import ChunkBudget, PathIntegral
 from explain_server.engine.families import image_tower
 from explain_server.engine.families.resnet import ResNetImageTower
+from explain_server.engine.quadrature import nodes_and_weights
 from explain_server.engine.split import UnsupportedModelError
 
 pytestmark = pytest.mark.unit
@@ -41,7 +44,7 @@ def test_layers_name_each_stage_input_and_the_pool_with_its_grid(tower):
     assert tuple(layer.name for layer in tower.layers) == NAMES
     assert [layer.grid for layer in tower.layers] == [(16, 16), (16, 16), (8, 8), (4, 4), (2, 2)]
     assert all(layer.prefix == () for layer in tower.layers)
-    assert tower.layers[tower.default_layer].name == "layer4"
+    assert tower.layers[tower.default_layer].name == "attnpool"
     assert tower.embed_dim == 64
 
 
@@ -118,3 +121,42 @@ def test_batched_jvp_and_vjp_give_the_models_jacobian(model, tower, layer, seed,
 def test_other_image_towers_are_refused():
     with pytest.raises(UnsupportedModelError, match="VisionTransformer is not open_clip's ModifiedResNet"):
         ResNetImageTower(seeded_model(TINY).visual)
+
+
+@settings(max_examples=6, deadline=None)
+@given(batch=st.integers(1, 3), seed=st.integers(0, 2**16), subset=st.lists(st.integers(0, 3), min_size=1, max_size=4))
+def test_the_pools_row_split_is_upper_and_gives_the_same_factors(tower, batch, seed, subset):
+    """At ``attnpool``: rest(rows(h)) == upper(h), rows act on each cell alone, and the generic
+    factors with the split equal those of the whole f_hi."""
+    layer = len(NAMES) - 1
+    split = tower.row_split(layer)
+    assert all(tower.row_split(other) is None for other in range(layer))
+    with torch.no_grad():
+        hidden = tower.lower(pixels(batch, seed), layer, no_lengths(batch))
+        reference = tower.lower(torch.zeros_like(pixels(1, 0)), layer, no_lengths(1))[0]
+        positions = torch.arange(hidden.shape[1]).expand(batch, -1)
+        rows = split.rows(hidden, positions)
+        torch.testing.assert_close(split.rest(rows, None), tower.upper(hidden, layer, None), rtol=1e-10, atol=1e-12)
+        some = torch.tensor(subset)
+        torch.testing.assert_close(
+            split.rows(hidden[:, some], positions[:, some]), rows[:, some], rtol=1e-12, atol=1e-12
+        )
+        alphas, weights = nodes_and_weights("gausslegendre", 2)
+        paths = [PathIntegral(h, reference, alphas, weights) for h in hidden]
+        got = generic._forward(tower, layer, paths, ChunkBudget(1 << 16))
+        whole = generic._forward(_without_split(tower), layer, paths, ChunkBudget(1 << 30))
+    for factor, expected in zip(got, whole):
+        torch.testing.assert_close(factor, expected, rtol=1e-9, atol=1e-12)
+
+
+class _without_split:
+    """``tower`` with no row split: the generic path over the whole f_hi."""
+
+    def __init__(self, tower):
+        self._tower = tower
+
+    def __getattr__(self, name):
+        return getattr(self._tower, name)
+
+    def row_split(self, layer):
+        return None

@@ -19,9 +19,22 @@ import math
 import torch
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 
-from ..split import Layer, SplitTower, UnsupportedModelError
+from ..split import Layer, RowSplit, SplitTower, UnsupportedModelError
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _attend(pool: AttentionPool2d, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The mean token's attention row and ``c_proj``, from the tokens ``x`` (B, 1 + H * W, C) with
+    the positional embedding added, and their key and value projections."""
+    batch, _, width = x.shape
+    heads = pool.num_heads
+    head_dim = width // heads
+    q = pool.q_proj(x[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    k = k.view(batch, -1, heads, head_dim).transpose(1, 2)
+    v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
+    weights = ((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))).softmax(dim=-1)
+    return pool.c_proj((weights @ v).reshape(batch, width))
 
 
 def attention_pool(pool: AttentionPool2d, cells: torch.Tensor) -> torch.Tensor:
@@ -38,15 +51,8 @@ def attention_pool(pool: AttentionPool2d, cells: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, output_dim).
     """
-    batch, _, width = cells.shape
-    heads = pool.num_heads
-    head_dim = width // heads
     x = torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1) + pool.positional_embedding.to(cells.dtype)
-    q = pool.q_proj(x[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
-    k = pool.k_proj(x).view(batch, -1, heads, head_dim).transpose(1, 2)
-    v = pool.v_proj(x).view(batch, -1, heads, head_dim).transpose(1, 2)
-    weights = ((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))).softmax(dim=-1)
-    return pool.c_proj((weights @ v).reshape(batch, width))
+    return _attend(pool, x, pool.k_proj(x), pool.v_proj(x))
 
 
 class ResNetImageTower(SplitTower):
@@ -79,7 +85,10 @@ class ResNetImageTower(SplitTower):
             Layer(name, grid=(height // divisor, width // divisor))
             for name, divisor in zip((*STAGES, "attnpool"), divisors)
         )
-        self.default_layer = STAGES.index("layer4")
+        # the pool's input: a cell's tangent moves one key and value row there (row_split); the path
+        # is nearly linear, so one Gauss-Legendre node beats riemann_left at 50 (docs/benchmarks.md)
+        self.default_layer = len(STAGES)
+        self.default_method, self.default_n_steps = "gausslegendre", 1
         self.embed_dim = int(visual.output_dim)
 
     def lower(self, inputs: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
@@ -103,3 +112,22 @@ class ResNetImageTower(SplitTower):
         for stage in self.stages[layer:]:
             x = stage(x)
         return attention_pool(self.visual.attnpool, x.flatten(2).transpose(1, 2))
+
+    def row_split(self, layer: int) -> RowSplit | None:
+        """At ``attnpool``: each cell's key and value projections are row-wise; the query (from the
+        cells' mean) and the attention take the rest."""
+        if layer != len(self.stages):
+            return None
+        pool = self.visual.attnpool
+
+        def rows(cells: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            x = cells + pool.positional_embedding[positions + 1].to(cells.dtype)  # row 0 is the mean token's
+            return torch.cat([cells, pool.k_proj(x), pool.v_proj(x)], dim=-1)
+
+        def rest(projected: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            cells, k, v = projected.chunk(3, dim=-1)
+            mean = cells.mean(dim=1, keepdim=True) + pool.positional_embedding[:1].to(cells.dtype)
+            x = torch.cat([mean, cells], dim=1)  # only the mean token's row is read below
+            return _attend(pool, x, torch.cat([pool.k_proj(mean), k], dim=1), torch.cat([pool.v_proj(mean), v], dim=1))
+
+        return RowSplit(rows, rest)
