@@ -16,6 +16,7 @@ from explain_server.engine.attribution import FACTORS, ChunkBudget, PathIntegral
 from explain_server.engine.explainer import Explainer, Side
 from explain_server.engine.families import split_towers
 from explain_server.engine.quadrature import METHODS, nodes_and_weights
+from explain_server.engine.split import PoolSplit
 
 pytestmark = pytest.mark.unit
 
@@ -129,8 +130,9 @@ def test_generic_stops_and_batches_like_alone(tiny64):
 
 
 @pytest.mark.parametrize("architecture", ["ViT-B-16-SigLIP", "PE-Core-B-16"])
-def test_a_row_split_changes_the_cost_not_the_factors(tmp_path, architecture):
-    """At an attention-pooled head, f_hi = rest o rows; the factors equal those of the whole f_hi."""
+def test_a_pool_split_changes_the_cost_not_the_factors(tmp_path, architecture):
+    """At a MAP head, f_hi = tail(attention of fixed queries over row-wise keys and values); its
+    closed-form attention tangent gives the factors of the whole f_hi."""
     name = add_scaled_architecture(architecture, tmp_path)
     model = seeded_model(name).double().requires_grad_(False)
     image = split_towers(model)[1]
@@ -145,8 +147,8 @@ def test_a_row_split_changes_the_cost_not_the_factors(tmp_path, architecture):
     with torch.no_grad():
         hidden = image.lower(pixels_, layer, None)
         reference = image.lower(torch.zeros_like(pixels_[:1]), layer, None)[0]
-        positions = torch.arange(hidden.shape[1]).expand(2, -1)
-        torch.testing.assert_close(split.rest(split.rows(hidden, positions), None), image.upper(hidden, layer, None))
+        assert isinstance(split, PoolSplit)
+        torch.testing.assert_close(split.upper(hidden, None), image.upper(hidden, layer, None))
         alphas, weights = nodes_and_weights("gausslegendre", 3)
         paths = [PathIntegral(h, reference, alphas, weights) for h in hidden]
         got = generic._forward(image, layer, paths, ChunkBudget(1 << 16))

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .attribution import ChunkBudget, PathIntegral, _Factors, _Nodes, _schedule, _similar, _Timed
-from .split import RowSplit, SplitTower
+from .split import PoolSplit, RowSplit, SplitTower
 
 # Live tangent-sized copies per unit of work, as a factor on the bytes one evaluation of f_hi
 # creates: a JVP holds a tangent beside each primal tensor, plus temporaries.
@@ -51,21 +51,36 @@ class _ByteCounter(TorchDispatchMode):
         return out
 
 
+def _measure(function, *args) -> tuple[float, int]:
+    """(multiply-adds, bytes of new storage) of ``function(*args)``."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, _ByteCounter() as memory:
+        function(*args)
+    return max(counter.get_total_flops() / 2, 1.0), max(memory.bytes, 1)
+
+
 @functools.lru_cache(maxsize=256)
 def _profile(
     tower: SplitTower, layer: int, seq: int, width: int, dtype: torch.dtype, device: torch.device, dense: bool
-) -> tuple[float, int]:
-    """(multiply-adds, bytes of new storage) of one input of ``seq`` positions through the part of
-    f_hi a unit of work carries densely: the rest after its row split (``dense``), else all of it."""
+) -> tuple[float, int, float, int]:
+    """What one input of ``seq`` positions costs: (multiply-adds, bytes of new storage) of f_hi, then
+    of the part one unit of work carries densely: the rest after a row split, the pooled rows'
+    tail after a pool split (``dense``, forward mode), else all of f_hi."""
     hidden = torch.zeros((1, seq, width), dtype=dtype, device=device)
     lengths = torch.full((1,), seq, device=device)
-    split = (tower.row_split(layer) if dense else None) or _whole(tower, layer)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad():
-        rows = split.rows(hidden, torch.arange(seq, device=device)[None])
-        with counter, _ByteCounter() as memory:
-            split.rest(rows, lengths)
-    return max(counter.get_total_flops() / 2, 1.0), max(memory.bytes, 1)
+    whole = _measure(tower.upper, hidden, layer, lengths)
+    split = tower.row_split(layer) if dense else None
+    if isinstance(split, PoolSplit):
+        with torch.no_grad():
+            k, v = split.keys_values(hidden, torch.arange(seq, device=device)[None])
+        pooled = torch.zeros((1, len(split.queries), k.shape[2] * k.shape[3]), dtype=dtype, device=device)
+        flops, created = _measure(split.tail, pooled, lengths)
+        return (*whole, flops + 2 * k.numel(), created + 4 * k.nelement() * k.element_size())
+    if isinstance(split, RowSplit):
+        with torch.no_grad():
+            rows = split.rows(hidden, torch.arange(seq, device=device)[None])
+        return (*whole, *_measure(split.rest, rows, lengths))
+    return (*whole, *whole)
 
 
 def choose_mode(tower: SplitTower, seq: int) -> str:
@@ -119,11 +134,18 @@ def _plan(
     probe = integrals[0].hidden
     # the longest input left: later passes need no more rows (all rows when padding is read)
     seq = integrals[queue[0][0]].own_rows
-    flops, created = _profile(tower, layer, seq, probe.shape[1], probe.dtype, probe.device, dense)
-    n_nodes, width = budget.plan(
-        created, _TANGENT_COPIES * created, flops, unit_cost * flops, units or seq, _similar(integrals, queue, seq)
+    flops, created, unit_flops, unit_created = _profile(
+        tower, layer, seq, probe.shape[1], probe.dtype, probe.device, dense
     )
-    return seq, n_nodes, width, flops, unit_cost * flops
+    n_nodes, width = budget.plan(
+        created,
+        _TANGENT_COPIES * unit_created,
+        flops,
+        unit_cost * unit_flops,
+        units or seq,
+        _similar(integrals, queue, seq),
+    )
+    return seq, n_nodes, width, flops, unit_cost * unit_flops
 
 
 def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget) -> list:
@@ -149,8 +171,10 @@ def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budge
             c = min(n_columns, seq - start)
             cols = torch.arange(start, start + c, device=path.device)
             here, moved, content = path[keep], delta[keep], lengths[keep]
+            split = tower.row_split(layer) or _whole(tower, layer)
+            jvps = _pool_jvps if isinstance(split, PoolSplit) else _column_jvps
             with _Timed(budget, len(here) * (primal + c * tangent), path.device):
-                products = _column_jvps(tower.row_split(layer) or _whole(tower, layer), here, moved, content, cols)
+                products = jvps(split, here, moved, content, cols)
                 parts = torch.einsum("ckd,rk->rdc", products.to(weights.dtype), weights)
             for index, part in zip(still, parts):
                 own_columns = min(c, integrals[index].own_rows - start)
@@ -188,6 +212,48 @@ def _column_jvps(
         return jvp(lambda h: split.rest(h, lengths), (primal,), (t,))[1]
 
     return vmap(column)(tangents)
+
+
+def _pool_jvps(
+    split: PoolSplit, path: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_column_jvps` for an attention pooling head, with the attention's tangent in closed form.
+
+    Key and value row s move by the JVP of ``keys_values`` on row s alone; the queries are fixed,
+    so score (l, s) moves by alpha = <q_l, d k_s> and d o_l = a_ls (alpha (v_s - o_l) + d v_s).
+    Only the tail (on the L pooled rows) takes a vmapped JVP.
+    """
+    nodes, seq = path.shape[:2]
+    first = split.first_key
+    positions = torch.arange(first, seq, device=path.device).expand(nodes, -1)
+    k, v = split.keys_values(path[:, first:], positions)  # (N, S', H, e)
+    queries = split.queries.to(k.dtype)
+    attention = torch.einsum("lhe,nshe->nhls", queries, k).softmax(dim=-1)  # (N, H, L, S')
+    out = torch.einsum("nhls,nshe->nlhe", attention, v)  # (N, L, H, e)
+    keyed = cols >= first
+    products = torch.zeros((len(cols), nodes, split.tail(out.flatten(2), lengths).shape[-1]), dtype=path.dtype)
+    if not keyed.any():  # prefix tokens the pool leaves out: no key, no attribution
+        return products
+    keys = cols[keyed]
+    count = len(keys)
+    row_path = path[:, keys].transpose(0, 1).reshape(count * nodes, 1, -1)
+    row_delta = delta[:, keys].transpose(0, 1).reshape(count * nodes, 1, -1)
+    row_positions = keys.repeat_interleave(nodes)[:, None]
+    (k_s, v_s), (k_dot, v_dot) = jvp(lambda x: split.keys_values(x, row_positions), (row_path,), (row_delta,))
+    k_s, v_s, k_dot, v_dot = (t.reshape(count, nodes, *t.shape[2:]) for t in (k_s, v_s, k_dot, v_dot))  # (c, N, H, e)
+    alpha = torch.einsum("lhe,cnhe->cnhl", queries, k_dot)
+    a_s = attention.permute(3, 0, 1, 2)[keys - first]  # (c, N, H, L)
+    out_dot = a_s[..., None] * (
+        alpha[..., None] * (v_s[:, :, :, None] - out.permute(0, 2, 1, 3)) + v_dot[:, :, :, None]
+    )
+    out_dot = out_dot.permute(0, 1, 3, 2, 4).flatten(3)  # (c, N, L, H * e)
+
+    def column(t: torch.Tensor) -> torch.Tensor:
+        return jvp(lambda o: split.tail(o, lengths), (out.flatten(2),), (t,))[1]
+
+    products = products.to(out_dot.dtype)
+    products[keyed] = vmap(column)(out_dot)
+    return products
 
 
 def _reverse(tower: SplitTower, layer: int, integrals: list[PathIntegral], budget: ChunkBudget) -> list:

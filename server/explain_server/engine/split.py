@@ -42,6 +42,39 @@ class RowSplit(NamedTuple):
     rest: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class PoolSplit(NamedTuple):
+    """f_hi = tail(attention of fixed queries over keys and values that are row-wise in h): an
+    attention pooling head (SigLIP's and PE-Core's MAP) at its input.
+
+    A tangent on position s moves key and value row s only, and with the queries fixed the
+    attention's tangent is closed-form, d o = a_s (alpha (v_s - o) + d v_s) with alpha =
+    <q, d k_s> (method.md's softmax derivative): no dense tangent at all.
+
+    Attributes:
+        keys_values: (x (B, R, d), positions (B, R) int64) -> (k, v), each (B, R, H, e); k
+            already normalised where the head normalises keys.
+        queries: (L, H, e), the fixed queries, normalised and multiplied by the attention's scale.
+        first_key: positions before it are not keys (prefix tokens a pool leaves out); their
+            attributions are zero.
+        tail: (attention output (B, L, H * e), lengths (B,)) -> (B, D): the output projection
+            and everything after it.
+    """
+
+    keys_values: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    queries: torch.Tensor
+    first_key: int
+    tail: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def upper(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """f_hi itself, from all positions (B, S, d)."""
+        batch, seq = hidden.shape[:2]
+        positions = torch.arange(seq, device=hidden.device).expand(batch, seq)[:, self.first_key :]
+        k, v = self.keys_values(hidden[:, self.first_key :], positions)
+        attention = torch.einsum("lhe,bshe->bhls", self.queries.to(k.dtype), k).softmax(dim=-1)
+        out = torch.einsum("bhls,bshe->blhe", attention, v)
+        return self.tail(out.flatten(2), lengths)
+
+
 class SplitTower:
     """One tower of a dual encoder, split at any of its :attr:`layers`.
 
@@ -105,10 +138,11 @@ class SplitTower:
         """
         raise NotImplementedError
 
-    def row_split(self, layer: int) -> RowSplit | None:
+    def row_split(self, layer: int) -> RowSplit | PoolSplit | None:
         """An optional speed-up: f_hi at ``layer`` as :class:`RowSplit`, with
-        ``rest(rows(h, arange(S)), lengths) == upper(h, layer, lengths)``; None when f_hi
-        starts with no row-wise part worth splitting off."""
+        ``rest(rows(h, arange(S)), lengths) == upper(h, layer, lengths)``, or as
+        :class:`PoolSplit`, with ``split.upper(h, lengths) == upper(h, layer, lengths)``; None
+        when f_hi starts with no row-wise part worth splitting off."""
         return None
 
     def own_rows(self, lengths: torch.Tensor, seq: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ from timm.models.fastvit import FastVit
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.utils import reparameterize_model
 
-from ..split import Layer, RowSplit, SplitTower, UnsupportedModelError
+from ..split import Layer, PoolSplit, RowSplit, SplitTower, UnsupportedModelError
 
 
 def timm_image_tower(visual: TimmModel) -> SplitTower:
@@ -159,12 +159,12 @@ class TimmTransformerTower(SplitTower):
         the head on the class row."""
         return self.visual.head(self.trunk.forward_head(self.trunk.norm(self.last.finish(rows))))
 
-    def row_split(self, layer: int) -> RowSplit | None:
+    def row_split(self, layer: int) -> RowSplit | PoolSplit | None:
         """At the last block of a class-token-pooled trunk: the block's norm and query, key and value
         projections are row-wise, so a position's tangent moves one row of them, and the rest is one
         query's attention and one row's MLP (see :class:`_PooledLastBlock`). At ``head`` of an
-        attention-pooled trunk (SigLIP, PE-Core): the pool's key and value projections are row-wise,
-        so a position's tangent moves one key and one value row."""
+        attention-pooled trunk (SigLIP, PE-Core): a :class:`PoolSplit`, the pool's fixed latent queries
+        over row-wise keys and values, whose attention tangent is closed-form."""
         if layer == self.n_blocks - 1 and self.last is not None:
             rope = self._block_rope(self._rope(), layer)
             return RowSplit(lambda x, positions: self.last.rows(x, positions, rope), self._pooled)
@@ -172,18 +172,25 @@ class TimmTransformerTower(SplitTower):
         if layer != self.n_blocks or not isinstance(pool, AttentionPoolLatent):
             return None
         skip = 0 if self.is_eva or self.trunk.pool_include_prefix else self.trunk.num_prefix_tokens
+        heads, head_dim, latents = pool.num_heads, pool.head_dim, pool.latent_len
 
-        def rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        def keys_values(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if pool.pos_embed is not None:  # the pool's own position embedding, over the pooled positions
-                x = x + pool.pos_embed[(positions - skip).clamp(min=0)].to(x.dtype)
-            return pool.kv(x)
+                x = x + pool.pos_embed[positions - skip].to(x.dtype)
+            k, v = pool.kv(x).reshape(*x.shape[:2], 2, heads, head_dim).unbind(2)
+            return pool.k_norm(k), v
 
-        def rest(kv: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            pooled = _latent_attention(pool, kv[:, skip:])
+        queries = pool.q_norm(pool.q(pool.latent).reshape(latents, heads, head_dim).transpose(0, 1)).transpose(0, 1)
+
+        def tail(out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            x = pool.proj(out)
+            if pool.mlp is not None:
+                x = x + pool.mlp(pool.norm(x))
+            pooled = x[:, 0] if pool.pool == "token" else x.mean(1) if pool.pool == "avg" else x
             trunk = self.trunk
             return self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(pooled))))
 
-        return RowSplit(rows, rest)
+        return PoolSplit(keys_values, queries * pool.scale, skip, tail)
 
 
 class _PooledLastBlock:
@@ -271,23 +278,6 @@ class _PooledLastBlock:
         x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
         out = block.mlp(block.norm2(x))
         return x + (out if block.gamma_2 is None else block.gamma_2 * out)
-
-
-def _latent_attention(pool: AttentionPoolLatent, kv: torch.Tensor) -> torch.Tensor:
-    """``AttentionPoolLatent.forward`` from its key-value projection ``kv`` (B, N, 2C) on, with
-    explicit attention."""
-    batch, count, _ = kv.shape
-    heads, head_dim, latents = pool.num_heads, pool.head_dim, pool.latent_len
-    q = pool.q(pool.latent.expand(batch, -1, -1)).reshape(batch, latents, heads, head_dim).transpose(1, 2)
-    k, v = kv.reshape(batch, count, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = pool.q_norm(q), pool.k_norm(k)
-    attn = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    x = pool.proj((attn @ v).transpose(1, 2).reshape(batch, latents, heads * head_dim))
-    if pool.mlp is not None:
-        x = x + pool.mlp(pool.norm(x))
-    if pool.pool == "token":
-        return x[:, 0]
-    return x.mean(1) if pool.pool == "avg" else x
 
 
 class TimmConvTower(SplitTower):
