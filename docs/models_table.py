@@ -32,7 +32,7 @@ from open_clip.factory import get_model_config
 from timm.models.fastvit import FastVit
 
 from explain_server.engine.families import split_towers
-from explain_server.engine.split import SplitTower, UnsupportedModelError
+from explain_server.engine.split import SplitTower, UnsupportedModelError, default_quadrature
 from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS
 
 HF_TEXT_CONFIGS = {
@@ -138,9 +138,9 @@ def _layers(tower: SplitTower) -> str:
     return f"`{layer.name}` of {len(tower.layers)}"
 
 
-def rows() -> list[tuple[str, str, str, str, str, str, str, str]]:
+def rows() -> list[tuple[str, str, str, str, str, str, str, str, str]]:
     """Per (architecture, tag), in the document's order: family, architecture, tag, status, text tower, image
-    tower, grid (prefix + rows x columns) and tokenizer."""
+    tower, grid (prefix + rows x columns), default quadrature and tokenizer."""
     tags: dict[str, list[str]] = defaultdict(list)
     for architecture, tag in open_clip.list_pretrained():
         tags[architecture].append(tag)
@@ -151,7 +151,7 @@ def rows() -> list[tuple[str, str, str, str, str, str, str, str]]:
             try:
                 text, image = _towers(model)
             except UnsupportedModelError as err:
-                status, text_cell, image_cell, grid = f"refused: {err}", "", "", ""
+                status, text_cell, image_cell, grid, quadrature = f"refused: {err}", "", "", "", ""
             else:
                 status = "explained"
                 text_cell = f"{type(text).__name__}, {_layers(text)}"
@@ -159,6 +159,8 @@ def rows() -> list[tuple[str, str, str, str, str, str, str, str]]:
                 layer = image.layers[image.default_layer]
                 prefix = " + ".join(layer.prefix)
                 grid = f"{prefix + ' + ' if prefix else ''}{layer.grid[0]}x{layer.grid[1]}"
+                method, n_steps = default_quadrature(text, image)
+                quadrature = f"{method or DEFAULT_METHOD} {n_steps or DEFAULT_N_STEPS}"
             for tag in tags[architecture]:
                 described.append(
                     (
@@ -169,6 +171,7 @@ def rows() -> list[tuple[str, str, str, str, str, str, str, str]]:
                         text_cell,
                         image_cell,
                         grid,
+                        quadrature,
                         _tokenizer(architecture),
                     )
                 )
@@ -190,8 +193,8 @@ def document() -> str:
         f"{explained} explained. Structure is read from each architecture at its real size, split by the "
         "server's own family adapters.",
         "",
-        f"Default quadrature of every model: `{DEFAULT_METHOD}`, n_steps={DEFAULT_N_STEPS}. Layers are given "
-        "as the default layer's name and the number of layers a request may pick; the image grid is the "
+        "Quadrature is each model's default rule and node count, its families' measured choice "
+        "(docs/benchmarks.md). Layers are given as the default layer's name and the number of layers a request may pick; the image grid is the "
         "default image layer's, at the model's own image size, with its prefix tokens first. A tokenizer "
         "from the Hugging Face hub needs a local copy offline: the model option `tokenizer=DIR`.",
     ]
@@ -203,8 +206,9 @@ def document() -> str:
             "",
             f"## {name}",
             "",
-            "| architecture | tag | status | text tower, default layer | image tower, default layer | grid | tokenizer |",
-            "|---|---|---|---|---|---|---|",
+            "| architecture | tag | status | text tower, default layer | image tower, default layer | grid | quadrature "
+            "| tokenizer |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines += ["| " + " | ".join(row[1:]) + " |" for row in members]
     return "\n".join(lines) + "\n"
