@@ -10,7 +10,8 @@ towers' default layers and the family's quadrature (the same resolution as ``Loa
 - explanation: ``Explainer.explain`` of that caption (14 tokens with the special ones) and image,
   after one warm-up explanation of another pair at one node (the engine profiles each tower once).
 - added memory: peak RSS over the warm-up and the timed explanation (VmHWM, reset just before)
-  minus the RSS before them.
+  minus the RSS before them; on CUDA (``--device cuda``) the peak of allocated device memory
+  over the timed explanation minus what was allocated before it.
 - |delta|: the timed explanation's convergence delta.
 
 ``--record FILE`` replaces this benchmark's section in FILE (docs/benchmarks.md).
@@ -34,18 +35,24 @@ BEGIN, END = "<!-- BEGIN bench_families -->", "<!-- END bench_families -->"
 GOAL = 3.0
 
 
-def worker(architecture: str) -> dict:
-    """Measure one model at its defaults; returns a JSON-able dict."""
+def worker(architecture: str, device: str) -> dict:
+    """Measure one model at its defaults on ``device``; returns a JSON-able dict."""
     import torch
 
     torch.set_num_threads(1)
+
+    def synchronised() -> float:
+        if device.startswith("cuda"):  # kernels run asynchronously
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     from bench_engine import reset_peak, rss_bytes
     from family_models import MIB, build
 
     from explain_server.engine.split import default_quadrature
     from explain_server.model_spec import DEFAULT_METHOD, DEFAULT_N_STEPS
 
-    bench = build(architecture)
+    bench = build(architecture, device=device)
     model, explainer = bench.model, bench.explainer
     text, image = explainer.text, explainer.image
     method, n_steps = default_quadrature(text, image)
@@ -53,10 +60,10 @@ def worker(architecture: str) -> dict:
     times = []
     with torch.no_grad():
         for _ in range(4):
-            start = time.perf_counter()
+            start = synchronised()
             model.encode_text(bench.forward_tokens)
             model.encode_image(bench.images[0][None])
-            times.append(time.perf_counter() - start)
+            times.append(synchronised() - start)
     forward = statistics.median(times[1:])
     settings = dict(text_layer=text.default_layer, image_layer=image.default_layer, method=method, n_steps=n_steps)
     pid = os.getpid()
@@ -64,9 +71,12 @@ def worker(architecture: str) -> dict:
     reset_peak(pid)
     # warm-up at one node: the engine's cost profiles and the references are per layer, not per rule
     explainer.explain(bench.captions[1], bench.images[1], **{**settings, "n_steps": 1})
-    start = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        allocated = torch.cuda.memory_allocated()
+    start = synchronised()
     attribution = explainer.explain(bench.captions[0], bench.images[0], **settings)
-    seconds = time.perf_counter() - start
+    seconds = synchronised() - start
     return {
         "architecture": architecture,
         "text_layer": text.layers[text.default_layer].name,
@@ -76,7 +86,12 @@ def worker(architecture: str) -> dict:
         "fast": bench.fast,
         "forward": forward,
         "seconds": seconds,
-        "added_mib": (rss_bytes(pid, "VmHWM") - idle) / MIB,
+        "added_mib": (
+            (torch.cuda.max_memory_allocated() - allocated)
+            if device.startswith("cuda")
+            else rss_bytes(pid, "VmHWM") - idle
+        )
+        / MIB,
         "delta": abs(attribution.convergence_delta),
         "shape": list(attribution.interactions.shape),
     }
@@ -89,10 +104,11 @@ def main() -> int:
     parser.add_argument(
         "--results", type=pathlib.Path, help="JSON lines of earlier workers (this script's stderr) to reuse"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker)))
+        print(json.dumps(worker(args.worker, args.device)))
         return 0
 
     import torch
@@ -113,7 +129,10 @@ def main() -> int:
             child = subprocess.CompletedProcess([], 0, earlier[architecture], "")
         else:
             child = subprocess.run(
-                [sys.executable, __file__, "--worker", architecture], capture_output=True, text=True, env=env
+                [sys.executable, __file__, "--worker", architecture, "--device", args.device],
+                capture_output=True,
+                text=True,
+                env=env,
             )
         if child.returncode:
             notes.append(f"- {family} ({architecture}): not measured: {child.stderr.strip().splitlines()[-1]}")
@@ -134,7 +153,7 @@ def main() -> int:
             "",
             f"`make bench` (`benchmarks/bench_families.py`), {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
             f"{os.cpu_count()} CPU cores shared with other jobs, **one torch thread** per process, torch "
-            f"{torch.__version__}, CPU, float32, **seeded random weights** (no pretrained weights here), one "
+            f"{torch.__version__}, {args.device}, float32, **seeded random weights** (no pretrained weights here), one "
             "caption of 14 tokens (token ids in the real vocabulary's range) and the bundled photo. Forward: "
             "encode_text (padded to the context) + encode_image, batch 1, median of 3. Explanation: "
             "`Explainer.explain` at the model's defaults after one warm-up explanation (one node). Goal: at most 3x the "

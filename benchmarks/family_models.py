@@ -105,7 +105,7 @@ def _vocabulary(model: torch.nn.Module) -> int:
     return text.transformer.get_input_embeddings().num_embeddings
 
 
-def build(architecture: str, budget_mib: int = 256) -> Bench:
+def build(architecture: str, budget_mib: int = 256, device: str = "cpu") -> Bench:
     """The model (float32, CPU, eval), its explainer as the server builds it, 3 captions and 3 images.
 
     Raises:
@@ -116,7 +116,7 @@ def build(architecture: str, budget_mib: int = 256) -> Bench:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.create_model(name, pretrained=None, pretrained_text=False)
-    model.eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
     text, image = split_towers(model)
     fast, names = {}, []
     for tower, build_fast, label in ((text, TextTower, "text"), (image, ImageTower, "image")):
@@ -135,7 +135,7 @@ def build(architecture: str, budget_mib: int = 256) -> Bench:
         text_reference=torch.tensor([*start, 0, *end]),
         pad_id=pad,
         image_size=size,
-        device=torch.device("cpu"),
+        device=torch.device(device),
         dtype=torch.float32,
         budget=ChunkBudget(budget_mib * MIB),
         fast=fast,
@@ -149,10 +149,16 @@ def build(architecture: str, budget_mib: int = 256) -> Bench:
         Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)) for _ in range(2)
     ]
     context = text.context_length or 77
-    forward_tokens = torch.full((1, context), pad, dtype=torch.long)
+    forward_tokens = torch.full((1, context), pad, dtype=torch.long, device=device)
     forward_tokens[0, : len(captions[0])] = captions[0]
     return Bench(
-        architecture, model, explainer, captions, [transform(p) for p in pictures], forward_tokens, tuple(names)
+        architecture,
+        model,
+        explainer,
+        captions,
+        [transform(p).to(device) for p in pictures],
+        forward_tokens,
+        tuple(names),
     )
 
 

@@ -11,4 +11,5 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
     platforms+=(--platform "$p")
 done
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-    -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 cachetools==8.0.3 grpcio-health-checking==1.71.0
+    -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.5 cachetools==8.0.3 grpcio-health-checking==1.71.0 \
+    transformers==5.25.0 tokenizers==0.23.3

@@ -11,6 +11,8 @@
 # 4. The server on the GPU with ViT-B-16 (seeded random weights) at its defaults, one worker:
 #    p50 latency of a lone caller, then throughput at concurrency 64 (explain-loadgen, new
 #    inputs on every request).
+# 5. Every family (issue 22) at its defaults on CUDA: one real-size model per family, seeded
+#    random weights, explanation time against one forward pass (bench_families.py --device cuda).
 # Logs go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,3 +35,4 @@ python3 -m explain_client.loadgen --target 127.0.0.1:50051 --concurrency 1 --req
 python3 -m explain_client.loadgen --target 127.0.0.1:50051 --concurrency 64 --requests 1024 --json "$out/b16-c64.json" \
   2>&1 | tee "$out/b16-c64.log"
 kill -TERM "$server"; wait "$server"
+python3 benchmarks/bench_families.py --device cuda 2>&1 | tee "$out/families.log"
