@@ -160,6 +160,8 @@ def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budge
         nodes = _Nodes(integrals, group, seq)
         path, delta, owner, members = nodes.path, nodes.delta, nodes.owner, nodes.members
         lengths = _lengths(integrals, owner)
+        split = tower.row_split(layer) or _whole(tower, layer)
+        jvps = _pool_jvps if isinstance(split, PoolSplit) else _column_jvps
         start = 0
         while start < seq:
             # an integral leaves the pass once every column left is past its rows, or once stopped
@@ -171,8 +173,6 @@ def _forward(tower: SplitTower, layer: int, integrals: list[PathIntegral], budge
             c = min(n_columns, seq - start)
             cols = torch.arange(start, start + c, device=path.device)
             here, moved, content = path[keep], delta[keep], lengths[keep]
-            split = tower.row_split(layer) or _whole(tower, layer)
-            jvps = _pool_jvps if isinstance(split, PoolSplit) else _column_jvps
             with _Timed(budget, len(here) * (primal + c * tangent), path.device):
                 products = jvps(split, here, moved, content, cols)
                 parts = torch.einsum("ckd,rk->rdc", products.to(weights.dtype), weights)
@@ -230,10 +230,7 @@ def _pool_jvps(
     queries = split.queries.to(k.dtype)
     attention = torch.einsum("lhe,nshe->nhls", queries, k).softmax(dim=-1)  # (N, H, L, S')
     out = torch.einsum("nhls,nshe->nlhe", attention, v)  # (N, L, H, e)
-    keyed = cols >= first
-    products = torch.zeros((len(cols), nodes, split.tail(out.flatten(2), lengths).shape[-1]), dtype=path.dtype)
-    if not keyed.any():  # prefix tokens the pool leaves out: no key, no attribution
-        return products
+    keyed = cols >= first  # prefix tokens the pool leaves out have no key and no attribution
     keys = cols[keyed]
     count = len(keys)
     row_path = path[:, keys].transpose(0, 1).reshape(count * nodes, 1, -1)
@@ -251,8 +248,10 @@ def _pool_jvps(
     def column(t: torch.Tensor) -> torch.Tensor:
         return jvp(lambda o: split.tail(o, lengths), (out.flatten(2),), (t,))[1]
 
-    products = products.to(out_dot.dtype)
-    products[keyed] = vmap(column)(out_dot)
+    embedding = split.tail(out.flatten(2), lengths)  # (N, D): one pass over the L pooled rows
+    products = embedding.new_zeros((len(cols), *embedding.shape))
+    if count:
+        products[keyed] = vmap(column)(out_dot)
     return products
 
 
