@@ -131,7 +131,10 @@ def _create(spec: ModelSpec, device: torch.device, dtype: str) -> torch.nn.Modul
         # fork_rng: seeding must not disturb the process-wide generator
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return open_clip.create_model(spec.architecture, pretrained=None, precision=precision, device=device)
+            # pretrained_text=False: a Hugging Face text tower must not fetch its weights either
+            return open_clip.create_model(
+                spec.architecture, pretrained=None, pretrained_text=False, precision=precision, device=device
+            )
     looks_like_path = os.sep in spec.pretrained or spec.pretrained.endswith((".safetensors", ".pt", ".pth", ".bin"))
     if looks_like_path and not os.path.isfile(spec.pretrained):
         raise ModelLoadError(f"model {spec.name!r}: weights file {spec.pretrained} does not exist")
