@@ -511,4 +511,8 @@ def test_loadgen_reports_no_latency_when_no_call_succeeds(default_server, tmp_pa
     assert code == 1
     result = json.loads(report.read_text())
     assert result["codes"] == {"NOT_FOUND": 4} and result["latency_seconds"] == {}
-    assert "latency: no call succeeded" in capsys.readouterr().out
+    # the server's reason, once however many calls gave it
+    (message,) = result["messages"]["NOT_FOUND"]
+    assert "no-such-model" in message
+    out = capsys.readouterr().out
+    assert "latency: no call succeeded" in out and f"  NOT_FOUND: {message}" in out

@@ -285,7 +285,7 @@ def test_a_corrupt_weights_file_fails_start_up_naming_model_and_file(tmp_path):
 def test_a_default_layer_the_tower_lacks_fails_start_up():
     result = run_server("--model-config", str(TINY_CONFIG), "--model", f"t={TINY}:random:0,image_layer=2")
     assert result.returncode == 1
-    assert "model 't': image_layer=2 is not a block of its 2-block image tower" in result.stderr
+    assert "model 't': image_layer=2 is not a layer of its image tower, which has 2 (0 to 1)" in result.stderr
 
 
 @pytest.mark.integration
@@ -306,7 +306,7 @@ def test_a_model_s_default_settings_are_listed_and_used(tmp_path):
             assert (listed.default_n_steps, listed.default_method) == (4, "riemann_middle")
             image = noise_image(64, 64)
             default = client.explain(image, "a red circle")
-            assert default.options == ResolvedOptions(0, 1, 4, "riemann_middle")
+            assert default.options == ResolvedOptions(0, 1, 4, "riemann_middle", "block 0", "block 1")
             explicit = client.explain(
                 image, "a red circle", text_layer=0, image_layer=1, n_steps=4, method="riemann_middle"
             )

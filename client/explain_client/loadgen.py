@@ -64,6 +64,10 @@ _CACHE_SAMPLE = re.compile(
 )
 
 
+# Distinct server messages kept per failing status code.
+_MESSAGES = 3
+
+
 @dataclass(frozen=True)
 class LoadReport:
     """What a load run measured.
@@ -87,6 +91,8 @@ class LoadReport:
             cycled); set by :func:`main`.
         seed: the seed of the generated images and captions; set by :func:`main`.
         notes: remarks on the run, e.g. why the server's metrics were not read.
+        messages: per failing status code, the first distinct messages the server gave (at most
+            :data:`_MESSAGES` each), so that a report says why calls failed.
     """
 
     requests: int
@@ -101,6 +107,7 @@ class LoadReport:
     inputs: str | None = None
     seed: int | None = None
     notes: tuple[str, ...] = ()
+    messages: dict[str, tuple[str, ...]] | None = None
 
     def text(self) -> str:
         """A human-readable summary."""
@@ -114,6 +121,7 @@ class LoadReport:
             if lat
             else "latency: no call succeeded",
             f"status codes: {codes}",
+            *(f"  {code}: {message}" for code, kept in sorted((self.messages or {}).items()) for message in kept),
         ]
         if self.inputs:
             lines.append(f"inputs: {self.inputs}, seed {self.seed}")
@@ -234,6 +242,7 @@ async def generate_load(
     warn_if_plaintext_token(target, credentials, token)
     latencies: list[float] = []
     codes: collections.Counter[str] = collections.Counter()
+    messages: dict[str, list[str]] = {}
     waited = 0.0
     notes: list[str] = []
     before = None
@@ -281,6 +290,9 @@ async def generate_load(
                     codes["OK"] += 1
                 except grpc.aio.AioRpcError as err:
                     codes[err.code().name] += 1
+                    kept = messages.setdefault(err.code().name, [])
+                    if len(kept) < _MESSAGES and err.details() not in kept:
+                        kept.append(err.details())
 
         try:
             await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -315,6 +327,7 @@ async def generate_load(
         input_wait_seconds=waited,
         factor_cache=factor_cache,
         notes=tuple(notes),
+        messages={code: tuple(kept) for code, kept in messages.items()},
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .engine.quadrature import METHODS, check_rule
+from .engine.quadrature import check_rule
 
 # The service default where a model's towers name none (SplitTower.default_method): chosen by
 # `make bench` (benchmarks/bench_engine.py), the cheapest rule whose convergence delta is no
@@ -107,7 +107,10 @@ class ModelSpec:
         if self.n_steps is not None and not _is_int(self.n_steps):
             raise ValueError(f"n_steps must be an integer; got {self.n_steps!r}")
         # a rule or a node count alone is checked as far as it goes; the family fills in the rest
-        check_rule(self.method or METHODS[0], 2 if self.n_steps is None else self.n_steps)
+        if self.method is not None:
+            check_rule(self.method, 2 if self.n_steps is None else self.n_steps)
+        elif self.n_steps is not None and self.n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1; got {self.n_steps}")
         if not (_is_int(self.instances) and self.instances >= 1):
             raise ValueError(f"instances must be a positive integer; got {self.instances!r}")
         if not is_device(self.device):
