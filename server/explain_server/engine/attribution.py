@@ -480,8 +480,8 @@ class Attribution:
     """The explanation of one (caption, image) pair, in cosine units.
 
     Attributes:
-        interactions: A / (||e_t|| ||e_v||), float64 (S_t, S_v); column 0 is the class token,
-            columns 1.. the patches in row-major order.
+        interactions: A / (||e_t|| ||e_v||), float64 (S_t, S_v); the image layer's prefix
+            tokens (a class token, registers) first, then its grid cells in row-major order.
         score: cosine s(t, v).
         text_reference: <e_t^r, e_v> / (||e_t|| ||e_v||).
         image_reference: <e_t, e_v^r> / (||e_t|| ||e_v||).

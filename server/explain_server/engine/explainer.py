@@ -250,16 +250,17 @@ class Explainer:
         """Token x patch interactions of one pair (paper Eq. 10, factorised as in method.md).
 
         Args:
-            token_ids: (S_t,) int64 from the start token up to and including the end token.
+            token_ids: the caption's ids before padding (its start to its end token).
             pixels: (3, H, W) normalised image, float32.
-            text_layer, image_layer: non-negative block indices whose inputs are attributed.
+            text_layer, image_layer: indices into the towers' ``layers`` whose inputs are attributed.
             method: quadrature rule (see quadrature.METHODS).
             n_steps: number of quadrature nodes.
             should_stop: polled before the work starts and between chunks of JVPs; when it
                 turns true the explanation is abandoned.
 
         Returns:
-            The :class:`Attribution`, interactions of shape (S_t, 1 + Gh * Gw).
+            The :class:`Attribution`, interactions of shape (S_t, S_v): the text layer's positions
+            by the image layer's (its prefix tokens, then its grid row by row).
 
         Raises:
             ValueError: bad method or n_steps for it.
