@@ -24,7 +24,7 @@ from explain_server.engine.attribution import ChunkBudget, PathIntegral
 from explain_server.engine.families import image_tower
 from explain_server.engine.families.timm_trunks import TimmConvTower, TimmTransformerTower
 from explain_server.engine.quadrature import nodes_and_weights
-from explain_server.engine.split import UnsupportedModelError
+from explain_server.engine.split import PoolSplit, UnsupportedModelError
 
 pytestmark = pytest.mark.unit
 
@@ -267,12 +267,19 @@ def _check_last_block_split(tower, hidden: torch.Tensor, want: torch.Tensor, sub
     positions, each with its own index, gives those rows of the full evaluation."""
     last = len(tower.trunk.blocks) - 1
     split = tower.row_split(last)
+    assert isinstance(split, PoolSplit) and split.query_rows == 1  # the class row's query
     batch, seq = hidden.shape[:2]
-    rows = split.rows(hidden, torch.arange(seq).expand(batch, -1))
-    torch.testing.assert_close(split.rest(rows, None), want, **TOL)
+    positions = torch.arange(seq).expand(batch, -1)
+    rows = split.whole.rows(hidden, positions)
+    torch.testing.assert_close(split.whole.rest(rows, None), want, **TOL)
+    torch.testing.assert_close(split.upper(hidden, None), want, **TOL)
     torch.testing.assert_close(tower.upper(hidden, last, None), want, **TOL)
-    picked = split.rows(hidden[:, subset], subset.expand(batch, -1))
+    picked = split.whole.rows(hidden[:, subset], subset.expand(batch, -1))
     torch.testing.assert_close(picked, rows[:, subset], **TOL)
+    keys, values = split.keys_values(hidden, positions)
+    some_keys, some_values = split.keys_values(hidden[:, subset], subset.expand(batch, -1))
+    torch.testing.assert_close(some_keys, keys[:, subset], **TOL)
+    torch.testing.assert_close(some_values, values[:, subset], **TOL)
 
 
 @pytest.mark.parametrize("architecture", LAST_BLOCK)

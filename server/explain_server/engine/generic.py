@@ -72,9 +72,8 @@ def _profile(
     split = tower.row_split(layer) if dense else None
     if isinstance(split, PoolSplit):
         with torch.no_grad():
-            k, v = split.keys_values(hidden, torch.arange(seq, device=device)[None])
-        pooled = torch.zeros((1, len(split.queries), k.shape[2] * k.shape[3]), dtype=dtype, device=device)
-        flops, created = _measure(split.tail, pooled, lengths)
+            _, k, _, _, out = split.attend(hidden)
+        flops, created = _measure(split.tail, out.flatten(2), hidden, lengths)
         return (*whole, flops + 2 * k.numel(), created + 4 * k.nelement() * k.element_size())
     if isinstance(split, RowSplit):
         with torch.no_grad():
@@ -217,28 +216,32 @@ def _column_jvps(
 def _pool_jvps(
     split: PoolSplit, path: torch.Tensor, delta: torch.Tensor, lengths: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`_column_jvps` for an attention pooling head, with the attention's tangent in closed form.
+    """:func:`_column_jvps` for an attention pool, with the attention's tangent in closed form.
 
-    Key and value row s move by the JVP of ``keys_values`` on row s alone; the queries are fixed,
-    so score (l, s) moves by alpha = <q_l, d k_s> and d o_l = a_ls (alpha (v_s - o_l) + d v_s).
-    Only the tail (on the L pooled rows) takes a vmapped JVP.
+    Key and value row s move by the JVP of ``keys_values`` on row s alone; the queries do not
+    move, so score (l, s) moves by alpha = <q_l, d k_s> and d o_l = a_ls (alpha (v_s - o_l) +
+    d v_s). Only the tail (on the L pooled rows) takes a vmapped JVP. The query rows' own columns
+    go through ``split.whole`` densely.
     """
-    nodes, seq = path.shape[:2]
+    nodes = path.shape[0]
     first = split.first_key
-    positions = torch.arange(first, seq, device=path.device).expand(nodes, -1)
-    k, v = split.keys_values(path[:, first:], positions)  # (N, S', H, e)
-    queries = split.queries.to(k.dtype)
-    attention = torch.einsum("lhe,nshe->nhls", queries, k).softmax(dim=-1)  # (N, H, L, S')
-    out = torch.einsum("nhls,nshe->nlhe", attention, v)  # (N, L, H, e)
-    keyed = cols >= first  # prefix tokens the pool leaves out have no key and no attribution
+    queries, k, v, attention, out = split.attend(path)  # out (N, L, H, e)
+    embedding = split.tail(out.flatten(2), path, lengths)  # (N, D): one pass over the L pooled rows
+    products = embedding.new_zeros((len(cols), *embedding.shape))
+    dense = cols < split.query_rows
+    if dense.any():
+        products[dense] = _column_jvps(split.whole, path, delta, lengths, cols[dense]).to(products.dtype)
+    keyed = (cols >= first) & ~dense  # prefix tokens the pool leaves out have no key and no attribution
     keys = cols[keyed]
     count = len(keys)
+    if not count:
+        return products
     row_path = path[:, keys].transpose(0, 1).reshape(count * nodes, 1, -1)
     row_delta = delta[:, keys].transpose(0, 1).reshape(count * nodes, 1, -1)
     row_positions = keys.repeat_interleave(nodes)[:, None]
     (k_s, v_s), (k_dot, v_dot) = jvp(lambda x: split.keys_values(x, row_positions), (row_path,), (row_delta,))
     k_s, v_s, k_dot, v_dot = (t.reshape(count, nodes, *t.shape[2:]) for t in (k_s, v_s, k_dot, v_dot))  # (c, N, H, e)
-    alpha = torch.einsum("lhe,cnhe->cnhl", queries, k_dot)
+    alpha = torch.einsum("nlhe,cnhe->cnhl", queries, k_dot)
     a_s = attention.permute(3, 0, 1, 2)[keys - first]  # (c, N, H, L)
     out_dot = a_s[..., None] * (
         alpha[..., None] * (v_s[:, :, :, None] - out.permute(0, 2, 1, 3)) + v_dot[:, :, :, None]
@@ -246,12 +249,9 @@ def _pool_jvps(
     out_dot = out_dot.permute(0, 1, 3, 2, 4).flatten(3)  # (c, N, L, H * e)
 
     def column(t: torch.Tensor) -> torch.Tensor:
-        return jvp(lambda o: split.tail(o, lengths), (out.flatten(2),), (t,))[1]
+        return jvp(lambda o: split.tail(o, path, lengths), (out.flatten(2),), (t,))[1]
 
-    embedding = split.tail(out.flatten(2), lengths)  # (N, D): one pass over the L pooled rows
-    products = embedding.new_zeros((len(cols), *embedding.shape))
-    if count:
-        products[keyed] = vmap(column)(out_dot)
+    products[keyed] = vmap(column)(out_dot).to(products.dtype)
     return products
 
 

@@ -43,36 +43,49 @@ class RowSplit(NamedTuple):
 
 
 class PoolSplit(NamedTuple):
-    """f_hi = tail(attention of fixed queries over keys and values that are row-wise in h): an
-    attention pooling head (SigLIP's and PE-Core's MAP) at its input.
+    """f_hi = tail(attention of a few queries over keys and values that are row-wise in h): an
+    attention pooling head (SigLIP's and PE-Core's MAP) at its input, or a last block whose pool
+    reads the class row alone (EVA), where the query and the residual come from that row.
 
-    A tangent on position s moves key and value row s only, and with the queries fixed the
-    attention's tangent is closed-form, d o = a_s (alpha (v_s - o) + d v_s) with alpha =
-    <q, d k_s> (method.md's softmax derivative): no dense tangent at all.
+    A tangent on a position s past the ``query_rows`` moves key and value row s only, and with
+    the queries fixed the attention's tangent is closed-form, d o = a_s (alpha (v_s - o) + d v_s)
+    with alpha = <q, d k_s> (method.md's softmax derivative): no dense tangent at all. The query
+    rows' own columns take the dense path through ``whole``.
 
     Attributes:
         keys_values: (x (B, R, d), positions (B, R) int64) -> (k, v), each (B, R, H, e); k
-            already normalised where the head normalises keys.
-        queries: (L, H, e), the fixed queries, normalised and multiplied by the attention's scale.
+            already normalised (and rotated) where the head does so.
+        queries: (hidden (B, S, d)) -> (B, L, H, e), the queries, multiplied by the attention's
+            scale; they may read the first ``query_rows`` positions only.
         first_key: positions before it are not keys (prefix tokens a pool leaves out); their
             attributions are zero.
-        tail: (attention output (B, L, H * e), lengths (B,)) -> (B, D): the output projection
-            and everything after it.
+        tail: (attention output (B, L, H * e), hidden (B, S, d), lengths (B,)) -> (B, D): the
+            output projection and everything after it; it may read the first ``query_rows``
+            positions of ``hidden`` only.
+        query_rows: leading positions the queries and the tail read (0 for latent queries).
+        whole: f_hi as a :class:`RowSplit`, for the query rows' columns.
     """
 
     keys_values: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    queries: torch.Tensor
+    queries: Callable[[torch.Tensor], torch.Tensor]
     first_key: int
-    tail: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    tail: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    query_rows: int = 0
+    whole: RowSplit | None = None
 
-    def upper(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """f_hi itself, from all positions (B, S, d)."""
+    def attend(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(queries (B, L, H, e), k and v (B, S', H, e), attention (B, H, L, S'), output (B, L, H, e))."""
         batch, seq = hidden.shape[:2]
         positions = torch.arange(seq, device=hidden.device).expand(batch, seq)[:, self.first_key :]
         k, v = self.keys_values(hidden[:, self.first_key :], positions)
-        attention = torch.einsum("lhe,bshe->bhls", self.queries.to(k.dtype), k).softmax(dim=-1)
-        out = torch.einsum("bhls,bshe->blhe", attention, v)
-        return self.tail(out.flatten(2), lengths)
+        queries = self.queries(hidden).to(k.dtype)
+        attention = torch.einsum("blhe,bshe->bhls", queries, k).softmax(dim=-1)
+        return queries, k, v, attention, torch.einsum("bhls,bshe->blhe", attention, v)
+
+    def upper(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """f_hi itself, from all positions (B, S, d)."""
+        out = self.attend(hidden)[-1]
+        return self.tail(out.flatten(2), hidden, lengths)
 
 
 class SplitTower:

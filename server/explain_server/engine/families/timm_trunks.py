@@ -159,6 +159,27 @@ class TimmTransformerTower(SplitTower):
         the head on the class row."""
         return self.visual.head(self.trunk.forward_head(self.trunk.norm(self.last.finish(rows))))
 
+    def _class_row_split(self, rope: torch.Tensor | None) -> PoolSplit:
+        """The last block for a pool that reads the class row: its query over row-wise keys and
+        values, with the class row's own column taken densely."""
+        last = self.last
+
+        def rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return last.rows(x, positions, rope)
+
+        def keys_values(x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return last.heads_of(rows(x, positions))[2:]
+
+        def queries(hidden: torch.Tensor) -> torch.Tensor:
+            first = torch.zeros((hidden.shape[0], 1), dtype=torch.long, device=hidden.device)
+            return last.heads_of(rows(hidden[:, :1], first))[1] * last.attn.scale
+
+        def tail(out: torch.Tensor, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            x = last.after_attention(out, hidden[:, :1])
+            return self.visual.head(self.trunk.forward_head(self.trunk.norm(x)))
+
+        return PoolSplit(keys_values, queries, 0, tail, query_rows=1, whole=RowSplit(rows, self._pooled))
+
     def row_split(self, layer: int) -> RowSplit | PoolSplit | None:
         """At the last block of a class-token-pooled trunk: the block's norm and query, key and value
         projections are row-wise, so a position's tangent moves one row of them, and the rest is one
@@ -166,8 +187,7 @@ class TimmTransformerTower(SplitTower):
         attention-pooled trunk (SigLIP, PE-Core): a :class:`PoolSplit`, the pool's fixed latent queries
         over row-wise keys and values, whose attention tangent is closed-form."""
         if layer == self.n_blocks - 1 and self.last is not None:
-            rope = self._block_rope(self._rope(), layer)
-            return RowSplit(lambda x, positions: self.last.rows(x, positions, rope), self._pooled)
+            return self._class_row_split(self._block_rope(self._rope(), layer))
         pool = self.trunk.attn_pool
         if layer != self.n_blocks or not isinstance(pool, AttentionPoolLatent):
             return None
@@ -180,9 +200,12 @@ class TimmTransformerTower(SplitTower):
             k, v = pool.kv(x).reshape(*x.shape[:2], 2, heads, head_dim).unbind(2)
             return pool.k_norm(k), v
 
-        queries = pool.q_norm(pool.q(pool.latent).reshape(latents, heads, head_dim).transpose(0, 1)).transpose(0, 1)
+        latent = pool.q_norm(pool.q(pool.latent).reshape(latents, heads, head_dim).transpose(0, 1)).transpose(0, 1)
 
-        def tail(out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        def queries(hidden: torch.Tensor) -> torch.Tensor:
+            return (latent * pool.scale).expand(hidden.shape[0], -1, -1, -1)
+
+        def tail(out: torch.Tensor, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
             x = pool.proj(out)
             if pool.mlp is not None:
                 x = x + pool.mlp(pool.norm(x))
@@ -190,7 +213,7 @@ class TimmTransformerTower(SplitTower):
             trunk = self.trunk
             return self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(pooled))))
 
-        return PoolSplit(keys_values, queries * pool.scale, skip, tail)
+        return PoolSplit(keys_values, queries, skip, tail)
 
 
 class _PooledLastBlock:
@@ -254,18 +277,28 @@ class _PooledLastBlock:
             k = torch.where(on_grid, apply_rot_embed_cat(k, table, half=half), k).type_as(v)
         return torch.cat([x, q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
 
-    def finish(self, rows: torch.Tensor) -> torch.Tensor:
-        """The block's output on the class row (B, 1, C) from :meth:`rows` of every position (B, S, .)."""
-        attn, block = self.attn, self.block
+    def heads_of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`rows` as (input (B, R, C), q, k, v (B, R, heads, head_dim)), keys and values
+        repeated to the query heads."""
         x, q, k, v = rows.split(self.sizes, dim=-1)
-        x, q = x[:, :1], q[:, :1]
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # (B, ., heads, head_dim)
+        q, k, v = (t.unflatten(-1, (-1, self.attn.head_dim)) for t in (q, k, v))
         if self.kv_heads != self.heads:
             k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=2) for t in (k, v))
+        return x, q, k, v
+
+    def finish(self, rows: torch.Tensor) -> torch.Tensor:
+        """The block's output on the class row (B, 1, C) from :meth:`rows` of every position (B, S, .)."""
+        x, q, k, v = self.heads_of(rows)
         # one query: products and sums in the rows' own layout, where matmuls would copy transposed
         # (and, under vmap, mostly zero) key and value tangents
-        weights = ((q * attn.scale) * k).sum(-1, keepdim=True).softmax(dim=1)  # (B, S, heads, 1)
-        out = attn.norm((weights * v).sum(1, keepdim=True).flatten(2))
+        weights = ((q[:, :1] * self.attn.scale) * k).sum(-1, keepdim=True).softmax(dim=1)  # (B, S, heads, 1)
+        return self.after_attention((weights * v).sum(1, keepdim=True).flatten(2), x[:, :1])
+
+    def after_attention(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output on the class row (B, 1, C) from its attention output (B, 1, heads *
+        head_dim) and its input row ``x`` (B, 1, C)."""
+        attn, block = self.attn, self.block
+        out = attn.norm(out)
         if getattr(attn, "gate", None) is not None:
             out = out * attn.gate(self._attention_input(x)).sigmoid()
         out = attn.proj(out)
