@@ -17,7 +17,7 @@ import torch
 
 from .layers import Layer
 
-__all__ = ["Layer", "RowSplit", "SplitTower", "UnsupportedModelError", "default_quadrature"]
+__all__ = ["Layer", "PoolSplit", "RowSplit", "SplitTower", "UnsupportedModelError", "default_quadrature"]
 
 
 class UnsupportedModelError(ValueError):
