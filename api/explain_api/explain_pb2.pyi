@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,8 +7,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Detail(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DETAIL_FULL: _ClassVar[Detail]
+    DETAIL_SUMMARY: _ClassVar[Detail]
+DETAIL_FULL: Detail
+DETAIL_SUMMARY: Detail
+
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "image", "caption", "text_layer", "image_layer", "n_steps", "method", "request_id", "text_layer_name", "image_layer_name")
+    __slots__ = ("model", "image", "caption", "text_layer", "image_layer", "n_steps", "method", "request_id", "text_layer_name", "image_layer_name", "detail", "summary_top_k")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     CAPTION_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +26,8 @@ class ExplainRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_TOP_K_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: bytes
     caption: str
@@ -28,10 +38,12 @@ class ExplainRequest(_message.Message):
     request_id: str
     text_layer_name: str
     image_layer_name: str
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., caption: _Optional[str] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ..., text_layer_name: _Optional[str] = ..., image_layer_name: _Optional[str] = ...) -> None: ...
+    detail: Detail
+    summary_top_k: int
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., caption: _Optional[str] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ..., text_layer_name: _Optional[str] = ..., image_layer_name: _Optional[str] = ..., detail: _Optional[_Union[Detail, str]] = ..., summary_top_k: _Optional[int] = ...) -> None: ...
 
 class ExplainManyRequest(_message.Message):
-    __slots__ = ("model", "images", "captions", "text_layer", "image_layer", "n_steps", "method", "request_id", "text_layer_name", "image_layer_name")
+    __slots__ = ("model", "images", "captions", "text_layer", "image_layer", "n_steps", "method", "request_id", "text_layer_name", "image_layer_name", "detail", "summary_top_k")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CAPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +54,8 @@ class ExplainManyRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_LAYER_NAME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_TOP_K_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
     captions: _containers.RepeatedScalarFieldContainer[str]
@@ -52,7 +66,9 @@ class ExplainManyRequest(_message.Message):
     request_id: str
     text_layer_name: str
     image_layer_name: str
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., captions: _Optional[_Iterable[str]] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ..., text_layer_name: _Optional[str] = ..., image_layer_name: _Optional[str] = ...) -> None: ...
+    detail: Detail
+    summary_top_k: int
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., captions: _Optional[_Iterable[str]] = ..., text_layer: _Optional[int] = ..., image_layer: _Optional[int] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., request_id: _Optional[str] = ..., text_layer_name: _Optional[str] = ..., image_layer_name: _Optional[str] = ..., detail: _Optional[_Union[Detail, str]] = ..., summary_top_k: _Optional[int] = ...) -> None: ...
 
 class ExplainManyResponse(_message.Message):
     __slots__ = ("explanations",)
@@ -131,7 +147,7 @@ class TextSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("request_id", "model", "token_ids", "tokens", "attribution", "cls_attribution", "score", "logit_scale", "reference_terms", "convergence_delta", "crop_box", "image_size", "timings", "options", "image_prefix", "prefix_attribution", "padding", "token_spans", "logit_bias")
+    __slots__ = ("request_id", "model", "token_ids", "tokens", "attribution", "cls_attribution", "score", "logit_scale", "reference_terms", "convergence_delta", "crop_box", "image_size", "timings", "options", "image_prefix", "prefix_attribution", "padding", "token_spans", "logit_bias", "summary")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +167,7 @@ class ExplainResponse(_message.Message):
     PADDING_FIELD_NUMBER: _ClassVar[int]
     TOKEN_SPANS_FIELD_NUMBER: _ClassVar[int]
     LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -170,7 +187,64 @@ class ExplainResponse(_message.Message):
     padding: _containers.RepeatedScalarFieldContainer[bool]
     token_spans: _containers.RepeatedCompositeFieldContainer[TextSpan]
     logit_bias: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., cls_attribution: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., logit_scale: _Optional[float] = ..., reference_terms: _Optional[_Union[ReferenceTerms, _Mapping]] = ..., convergence_delta: _Optional[float] = ..., crop_box: _Optional[_Union[Box, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[ResolvedOptions, _Mapping]] = ..., image_prefix: _Optional[_Iterable[str]] = ..., prefix_attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., padding: _Optional[_Iterable[bool]] = ..., token_spans: _Optional[_Iterable[_Union[TextSpan, _Mapping]]] = ..., logit_bias: _Optional[float] = ...) -> None: ...
+    summary: ExplanationSummary
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., cls_attribution: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., logit_scale: _Optional[float] = ..., reference_terms: _Optional[_Union[ReferenceTerms, _Mapping]] = ..., convergence_delta: _Optional[float] = ..., crop_box: _Optional[_Union[Box, _Mapping]] = ..., image_size: _Optional[_Union[ImageSize, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., options: _Optional[_Union[ResolvedOptions, _Mapping]] = ..., image_prefix: _Optional[_Iterable[str]] = ..., prefix_attribution: _Optional[_Union[Float32Tensor, _Mapping]] = ..., padding: _Optional[_Iterable[bool]] = ..., token_spans: _Optional[_Iterable[_Union[TextSpan, _Mapping]]] = ..., logit_bias: _Optional[float] = ..., summary: _Optional[_Union[ExplanationSummary, _Mapping]] = ...) -> None: ...
+
+class WordSummary(_message.Message):
+    __slots__ = ("text", "start", "end", "first_token", "end_token", "relevance", "peak_row", "peak_column", "peak_value", "concentration")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    END_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    PEAK_ROW_FIELD_NUMBER: _ClassVar[int]
+    PEAK_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    PEAK_VALUE_FIELD_NUMBER: _ClassVar[int]
+    CONCENTRATION_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    start: int
+    end: int
+    first_token: int
+    end_token: int
+    relevance: float
+    peak_row: int
+    peak_column: int
+    peak_value: float
+    concentration: float
+    def __init__(self, text: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., first_token: _Optional[int] = ..., end_token: _Optional[int] = ..., relevance: _Optional[float] = ..., peak_row: _Optional[int] = ..., peak_column: _Optional[int] = ..., peak_value: _Optional[float] = ..., concentration: _Optional[float] = ...) -> None: ...
+
+class WordCell(_message.Message):
+    __slots__ = ("word", "row", "column", "value")
+    WORD_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    word: int
+    row: int
+    column: int
+    value: float
+    def __init__(self, word: _Optional[int] = ..., row: _Optional[int] = ..., column: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+
+class ExplanationSummary(_message.Message):
+    __slots__ = ("interaction_share", "interaction_total", "positive_interaction", "negative_interaction", "words", "top_interactions", "grid_height", "grid_width")
+    INTERACTION_SHARE_FIELD_NUMBER: _ClassVar[int]
+    INTERACTION_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_INTERACTION_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_INTERACTION_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    GRID_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRID_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    interaction_share: float
+    interaction_total: float
+    positive_interaction: float
+    negative_interaction: float
+    words: _containers.RepeatedCompositeFieldContainer[WordSummary]
+    top_interactions: _containers.RepeatedCompositeFieldContainer[WordCell]
+    grid_height: int
+    grid_width: int
+    def __init__(self, interaction_share: _Optional[float] = ..., interaction_total: _Optional[float] = ..., positive_interaction: _Optional[float] = ..., negative_interaction: _Optional[float] = ..., words: _Optional[_Iterable[_Union[WordSummary, _Mapping]]] = ..., top_interactions: _Optional[_Iterable[_Union[WordCell, _Mapping]]] = ..., grid_height: _Optional[int] = ..., grid_width: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

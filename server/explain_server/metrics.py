@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from typing import Any, NoReturn
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from explain_api.summary import Summary
 
 from .interceptors import HandlerInterceptor, replace_behavior
 from .worker.protocol import BatchReport, Tower
@@ -33,6 +36,11 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _SCORE_BUCKETS = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))  # cosine similarity in [-1, 1]
 _DELTA_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
+# interaction share: mostly in [0, 1] (the paper: interactions carry most of the score); the
+# reference terms can push it past either end
+_SHARE_BUCKETS = (-1.0, -0.5, -0.25, *(round(0.05 * i, 2) for i in range(21)), 1.25, 1.5, 2.0, 4.0)
+# grounding concentration lies in [k / cells, 1] with k = the top 10% of cells
+_CONCENTRATION_BUCKETS = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))
 
 
 # The client cancels a call when its deadline passes; that cancellation can reach the server a
@@ -201,6 +209,20 @@ class Metrics:
             buckets=_DELTA_BUCKETS,
             registry=r,
         )
+        self.interaction_share = Histogram(
+            "explain_interaction_share",
+            "Part of the score carried by token x image interactions (ExplanationSummary.interaction_share).",
+            model,
+            buckets=_SHARE_BUCKETS,
+            registry=r,
+        )
+        self.word_grounding_concentration = Histogram(
+            "explain_word_grounding_concentration",
+            "Share of a caption word's absolute interaction mass in its top 10% grid cells, one per word.",
+            model,
+            buckets=_CONCENTRATION_BUCKETS,
+            registry=r,
+        )
         self.grpc_started = Counter(
             "grpc_server_started",
             "RPCs started on the server.",
@@ -235,6 +257,8 @@ class Metrics:
             self.model_load_seconds,
             self.similarity_score,
             self.convergence_delta_abs,
+            self.interaction_share,
+            self.word_grounding_concentration,
             self.internal_errors,
             self.worker_restarts,
         ):
@@ -242,6 +266,14 @@ class Metrics:
         for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
             self.requests_dropped.labels(name, code)
             self.images_skipped.labels(name, code)
+
+    def observe_summary(self, model: str, summary: Summary) -> None:
+        """Record an answered explanation's monitoring signals (a NaN share is not observed)."""
+        if not math.isnan(summary.interaction_share):
+            self.interaction_share.labels(model).observe(summary.interaction_share)
+        concentration = self.word_grounding_concentration.labels(model)
+        for word in summary.words:
+            concentration.observe(word.concentration)
 
     def record_batch(self, model: str, report: BatchReport) -> None:
         """Record one batch a worker of ``model`` ran."""

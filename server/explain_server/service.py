@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 
 from explain_api import explain_pb2, explain_pb2_grpc
+from explain_api.summary import DEFAULT_TOP_K, MAX_TOP_K, Summary, summarize
 
 from .engine.layers import Layer
 from .engine.quadrature import METHODS, min_n_steps
@@ -102,6 +103,28 @@ def resolve_options(request: explain_pb2.ExplainRequest, model: ServedModel, lim
         n_steps=n_steps,
         method=method,
     )
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a response carries: the tensors or not (``detail``), and the summary's top-k."""
+
+    full: bool
+    top_k: int
+
+
+def resolve_output(request: explain_pb2.ExplainRequest | explain_pb2.ExplainManyRequest) -> Output:
+    """Apply the defaults of ``detail`` and ``summary_top_k`` and check them.
+
+    Raises:
+        InputError: an unknown detail value, or a top-k outside [0, MAX_TOP_K].
+    """
+    if request.detail not in (explain_pb2.DETAIL_FULL, explain_pb2.DETAIL_SUMMARY):
+        raise InputError("detail", f"must be DETAIL_FULL (0) or DETAIL_SUMMARY (1); got {request.detail}")
+    top_k = request.summary_top_k if request.HasField("summary_top_k") else DEFAULT_TOP_K
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise InputError("summary_top_k", f"must be in [0, {MAX_TOP_K}]; got {top_k}")
+    return Output(full=request.detail == explain_pb2.DETAIL_FULL, top_k=top_k)
 
 
 def _request_id(value: str) -> str:
@@ -197,10 +220,18 @@ class _Stop:
 
 
 def _response(
-    model: ServedModel, request_id: str, options: Options, text: _Prepared, image: _Prepared, result: Explained
-) -> explain_pb2.ExplainResponse:
-    """The response of one explanation: rows and columns of the attribution labelled by
-    :mod:`.positions` (padding rows, the resolved image layer's prefix and grid)."""
+    model: ServedModel,
+    request_id: str,
+    options: Options,
+    output: Output,
+    caption: str,
+    text: _Prepared,
+    image: _Prepared,
+    result: Explained,
+) -> tuple[explain_pb2.ExplainResponse, Summary]:
+    """The response of one explanation, and its summary: rows and columns of the attribution
+    labelled by :mod:`.positions` (padding rows, the resolved image layer's prefix and grid);
+    the summary is computed from the float32 tensors the FULL response carries."""
     d, attribution = model.description, result.attribution
     interactions = np.asarray(attribution.interactions)
     rows = token_rows(text.extra, interactions.shape[0], d.pad_id, d.pad_label)
@@ -208,17 +239,34 @@ def _response(
     columns = image_columns(interactions, image_layer)
     width, height = image.extra
     x0, y0, x1, y1 = crop_box(width, height, model.preprocess_cfg)
-    return explain_pb2.ExplainResponse(
+    summary = summarize(
+        columns.grid,
+        columns.prefix_attribution,
+        attribution.score,
+        attribution.convergence_delta,
+        caption,
+        rows.spans,
+        rows.labels,
+        rows.padding,
+        output.top_k,
+    )
+    tensors = (
+        {
+            "attribution": _tensor(columns.grid),
+            "cls_attribution": columns.cls.tolist(),
+            "prefix_attribution": _tensor(columns.prefix_attribution),
+        }
+        if output.full
+        else {}
+    )
+    response = explain_pb2.ExplainResponse(
         request_id=request_id,
         model=model.name,
         token_ids=rows.token_ids,
         tokens=rows.labels,
         padding=rows.padding,
         token_spans=[explain_pb2.TextSpan(start=a, end=b) for a, b in rows.spans],
-        attribution=_tensor(columns.grid),
-        cls_attribution=columns.cls.tolist(),
         image_prefix=columns.prefix,
-        prefix_attribution=_tensor(columns.prefix_attribution),
         score=attribution.score,
         logit_scale=model.description.logit_scale,
         logit_bias=model.description.logit_bias,
@@ -239,6 +287,39 @@ def _response(
             text_layer_name=d.text_layer_list[options.text_layer].name,
             image_layer_name=image_layer.name,
         ),
+        summary=_summary_message(summary),
+        **tensors,
+    )
+    return response, summary
+
+
+def _summary_message(summary: Summary) -> explain_pb2.ExplanationSummary:
+    return explain_pb2.ExplanationSummary(
+        interaction_share=summary.interaction_share,
+        interaction_total=summary.interaction_total,
+        positive_interaction=summary.positive_interaction,
+        negative_interaction=summary.negative_interaction,
+        words=[
+            explain_pb2.WordSummary(
+                text=w.text,
+                start=w.start,
+                end=w.end,
+                first_token=w.first_token,
+                end_token=w.end_token,
+                relevance=w.relevance,
+                peak_row=w.peak_row,
+                peak_column=w.peak_column,
+                peak_value=w.peak_value,
+                concentration=w.concentration,
+            )
+            for w in summary.words
+        ],
+        top_interactions=[
+            explain_pb2.WordCell(word=c.word, row=c.row, column=c.column, value=c.value)
+            for c in summary.top_interactions
+        ],
+        grid_height=summary.grid_height,
+        grid_width=summary.grid_width,
     )
 
 
@@ -313,12 +394,15 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
 
         async def explain(model: ServedModel) -> explain_pb2.ExplainResponse:
             options, request_id = resolve_options(request, model, self.limits), _request_id(request.request_id)
+            output = resolve_output(request)
             stop = _Stop(context.time_remaining())
             (text,), (image,), waited = await self._prepare(
                 model, options, [request.caption], [request.image], stop, context, request_id, many=False
             )
             (result,) = await self._compute(model, [(text, image)], waited, stop, context, request_id)
-            return _response(model, request_id, options, text, image, result)
+            response, summary = _response(model, request_id, options, output, request.caption, text, image, result)
+            self.metrics.observe_summary(model.name, summary)
+            return response
 
         return await self._observed("Explain", request.model, context, explain)
 
@@ -327,6 +411,7 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
 
         async def explain_many(model: ServedModel) -> explain_pb2.ExplainManyResponse:
             options, request_id = resolve_options(request, model, self.limits), _request_id(request.request_id)
+            output = resolve_output(request)
             images, captions = list(request.images), list(request.captions)
             count = max(len(images), len(captions))
             if not images or not captions or min(len(images), len(captions)) != 1:
@@ -346,12 +431,22 @@ class ExplainService(explain_pb2_grpc.ExplainServicer):
             )
             pairs = [(texts[0 if len(texts) == 1 else i], pixels[0 if len(pixels) == 1 else i]) for i in range(count)]
             results = await self._compute(model, pairs, waited, stop, context, request_id)
-            return explain_pb2.ExplainManyResponse(
-                explanations=[
-                    _response(model, f"{request_id}/{i}", options, text, image, result)
-                    for i, ((text, image), result) in enumerate(zip(pairs, results))
-                ]
-            )
+            explained = [
+                _response(
+                    model,
+                    f"{request_id}/{i}",
+                    options,
+                    output,
+                    captions[0 if len(captions) == 1 else i],
+                    text,
+                    image,
+                    result,
+                )
+                for i, ((text, image), result) in enumerate(zip(pairs, results))
+            ]
+            for _, summary in explained:
+                self.metrics.observe_summary(model.name, summary)
+            return explain_pb2.ExplainManyResponse(explanations=[response for response, _ in explained])
 
         return await self._observed("ExplainMany", request.model, context, explain_many)
 
