@@ -7,25 +7,29 @@ full response.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from explain_api import explain_pb2
+
 __all__ = [
-    "CONCENTRATION_TOP_FRACTION",
     "DEFAULT_TOP_K",
     "MAX_TOP_K",
     "Summary",
     "Word",
     "WordCell",
+    "concentration_cells",
+    "from_proto",
     "summarize",
+    "to_proto",
     "words",
 ]
 
-# ExplanationSummary: "top 10% cells" and "Unset = 10", "in [0, 100]"
-CONCENTRATION_TOP_FRACTION = 0.1
+# ExplanationSummary: "Unset = 10", "in [0, 100]"
 DEFAULT_TOP_K = 10
 MAX_TOP_K = 100
 
@@ -84,7 +88,8 @@ def words(
 
     Args:
         caption: the caption as sent.
-        spans: per token row, the characters [start, end) it spells; empty when the tokenizer
+        spans: per token row, the characters [start, end) it spells (rows holding parts of one
+            character's bytes share its span); empty when the tokenizer
             reports none (then every non-padding row whose label has a letter or digit is a
             word, spanning the whole caption).
         labels: per token row, its label.
@@ -104,8 +109,9 @@ def words(
                 found.append(tuple(current))
                 current = None
             continue
-        if current is not None and start == current[1]:
-            current[1], current[3] = end, row + 1
+        # spans that overlap belong to tokens holding parts of one character's bytes
+        if current is not None and start <= current[1]:
+            current[1], current[3] = max(current[1], end), row + 1
             continue
         if current is not None:
             found.append(tuple(current))
@@ -115,12 +121,22 @@ def words(
     return found
 
 
+def concentration_cells(cells: int) -> int:
+    """k = ceil(cells / 10): how many cells "the top 10%" of a grid of ``cells`` holds.
+
+    In integers: ``math.ceil(0.1 * 30)`` is 4, as 0.1 * 30 rounds up to 3.0000000000000004.
+    """
+    return -(-cells // 10)
+
+
 def _concentration(magnitudes: np.ndarray) -> float:
     total = float(magnitudes.sum())
     if total == 0.0:
         return 0.0
-    k = math.ceil(CONCENTRATION_TOP_FRACTION * magnitudes.size)
-    return float(np.sort(magnitudes, axis=None)[-k:].sum()) / total
+    k = concentration_cells(magnitudes.size)
+    share = float(np.sort(magnitudes, axis=None)[-k:].sum()) / total
+    # the two sums round differently; the contract's range holds exactly
+    return min(1.0, max(k / magnitudes.size, share))
 
 
 def summarize(
@@ -192,3 +208,36 @@ def summarize(
             cell, word = divmod(int(flat), n_words)
             top.append(WordCell(word=word, row=cell // gw, column=cell % gw, value=float(stacked[flat])))
     return Summary(share, total, positive, negative, tuple(summaries), tuple(top), gh, gw)
+
+
+def to_proto(summary: Summary) -> explain_pb2.ExplanationSummary:
+    """``summary`` as the ``ExplanationSummary`` message a response carries."""
+    return explain_pb2.ExplanationSummary(
+        interaction_share=summary.interaction_share,
+        interaction_total=summary.interaction_total,
+        positive_interaction=summary.positive_interaction,
+        negative_interaction=summary.negative_interaction,
+        words=[explain_pb2.WordSummary(**dataclasses.asdict(word)) for word in summary.words],
+        top_interactions=[explain_pb2.WordCell(**dataclasses.asdict(cell)) for cell in summary.top_interactions],
+        grid_height=summary.grid_height,
+        grid_width=summary.grid_width,
+    )
+
+
+def from_proto(message: explain_pb2.ExplanationSummary) -> Summary:
+    """The :class:`Summary` an ``ExplanationSummary`` message carries (every field as sent)."""
+    return Summary(
+        interaction_share=message.interaction_share,
+        interaction_total=message.interaction_total,
+        positive_interaction=message.positive_interaction,
+        negative_interaction=message.negative_interaction,
+        words=tuple(
+            Word(**{field.name: getattr(word, field.name) for field in dataclasses.fields(Word)})
+            for word in message.words
+        ),
+        top_interactions=tuple(
+            WordCell(cell.word, cell.row, cell.column, cell.value) for cell in message.top_interactions
+        ),
+        grid_height=message.grid_height,
+        grid_width=message.grid_width,
+    )

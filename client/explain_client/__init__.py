@@ -10,6 +10,10 @@ interaction attributions (Moeller et al., TMLR 2025, arXiv 2408.14153)::
     print(exp.score, exp.top_interactions(3))
     exp.overlay("cat.jpg", "red sofa").save("sofa.png")
 
+With ``detail="summary"`` a call returns a :class:`SummaryResult`: the server's monitoring
+summary (interaction share, per-word relevance, peak cell, grounding concentration) without
+the tensors; a full :class:`Explanation` carries the same ``summary``.
+
 Errors from the server are raised as :class:`ExplainError` subclasses, one per
 gRPC status code (e.g. :class:`NotFoundError` for an unknown model).
 """
@@ -31,6 +35,7 @@ from explain_client.errors import (
 )
 from explain_client.explanation import Explanation, ReferenceTerms, ResolvedOptions
 from explain_client.server_info import LayerInfo, ModelInfo, Preprocessing, ServerLimits
+from explain_client.summary_result import SummaryResult
 
 __all__ = [
     "CancelledError",
@@ -51,6 +56,7 @@ __all__ = [
     "ResolvedOptions",
     "ResourceExhaustedError",
     "ServerLimits",
+    "SummaryResult",
     "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",

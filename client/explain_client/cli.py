@@ -18,6 +18,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from explain_api.summary import Summary
 from explain_api.version import add_version_argument
 from explain_client.client import ExplainClient, bearer_metadata, tls_credentials
 from explain_client.errors import ExplainError
@@ -349,7 +350,7 @@ def _format_report(explanation: Explanation, top: int, show_padding: bool = Fals
         sums = explanation.prefix_attribution.sum(axis=0, dtype=np.float64)
         lines.append(
             "image prefix:      "
-            + ", ".join(f"{label} {value:+.6f}" for label, value in zip(explanation.image_prefix, sums))
+            + ", ".join(f"{label} {_signed(value)}" for label, value in zip(explanation.image_prefix, sums))
             + " (summed over tokens)"
         )
     interactions = explanation.top_interactions(top)
@@ -358,8 +359,40 @@ def _format_report(explanation: Explanation, top: int, show_padding: bool = Fals
         lines += ["", f"top {len(interactions)} token-region interactions (cosine units):"]
         lines.append(f"  {'row':>4}  {'token':<{width}}  {'cell (row, col)':<15}  value")
         for row, label, i, j, value in interactions:
-            lines.append(f"  {row:>4}  {label:<{width}}  {f'({i}, {j})':<15}  {value:+.6f}")
+            lines.append(f"  {row:>4}  {label:<{width}}  {f'({i}, {j})':<15}  {_signed(value)}")
+    if explanation.summary is not None:
+        lines += ["", *_format_summary(explanation.summary)]
     return "\n".join(lines)
+
+
+def _signed(value: float, digits: int = 6) -> str:
+    """``value`` with its sign, never "-0.000000": a value that rounds to zero reads "+0.000000"."""
+    return f"{round(float(value), digits) + 0.0:+.{digits}f}"
+
+
+def _format_summary(summary: Summary) -> list[str]:
+    """The summary's lines: interaction share and mass, then one line per caption word."""
+    lines = [
+        f"interaction share: {summary.interaction_share:.4f} (token x image interactions "
+        f"{_signed(summary.interaction_total)} of score - convergence delta; "
+        f"positive {_signed(summary.positive_interaction)}, negative {_signed(summary.negative_interaction)})"
+    ]
+    if not summary.words:
+        return [*lines, "words:             none (the caption spells no letter or digit)"]
+    width = max(len("word"), *(len(word.text) for word in summary.words))
+    lines += [
+        "",
+        f"words (relevance: sum over the {summary.grid_height}x{summary.grid_width} grid, cosine units; "
+        "concentration: share of |mass| in the top 10% cells):",
+        f"  {'word':<{width}}  {'relevance':>10}  {'peak cell':<10}  {'peak value':>10}  concentration",
+    ]
+    for word in summary.words:
+        peak = f"({word.peak_row}, {word.peak_column})"
+        lines.append(
+            f"  {word.text:<{width}}  {_signed(word.relevance):>10}  {peak:<10}  {_signed(word.peak_value):>10}  "
+            f"{word.concentration:.3f}"
+        )
+    return lines
 
 
 def _format_span(explanation: Explanation, span: Span) -> str:
@@ -369,8 +402,8 @@ def _format_span(explanation: Explanation, span: Span) -> str:
     i, j = divmod(int(heat.argmax()), heat.shape[1])
     labels = " ".join(explanation.tokens[r] for r in rows)
     return (
-        f"span {labels!r} (rows {rows[0]}-{rows[-1]}): peak at cell ({i}, {j}) = {heat[i, j]:+.6f}; "
-        f"sum {heat.sum():+.6f}"
+        f"span {labels!r} (rows {rows[0]}-{rows[-1]}): peak at cell ({i}, {j}) = {_signed(heat[i, j])}; "
+        f"sum {_signed(heat.sum())}"
     )
 
 

@@ -11,17 +11,20 @@ import urllib.parse
 import warnings
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 import grpc
 
 from explain_api import explain_pb2, explain_pb2_grpc
+from explain_api.summary import MAX_TOP_K
 from explain_client.errors import MessageTooLargeError, UnavailableError, from_rpc_error
 from explain_client.explanation import Explanation
 from explain_client.images import ImageInput, encode_image
 from explain_client.server_info import ModelInfo, ServerLimits
+from explain_client.summary_result import SummaryResult
 
 __all__ = [
+    "DETAILS",
     "DEFAULT_MAX_RECEIVE_MESSAGE_BYTES",
     "DEFAULT_MAX_SEND_MESSAGE_BYTES",
     "ExplainClient",
@@ -66,6 +69,24 @@ def _checked(field: str, value: Any) -> Any:
 
 
 _LAYER_FIELDS = ("text_layer", "image_layer")
+
+Detail = Literal["full", "summary"]
+DETAILS: dict[str, int] = {"full": explain_pb2.DETAIL_FULL, "summary": explain_pb2.DETAIL_SUMMARY}
+"""The values of ``detail``, and the ``explain.v1.Detail`` each asks for."""
+
+
+def _set_output(request: Any, detail: str, summary_top_k: int | None) -> None:
+    """Set ``detail`` and ``summary_top_k`` on a request, checked as the server checks them."""
+    if not isinstance(detail, str) or detail not in DETAILS:
+        raise ValueError(f"detail must be one of {', '.join(map(repr, DETAILS))}; got {detail!r}")
+    request.detail = DETAILS[detail]
+    if summary_top_k is None:
+        return
+    if not isinstance(summary_top_k, int) or isinstance(summary_top_k, bool):
+        raise TypeError(f"summary_top_k must be an int; got {type(summary_top_k).__name__}")
+    if not 0 <= summary_top_k <= MAX_TOP_K:
+        raise ValueError(f"summary_top_k must be in [0, {MAX_TOP_K}]; got {summary_top_k}")
+    request.summary_top_k = summary_top_k
 
 
 def _set_options(request: Any, options: dict[str, Any]) -> None:
@@ -160,13 +181,16 @@ def explain_request(
     n_steps: int | None = None,
     method: str | None = None,
     request_id: str | None = None,
+    detail: Detail = "full",
+    summary_top_k: int | None = None,
 ) -> explain_pb2.ExplainRequest:
     """The ``ExplainRequest`` that :meth:`ExplainClient.explain` sends (arguments as there).
 
     Raises:
         TypeError: ``caption`` or an option of the wrong type, or an unsupported image kind.
         ValueError: an option outside the 32-bit range; a caption with a lone surrogate; an image
-            array of the wrong shape or dtype.
+            array of the wrong shape or dtype; a ``detail`` or ``summary_top_k`` the API does not
+            take.
         OSError: an image path that cannot be read.
     """
     caption = _checked("caption", caption)
@@ -182,6 +206,7 @@ def explain_request(
             "request_id": request_id,
         },
     )
+    _set_output(request, detail, summary_top_k)
     return request
 
 
@@ -212,6 +237,10 @@ def tls_credentials(
     if (certificate_chain is None) != (private_key is None):
         raise ValueError("certificate_chain and private_key go together")
     return grpc.ssl_channel_credentials(_pem(root_certificates), _pem(private_key), _pem(certificate_chain))
+
+
+def _decode(resp: explain_pb2.ExplainResponse, detail: str) -> Explanation | SummaryResult:
+    return SummaryResult.from_proto(resp) if detail == "summary" else Explanation.from_proto(resp)
 
 
 class ExplainClient:
@@ -360,6 +389,7 @@ class ExplainClient:
                     raise
             time.sleep(poll_seconds)
 
+    @overload
     def explain(
         self,
         image: ImageInput,
@@ -372,7 +402,42 @@ class ExplainClient:
         method: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
-    ) -> Explanation:
+        detail: Literal["full"] = "full",
+        summary_top_k: int | None = None,
+    ) -> Explanation: ...
+
+    @overload
+    def explain(
+        self,
+        image: ImageInput,
+        caption: str,
+        *,
+        model: str | None = None,
+        text_layer: int | str | None = None,
+        image_layer: int | str | None = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        detail: Literal["summary"],
+        summary_top_k: int | None = None,
+    ) -> SummaryResult: ...
+
+    def explain(
+        self,
+        image: ImageInput,
+        caption: str,
+        *,
+        model: str | None = None,
+        text_layer: int | str | None = None,
+        image_layer: int | str | None = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        detail: Detail = "full",
+        summary_top_k: int | None = None,
+    ) -> Explanation | SummaryResult:
         """Explain the similarity of ``image`` and ``caption``.
 
         Args:
@@ -390,14 +455,21 @@ class ExplainClient:
             request_id: id echoed in the response (at most 128 printable ASCII
                 characters); ``None`` = the server generates one.
             timeout: deadline, seconds; ``None`` = the client's timeout.
+            detail: ``"full"`` (the default): the attribution tensors and the summary;
+                ``"summary"``: the summary and the scalars only, without the tensors (for
+                monitoring: a fraction of the bytes).
+            summary_top_k: how many (word, cell) pairs the summary's ``top_interactions``
+                holds, in [0, 100]; ``None`` = the server's default, 10.
 
         Returns:
-            The decoded :class:`Explanation`.
+            The decoded :class:`Explanation` (its ``summary`` too) with ``detail="full"``; a
+            :class:`SummaryResult` with ``detail="summary"``.
 
         Raises:
             TypeError: ``caption`` or an option of the wrong type, or ``image`` of an
                 unsupported kind.
-            ValueError: an option outside the 32-bit range the API carries.
+            ValueError: an option outside the 32-bit range the API carries; a ``detail``
+                other than "full" or "summary", or a ``summary_top_k`` outside [0, 100].
             MessageTooLargeError: the request exceeds the send limit (before sending).
             ValueError: an image array of the wrong shape or dtype, or a
                 malformed response.
@@ -415,13 +487,49 @@ class ExplainClient:
             n_steps=n_steps,
             method=method,
             request_id=request_id,
+            detail=detail,
+            summary_top_k=summary_top_k,
         )
         self._check_size(request)
         try:
             resp = self._stub.Explain(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-        return Explanation.from_proto(resp)
+        return _decode(resp, detail)
+
+    @overload
+    def explain_many(
+        self,
+        images: Sequence[ImageInput],
+        captions: Sequence[str],
+        *,
+        model: str | None = None,
+        text_layer: int | str | None = None,
+        image_layer: int | str | None = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        detail: Literal["full"] = "full",
+        summary_top_k: int | None = None,
+    ) -> list[Explanation]: ...
+
+    @overload
+    def explain_many(
+        self,
+        images: Sequence[ImageInput],
+        captions: Sequence[str],
+        *,
+        model: str | None = None,
+        text_layer: int | str | None = None,
+        image_layer: int | str | None = None,
+        n_steps: int | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        detail: Literal["summary"],
+        summary_top_k: int | None = None,
+    ) -> list[SummaryResult]: ...
 
     def explain_many(
         self,
@@ -435,7 +543,9 @@ class ExplainClient:
         method: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
-    ) -> list[Explanation]:
+        detail: Detail = "full",
+        summary_top_k: int | None = None,
+    ) -> list[Explanation] | list[SummaryResult]:
         """Explain one image against several captions, or one caption against several images, in one call.
 
         The server computes the shared side once, so this is much cheaper than separate
@@ -447,9 +557,11 @@ class ExplainClient:
             model, text_layer, image_layer, n_steps, method: as in :meth:`explain`, for every pair.
             request_id: explanation i gets ``"<request_id>/<i>"``; ``None`` = the server generates one.
             timeout: deadline for the whole call, seconds; ``None`` = the client's timeout.
+            detail, summary_top_k: as in :meth:`explain`, for every pair.
 
         Returns:
-            One :class:`Explanation` per caption (one image) or per image (one caption), in order.
+            One :class:`Explanation` (``detail="summary"``: :class:`SummaryResult`) per caption
+            (one image) or per image (one caption), in order.
 
         Raises:
             TypeError, ValueError, OSError, MessageTooLargeError: as in :meth:`explain`.
@@ -473,12 +585,13 @@ class ExplainClient:
                 "request_id": request_id,
             },
         )
+        _set_output(request, detail, summary_top_k)
         self._check_size(request)
         try:
             resp = self._stub.ExplainMany(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-        return [Explanation.from_proto(item) for item in resp.explanations]
+        return [_decode(item, detail) for item in resp.explanations]
 
     def _check_size(self, request: Any) -> None:
         size = request.ByteSize()

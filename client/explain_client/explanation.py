@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 from explain_api import explain_pb2
+from explain_api.summary import Summary
+from explain_api.summary import from_proto as summary_from_proto
 from explain_client.images import ImageInput, load_image
 from explain_client.overlay import render_overlay
 from explain_client.tensors import decode_float32_tensor
@@ -156,6 +158,10 @@ class Explanation:
     and padding tokens); empty when the server does not report them."""
     logit_bias: float | None = None
     """SigLIP's bias: logit = score x logit_scale + logit_bias; None for models without one."""
+    summary: Summary | None = None
+    """The server's monitoring summary (``ExplanationSummary`` in explain.proto: interaction
+    share, per-word relevance, peak cell and grounding concentration, top (word, cell) pairs),
+    computed from these float32 tensors; None from servers that predate it."""
 
     def __post_init__(self) -> None:
         attribution = _read_only_float32(self.attribution)
@@ -263,6 +269,7 @@ class Explanation:
             padding=tuple(resp.padding),
             token_spans=tuple((span.start, span.end) for span in resp.token_spans),
             logit_bias=resp.logit_bias if resp.HasField("logit_bias") else None,
+            summary=summary_from_proto(resp.summary) if resp.HasField("summary") else None,
         )
 
     def __repr__(self) -> str:
@@ -462,7 +469,8 @@ class Explanation:
 
         Arrays become nested lists of floats (``attribution``: T x Gh x Gw,
         ``cls_attribution``: T or 0, ``prefix_attribution``: T x P), tuples
-        become lists, and ``reference_terms`` and ``options`` become dicts.
+        become lists, and ``reference_terms``, ``options`` and ``summary`` become dicts
+        (``summary`` None without one; a NaN ``interaction_share`` stays NaN).
         """
         return {
             "request_id": self.request_id,
@@ -485,4 +493,5 @@ class Explanation:
             "image_size": list(self.image_size),
             "queue_seconds": self.queue_seconds,
             "compute_seconds": self.compute_seconds,
+            "summary": None if self.summary is None else dataclasses.asdict(self.summary),
         }

@@ -23,6 +23,7 @@ import numpy as np
 
 from explain_api import explain_pb2, explain_pb2_grpc
 from explain_api.summary import DEFAULT_TOP_K, MAX_TOP_K, Summary, summarize
+from explain_api.summary import to_proto as summary_to_proto
 
 from .engine.layers import Layer
 from .engine.quadrature import METHODS, min_n_steps
@@ -287,40 +288,10 @@ def _response(
             text_layer_name=d.text_layer_list[options.text_layer].name,
             image_layer_name=image_layer.name,
         ),
-        summary=_summary_message(summary),
+        summary=summary_to_proto(summary),
         **tensors,
     )
     return response, summary
-
-
-def _summary_message(summary: Summary) -> explain_pb2.ExplanationSummary:
-    return explain_pb2.ExplanationSummary(
-        interaction_share=summary.interaction_share,
-        interaction_total=summary.interaction_total,
-        positive_interaction=summary.positive_interaction,
-        negative_interaction=summary.negative_interaction,
-        words=[
-            explain_pb2.WordSummary(
-                text=w.text,
-                start=w.start,
-                end=w.end,
-                first_token=w.first_token,
-                end_token=w.end_token,
-                relevance=w.relevance,
-                peak_row=w.peak_row,
-                peak_column=w.peak_column,
-                peak_value=w.peak_value,
-                concentration=w.concentration,
-            )
-            for w in summary.words
-        ],
-        top_interactions=[
-            explain_pb2.WordCell(word=c.word, row=c.row, column=c.column, value=c.value)
-            for c in summary.top_interactions
-        ],
-        grid_height=summary.grid_height,
-        grid_width=summary.grid_width,
-    )
 
 
 def _tensor(array: np.ndarray) -> explain_pb2.Float32Tensor:
