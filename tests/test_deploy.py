@@ -10,6 +10,7 @@ are checked against the /metrics of a running server.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -44,6 +45,9 @@ DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 OVERLAYS = ("cpu", "gpu")
 ADAPTER_VALUES = DEPLOY / "k8s" / "prometheus-adapter" / "values.yaml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "rules.test.yml"
+MONITORING_GUIDE = ROOT / "docs" / "monitoring.md"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "clip-explain.json"
 # Kinds that Kubernetes itself does not define: each is validated against its CRD's schema in
 # a test of its own, so kubernetes-validate not knowing them is expected.
@@ -522,6 +526,57 @@ def test_dashboard_shows_what_the_issue_asks_for():
     assert errors, "a panel of errors by code"
     (heatmap,) = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
     assert heatmap["targets"][0]["format"] == "heatmap"
+
+
+def promtool() -> str:
+    """Path of promtool (Debian's ``prometheus`` package installs it).
+
+    Skips the test where it is missing, unless the environment variable CI is set: in CI the
+    Makefile installs it, and its absence is a failure."""
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is not installed (apt-get install prometheus); CI must run the rule tests")
+        pytest.skip("promtool is not installed (apt-get install prometheus); CI is not set")
+    return path
+
+
+@pytest.mark.integration
+def test_alert_rules_pass_promtool_check_and_their_unit_tests():
+    """promtool evaluates rules.test.yml's series against rules.yml: each model-monitoring alert
+    fires on the shift it is for and stays silent on steady, sparse and harmless traffic."""
+    check = run(promtool(), "check", "rules", str(RULES))
+    assert check.returncode == 0, check.stdout + check.stderr
+    tests = run(promtool(), "test", "rules", str(RULE_TESTS))
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert "SUCCESS" in tests.stdout
+    tested = set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text()))
+    (monitoring,) = [g for g in yaml.safe_load(RULES.read_text())["groups"] if g["name"].endswith("model-monitoring")]
+    assert {rule["alert"] for rule in monitoring["rules"]} <= tested
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped,
+    spaces as hyphens."""
+    headings = re.findall(r"^#+\s+(.+?)\s*$", markdown, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.integration
+def test_model_monitoring_alerts_are_documented():
+    """Each model-monitoring alert says what moved, how much is too much, and where its runbook is."""
+    (monitoring,) = [g for g in yaml.safe_load(RULES.read_text())["groups"] if g["name"].endswith("model-monitoring")]
+    anchors = github_anchors(MONITORING_GUIDE.read_text())
+    for rule in monitoring["rules"]:
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook_url"} <= annotations.keys(), rule["alert"]
+        page, _, anchor = annotations["runbook_url"].partition("#")
+        assert (ROOT / page).resolve() == MONITORING_GUIDE.resolve(), rule["alert"]
+        assert anchor == rule["alert"].lower() and anchor in anchors, rule["alert"]
+        # the threshold the expression uses is the one the description documents
+        threshold = re.search(r"\)\s*>\s*([0-9.]+)", rule["expr"])[1]
+        assert f"more than {threshold}" in annotations["description"], rule["alert"]
+        assert rule["expr"].count("offset 1d") == 2, rule["alert"]
 
 
 # --- the local stack ---------------------------------------------------------------------------
