@@ -370,16 +370,21 @@ def _signed(value: float, digits: int = 6) -> str:
     return f"{round(float(value), digits) + 0.0:+.{digits}f}"
 
 
+def _display_width(text: str) -> int:
+    """Terminal columns of ``text``: wide and full-width characters (CJK) take two."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
 def _format_summary(summary: Summary) -> list[str]:
     """The summary's lines: interaction share and mass, then one line per caption word."""
     lines = [
-        f"interaction share: {summary.interaction_share:.4f} (token x image interactions "
-        f"{_signed(summary.interaction_total)} of score - convergence delta; "
-        f"positive {_signed(summary.positive_interaction)}, negative {_signed(summary.negative_interaction)})"
+        f"interaction share: {summary.interaction_share:.4f} (token x image interactions / (score - convergence delta))",
+        f"interactions:      {_signed(summary.interaction_total)} (positive {_signed(summary.positive_interaction)}, "
+        f"negative {_signed(summary.negative_interaction)})",
     ]
     if not summary.words:
         return [*lines, "words:             none (the caption spells no letter or digit)"]
-    width = max(len("word"), *(len(word.text) for word in summary.words))
+    width = max(len("word"), *(_display_width(word.text) for word in summary.words))
     lines += [
         "",
         f"words (relevance: sum over the {summary.grid_height}x{summary.grid_width} grid, cosine units; "
@@ -388,8 +393,9 @@ def _format_summary(summary: Summary) -> list[str]:
     ]
     for word in summary.words:
         peak = f"({word.peak_row}, {word.peak_column})"
+        text = word.text + " " * (width - _display_width(word.text))
         lines.append(
-            f"  {word.text:<{width}}  {_signed(word.relevance):>10}  {peak:<10}  {_signed(word.peak_value):>10}  "
+            f"  {text}  {_signed(word.relevance):>10}  {peak:<10}  {_signed(word.peak_value):>10}  "
             f"{word.concentration:.3f}"
         )
     return lines
