@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-unit bench proto clean known-answer-model
+.PHONY: system-tools install demo test test-unit bench proto clean known-answer-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,18 @@ $(VENV)/.server-installed: pyproject.toml server/pyproject.toml | $(BIN)/python
 # Tests add the server's hf extra (Hugging Face transformers models) and exclip 1.1, the
 # reference implementation. exclip imports `clip`, which the openai-clip sdist provides; that
 # sdist only builds beside setuptools<81 (pkg_resources), hence no build isolation for those two.
-$(VENV)/.test-installed: $(VENV)/.server-installed
+# The monitoring tests run Debian's promtool (alert rule unit tests) and Pushgateway (what
+# explain-monitor pushes to); they fail in CI without them, so install them when we can.
+SYSTEM_TOOLS := promtool:prometheus prometheus-pushgateway:prometheus-pushgateway
+system-tools:
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else echo "install $$missing (Debian packages) for the monitoring tests"; fi; \
+	fi
+
+$(VENV)/.test-installed: $(VENV)/.server-installed | system-tools
 	$(BIN)/python -m pip install -e ".[test]" -e "./server[hf]"
 	$(BIN)/python -m pip install --no-build-isolation openai-clip==1.0.1 exclip==1.1
 	touch $@
