@@ -7,14 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from explain_api import explain_pb2
 from explain_client import Explanation, LayerInfo, ModelInfo
 from explain_client.cli import _format_report, build_parser
 from explain_client.client import explain_request
 from explain_client.evaluation.scoring import phrase_rows, score_phrase
-from explain_client.overlay import render_overlay
 
 pytestmark = pytest.mark.unit
 
@@ -181,17 +179,6 @@ def test_model_info_lists_each_towers_layers():
     assert model.image_layer_list[0] == LayerInfo(0, "layer3", (14, 14), ())
     assert model.image_layer_list[1].prefix == ("cls",)
     assert (model.default_image_layer_name, model.text_sees_padding, model.pad_token) == ("attnpool", True, "<pad>")
-
-
-def test_overlay_cells_are_the_crop_box_divided_by_any_grid():
-    heat = np.zeros(GRID)
-    heat[1, 3] = 1.0
-    picture = render_overlay(Image.new("RGB", (200, 120), (0, 0, 0)), heat, (10, 20, 160, 110), alpha=1.0)
-    red = np.asarray(picture)[..., 0].astype(int)
-    # cells are 150 / 5 = 30 wide and 90 / 3 = 30 high: cell (1, 3) is x in [100, 130), y in [50, 80)
-    y, x = np.unravel_index(int(red.argmax()), red.shape)
-    assert 100 <= x < 130 and 50 <= y < 80
-    assert red[:, :10].max() == 0 and red[110:].max() == 0  # outside the crop box
 
 
 def test_the_logit_adds_siglips_bias_where_the_server_reports_one():

@@ -264,10 +264,9 @@ def test_cli_prints_interactions_and_writes_an_overlay(server, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert code == 0
     assert "model:             tiny" in printed and "cell (row, col)" in printed
-    with Image.open(out) as overlay, Image.open(image_path) as original:
-        assert overlay.size == original.size == (128, 64)
-        changed = np.any(np.asarray(overlay) != np.asarray(original.convert("RGB")), axis=2)
-    assert changed[:, 32:96].any() and not changed[:, :32].any() and not changed[:, 96:].any()
+    assert f"overlay written to {out}" in printed
+    with Image.open(out) as overlay:
+        assert overlay.format == "PNG" and max(overlay.size) >= 640  # a readable figure, not 128x64
 
     assert cli.main([str(image_path), CAPTION, "--target", server.target, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -112,7 +112,11 @@ def _add_explain_options(parser: argparse.ArgumentParser) -> None:
         help='caption part for --out: a substring such as "red circle", or a token row '
         "range START:STOP (default: all content tokens)",
     )
-    parser.add_argument("--out", metavar="PNG", help="write the heatmap overlay of --span to this file")
+    parser.add_argument(
+        "--out",
+        metavar="PNG",
+        help="write the overlay figure of --span (heatmap with title, colour bar, crop box and legend) to this file",
+    )
     parser.add_argument("--json", action="store_true", help="print the whole explanation as JSON")
     parser.add_argument(
         "--top",

@@ -23,7 +23,7 @@ from explain_api import explain_pb2
 from explain_api.summary import Summary
 from explain_api.summary import from_proto as summary_from_proto
 from explain_client.images import ImageInput, load_image
-from explain_client.overlay import render_overlay
+from explain_client.overlay import overlay_figure
 from explain_client.tensors import decode_float32_tensor
 
 __all__ = ["Explanation", "ReferenceTerms", "ResolvedOptions", "Span"]
@@ -425,31 +425,32 @@ class Explanation:
             result.append((rows[s], self.tokens[rows[s]], i, j, float(content[s, i, j])))
         return result
 
-    def overlay(self, image: ImageInput, span: Span, *, alpha: float = 0.5) -> Image.Image:
-        """Render the heatmap of ``span`` over the crop box of the original image.
+    def overlay(self, image: ImageInput, span: Span, *, min_size: int = 640) -> Image.Image:
+        """A readable figure of the heatmap of ``span`` over the crop box of the original image.
 
-        Colours: blue for negative, white at zero, red for positive, scaled
-        symmetrically by the heatmap's max |value|; bilinearly resized onto
-        the pixels whose centres lie inside the crop box and alpha-blended
-        there. Pixels outside the crop box are left exactly unchanged.
+        Drawn by :func:`explain_client.overlay.overlay_figure`: the span and its tokens and
+        the score in the title, the photo muted under the heat's grid cells (colour bar
+        centred on zero, in cosine units), the crop box and the peak cell marked, a legend.
 
         Args:
             image: the image that was explained, in any form
                 :func:`explain_client.images.encode_image` accepts; decoded with
                 its EXIF orientation applied and converted to RGB.
-            span: see :meth:`rows`.
-            alpha: weight of the colours in [0, 1].
+            span: see :meth:`rows`; a substring is shown as given, a row range as its tokens.
+            min_size: pixels on the long side of the image area (at least 300); the figure
+                is larger.
 
         Returns:
-            A new RGB image of size ``image_size``.
+            A new RGB image whose long side is more than ``min_size`` pixels.
 
         Raises:
             TypeError: ``image`` or ``span`` of an unsupported kind.
             ValueError: the image's size differs from ``image_size``, the image
-                cannot be decoded, ``alpha`` is outside [0, 1], or a bad span
+                cannot be decoded, ``min_size`` is below 300, or a bad span
                 (see :meth:`rows`).
             OSError: an image path that cannot be read.
         """
+        rows = self.rows(span)
         heat = self.heatmap(span)
         picture = load_image(image)
         if picture.size != self.image_size:
@@ -457,7 +458,11 @@ class Explanation:
                 f"image is {picture.size[0]}x{picture.size[1]} pixels but the explanation is for "
                 f"{self.image_size[0]}x{self.image_size[1]}"
             )
-        return render_overlay(picture, heat, self.crop_box, alpha=alpha)
+        tokens = [self.tokens[row] for row in rows]
+        title = span if isinstance(span, str) else " ".join(tokens)
+        return overlay_figure(
+            picture, heat, self.crop_box, title=title, tokens=tokens, score=self.score, min_size=min_size
+        )
 
     @property
     def logit(self) -> float:

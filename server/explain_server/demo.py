@@ -3,8 +3,8 @@
 Everything runs offline: the model's config and trained weights ship with the package
 (``explain_server/assets/shapes``) and the scene is generated on the spot. For each object the
 caption names, the demo prints the grid cell where the phrase's heatmap peaks and whether that
-cell lies inside the object's box, and draws every phrase's heatmap, box and peak cell into one
-PNG.
+cell lies inside the object's box, and draws every phrase's overlay (heatmap, colour bar, crop box,
+the object's box, peak cell and a legend) side by side into one PNG.
 """
 
 from __future__ import annotations
@@ -13,37 +13,16 @@ import argparse
 import pathlib
 import sys
 
-from PIL import Image, ImageDraw
-
 from explain_api.version import add_version_argument
 from explain_client import ExplainClient
-from explain_client.evaluation.scoring import cell_edges, phrase_rows, score_phrase
+from explain_client.evaluation.scoring import phrase_rows, score_phrase
+from explain_client.overlay import overlay_figure, side_by_side
 
 from . import DISTRIBUTION
 from .launcher import ServerProcess
 from .shapes import model as shapes_model
 from .shapes.dataset import scenes_with_captions
 from .shapes.scenes import render
-
-_ZOOM = 4  # the scene is 96 px: draw the panels four times larger
-
-
-def _panel(explanation, image: Image.Image, rows: list[int], box, peak, title: str) -> Image.Image:
-    """One phrase: its heatmap over the scene, its object's box (green) and its peak cell (black)."""
-    overlay = explanation.overlay(image, (rows[0], rows[-1] + 1)).resize(
-        (image.width * _ZOOM, image.height * _ZOOM), Image.Resampling.NEAREST
-    )
-    draw = ImageDraw.Draw(overlay)
-    draw.rectangle([v * _ZOOM for v in box], outline=(0, 170, 0), width=3)
-    xs, ys = cell_edges(explanation)
-    i, j = peak
-    draw.rectangle(
-        [xs[j] * _ZOOM, ys[i] * _ZOOM, xs[j + 1] * _ZOOM - 1, ys[i + 1] * _ZOOM - 1], outline=(0, 0, 0), width=2
-    )
-    panel = Image.new("RGB", (overlay.width, overlay.height + 18), (255, 255, 255))
-    panel.paste(overlay, (0, 18))
-    ImageDraw.Draw(panel).text((4, 3), title, fill=(0, 0, 0))
-    return panel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,17 +70,22 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {text!r:24} tokens {rows[0]}-{rows[-1]}: heatmap peaks at cell {result.peak} -> {verdict} its box {box}"
             )
-            panels.append(_panel(explanation, image, rows, box, result.peak, f"{text}: {verdict}"))
-        sheet = Image.new(
-            "RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), panels[0].height), (255, 255, 255)
-        )
-        for k, panel in enumerate(panels):
-            sheet.paste(panel, (k * (panel.width + 8), 0))
+            panels.append(
+                overlay_figure(
+                    image,
+                    explanation.heatmap((rows[0], rows[-1] + 1)),
+                    explanation.crop_box,
+                    title=text,
+                    tokens=[explanation.tokens[row] for row in rows],
+                    score=explanation.score,
+                    peak=result.peak,
+                    boxes=[("the object's box", box)],
+                    note=f"peak cell {verdict} the object's box",
+                )
+            )
+        sheet = side_by_side(panels)
         sheet.save(out)
-        print(
-            f"\n{hits} of {len(caption.phrases)} phrases point inside their object; overlays written to {out} "
-            "(green: the object's box, black: the peak cell)"
-        )
+        print(f"\n{hits} of {len(caption.phrases)} phrases point inside their object; overlays written to {out}")
         return 0
     finally:
         server.stop()
