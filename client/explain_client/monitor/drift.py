@@ -1,0 +1,207 @@
+"""Drift statistics of the scalar signals: population stability index and two-sample KS, overall
+and per segment, with the thresholds every statistic of ``explain-monitor compare`` is judged by.
+
+Defaults are chosen so that two samples of a few hundred records from the same generator do not
+alert: each alert needs both a practical effect (PSI, KS statistic, nDCG, share increase) and
+statistical significance at a family-wise level (Bonferroni over the tests one comparison makes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from scipy import stats
+
+from explain_client.monitor.schema import SCALARS
+
+__all__ = ["PSI_EPSILON", "Thresholds", "psi", "psi_bin_edges", "psi_null_critical", "scalar_drift"]
+
+PSI_EPSILON = 1e-4
+"""The share an empty bin counts as in :func:`psi` (``ln(0)`` is undefined)."""
+
+SCALAR_UNITS = {
+    "score": "cosine similarity",
+    "interaction_share": "interactions / (score - delta)",
+    "positive_interaction": "cosine units",
+    "negative_interaction": "cosine units",
+    "mean_concentration": "share of |mass| in top 10% cells",
+    "convergence_delta_abs": "cosine units",
+}
+"""The x-axis label of each scalar signal (explain.proto defines each)."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What counts as drift. Every field has an ``explain-monitor compare`` flag of the same name.
+
+    Attributes:
+        psi: a scalar drifts when its PSI is at least this (0.25: the usual "significant shift")
+            and at least :func:`psi_null_critical` (so small samples' noise does not alert).
+        ks_min_statistic: a scalar drifts when its KS statistic is at least this...
+        alpha: ...and its KS p-value below ``alpha / (number of KS tests in the comparison)``; the
+            same family-wise level sets PSI's null critical value and the ungrounded-share test.
+        psi_bins: at most this many PSI bins (fewer for small samples: at least
+            ``MIN_RECORDS_PER_BIN`` baseline and current records per bin on average).
+        min_segment_records: segments with fewer records (non-NaN values of the signal) than this
+            in either table are reported as too small, not tested.
+        ndcg: the word ranking drifts when its nDCG is below this (Clarify's 0.9).
+        min_word_count: words seen fewer times in a table count as absent from it (ranking, top
+            movers, changed records).
+        ungrounded_relevance: an object word is ungrounded when its relevance is below this...
+        ungrounded_concentration: ...or its grounding concentration below this (0.1 = uniform).
+        ungrounded_min_increase: the ungrounded share drifts when current - baseline is at least
+            this and Fisher's exact test (one-sided, greater) gives p below ``alpha``.
+    """
+
+    psi: float = 0.25
+    ks_min_statistic: float = 0.1
+    alpha: float = 0.01
+    psi_bins: int = 10
+    min_segment_records: int = 30
+    ndcg: float = 0.9
+    min_word_count: int = 5
+    ungrounded_relevance: float = 0.0
+    ungrounded_concentration: float = 0.2
+    ungrounded_min_increase: float = 0.05
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MIN_RECORDS_PER_BIN = 10
+"""Average records per PSI bin below which :func:`psi_bin_edges` uses fewer bins: with fewer, an
+empty bin (worth ``share x ln(share / PSI_EPSILON)``) becomes likely by chance."""
+
+
+def psi_bin_edges(baseline: np.ndarray, bins: int) -> np.ndarray:
+    """Interior bin edges on the baseline's quantiles: ``quantile(baseline, k / bins)`` for
+    k = 1..bins-1, duplicates dropped (ties); the outer bins are open, so every value has a bin.
+
+    Args:
+        baseline: finite values, at least one.
+        bins: the number of bins wanted, >= 2.
+
+    Returns:
+        Ascending unique edges; value v falls in bin ``searchsorted(edges, v, side="right")``.
+    """
+    return np.unique(np.quantile(baseline, np.arange(1, bins) / bins))
+
+
+def psi(baseline: np.ndarray, current: np.ndarray, *, bins: int = 10) -> tuple[float, int]:
+    """Population stability index of ``current`` against ``baseline``.
+
+    ``PSI = sum_i (q_i - p_i) * ln(q_i / p_i)`` over the bins of :func:`psi_bin_edges`, with p_i and
+    q_i the baseline's and current's shares of records in bin i, an empty bin's share counted as
+    :data:`PSI_EPSILON`. It is the symmetric (Jeffreys) KL divergence of the binned distributions:
+    0 for equal shares, growing with a shift.
+
+    Args:
+        baseline, current: finite values, at least one each.
+        bins: bins wanted (fewer when the baseline quantiles tie).
+
+    Returns:
+        (psi, the number of bins used).
+    """
+    edges = psi_bin_edges(baseline, bins)
+    n_bins = len(edges) + 1
+    p = np.bincount(np.searchsorted(edges, baseline, side="right"), minlength=n_bins) / len(baseline)
+    q = np.bincount(np.searchsorted(edges, current, side="right"), minlength=n_bins) / len(current)
+    p = np.maximum(p, PSI_EPSILON)
+    q = np.maximum(q, PSI_EPSILON)
+    return float(np.sum((q - p) * np.log(q / p))), n_bins
+
+
+def psi_null_critical(n_baseline: int, n_current: int, n_bins: int, level: float) -> float:
+    """The PSI that two samples of one distribution exceed with probability ~``level``.
+
+    For equal distributions ``PSI * n m / (n + m)`` is approximately chi-squared with
+    ``n_bins - 1`` degrees of freedom (PSI is ~ a chi-squared distance for small differences), so
+    the critical value is ``chi2.ppf(1 - level, n_bins - 1) * (1/n + 1/m)``.
+    """
+    return float(stats.chi2.ppf(1.0 - level, n_bins - 1) * (1.0 / n_baseline + 1.0 / n_current))
+
+
+def _values(table: pa.Table, signal: str, mask: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """The finite values of ``signal`` (in the rows of ``mask``) and how many were NaN or null."""
+    values = table.column(signal).to_numpy(zero_copy_only=False).astype(np.float64)
+    if mask is not None:
+        values = values[mask]
+    finite = values[np.isfinite(values)]
+    return finite, len(values) - len(finite)
+
+
+def _segments(table: pa.Table) -> np.ndarray:
+    return np.asarray(table.column("segment").to_pylist(), dtype=object)
+
+
+def _test(baseline: np.ndarray, current: np.ndarray, thresholds: Thresholds) -> dict[str, Any]:
+    bins = max(2, min(thresholds.psi_bins, min(len(baseline), len(current)) // MIN_RECORDS_PER_BIN))
+    value, n_bins = psi(baseline, current, bins=bins)
+    ks = stats.ks_2samp(baseline, current)
+    return {
+        "status": "tested",
+        "psi": value,
+        "psi_bins": n_bins,
+        "ks_statistic": float(ks.statistic),
+        "ks_pvalue": float(ks.pvalue),
+        "baseline_mean": float(np.mean(baseline)),
+        "current_mean": float(np.mean(current)),
+        "baseline_median": float(np.median(baseline)),
+        "current_median": float(np.median(current)),
+    }
+
+
+def scalar_drift(baseline: pa.Table, current: pa.Table, thresholds: Thresholds) -> dict[str, Any]:
+    """PSI and KS of every :data:`schema.SCALARS` signal, overall and per segment.
+
+    NaN and null values are left out (and counted). A group (overall, or one segment) is tested
+    when both tables have at least ``thresholds.min_segment_records`` values of the signal in it,
+    else reported with ``status: "too_small"``. Records without a segment count only overall;
+    per-segment results exist when either table has segments.
+
+    Returns:
+        ``{"overall": {signal: result}, "segments": {segment: {signal: result}}, "tests": m,
+        "ks_level": alpha / m}``, where a tested result has ``psi, psi_bins, psi_critical,
+        ks_statistic, ks_pvalue, baseline_n, current_n, baseline_nan, current_nan, *_mean,
+        *_median, drift, reasons`` and an untested one ``status, baseline_n, current_n, drift:
+        false``.
+    """
+    groups: dict[str | None, tuple[np.ndarray | None, np.ndarray | None]] = {None: (None, None)}
+    base_seg, cur_seg = _segments(baseline), _segments(current)
+    names = sorted({s for s in base_seg if s is not None} | {s for s in cur_seg if s is not None})
+    for name in names:
+        groups[name] = (base_seg == name, cur_seg == name)
+
+    results: dict[str | None, dict[str, dict[str, Any]]] = {}
+    for group, (base_mask, cur_mask) in groups.items():
+        results[group] = {}
+        for signal in SCALARS:
+            b, b_nan = _values(baseline, signal, base_mask)
+            c, c_nan = _values(current, signal, cur_mask)
+            counts = {"baseline_n": len(b), "current_n": len(c), "baseline_nan": b_nan, "current_nan": c_nan}
+            if min(len(b), len(c)) < max(1, thresholds.min_segment_records):
+                results[group][signal] = {"status": "too_small", **counts, "drift": False, "reasons": []}
+            else:
+                results[group][signal] = {**_test(b, c, thresholds), **counts}
+
+    tested = [r for by_signal in results.values() for r in by_signal.values() if r["status"] == "tested"]
+    level = thresholds.alpha / max(1, len(tested))
+    for result in tested:
+        critical = psi_null_critical(result["baseline_n"], result["current_n"], result["psi_bins"], level)
+        result["psi_critical"] = max(thresholds.psi, critical)
+        reasons = []
+        if result["psi"] >= result["psi_critical"]:
+            reasons.append(f"PSI {result['psi']:.3f} >= {result['psi_critical']:.3f}")
+        if result["ks_statistic"] >= thresholds.ks_min_statistic and result["ks_pvalue"] < level:
+            reasons.append(f"KS D={result['ks_statistic']:.3f} (p={result['ks_pvalue']:.2g} < {level:.2g})")
+        result["drift"] = bool(reasons)
+        result["reasons"] = reasons
+    return {
+        "overall": results.pop(None),
+        "segments": results,
+        "tests": len(tested),
+        "ks_level": level,
+    }
