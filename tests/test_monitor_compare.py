@@ -238,47 +238,69 @@ def tables(tmp_path_factory) -> dict[str, pathlib.Path]:
     }
 
 
-def test_exit_0_without_drift_and_1_with_it(tables, tmp_path):
+@pytest.fixture(scope="module")
+def wrong_run(tables, tmp_path_factory) -> tuple[subprocess.CompletedProcess, pathlib.Path]:
+    """``compare BASELINE WRONG --json --html`` run once as a subprocess; its result and folder."""
+    folder = tmp_path_factory.mktemp("wrong")
+    result = _compare(tables["baseline"], tables["wrong"], "--json", folder / "r.json", "--html", folder / "r.html")
+    return result, folder
+
+
+def test_exit_0_without_drift(tables):
     same = _compare(tables["baseline"], tables["same"])
     assert same.returncode == 0, same.stderr
-    assert same.stdout.startswith("no drift")
-    wrong = _compare(tables["baseline"], tables["wrong"], "--json", tmp_path / "r.json")
-    assert wrong.returncode == 1, wrong.stderr
-    assert wrong.stdout.startswith("DRIFT") and "ungrounded object-word share" in wrong.stdout
-    report = json.loads((tmp_path / "r.json").read_text())
+    assert same.stdout.startswith("no drift") and same.stderr == ""
+
+
+def test_exit_1_with_drift_and_the_alerts_printed(wrong_run):
+    result, folder = wrong_run
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("DRIFT") and "ungrounded object-word share" in result.stdout
+    report = json.loads((folder / "r.json").read_text())
     assert report["drift"] is True
-    assert report["alerts"] == [line.strip() for line in wrong.stdout.splitlines()[1:]]
+    assert report["alerts"] == [line.strip() for line in result.stdout.splitlines()[1:]]
 
 
-def test_threshold_flags_change_the_verdict(tables, tmp_path):
-    result = _compare(
-        tables["baseline"], tables["wrong"], "--ungrounded-min-increase", "0.9", "--json", tmp_path / "r.json"
-    )
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["thresholds"]["ungrounded_min_increase"] == 0.9
-    assert report["ungrounded"]["drift"] is False
-    assert result.returncode == (1 if report["alerts"] else 0)
+def test_bad_tables_exit_2_with_a_message(tables, tmp_path):
+    cases = [
+        ([tmp_path / "nope.parquet", tables["same"]], "baseline table .*nope.parquet' does not exist"),
+        ([tables["baseline"], _write(pa.table({"score": [0.1]}), tmp_path / "x.parquet")], "lacks the summary"),
+        ([tables["baseline"], _write(synthetic_table(5, 0).slice(0, 0), tmp_path / "e.parquet")], "has no rows"),
+    ]
+    for args, message in cases:
+        result = _compare(*args)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.startswith("explain-monitor compare: ")
+        assert re.search(message, result.stderr), result.stderr
 
 
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
-        (lambda t, d: [d / "nope.parquet", t["same"]], "baseline table .*nope.parquet' does not exist"),
         (lambda t, d: [t["baseline"], d / "nope"], "current table .*nope' does not exist"),
-        (lambda t, d: [t["baseline"], _write(pa.table({"score": [0.1]}), d / "x.parquet")], "lacks the summary"),
-        (lambda t, d: [t["baseline"], _write(synthetic_table(5, 0).slice(0, 0), d / "e.parquet")], "has no rows"),
         (lambda t, d: [t["baseline"], t["same"], "--alpha", "1.5"], r"--alpha must be in \(0, 1\); got 1.5"),
+        (lambda t, d: [t["baseline"], t["same"], "--psi-bins", "1"], r"--psi-bins must be >= 2; got 1"),
         (lambda t, d: [t["baseline"], t["same"], "--object-words", d / "none.txt"], "none.txt"),
         (lambda t, d: [t["baseline"], t["same"], "--grouping-label", "novalue"], "--grouping-label must be KEY=VALUE"),
         (lambda t, d: [t["baseline"], t["same"], "--json", d / "no" / "dir" / "r.json"], "No such file"),
     ],
 )
-def test_bad_input_exits_2_with_a_message(tables, tmp_path, make_args, message):
-    result = _compare(*make_args(tables, tmp_path))
-    assert result.returncode == 2
-    assert result.stdout == "" or result.stdout.startswith(("no drift", "DRIFT"))
-    assert result.stderr.startswith("explain-monitor compare: ")
-    assert re.search(message, result.stderr), result.stderr
+def test_bad_input_returns_2_with_a_message(tables, tmp_path, capsys, make_args, message):
+    assert cli.main(["compare", *map(str, make_args(tables, tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("explain-monitor compare: ") and re.search(message, err), err
+
+
+def test_threshold_flags_change_the_verdict(tables, tmp_path, capsys):
+    code = cli.main(
+        ["compare", str(tables["baseline"]), str(tables["wrong"]), "--ungrounded-min-increase", "0.9"]
+        + ["--json", str(tmp_path / "r.json")]
+    )
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["thresholds"]["ungrounded_min_increase"] == 0.9
+    assert report["ungrounded"]["drift"] is False
+    assert code == (1 if report["alerts"] else 0)
+    assert capsys.readouterr().out.startswith("DRIFT" if code else "no drift")
 
 
 def test_help_documents_the_exit_codes_and_thresholds():
@@ -298,17 +320,11 @@ def test_help_documents_the_exit_codes_and_thresholds():
         assert text in result.stdout
 
 
-def test_cli_main_runs_compare_in_process(tables, capsys):
-    assert cli.main(["compare", str(tables["baseline"]), str(tables["same"])]) == 0
-    assert capsys.readouterr().out.startswith("no drift")
-
-
 # ---------------------------------------------------------------- reports
 
 
-def test_json_round_trips(tables, tmp_path):
-    _compare(tables["baseline"], tables["wrong"], "--json", tmp_path / "r.json")
-    text = (tmp_path / "r.json").read_text()
+def test_json_round_trips(wrong_run):
+    text = (wrong_run[1] / "r.json").read_text()
     report = json.loads(text)
     assert json.loads(json.dumps(report)) == report
     assert report["version"] == 1
@@ -333,10 +349,8 @@ def test_json_has_no_nan_where_statistics_are_undefined():
     assert json.loads(to_json(comparison))["drift"] is False
 
 
-def test_html_has_every_section(tables, tmp_path):
-    result = _compare(tables["baseline"], tables["wrong"], "--html", tmp_path / "r.html")
-    assert result.returncode == 1
-    html = (tmp_path / "r.html").read_text()
+def test_html_has_every_section(wrong_run):
+    html = (wrong_run[1] / "r.html").read_text()
     for section in ("verdict", "scalars", "segments", "ranking", "movers", "ungrounded", "records", "thresholds"):
         assert f'<section id="{section}">' in html
     assert "DRIFT:" in html

@@ -189,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_html(args: argparse.Namespace, comparison: dict[str, Any], baseline: Any, current: Any) -> None:
     overlays, note = None, "Overlays need --target HOST:PORT: the summary table carries no heatmaps."
-    if args.target and comparison["changed_records"]:
+    if args.target and not comparison["changed_records"]:
+        note = "No record has a word the baseline saw often enough to compare."
+    elif args.target:
         root = args.images_root or pathlib.Path(args.current).resolve().parent
         overlays = explain_overlays(comparison["changed_records"], args.target, root, timeout=args.timeout)
         for entry in overlays:

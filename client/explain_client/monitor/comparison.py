@@ -73,5 +73,5 @@ def compare_tables(
         "ranking": ranking,
         "ungrounded": coverage,
         "top_movers": top_movers(base_stats, cur_stats, thresholds, top=movers),
-        "changed_records": changed_records(current, cur_words, base_stats, thresholds, top=records),
+        "changed_records": changed_records(current, cur_words, base_stats, thresholds, object_words, top=records),
     }

@@ -267,15 +267,22 @@ def top_movers(base: WordStats, cur: WordStats, thresholds: Thresholds, *, top: 
 
 
 def changed_records(
-    current: pa.Table, cur_words: WordOccurrences, base: WordStats, thresholds: Thresholds, *, top: int = 6
+    current: pa.Table,
+    cur_words: WordOccurrences,
+    base: WordStats,
+    thresholds: Thresholds,
+    object_words: frozenset[str] | None = None,
+    *,
+    top: int = 6,
 ) -> list[dict[str, Any]]:
     """The records of CURRENT whose words' relevances deviate most from the baseline.
 
     A word's deviation is ``|relevance - baseline mean of its key| / spread``, spread being the
     baseline std of its key floored at the median std of all counted keys (and at 1e-9): a key
     with a near-constant baseline (an article) then does not make every small difference huge.
-    Words whose key the baseline saw fewer than ``min_word_count`` times are skipped. A record's
-    deviation is its largest word deviation.
+    Only object words count (as in :func:`ungrounded`; an article's relevance is noise, not
+    evidence), and only those whose key the baseline saw ``min_word_count`` times; the others'
+    deviation is None. A record's deviation is its largest word deviation.
 
     Returns:
         Up to ``top`` dicts, largest deviation first: ``{"row", "record_id", "caption", "image",
@@ -283,11 +290,12 @@ def changed_records(
         "baseline_mean", "deviation", "concentration", "peak_row", "peak_column"}]}``, ``word``
         being the index in ``words`` of the most deviating one.
     """
+    objects = _object_mask(cur_words, object_words)
     counted = [k for k, n in base.count.items() if n >= thresholds.min_word_count]
     floor = max(float(np.median([base.std[k] for k in counted])) if counted else 0.0, 1e-9)
     scores = np.full(len(cur_words), np.nan)
     for i, (key, relevance) in enumerate(zip(cur_words.key, cur_words.relevance)):
-        if base.count.get(key, 0) >= thresholds.min_word_count and math.isfinite(relevance):
+        if objects[i] and base.count.get(key, 0) >= thresholds.min_word_count and math.isfinite(relevance):
             scores[i] = abs(relevance - base.mean[key]) / max(base.std[key], floor)
     by_record: dict[int, float] = {}
     for record, score in zip(cur_words.record, scores):
