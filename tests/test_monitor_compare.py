@@ -280,6 +280,7 @@ def test_bad_tables_exit_2_with_a_message(tables, tmp_path):
         (lambda t, d: [t["baseline"], d / "nope"], "current table .*nope' does not exist"),
         (lambda t, d: [t["baseline"], t["same"], "--alpha", "1.5"], r"--alpha must be in \(0, 1\); got 1.5"),
         (lambda t, d: [t["baseline"], t["same"], "--psi-bins", "1"], r"--psi-bins must be >= 2; got 1"),
+        (lambda t, d: [t["baseline"], t["same"], "--timeout", "0"], r"--timeout must be > 0 seconds; got 0.0"),
         (lambda t, d: [t["baseline"], t["same"], "--object-words", d / "none.txt"], "none.txt"),
         (lambda t, d: [t["baseline"], t["same"], "--grouping-label", "novalue"], "--grouping-label must be KEY=VALUE"),
         (lambda t, d: [t["baseline"], t["same"], "--json", d / "no" / "dir" / "r.json"], "No such file"),

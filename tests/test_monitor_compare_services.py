@@ -123,7 +123,8 @@ def test_an_unreachable_pushgateway_exits_2(tmp_path):
     pq.write_table(synthetic_table(100, 0), tmp_path / "t.parquet")
     result = _compare(tmp_path / "t.parquet", tmp_path / "t.parquet", "--pushgateway", f"http://{HOST}:{free_port()}")
     assert result.returncode == 2
-    assert result.stderr.startswith("explain-monitor compare: ") and "Connection refused" in result.stderr
+    assert result.stderr.startswith("explain-monitor compare: --pushgateway http://")
+    assert "Connection refused" in result.stderr
 
 
 @pytest.fixture(scope="module")

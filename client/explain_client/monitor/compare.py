@@ -155,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         grouping = _grouping(args.grouping_label)
         if args.top_movers < 0 or args.changed_records < 0:
             raise ValueError("--top-movers and --changed-records must be >= 0")
+        if not args.timeout > 0:
+            raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
         object_words = read_object_words(args.object_words) if args.object_words else None
         baseline = read_summaries(args.baseline, role="baseline")
         current = read_summaries(args.current, role="current")
@@ -180,10 +182,13 @@ def run(args: argparse.Namespace) -> int:
             write_json(comparison, args.json)
         if args.html:
             _write_html(args, comparison, baseline, current)
-        if args.pushgateway:
-            push(comparison, args.pushgateway, job=args.job, grouping_key=grouping)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a --target ExplainClient refuses
         return _fail(str(err))
+    if args.pushgateway:
+        try:
+            push(comparison, args.pushgateway, job=args.job, grouping_key=grouping)
+        except OSError as err:
+            return _fail(f"--pushgateway {args.pushgateway}: {err}")
     return EXIT_DRIFT if comparison["drift"] else EXIT_NO_DRIFT
 
 
