@@ -17,13 +17,12 @@ from explain_client.client import ExplainClient
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation
 from explain_client.images import load_image
-from explain_client.overlay import render_overlay
+from explain_client.overlay import overlay_figure
 
 __all__ = ["MIN_SIDE", "explain_overlays", "resolve_image", "word_rows"]
 
-MIN_SIDE = 288
-"""Overlays are enlarged (nearest neighbour) to at least this many pixels a side: a 96 px scene
-is too small to read at screen resolution."""
+MIN_SIDE = 400
+"""``overlay_figure``'s ``min_size``: pixels on the long side of each overlay's image area."""
 
 
 def resolve_image(image: str, root: str | os.PathLike) -> pathlib.Path:
@@ -39,12 +38,19 @@ def word_rows(explanation: Explanation, start: int, end: int, text: str) -> list
     return rows or explanation.rows(text)
 
 
-def _draw(picture: Image.Image, explanation: Explanation, rows: Sequence[int]) -> Image.Image:
+def _draw(picture: Image.Image, explanation: Explanation, rows: Sequence[int], word: str, note: str) -> Image.Image:
     """The overlay of the heatmap of ``rows``; the one call of the overlay renderer."""
     heat = explanation.attribution[list(rows)].sum(axis=0, dtype=np.float64)
-    image = render_overlay(picture, heat, explanation.crop_box)
-    scale = max(1, -(-MIN_SIDE // min(image.size)))
-    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    return overlay_figure(
+        picture,
+        heat,
+        explanation.crop_box,
+        title=word,
+        tokens=[explanation.tokens[r] for r in rows],
+        score=explanation.score,
+        note=note,
+        min_size=MIN_SIDE,
+    )
 
 
 def _png_uri(image: Image.Image) -> str:
@@ -82,7 +88,8 @@ def explain_overlays(
                 picture = load_image(path)
                 explanation = client.explain(path.read_bytes(), record["caption"])
                 rows = word_rows(explanation, word["start"], word["end"], word["text"])
-                entry["uri"] = _png_uri(_draw(picture, explanation, rows))
+                note = f"record {record['record_id']}: its most changed word"
+                entry["uri"] = _png_uri(_draw(picture, explanation, rows, word["text"], note))
             except (OSError, ValueError, ExplainError) as err:
                 entry["error"] = f"{type(err).__name__}: {err}"
     return out
