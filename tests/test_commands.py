@@ -19,6 +19,7 @@ from explain_client.evaluation import cli as eval_cli
 from explain_client.evaluation import convert, runner
 from explain_server import demo, server
 from explain_server.shapes import dataset as shapes_dataset
+from explain_server.shapes import traffic as shapes_traffic
 
 pytestmark = pytest.mark.unit
 
@@ -98,6 +99,7 @@ def test_evaluate_runs_without_tqdm(monkeypatch, capsys):
         (server.main, [], "explain-server", "clip-explain-server"),
         (demo.main, [], "explain-demo", "clip-explain-server"),
         (shapes_dataset.main, [], "shapes-scenes", "clip-explain-server"),
+        (shapes_traffic.main, [], "shapes-traffic", "clip-explain-server"),
     ],
 )
 def test_every_command_prints_its_distribution_version(main, argv, prog, distribution, capsys):

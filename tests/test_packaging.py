@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLIENT_COMMANDS = {"explain-client", "explain-loadgen", "explain-eval", "explain-eval-convert"}
-SERVER_COMMANDS = {"explain-server", "explain-demo", "shapes-scenes"}
+SERVER_COMMANDS = {"explain-server", "explain-demo", "shapes-scenes", "shapes-traffic"}
 
 
 def resolve(target: str, tmp_path: pathlib.Path) -> dict[str, str]:
