@@ -131,28 +131,29 @@ def test_read_summaries_of_a_new_directory_a_file_and_a_foreign_part(tmp_path):
 
 
 @given(concurrency=st.integers(1, 6), total=st.integers(0, 40), stop_after=st.one_of(st.none(), st.integers(0, 40)))
-def test_scheduler_keeps_at_most_concurrency_calls_in_flight_and_finishes_them_on_stop(concurrency, total, stop_after):
+def test_scheduler_bounds_records_taken_but_not_handled_and_finishes_them_on_stop(concurrency, total, stop_after):
     records = list(range(total))
     stop = threading.Event()
     lock = threading.Lock()
-    in_flight, most, started = 0, 0, []
+    started, handled, outstanding = [], [], []
 
     def call(record, _stop):
-        nonlocal in_flight, most
         with lock:
-            in_flight += 1
-            most = max(most, in_flight)
             started.append(record)
+            # calls in flight and outcomes not yet handled: what a SIGKILL now would lose
+            outstanding.append(len(started) - len(handled))
             if stop_after is not None and len(started) > stop_after:
                 stop.set()
         time.sleep(0.001)
-        with lock:
-            in_flight -= 1
         return Outcome(record)
 
-    handled = []
-    explain_records(records, call, lambda o: handled.append(o.record), concurrency=concurrency, stop=stop)
-    assert most <= concurrency
+    def handle(outcome):
+        time.sleep(0.002)  # a slow handler (a flush) must hold the workers back, not queue up outcomes
+        with lock:
+            handled.append(outcome.record)
+
+    explain_records(records, call, handle, concurrency=concurrency, stop=stop)
+    assert max(outstanding, default=0) <= concurrency
     assert sorted(handled) == sorted(started)  # every call started was finished and handled
     if stop_after is None or stop_after >= total:
         assert sorted(handled) == records
@@ -217,6 +218,7 @@ def test_unknown_extension_and_missing_caption_are_named(tmp_path):
         (["--max-retries", "-1"], "--max-retries: must be >= 0"),
         (["--timeout", "0"], "--timeout: must be > 0"),
         (["--format", "xml"], "--format: invalid choice"),
+        (["--summary-top-k", "101"], "--summary-top-k: must be in [0, 100]"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(capsys, flags, message):

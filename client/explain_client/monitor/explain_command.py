@@ -1,10 +1,11 @@
-"""``explain-monitor explain SAMPLE OUT``: explain a traffic sample through a running service and
-write one summary row per record to the Parquet directory OUT, resumably.
+"""explain-monitor explain SAMPLE OUT: explain a traffic sample through a running service and
+write one summary row per record to OUT, a directory of Parquet parts. A run with an OUT that
+already holds rows skips their records, so an interrupted run carries on where it stopped.
 
-Exit codes: 0 every record explained; 1 some failed for good (they are in OUT/failures.parquet
-with their gRPC code and message; running again retries them); 2 bad arguments or a bad sample
-(nothing sent); 130 stopped by SIGINT or SIGTERM (the calls in flight were finished and written; running again
-carries on).
+Exit codes: 0 every record explained; 1 some failed for good (OUT/failures.parquet lists them
+with their gRPC code and message; running again retries them); 2 bad arguments or a bad
+sample (nothing sent); 130 stopped by SIGINT or SIGTERM (the calls in flight were finished and
+written; running again carries on).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _top_k(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in [0, 100] (ExplainRequest.summary_top_k), got {text}")
     return value
 
 
@@ -74,19 +82,25 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_credential_arguments(conn)
     opts = p.add_argument_group("explanation (default: the model's)")
     opts.add_argument("--model", help="hosted model name (default: the server's default)")
-    opts.add_argument("--summary-top-k", type=_non_negative_int, metavar="K", help="(word, cell) pairs kept (0-100)")
+    opts.add_argument(
+        "--summary-top-k",
+        type=_top_k,
+        metavar="K",
+        help="(word, cell) pairs kept, 0-100 (default: the server's, 10)",
+    )
     opts.add_argument("--text-layer", type=layer_argument, metavar="L", help="text-tower layer: index or name")
     opts.add_argument("--image-layer", type=layer_argument, metavar="L", help="image-tower layer: index or name")
     opts.add_argument("--n-steps", type=int, metavar="N", help="quadrature nodes")
     opts.add_argument("--method", help='quadrature rule, e.g. "riemann_trapezoid"')
     run_group = p.add_argument_group("running")
     run_group.add_argument(
-        "--concurrency", type=_positive_int, default=8, help="most calls in flight (default: %(default)s)"
+        "--concurrency", type=_positive_int, default=8, metavar="N", help="most calls in flight (default: %(default)s)"
     )
     run_group.add_argument(
         "--max-retries",
         type=_non_negative_int,
         default=8,
+        metavar="N",
         help="retries of a call that got UNAVAILABLE or RESOURCE_EXHAUSTED, with exponential backoff and "
         "jitter (default: %(default)s)",
     )
@@ -155,12 +169,15 @@ def run(args: argparse.Namespace) -> int:
     explained = 0
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if not stop.is_set():
-            print(
-                f"\n{prog}: {signal.Signals(signum).name}: finishing the calls in flight; run again to carry on",
-                file=sys.stderr,
-            )
+        print(
+            f"\n{prog}: {signal.Signals(signum).name}: finishing the calls in flight (again to quit at once); "
+            "run again to carry on",
+            file=sys.stderr,
+        )
         stop.set()
+        # a second signal gets the usual behaviour: KeyboardInterrupt, or the end for SIGTERM
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(

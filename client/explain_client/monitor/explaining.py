@@ -145,23 +145,30 @@ def explain_records(
     stop: threading.Event,
     tick: Callable[[], None] = lambda: None,
 ) -> None:
-    """Explain ``records`` with ``concurrency`` worker threads, each with at most one call in
-    flight, and pass every outcome to ``handle`` on this thread, as it comes.
+    """Explain ``records`` with ``concurrency`` worker threads and pass every outcome to
+    ``handle`` on this thread, as it comes.
 
-    Once ``stop`` is set no new record is started; the calls in flight finish and are handled.
-    ``tick`` runs on this thread at least every 0.2 s (for time-based flushes and signals).
+    At most ``concurrency`` records are between being taken and handled, calls in flight
+    included: a worker takes its next record once its last outcome was handled. So a process
+    killed at any moment has explained at most ``concurrency`` records that ``handle`` did not
+    see. Once ``stop`` is set no new record is taken; the calls in flight finish and are
+    handled. ``tick`` runs on this thread at least every 0.2 s (for time-based flushes).
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1; got {concurrency}")
     pending = iter(records)
     lock = threading.Lock()
+    slots = threading.Semaphore(concurrency)
     outcomes: queue.Queue[Outcome] = queue.Queue()
 
     def work() -> None:
         while not stop.is_set():
+            if not slots.acquire(timeout=0.1):
+                continue
             with lock:
-                record = next(pending, None)
+                record = None if stop.is_set() else next(pending, None)
             if record is None:
+                slots.release()
                 return
             outcomes.put(call(record, stop))
 
@@ -170,7 +177,12 @@ def explain_records(
         worker.start()
     while any(worker.is_alive() for worker in workers) or not outcomes.empty():
         try:
-            handle(outcomes.get(timeout=0.2))
+            outcome = outcomes.get(timeout=0.2)
         except queue.Empty:
             pass
+        else:
+            try:
+                handle(outcome)
+            finally:
+                slots.release()
         tick()

@@ -30,7 +30,9 @@ FAILURES = pa.schema(
     [
         ("record_id", pa.string()),
         ("row", pa.int64()),  # the record's row number in the sample
-        ("code", pa.string()),  # gRPC status code name, e.g. "INVALID_ARGUMENT"
+        # gRPC status code name, e.g. "INVALID_ARGUMENT"; "LOCAL_ERROR" when no request could be
+        # built (an image path unreadable since the sample was checked)
+        ("code", pa.string()),
         ("message", pa.string()),
         ("attempts", pa.int32()),  # calls made, retries included
         ("failed_at", pa.timestamp("us", tz="UTC")),
@@ -93,6 +95,16 @@ def read_summaries(path: str | os.PathLike) -> pa.Table:
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
+def _written_ids(directory: pathlib.Path) -> list[str]:
+    """The record ids of every part in ``directory``, reading that column only."""
+    ids = []
+    for file in _parts(directory):
+        if not pyarrow.parquet.read_schema(file).equals(SCHEMA, check_metadata=False):
+            raise ValueError(f"{file}: not an explain-monitor summary table (its schema differs from SCHEMA)")
+        ids += pyarrow.parquet.read_table(file, columns=["record_id"]).column("record_id").to_pylist()
+    return ids
+
+
 def write_failures(directory: str | os.PathLike, failures: Iterable[Mapping[str, Any]]) -> pathlib.Path:
     """Replace the failures table in ``directory`` with ``failures`` (rows of :data:`FAILURES`);
     returns its path. Written atomically, like the parts."""
@@ -127,7 +139,7 @@ class SummaryWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(f"{_TEMP_PREFIX}*"):
             stale.unlink()
-        ids = read_summaries(self.directory).column("record_id").to_pylist()
+        ids = _written_ids(self.directory)
         self.done: set[str] = set(ids)
         if len(self.done) != len(ids):
             raise ValueError(f"{self.directory}: the parts hold some record ids more than once")
