@@ -52,6 +52,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_soak.py --record docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_batching.py --record docs/benchmarks.md
 	$(BIN)/python benchmarks/bench_grounding.py --record docs/benchmarks.md
+	$(BIN)/python benchmarks/bench_monitor.py --record docs/benchmarks.md
 	# one real-size model per family at its defaults (issue 22); the defaults themselves come from
 	# benchmarks/choose_defaults.py --record docs/benchmarks.md (about half an hour on one thread)
 	$(BIN)/python benchmarks/bench_families.py --record docs/benchmarks.md

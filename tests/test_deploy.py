@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from loopback import bind
 from prometheus_client.parser import text_string_to_metric_families
 
 from explain_client import cli
+from explain_client.monitor import cli as monitor_cli
 from explain_server.config import ServerConfig, load_config
 from explain_server.launcher import free_port
 
@@ -44,6 +46,7 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 OVERLAYS = ("cpu", "gpu")
 ADAPTER_VALUES = DEPLOY / "k8s" / "prometheus-adapter" / "values.yaml"
+MONITORING_CRONJOB = DEPLOY / "k8s" / "monitoring" / "cronjob.yaml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 RULES = DEPLOY / "prometheus" / "rules.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "rules.test.yml"
@@ -202,6 +205,44 @@ def test_deployment_is_non_root_with_a_read_only_root_filesystem(rendered):
     empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
     writable = {m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty_dirs}
     assert {"/tmp", DockerfileParser(str(DOCKERFILE)).envs["XDG_CACHE_HOME"]} <= writable
+
+
+@pytest.mark.integration
+def test_monitoring_cronjob_runs_explain_then_compare_on_its_volume():
+    docs = [doc for doc in yaml.safe_load_all(MONITORING_CRONJOB.read_text()) if doc]
+    for doc in docs:
+        kubernetes_validate.validate(doc, latest_version(), strict=True)
+    cron, claim = only(docs, "CronJob"), only(docs, "PersistentVolumeClaim")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # the project's image at the tag the overlays deploy, which installs explain-monitor's extra
+    (image,) = yaml.safe_load((DEPLOY / "k8s" / "base" / "kustomization.yaml").read_text())["images"]
+    assert container["image"] == f"{image['name']}:{image['newTag']}"
+    assert '"./[monitor]"' in DOCKERFILE.read_text()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == int(DockerfileParser(str(DOCKERFILE)).args["APP_UID"])
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # the sample and every output live on the claim
+    (data,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == data["name"]]
+    script = container["args"][0]
+    assert container["command"] == ["/bin/sh", "-c"]
+    assert run("sh", "-n", "-c", script).returncode == 0
+    lines = [shlex.split(line) for line in script.replace("\\\n", " ").splitlines()]
+    explain, compare = [words for words in lines if words[:1] == ["explain-monitor"]]
+    args = monitor_cli.build_parser().parse_args(explain[1:])
+    assert args.command == "explain"
+    assert all(path.startswith(mount + "/") for path in (args.sample, args.out))
+    # the headless Service's gRPC port, balanced per call
+    headless = yaml.safe_load((DEPLOY / "k8s" / "base" / "service-headless.yaml").read_text())
+    (port,) = [p["port"] for p in headless["spec"]["ports"] if p["name"] == "grpc"]
+    assert args.target == f"dns:///{headless['metadata']['name']}:{port}"
+    assert args.load_balancing_policy == "round_robin"
+    # compare's flags may still change (issue 23): BASELINE CURRENT --html --json
+    assert compare[1] == "compare" and compare[3] == args.out and compare[2].startswith(mount + "/")
+    assert {"--html", "--json"} <= set(compare)
 
 
 @pytest.mark.integration

@@ -105,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     defaults = Thresholds()
     for name, (kind, text) in _THRESHOLD_FLAGS.items():
         limits.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name), help=text)
-    parser.set_defaults(func=run)
+    parser.set_defaults(run=run)
     return parser
 
 
