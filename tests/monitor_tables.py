@@ -25,6 +25,7 @@ def synthetic_table(
     *,
     score_shift: float = 0.0,
     wrong_colour: float = 0.0,
+    diffuse: float = 0.0,
     segments: Sequence[str | None] = (None,),
     nan_share: float = 0.0,
 ) -> pa.Table:
@@ -34,6 +35,8 @@ def synthetic_table(
         score_shift: added to every score's mean.
         wrong_colour: the share of records whose colour word is ungrounded (relevance -0.03 and
             concentration 0.12 instead of +0.05 and 0.4), as a caption naming a wrong colour.
+        diffuse: the share of records whose shape word is grounded less sharply (concentration
+            0.3 instead of 0.45, relevance unchanged), as an image with an unnamed distractor.
         segments: record i gets ``segments[i % len(segments)]``.
         nan_share: the share of records whose mean_concentration is NaN (a record without words).
     """
@@ -42,11 +45,12 @@ def synthetic_table(
     for i in range(n):
         colour, shape = str(rng.choice(COLOURS)), str(rng.choice(SHAPES))
         wrong = rng.random() < wrong_colour
+        spread = rng.random() < diffuse
         words = []
         for text, start, relevance, concentration in (
             ("a", 0, 0.01, 0.15),
             (colour, 2, -0.03 if wrong else 0.05, 0.12 if wrong else 0.4),
-            (shape, 3 + len(colour), 0.08, 0.45),
+            (shape, 3 + len(colour), 0.08, 0.3 if spread else 0.45),
         ):
             value = relevance + rng.normal(0, 0.01)
             words.append(

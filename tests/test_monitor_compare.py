@@ -20,11 +20,12 @@ from monitor_tables import synthetic_table
 
 from explain_client.monitor import cli
 from explain_client.monitor.comparison import compare_tables
-from explain_client.monitor.drift import PSI_EPSILON, Thresholds, psi, psi_null_critical, scalar_drift
+from explain_client.monitor.drift import PSI_EPSILON, psi, psi_null_critical, scalar_drift
 from explain_client.monitor.push import build_registry
 from explain_client.monitor.report import render_html, to_json
 from explain_client.monitor.schema import SCALARS
 from explain_client.monitor.tables import TableError, read_summaries, word_occurrences
+from explain_client.monitor.thresholds import Thresholds
 from explain_client.monitor.words import STOP_WORDS, ndcg, read_object_words, ungrounded
 
 pytestmark = pytest.mark.unit
@@ -151,6 +152,24 @@ def test_two_samples_of_one_generator_do_not_drift(seeds):
     assert result["drift"] is False, result["alerts"]
     assert result["ranking"]["ndcg"] > 0.99
     assert result["ungrounded"]["drift"] is False
+    assert result["coverage"]["drift"] is False
+    assert result["coverage"]["baseline"]["share"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_diffuse_grounding_raises_the_weakly_grounded_share_not_the_ungrounded_one():
+    baseline = synthetic_table(300, 0)
+    current = synthetic_table(300, 1, diffuse=0.3)
+    result = compare_tables(baseline, current, Thresholds())
+    coverage = result["coverage"]
+    base_concentrations = [
+        w["concentration"] for ws in baseline.column("words").to_pylist() for w in ws if w["key"] != "a"
+    ]
+    assert coverage["concentration_threshold"] == pytest.approx(np.quantile(base_concentrations, 0.2))
+    assert coverage["drift"] and coverage["increase"] >= 0.04 and coverage["pvalue"] < 0.01
+    assert coverage["words"][0]["word"] in ("circle", "square", "triangle")
+    assert any(alert.startswith("weakly grounded object-word share") for alert in result["alerts"])
+    assert result["ungrounded"]["drift"] is False
+    assert compare_tables(baseline, current, Thresholds(coverage_min_increase=0.5))["coverage"]["drift"] is False
 
 
 def test_a_score_shift_drifts_overall_and_per_segment():
@@ -352,10 +371,11 @@ def test_json_has_no_nan_where_statistics_are_undefined():
 
 def test_html_has_every_section(wrong_run):
     html = (wrong_run[1] / "r.html").read_text()
-    for section in ("verdict", "scalars", "segments", "ranking", "movers", "ungrounded", "records", "thresholds"):
+    sections = ("verdict", "scalars", "segments", "ranking", "movers", "ungrounded", "coverage", "records", "thresholds")
+    for section in sections:
         assert f'<section id="{section}">' in html
     assert "DRIFT:" in html
-    assert html.count("data:image/png;base64,") == 3  # scalars, movers, ungrounded
+    assert html.count("data:image/png;base64,") == 4  # scalars, movers, ungrounded, coverage
     assert "Overlays need --target" in html  # no --target: peak cells, and why there are no overlays
     assert "segment <code>a</code>" in html
     assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained

@@ -115,7 +115,11 @@ def test_pushgateway_receives_the_drift_gauges(pushgateway, tmp_path):
         assert value("explain_monitor_ungrounded_word_ratio", sample=sample) == pytest.approx(
             report["ungrounded"][sample]["share"]
         )
+        assert value("explain_monitor_weakly_grounded_word_ratio", sample=sample) == pytest.approx(
+            report["coverage"][sample]["share"]
+        )
         assert value("explain_monitor_records", sample=sample) == 300
+    assert value("explain_monitor_weakly_grounded_word_p_value") == pytest.approx(report["coverage"]["pvalue"])
     assert abs(value("explain_monitor_last_run_timestamp_seconds") - time.time()) < 600
 
 

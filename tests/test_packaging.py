@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CLIENT_COMMANDS = {"explain-client", "explain-loadgen", "explain-eval", "explain-eval-convert"}
+CLIENT_COMMANDS = {"explain-client", "explain-loadgen", "explain-eval", "explain-eval-convert", "explain-monitor"}
 SERVER_COMMANDS = {"explain-server", "explain-demo", "shapes-scenes", "shapes-traffic"}
 
 
@@ -102,3 +102,12 @@ def test_thin_install_puts_only_commands_that_run_on_the_path(thin_bin):
 def test_thin_install_health_check_passes_against_a_real_server(thin_bin, server):
     result = run(thin_bin / "explain-client", "health", "--target", server.target)
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING"), result.stderr
+
+
+@pytest.mark.parametrize("argv", [["explain", "sample.jsonl", "out"], ["compare", "baseline", "current"]])
+def test_thin_install_explain_monitor_names_the_extra_it_lacks(thin_bin, tmp_path, argv):
+    result = subprocess.run(
+        [thin_bin / "explain-monitor", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'clip-explain[monitor]'" in result.stderr

@@ -9,13 +9,7 @@ import pathlib
 import sys
 from typing import Any
 
-from explain_client.monitor.comparison import compare_tables
-from explain_client.monitor.drift import Thresholds
-from explain_client.monitor.overlays import explain_overlays
-from explain_client.monitor.push import push
-from explain_client.monitor.report import render_html, write_html, write_json
-from explain_client.monitor.tables import TableError, read_summaries
-from explain_client.monitor.words import read_object_words
+from explain_client.monitor.thresholds import Thresholds
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DRIFT", "EXIT_NO_DRIFT", "register", "run", "thresholds_from"]
 
@@ -36,7 +30,8 @@ thresholds (defaults: two samples of a few hundred records from one generator do
   KS D >= --ks-min-statistic with p < --alpha / (number of KS tests); per segment likewise, for
   segments with >= --min-segment-records records in both tables. The word ranking drifts when its
   nDCG < --ndcg. The ungrounded object-word share drifts when it rises by >= --ungrounded-min-increase
-  with Fisher's exact p < --alpha.
+  with Fisher's exact p < --alpha; the weakly grounded share (coverage: concentration below the
+  baseline's --coverage-quantile) when it rises by >= --coverage-min-increase with p < --alpha.
 """
 
 # (flag type, help) of each Thresholds field; the flag is the field's name with dashes
@@ -54,6 +49,12 @@ _THRESHOLD_FLAGS: dict[str, tuple[Any, str]] = {
         "an object word with grounding concentration below this is ungrounded (default %(default)s)",
     ),
     "ungrounded_min_increase": (float, "smallest rise of the ungrounded share that alerts (default %(default)s)"),
+    "coverage_quantile": (
+        float,
+        "an object word grounded less sharply than this quantile of the baseline's is weakly grounded "
+        "(default %(default)s)",
+    ),
+    "coverage_min_increase": (float, "smallest rise of the weakly grounded share that alerts (default %(default)s)"),
 }
 
 
@@ -64,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="report drift between two summary tables",
         description="Compare a CURRENT summary table (explain-monitor explain) with a BASELINE one: PSI and KS of "
         "the scalar signals overall and per segment, nDCG of the global word-relevance ranking, the share of "
-        "ungrounded object words, the top moving words and the most changed records.",
+        "ungrounded and weakly grounded object words, the top moving words and the most changed records.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -126,6 +127,8 @@ def thresholds_from(args: argparse.Namespace) -> Thresholds:
         "min_word_count": (values["min_word_count"] >= 1, "must be >= 1"),
         "ungrounded_concentration": (0 <= values["ungrounded_concentration"] <= 1, "must be in [0, 1]"),
         "ungrounded_min_increase": (0 <= values["ungrounded_min_increase"] <= 1, "must be in [0, 1]"),
+        "coverage_quantile": (0 < values["coverage_quantile"] < 1, "must be in (0, 1)"),
+        "coverage_min_increase": (0 <= values["coverage_min_increase"] <= 1, "must be in [0, 1]"),
     }
     for name, (ok, rule) in rules.items():
         if not ok:
@@ -150,6 +153,16 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``compare`` with parsed ``args``; returns the exit status (see the module's constants)."""
+    # The monitor extra's libraries load here, not at import: `pip install .` alone must still
+    # run `explain-monitor --help`.
+    try:
+        from explain_client.monitor.comparison import compare_tables
+        from explain_client.monitor.push import push
+        from explain_client.monitor.report import write_json
+        from explain_client.monitor.tables import TableError, read_summaries
+        from explain_client.monitor.words import read_object_words
+    except ImportError as err:
+        return _fail(f"{err.name} is missing: pip install 'clip-explain[monitor]'")
     try:
         thresholds = thresholds_from(args)
         grouping = _grouping(args.grouping_label)
@@ -193,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_html(args: argparse.Namespace, comparison: dict[str, Any], baseline: Any, current: Any) -> None:
+    from explain_client.monitor.overlays import explain_overlays
+    from explain_client.monitor.report import render_html, write_html
+
     overlays, note = None, "Overlays need --target HOST:PORT: the summary table carries no heatmaps."
     if args.target and not comparison["changed_records"]:
         note = "No record has a word the baseline saw often enough to compare."

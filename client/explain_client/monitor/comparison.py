@@ -9,9 +9,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from explain_client.monitor.drift import Thresholds, scalar_drift
+from explain_client.monitor.drift import scalar_drift
 from explain_client.monitor.tables import word_occurrences
-from explain_client.monitor.words import changed_records, top_movers, ungrounded, word_ranking, word_stats
+from explain_client.monitor.thresholds import Thresholds
+from explain_client.monitor.words import (
+    changed_records,
+    coverage,
+    top_movers,
+    ungrounded,
+    word_ranking,
+    word_stats,
+)
 
 __all__ = ["REPORT_VERSION", "compare_tables"]
 
@@ -40,7 +48,8 @@ def compare_tables(
              "thresholds": Thresholds.as_dict(),
              "scalars": drift.scalar_drift(...),        # overall and per segment, PSI + KS
              "ranking": words.word_ranking(...),        # nDCG
-             "ungrounded": words.ungrounded(...),       # coverage failure
+             "ungrounded": words.ungrounded(...),       # absolute grounding rules
+             "coverage": words.coverage(...),           # grounding against the baseline's
              "top_movers": words.top_movers(...),
              "changed_records": words.changed_records(...)}
 
@@ -51,7 +60,8 @@ def compare_tables(
     base_stats, cur_stats = word_stats(base_words), word_stats(cur_words)
     scalars = scalar_drift(baseline, current, thresholds)
     ranking = word_ranking(base_stats, cur_stats, thresholds)
-    coverage = ungrounded(base_words, cur_words, thresholds, object_words)
+    grounding = ungrounded(base_words, cur_words, thresholds, object_words)
+    weak = coverage(base_words, cur_words, thresholds, object_words)
 
     alerts = []
     groups = [("overall", scalars["overall"])] + [(f"segment {s!r}", r) for s, r in scalars["segments"].items()]
@@ -60,7 +70,7 @@ def compare_tables(
             alerts += [f"{signal} ({where}): {reason}" for reason in result["reasons"]]
     if ranking["drift"]:
         alerts.append(f"word ranking: nDCG {ranking['ndcg']:.3f} < {thresholds.ndcg}")
-    alerts += coverage["reasons"]
+    alerts += grounding["reasons"] + weak["reasons"]
     return {
         "version": REPORT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -71,7 +81,8 @@ def compare_tables(
         "thresholds": thresholds.as_dict(),
         "scalars": scalars,
         "ranking": ranking,
-        "ungrounded": coverage,
+        "ungrounded": grounding,
+        "coverage": weak,
         "top_movers": top_movers(base_stats, cur_stats, thresholds, top=movers),
         "changed_records": changed_records(current, cur_words, base_stats, thresholds, object_words, top=records),
     }

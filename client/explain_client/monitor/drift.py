@@ -1,14 +1,8 @@
 """Drift statistics of the scalar signals: population stability index and two-sample KS, overall
-and per segment, with the thresholds every statistic of ``explain-monitor compare`` is judged by.
-
-Defaults are chosen so that two samples of a few hundred records from the same generator do not
-alert: each alert needs both a practical effect (PSI, KS statistic, nDCG, share increase) and
-statistical significance at a family-wise level (Bonferroni over the tests one comparison makes).
-"""
+and per segment, judged by :class:`thresholds.Thresholds`."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -16,8 +10,9 @@ import pyarrow as pa
 from scipy import stats
 
 from explain_client.monitor.schema import SCALARS
+from explain_client.monitor.thresholds import Thresholds
 
-__all__ = ["PSI_EPSILON", "Thresholds", "psi", "psi_bin_edges", "psi_null_critical", "scalar_drift"]
+__all__ = ["PSI_EPSILON", "psi", "psi_bin_edges", "psi_null_critical", "scalar_drift"]
 
 PSI_EPSILON = 1e-4
 """The share an empty bin counts as in :func:`psi` (``ln(0)`` is undefined)."""
@@ -31,44 +26,6 @@ SCALAR_UNITS = {
     "convergence_delta_abs": "cosine units",
 }
 """The x-axis label of each scalar signal (explain.proto defines each)."""
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """What counts as drift. Every field has an ``explain-monitor compare`` flag of the same name.
-
-    Attributes:
-        psi: a scalar drifts when its PSI is at least this (0.25: the usual "significant shift")
-            and at least :func:`psi_null_critical` (so small samples' noise does not alert).
-        ks_min_statistic: a scalar drifts when its KS statistic is at least this...
-        alpha: ...and its KS p-value below ``alpha / (number of KS tests in the comparison)``; the
-            same family-wise level sets PSI's null critical value and the ungrounded-share test.
-        psi_bins: at most this many PSI bins (fewer for small samples: at least
-            ``MIN_RECORDS_PER_BIN`` baseline and current records per bin on average).
-        min_segment_records: segments with fewer records (non-NaN values of the signal) than this
-            in either table are reported as too small, not tested.
-        ndcg: the word ranking drifts when its nDCG is below this (Clarify's 0.9).
-        min_word_count: words seen fewer times in a table count as absent from it (ranking, top
-            movers, changed records).
-        ungrounded_relevance: an object word is ungrounded when its relevance is below this...
-        ungrounded_concentration: ...or its grounding concentration below this (0.1 = uniform).
-        ungrounded_min_increase: the ungrounded share drifts when current - baseline is at least
-            this and Fisher's exact test (one-sided, greater) gives p below ``alpha``.
-    """
-
-    psi: float = 0.25
-    ks_min_statistic: float = 0.1
-    alpha: float = 0.01
-    psi_bins: int = 10
-    min_segment_records: int = 30
-    ndcg: float = 0.9
-    min_word_count: int = 5
-    ungrounded_relevance: float = 0.0
-    ungrounded_concentration: float = 0.2
-    ungrounded_min_increase: float = 0.05
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 MIN_RECORDS_PER_BIN = 10

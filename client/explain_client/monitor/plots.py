@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from explain_client.monitor.drift import SCALAR_UNITS
 
-__all__ = ["movers_chart", "scalar_panels", "ungrounded_chart"]
+__all__ = ["movers_chart", "scalar_panels", "share_chart"]
 
 BASELINE_COLOUR = "#4c72b0"
 CURRENT_COLOUR = "#dd8452"
@@ -103,8 +103,9 @@ def movers_chart(movers: Sequence[Mapping[str, Any]]) -> str:
     return _data_uri(figure)
 
 
-def ungrounded_chart(coverage: Mapping[str, Any], *, top: int = 12) -> str:
-    """Bars of the ungrounded object-word share: overall, then per word (largest increase first)."""
+def share_chart(coverage: Mapping[str, Any], *, title: str, xlabel: str, top: int = 12) -> str:
+    """Bars of a flagged object-word share (``words.ungrounded`` or ``words.coverage``): overall,
+    then per word (largest increase first)."""
     b, c = coverage["baseline"], coverage["current"]
     labels = [f"all object words (n={b['object_words']}/{c['object_words']})"] + [
         f"{w['word']} (n={w['baseline_n']}/{w['current_n']})" for w in coverage["words"][:top]
@@ -122,9 +123,9 @@ def ungrounded_chart(coverage: Mapping[str, Any], *, top: int = 12) -> str:
         ax.bar_label(bars, fmt="%.3f", padding=3, fontsize=8)
     ax.set_yticks(y, labels)
     ax.set_xlim(0, max(0.05, *base, *cur) * 1.2)
-    ax.set_xlabel("share of occurrences ungrounded (relevance or concentration below threshold)")
+    ax.set_xlabel(xlabel)
     ax.set_title(
-        "Ungrounded object words (n = baseline/current occurrences)",
+        f"{title} (n = baseline/current occurrences)",
         fontsize=12,
         color=DRIFT_COLOUR if coverage["drift"] else "black",
     )

@@ -26,6 +26,8 @@ def build_registry(comparison: Mapping[str, Any], *, max_segments: int = MAX_SEG
     - ``explain_monitor_signal_drift{signal,segment}``: 1 when the signal crossed a threshold
     - ``explain_monitor_word_ranking_ndcg_ratio``
     - ``explain_monitor_ungrounded_word_ratio{sample}``, ``explain_monitor_ungrounded_word_p_value``
+    - ``explain_monitor_weakly_grounded_word_ratio{sample}``,
+      ``explain_monitor_weakly_grounded_word_p_value`` (coverage)
     - ``explain_monitor_records{sample}``
     - ``explain_monitor_drift``: 1 when any threshold was crossed (the exit code's verdict)
     - ``explain_monitor_last_run_timestamp_seconds``: when the comparison was pushed
@@ -63,21 +65,26 @@ def build_registry(comparison: Mapping[str, Any], *, max_segments: int = MAX_SEG
         "nDCG of the global word-relevance ranking vs baseline",
         registry=registry,
     ).set(comparison["ranking"]["ndcg"])
-    share = Gauge(
-        "explain_monitor_ungrounded_word_ratio",
-        "Share of object-word occurrences that are ungrounded",
-        ["sample"],
-        registry=registry,
-    )
     records = Gauge("explain_monitor_records", "Records in the summary table", ["sample"], registry=registry)
     for sample in ("baseline", "current"):
-        share.labels(sample).set(comparison["ungrounded"][sample]["share"])
         records.labels(sample).set(comparison[sample]["records"])
-    Gauge(
-        "explain_monitor_ungrounded_word_p_value",
-        "Fisher exact p-value of the ungrounded-share increase",
-        registry=registry,
-    ).set(comparison["ungrounded"]["pvalue"])
+    for key, name, what in (
+        ("ungrounded", "ungrounded", "ungrounded"),
+        ("coverage", "weakly_grounded", "weakly grounded (coverage)"),
+    ):
+        share = Gauge(
+            f"explain_monitor_{name}_word_ratio",
+            f"Share of object-word occurrences that are {what}",
+            ["sample"],
+            registry=registry,
+        )
+        for sample in ("baseline", "current"):
+            share.labels(sample).set(comparison[key][sample]["share"])
+        Gauge(
+            f"explain_monitor_{name}_word_p_value",
+            f"Fisher exact p-value of the {what} share's increase",
+            registry=registry,
+        ).set(comparison[key]["pvalue"])
     Gauge("explain_monitor_drift", "1 when any drift threshold was crossed", registry=registry).set(
         int(comparison["drift"])
     )

@@ -84,7 +84,17 @@ def render_html(
             comparison["scalars"]["overall"],
         ),
         "movers": plots.movers_chart(comparison["top_movers"]) if comparison["top_movers"] else None,
-        "ungrounded": plots.ungrounded_chart(comparison["ungrounded"]),
+        "ungrounded": plots.share_chart(
+            comparison["ungrounded"],
+            title="Ungrounded object words",
+            xlabel="share of occurrences ungrounded (relevance or concentration below threshold)",
+        ),
+        "coverage": plots.share_chart(
+            comparison["coverage"],
+            title="Weakly grounded object words (coverage)",
+            xlabel="share of occurrences with grounding concentration below the baseline's "
+            f"{comparison['thresholds']['coverage_quantile']:g} quantile",
+        ),
     }
     return _ENV.get_template("report.html.j2").render(
         c=comparison, figures=figures, overlays=overlays, overlay_note=overlay_note, signals=SCALARS

@@ -1,5 +1,6 @@
-"""Word-level drift: the global word-relevance ranking (nDCG), ungrounded object words, the words
-whose relevance moved most, and the records of CURRENT that deviate most from the baseline."""
+"""Word-level drift: the global word-relevance ranking (nDCG), ungrounded and weakly grounded
+(coverage) object words, the words whose relevance moved most, and the records of CURRENT that
+deviate most from the baseline."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from explain_client.monitor.drift import Thresholds
 from explain_client.monitor.schema import word_key
 from explain_client.monitor.tables import WordOccurrences
+from explain_client.monitor.thresholds import Thresholds
 
 __all__ = [
     "STOP_WORDS",
     "WordStats",
     "changed_records",
+    "coverage",
     "ndcg",
     "read_object_words",
     "top_movers",
@@ -151,24 +153,69 @@ def _object_mask(words: WordOccurrences, object_words: frozenset[str] | None) ->
     return np.array([k in object_words for k in words.key], dtype=bool)
 
 
-def _ungrounded_counts(words: WordOccurrences, object_words: frozenset[str] | None, t: Thresholds) -> dict[str, Any]:
-    mask = _object_mask(words, object_words) & np.isfinite(words.relevance)
-    relevance, concentration = words.relevance[mask], words.concentration[mask]
-    # a NaN concentration (no mass at all) is not evidence of grounding
-    low_concentration = ~(concentration >= t.ungrounded_concentration)
-    flags = (relevance < t.ungrounded_relevance) | low_concentration
-    total, count = int(mask.sum()), int(flags.sum())
-    keys = words.key[mask]
+def _object_occurrences(words: WordOccurrences, object_words: frozenset[str] | None) -> np.ndarray:
+    return _object_mask(words, object_words) & np.isfinite(words.relevance)
+
+
+def _share_counts(keys: np.ndarray, flags: np.ndarray, what: str) -> dict[str, Any]:
+    total, count = len(flags), int(flags.sum())
     per_word: dict[str, list[int]] = {}
     for key, flag in zip(keys, flags):
         entry = per_word.setdefault(key, [0, 0])
         entry[0] += 1
         entry[1] += int(flag)
+    return {"object_words": total, what: count, "share": count / total if total else 0.0, "per_word": per_word}
+
+
+def _share_drift(
+    base_keys: np.ndarray,
+    base_flags: np.ndarray,
+    cur_keys: np.ndarray,
+    cur_flags: np.ndarray,
+    *,
+    what: str,
+    label: str,
+    min_increase: float,
+    thresholds: Thresholds,
+) -> dict[str, Any]:
+    """Whether the share of flagged object-word occurrences rose from baseline to current: by at
+    least ``min_increase`` and with one-sided Fisher exact ``p < alpha`` (the layout of
+    :func:`ungrounded`'s result, the count key named ``what``; ``label`` names the share in the
+    alert)."""
+    b, c = _share_counts(base_keys, base_flags, what), _share_counts(cur_keys, cur_flags, what)
+    increase = c["share"] - b["share"]
+    if b["object_words"] and c["object_words"]:
+        table = [
+            [c[what], c["object_words"] - c[what]],
+            [b[what], b["object_words"] - b[what]],
+        ]
+        pvalue = float(stats.fisher_exact(table, alternative="greater").pvalue)
+    else:
+        pvalue = 1.0
+    reasons = []
+    if increase >= min_increase and pvalue < thresholds.alpha:
+        reasons.append(
+            f"{label} object-word share {b['share']:.3f} -> {c['share']:.3f} "
+            f"(+{increase:.3f} >= {min_increase}, p={pvalue:.2g} < {thresholds.alpha})"
+        )
+    per_word = []
+    for key in sorted(set(b["per_word"]) & set(c["per_word"])):
+        (bn, bf), (cn, cf) = b["per_word"][key], c["per_word"][key]
+        if min(bn, cn) >= thresholds.min_word_count:
+            per_word.append(
+                {"word": key, "baseline_share": bf / bn, "current_share": cf / cn, "baseline_n": bn, "current_n": cn}
+            )
+    per_word.sort(key=lambda w: (-(w["current_share"] - w["baseline_share"]), w["word"]))
+    for counts in (b, c):
+        del counts["per_word"]
     return {
-        "object_words": total,
-        "ungrounded": count,
-        "share": count / total if total else 0.0,
-        "per_word": per_word,
+        "baseline": b,
+        "current": c,
+        "increase": increase,
+        "pvalue": pvalue,
+        "drift": bool(reasons),
+        "reasons": reasons,
+        "words": per_word,
     }
 
 
@@ -191,42 +238,55 @@ def ungrounded(
         counts are ``{"object_words", "ungrounded", "share"}``; ``words`` lists the object words
         seen ``min_word_count`` times in both tables, largest share increase first.
     """
-    b = _ungrounded_counts(base, object_words, thresholds)
-    c = _ungrounded_counts(cur, object_words, thresholds)
-    increase = c["share"] - b["share"]
-    if b["object_words"] and c["object_words"]:
-        table = [
-            [c["ungrounded"], c["object_words"] - c["ungrounded"]],
-            [b["ungrounded"], b["object_words"] - b["ungrounded"]],
-        ]
-        pvalue = float(stats.fisher_exact(table, alternative="greater").pvalue)
-    else:
-        pvalue = 1.0
-    reasons = []
-    if increase >= thresholds.ungrounded_min_increase and pvalue < thresholds.alpha:
-        reasons.append(
-            f"ungrounded object-word share {b['share']:.3f} -> {c['share']:.3f} "
-            f"(+{increase:.3f} >= {thresholds.ungrounded_min_increase}, p={pvalue:.2g} < {thresholds.alpha})"
-        )
-    per_word = []
-    for key in sorted(set(b["per_word"]) & set(c["per_word"])):
-        (bn, bu), (cn, cu) = b["per_word"][key], c["per_word"][key]
-        if min(bn, cn) >= thresholds.min_word_count:
-            per_word.append(
-                {"word": key, "baseline_share": bu / bn, "current_share": cu / cn, "baseline_n": bn, "current_n": cn}
-            )
-    per_word.sort(key=lambda w: (-(w["current_share"] - w["baseline_share"]), w["word"]))
-    for counts in (b, c):
-        del counts["per_word"]
-    return {
-        "baseline": b,
-        "current": c,
-        "increase": increase,
-        "pvalue": pvalue,
-        "drift": bool(reasons),
-        "reasons": reasons,
-        "words": per_word,
-    }
+
+    def flags(words: WordOccurrences) -> tuple[np.ndarray, np.ndarray]:
+        mask = _object_occurrences(words, object_words)
+        # a NaN concentration (no mass at all) is not evidence of grounding
+        low = ~(words.concentration[mask] >= thresholds.ungrounded_concentration)
+        return words.key[mask], (words.relevance[mask] < thresholds.ungrounded_relevance) | low
+
+    return _share_drift(
+        *flags(base),
+        *flags(cur),
+        what="ungrounded",
+        label="ungrounded",
+        min_increase=thresholds.ungrounded_min_increase,
+        thresholds=thresholds,
+    )
+
+
+def coverage(
+    base: WordOccurrences, cur: WordOccurrences, thresholds: Thresholds, object_words: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """The share of object-word occurrences grounded less sharply than the baseline usually
+    grounds them, in both tables, and whether it rose: the coverage failure of objects the image
+    holds but the caption does not name, which spread the named words' grounding without making
+    them ungrounded by :func:`ungrounded`'s absolute rules.
+
+    An occurrence is weakly grounded when its grounding concentration is below ``c``, the
+    ``thresholds.coverage_quantile`` quantile of the baseline's object-word concentrations (NaN:
+    weakly grounded), so the baseline's share is about that quantile. Drift: ``current_share -
+    baseline_share >= coverage_min_increase`` and one-sided Fisher exact ``p < alpha``.
+
+    Returns:
+        As :func:`ungrounded`, the counts' key ``"weak"`` instead of ``"ungrounded"``, plus
+        ``"concentration_threshold"`` (``c``; None when the baseline has no object word).
+    """
+    base_mask, cur_mask = _object_occurrences(base, object_words), _object_occurrences(cur, object_words)
+    finite = base.concentration[base_mask]
+    finite = finite[np.isfinite(finite)]
+    threshold = float(np.quantile(finite, thresholds.coverage_quantile)) if finite.size else math.nan
+    result = _share_drift(
+        base.key[base_mask],
+        ~(base.concentration[base_mask] >= threshold),
+        cur.key[cur_mask],
+        ~(cur.concentration[cur_mask] >= threshold),
+        what="weak",
+        label="weakly grounded",
+        min_increase=thresholds.coverage_min_increase,
+        thresholds=thresholds,
+    )
+    return {**result, "concentration_threshold": _number(threshold)}
 
 
 def top_movers(base: WordStats, cur: WordStats, thresholds: Thresholds, *, top: int = 10) -> list[dict[str, Any]]:
