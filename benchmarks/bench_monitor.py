@@ -102,7 +102,7 @@ def plain_client(server: Server, items, concurrency: int) -> float:
 def monitor(server: Server, sample: pathlib.Path, out: pathlib.Path, concurrency: int) -> float:
     """Wall seconds of ``explain-monitor explain`` over ``sample``."""
     command = pathlib.Path(sysconfig.get_path("scripts")) / "explain-monitor"
-    argv = [str(command)] if command.exists() else [sys.executable, "-m", "explain_client.monitor.cli"]
+    argv = [str(command)] if command.exists() else [sys.executable, "-m", "explain_client.monitor"]
     start = time.perf_counter()
     subprocess.run(
         [*argv, "explain", str(sample), str(out), "--target", server.target, "--concurrency", str(concurrency)]

@@ -34,10 +34,15 @@ from dockerfile_parse import DockerfileParser
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from loopback import bind
+from monitor_tables import synthetic_table
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from explain_client import cli
 from explain_client.monitor import cli as monitor_cli
+from explain_client.monitor.comparison import compare_tables
+from explain_client.monitor.push import build_registry
+from explain_client.monitor.thresholds import Thresholds
 from explain_server.config import ServerConfig, load_config
 from explain_server.launcher import free_port
 
@@ -240,9 +245,19 @@ def test_monitoring_cronjob_runs_explain_then_compare_on_its_volume():
     (port,) = [p["port"] for p in headless["spec"]["ports"] if p["name"] == "grpc"]
     assert args.target == f"dns:///{headless['metadata']['name']}:{port}"
     assert args.load_balancing_policy == "round_robin"
-    # compare's flags may still change (issue 23): BASELINE CURRENT --html --json
-    assert compare[1] == "compare" and compare[3] == args.out and compare[2].startswith(mount + "/")
-    assert {"--html", "--json"} <= set(compare)
+    verdict = monitor_cli.build_parser().parse_args(compare[1:])
+    assert verdict.command == "compare" and verdict.current == args.out and verdict.baseline.startswith(mount + "/")
+    assert all(path.startswith(mount + "/") for path in (verdict.html, verdict.json))
+    # the drift gauges go where the rules that alert on them (ExplainMonitor*) look
+    assert verdict.pushgateway and verdict.job == "explain-monitor"
+    rules = {
+        rule["alert"]: rule["expr"]
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    assert "explain_monitor_drift" in rules["ExplainMonitorDrift"]
+    assert "explain_monitor_last_run_timestamp_seconds" in rules["ExplainMonitorStale"]
 
 
 @pytest.mark.integration
@@ -495,15 +510,21 @@ def adapter_query(template: str, series: str) -> str:
     return re.sub(r"<<\s*(\.\w+)\s*>>", lambda m: fields[m[1]], template)
 
 
+PUSHED = " (pushed by explain-monitor compare)"
+
+
 def referenced_names() -> dict[str, set[str]]:
-    """Every metric name each monitoring file refers to."""
+    """Every metric name each monitoring file refers to (sources ending in PUSHED: names that
+    explain-monitor compare pushes to a Pushgateway)."""
     refs: dict[str, set[str]] = {}
 
     prometheus = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     for rule_file in prometheus["rule_files"]:
         path = PROMETHEUS_CONFIG.parent / rule_file
-        names = refs.setdefault(str(path.relative_to(ROOT)), set())
         for group in yaml.safe_load(path.read_text())["groups"]:
+            # the monitoring job's rules read what explain-monitor pushes, not the server's metrics
+            source = str(path.relative_to(ROOT)) + (PUSHED if group["name"].endswith("monitoring-job") else "")
+            names = refs.setdefault(source, set())
             for rule in group["rules"]:
                 names |= selector_names(rule["expr"])
 
@@ -535,10 +556,14 @@ def test_monitoring_files_refer_only_to_exported_metrics(server, client):
     client.explain(np.zeros((64, 64, 3), np.uint8), "a photo", model="tiny")
     with urllib.request.urlopen(server.metrics_url, timeout=30) as response:
         exported = exported_names(response.read().decode())
+    comparison = compare_tables(synthetic_table(100, 0), synthetic_table(100, 1), Thresholds())
+    pushed = exported_names(generate_latest(build_registry(comparison)).decode())
     refs = referenced_names()
+    assert any(source.endswith(PUSHED) for source in refs)
     for source, names in refs.items():
+        known = pushed if source.endswith(PUSHED) else exported
         assert names, f"{source} refers to no metric"
-        assert names <= exported, f"{source}: not exported by the server: {sorted(names - exported)}"
+        assert names <= known, f"{source}: not exported: {sorted(names - known)}"
 
 
 @pytest.mark.integration
