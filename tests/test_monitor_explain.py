@@ -108,7 +108,7 @@ def monitor_command(sample: pathlib.Path, out: pathlib.Path, target: str, *args:
     return [
         sys.executable,
         "-m",
-        "explain_client.monitor.cli",
+        "explain_client.monitor",
         "explain",
         str(sample),
         str(out),
