@@ -54,7 +54,7 @@ class Thresholds:
     ungrounded_concentration: float = 0.2
     ungrounded_min_increase: float = 0.05
     coverage_quantile: float = 0.2
-    coverage_min_increase: float = 0.04
+    coverage_min_increase: float = 0.03
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
