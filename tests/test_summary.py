@@ -312,3 +312,23 @@ def test_cli_prints_the_summary_and_puts_it_in_json(server, tmp_path, capsys):
         assert f"({word['peak_row']}, {word['peak_column']})" in line
         assert f"{word['concentration']:.3f}" in line
     assert summary["grid_height"] == 8 and len(summary["top_interactions"]) == 10
+
+
+def test_cli_detail_summary_prints_the_same_summary_without_the_tensors(server, tmp_path, capsys):
+    path = tmp_path / "scene.webp"
+    path.write_bytes(INPUTS[2][0])
+    caption, target = INPUTS[2][1], ["--target", server.target]
+    assert cli.main([str(path), caption, *target, "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert cli.main([str(path), caption, *target, "--json", "--detail", "summary"]) == 0
+    brief = json.loads(capsys.readouterr().out)
+    assert "attribution" not in brief and brief["summary"] == full["summary"]
+    assert cli.main([str(path), caption, *target, "--detail", "summary"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("model:             shapes\n") and "interaction share: " in printed
+    assert "token-region interactions" not in printed
+    for flag in (["--out", str(tmp_path / "o.png")], ["--span", "0:2"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([str(path), caption, *target, "--detail", "summary", *flag])
+        assert exit_.value.code == cli.EXIT_LOCAL_ERROR
+        assert f"{flag[0]} needs the attribution" in capsys.readouterr().err

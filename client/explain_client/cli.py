@@ -23,6 +23,7 @@ from explain_api.version import add_version_argument
 from explain_client.client import ExplainClient, bearer_metadata, tls_credentials
 from explain_client.errors import ExplainError
 from explain_client.explanation import Explanation, Span
+from explain_client.summary_result import SummaryResult
 
 __all__ = ["COMMANDS", "build_health_parser", "build_models_parser", "build_parser", "main"]
 
@@ -118,6 +119,13 @@ def _add_explain_options(parser: argparse.ArgumentParser) -> None:
         help="write the overlay figure of --span (heatmap with title, colour bar, crop box and legend) to this file",
     )
     parser.add_argument("--json", action="store_true", help="print the whole explanation as JSON")
+    parser.add_argument(
+        "--detail",
+        choices=("full", "summary"),
+        default="full",
+        help="summary: ask for the summary and the scalars only, no attribution tensor, as a monitoring "
+        "job does (--out and --span need full; default: %(default)s)",
+    )
     parser.add_argument(
         "--top",
         type=_non_negative_int,
@@ -369,6 +377,22 @@ def _format_report(explanation: Explanation, top: int, show_padding: bool = Fals
     return "\n".join(lines)
 
 
+def _format_summary_report(result: SummaryResult) -> str:
+    """The text report of a ``--detail summary`` call: score, layers, then the summary."""
+    options = result.options
+    return "\n".join(
+        [
+            f"model:             {result.model}",
+            f"score:             {result.score:.6f} (cosine; logit {result.logit:.4f})",
+            f"convergence delta: {result.convergence_delta:.3e}",
+            f"layers:            text {_layer_label(options.text_layer, options.text_layer_name)}; "
+            f"image {_layer_label(options.image_layer, options.image_layer_name)}",
+            "",
+            *_format_summary(result.summary),
+        ]
+    )
+
+
 def _signed(value: float, digits: int = 6) -> str:
     """``value`` with its sign, never "-0.000000": a value that rounds to zero reads "+0.000000"."""
     return f"{round(float(value), digits) + 0.0:+.{digits}f}"
@@ -510,7 +534,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _explain(argv: Sequence[str]) -> int:
     """Run ``explain-client explain``: the report (or JSON) on stdout; exit codes as :func:`main`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.detail == "summary" and (args.out or args.span is not None):
+        parser.error(f"{'--out' if args.out else '--span'} needs the attribution: leave out --detail summary")
     try:
         if args.span is not None:
             _check_span(args.span, args.caption)
@@ -525,6 +552,7 @@ def _explain(argv: Sequence[str]) -> int:
                 image_layer=args.image_layer,
                 n_steps=args.n_steps,
                 method=args.method,
+                detail=args.detail,
             )
     except ExplainError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -541,8 +569,12 @@ def _explain(argv: Sequence[str]) -> int:
 
     if args.json:
         print(json.dumps(explanation.to_dict()))
+    elif args.detail == "summary":
+        print(_format_summary_report(explanation))
     else:
         print(_format_report(explanation, args.top, args.show_padding))
+    if args.detail == "summary":
+        return 0
 
     content = explanation.content_rows or [0]
     span = args.span if args.span is not None else (content[0], content[-1] + 1)
