@@ -30,15 +30,16 @@ thresholds (defaults: two samples of a few hundred records from one generator do
   KS D >= --ks-min-statistic with p < --alpha / (number of KS tests); per segment likewise, for
   segments with >= --min-segment-records records in both tables. The word ranking drifts when its
   nDCG < --ndcg. The ungrounded object-word share drifts when it rises by >= --ungrounded-min-increase
-  with Fisher's exact p < --alpha; the weakly grounded share (coverage: concentration below the
-  baseline's --coverage-quantile) when it rises by >= --coverage-min-increase with p < --alpha.
+  and a Mann-Whitney U test of the records' ungrounded fractions gives p < --alpha; the weakly
+  grounded share (coverage: concentration below the baseline's --coverage-quantile) when it rises
+  by >= --coverage-min-increase and the records' mean object-word concentrations fell, p < --alpha.
 """
 
 # (flag type, help) of each Thresholds field; the flag is the field's name with dashes
 _THRESHOLD_FLAGS: dict[str, tuple[Any, str]] = {
     "psi": (float, "PSI alert level (default %(default)s)"),
     "ks_min_statistic": (float, "smallest KS statistic D that alerts (default %(default)s)"),
-    "alpha": (float, "family-wise significance level of the KS and Fisher tests (default %(default)s)"),
+    "alpha": (float, "family-wise significance level of the tests (default %(default)s)"),
     "psi_bins": (int, "PSI bins on the baseline's quantiles, at most (default %(default)s)"),
     "min_segment_records": (int, "records a segment needs in both tables to be tested (default %(default)s)"),
     "ndcg": (float, "word-ranking nDCG alert level, alerts below (default %(default)s, as Clarify)"),

@@ -82,7 +82,7 @@ def build_registry(comparison: Mapping[str, Any], *, max_segments: int = MAX_SEG
             share.labels(sample).set(comparison[key][sample]["share"])
         Gauge(
             f"explain_monitor_{name}_word_p_value",
-            f"Fisher exact p-value of the {what} share's increase",
+            f"One-sided Mann-Whitney U p-value of the records behind the {what} share's increase",
             registry=registry,
         ).set(comparison[key]["pvalue"])
     Gauge("explain_monitor_drift", "1 when any drift threshold was crossed", registry=registry).set(

@@ -35,12 +35,14 @@ class Thresholds:
         ungrounded_relevance: an object word is ungrounded when its relevance is below this...
         ungrounded_concentration: ...or its grounding concentration below this (0.1 = uniform).
         ungrounded_min_increase: the ungrounded share drifts when current - baseline is at least
-            this and Fisher's exact test (one-sided, greater) gives p below ``alpha``.
+            this and a one-sided Mann-Whitney U test of the records' ungrounded fractions gives p
+            below ``alpha`` (records, not words, are the independent units).
         coverage_quantile: an object word is weakly grounded when its grounding concentration is
             below this quantile of the baseline's object-word concentrations (so about this share
             of the baseline's object words are weakly grounded)...
         coverage_min_increase: ...and the weakly grounded share (coverage) drifts when current -
-            baseline is at least this and Fisher's exact test gives p below ``alpha``.
+            baseline is at least this and a one-sided Mann-Whitney U test finds the records' mean
+            object-word concentrations lower, p below ``alpha``.
     """
 
     psi: float = 0.25

@@ -157,6 +157,22 @@ def _object_occurrences(words: WordOccurrences, object_words: frozenset[str] | N
     return _object_mask(words, object_words) & np.isfinite(words.relevance)
 
 
+def _record_means(records: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The mean of ``values`` per record (records without a finite value left out)."""
+    finite = np.isfinite(values)
+    ids, index = np.unique(records[finite], return_inverse=True)
+    return np.bincount(index, weights=values[finite], minlength=len(ids)) / np.bincount(index, minlength=len(ids))
+
+
+def _records_test(baseline: np.ndarray, current: np.ndarray, alternative: str) -> float:
+    """One-sided Mann-Whitney U p-value of per-record values, current ``alternative`` than
+    baseline: records are the independent units (a record's words are not; a test over word
+    occurrences would alert too often)."""
+    if not (len(baseline) and len(current)):
+        return 1.0
+    return float(stats.mannwhitneyu(current, baseline, alternative=alternative).pvalue)
+
+
 def _share_counts(keys: np.ndarray, flags: np.ndarray, what: str) -> dict[str, Any]:
     total, count = len(flags), int(flags.sum())
     per_word: dict[str, list[int]] = {}
@@ -173,30 +189,23 @@ def _share_drift(
     cur_keys: np.ndarray,
     cur_flags: np.ndarray,
     *,
+    pvalue: float,
     what: str,
     label: str,
     min_increase: float,
     thresholds: Thresholds,
 ) -> dict[str, Any]:
-    """Whether the share of flagged object-word occurrences rose from baseline to current: by at
-    least ``min_increase`` and with one-sided Fisher exact ``p < alpha`` (the layout of
+    """Whether the share of flagged object-word occurrences rose from baseline to current by at
+    least ``min_increase`` with the records' test ``pvalue < alpha`` (the layout of
     :func:`ungrounded`'s result, the count key named ``what``; ``label`` names the share in the
     alert)."""
     b, c = _share_counts(base_keys, base_flags, what), _share_counts(cur_keys, cur_flags, what)
     increase = c["share"] - b["share"]
-    if b["object_words"] and c["object_words"]:
-        table = [
-            [c[what], c["object_words"] - c[what]],
-            [b[what], b["object_words"] - b[what]],
-        ]
-        pvalue = float(stats.fisher_exact(table, alternative="greater").pvalue)
-    else:
-        pvalue = 1.0
     reasons = []
     if increase >= min_increase and pvalue < thresholds.alpha:
         reasons.append(
             f"{label} object-word share {b['share']:.3f} -> {c['share']:.3f} "
-            f"(+{increase:.3f} >= {min_increase}, p={pvalue:.2g} < {thresholds.alpha})"
+            f"(+{increase:.3f} >= {min_increase}, records' p={pvalue:.2g} < {thresholds.alpha})"
         )
     per_word = []
     for key in sorted(set(b["per_word"]) & set(c["per_word"])):
@@ -222,15 +231,15 @@ def _share_drift(
 def ungrounded(
     base: WordOccurrences, cur: WordOccurrences, thresholds: Thresholds, object_words: frozenset[str] | None = None
 ) -> dict[str, Any]:
-    """The share of object-word occurrences that are ungrounded (the paper's coverage failure), in
-    both tables, and whether it rose.
+    """The share of object-word occurrences that are ungrounded (captions naming what the image
+    does not show), in both tables, and whether it rose.
 
     An occurrence is ungrounded when its relevance is below ``thresholds.ungrounded_relevance``
     or its grounding concentration is below ``thresholds.ungrounded_concentration`` (or NaN).
     Object words: ``object_words`` when given, else every key outside :data:`STOP_WORDS` that is
     not a number. Drift: ``current_share - baseline_share >= ungrounded_min_increase`` and the
-    one-sided Fisher exact test (``scipy.stats.fisher_exact``, alternative "greater", current vs
-    baseline ungrounded/grounded counts) gives ``p < alpha``.
+    one-sided Mann-Whitney U test of the records' ungrounded fractions (current greater) gives
+    ``p < alpha``.
 
     Returns:
         ``{"baseline": counts, "current": counts, "increase", "pvalue", "drift", "reasons",
@@ -239,15 +248,21 @@ def ungrounded(
         seen ``min_word_count`` times in both tables, largest share increase first.
     """
 
-    def flags(words: WordOccurrences) -> tuple[np.ndarray, np.ndarray]:
+    def flags(words: WordOccurrences) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mask = _object_occurrences(words, object_words)
         # a NaN concentration (no mass at all) is not evidence of grounding
         low = ~(words.concentration[mask] >= thresholds.ungrounded_concentration)
-        return words.key[mask], (words.relevance[mask] < thresholds.ungrounded_relevance) | low
+        flagged = (words.relevance[mask] < thresholds.ungrounded_relevance) | low
+        return words.key[mask], flagged, _record_means(words.record[mask], flagged.astype(float))
 
+    base_keys, base_flags, base_records = flags(base)
+    cur_keys, cur_flags, cur_records = flags(cur)
     return _share_drift(
-        *flags(base),
-        *flags(cur),
+        base_keys,
+        base_flags,
+        cur_keys,
+        cur_flags,
+        pvalue=_records_test(base_records, cur_records, "greater"),
         what="ungrounded",
         label="ungrounded",
         min_increase=thresholds.ungrounded_min_increase,
@@ -266,21 +281,27 @@ def coverage(
     An occurrence is weakly grounded when its grounding concentration is below ``c``, the
     ``thresholds.coverage_quantile`` quantile of the baseline's object-word concentrations (NaN:
     weakly grounded), so the baseline's share is about that quantile. Drift: ``current_share -
-    baseline_share >= coverage_min_increase`` and one-sided Fisher exact ``p < alpha``.
+    baseline_share >= coverage_min_increase`` and the one-sided Mann-Whitney U test of the
+    records' mean object-word concentrations (current less) gives ``p < alpha``.
 
     Returns:
         As :func:`ungrounded`, the counts' key ``"weak"`` instead of ``"ungrounded"``, plus
         ``"concentration_threshold"`` (``c``; None when the baseline has no object word).
     """
     base_mask, cur_mask = _object_occurrences(base, object_words), _object_occurrences(cur, object_words)
-    finite = base.concentration[base_mask]
-    finite = finite[np.isfinite(finite)]
+    base_concentration, cur_concentration = base.concentration[base_mask], cur.concentration[cur_mask]
+    finite = base_concentration[np.isfinite(base_concentration)]
     threshold = float(np.quantile(finite, thresholds.coverage_quantile)) if finite.size else math.nan
     result = _share_drift(
         base.key[base_mask],
-        ~(base.concentration[base_mask] >= threshold),
+        ~(base_concentration >= threshold),
         cur.key[cur_mask],
-        ~(cur.concentration[cur_mask] >= threshold),
+        ~(cur_concentration >= threshold),
+        pvalue=_records_test(
+            _record_means(base.record[base_mask], base_concentration),
+            _record_means(cur.record[cur_mask], cur_concentration),
+            "less",
+        ),
         what="weak",
         label="weakly grounded",
         min_increase=thresholds.coverage_min_increase,
