@@ -24,6 +24,7 @@ from explain_client.monitor.drift import PSI_EPSILON, psi, psi_null_critical, sc
 from explain_client.monitor.push import build_registry
 from explain_client.monitor.report import render_html, to_json
 from explain_client.monitor.schema import SCALARS
+from explain_client.monitor.store import SummaryWriter, write_failures
 from explain_client.monitor.tables import TableError, read_summaries, word_occurrences
 from explain_client.monitor.thresholds import Thresholds
 from explain_client.monitor.words import STOP_WORDS, ndcg, read_object_words, ungrounded
@@ -230,6 +231,19 @@ def test_a_directory_of_parts_reads_as_one_table(tmp_path):
     assert sorted(read.column("record_id").to_pylist()) == sorted(table.column("record_id").to_pylist())
 
 
+def test_an_explain_output_directory_reads_without_its_failures_table(tmp_path):
+    """`explain-monitor explain` writes failures.parquet beside its parts, with or without failures."""
+    table = synthetic_table(50, 0)
+    writer = SummaryWriter(tmp_path / "run", flush_rows=20)
+    for row in table.to_pylist():
+        writer.add(row)
+    writer.flush()
+    for failures in ([], [{"record_id": "x", "row": 50, "code": "INVALID_ARGUMENT", "message": "bad", "attempts": 1}]):
+        write_failures(tmp_path / "run", failures)
+        read = read_summaries(tmp_path / "run", role="baseline")
+        assert sorted(read.column("record_id").to_pylist()) == sorted(table.column("record_id").to_pylist())
+
+
 def test_bad_tables_raise_errors_naming_the_problem(tmp_path):
     with pytest.raises(TableError, match="baseline table .*does not exist"):
         read_summaries(tmp_path / "missing.parquet", role="baseline")
@@ -371,7 +385,17 @@ def test_json_has_no_nan_where_statistics_are_undefined():
 
 def test_html_has_every_section(wrong_run):
     html = (wrong_run[1] / "r.html").read_text()
-    sections = ("verdict", "scalars", "segments", "ranking", "movers", "ungrounded", "coverage", "records", "thresholds")
+    sections = (
+        "verdict",
+        "scalars",
+        "segments",
+        "ranking",
+        "movers",
+        "ungrounded",
+        "coverage",
+        "records",
+        "thresholds",
+    )
     for section in sections:
         assert f'<section id="{section}">' in html
     assert "DRIFT:" in html

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from explain_client.monitor.schema import SCALARS, SCHEMA
+from explain_client.monitor.store import FAILURES_FILE
 
 __all__ = ["REQUIRED_COLUMNS", "TableError", "WordOccurrences", "read_summaries", "word_occurrences"]
 
@@ -27,7 +28,9 @@ def read_summaries(path: str | os.PathLike, *, role: str) -> pa.Table:
     """Read a summary table: one Parquet file, or a directory of Parquet part files.
 
     Args:
-        path: the file or directory.
+        path: the file or directory. In a directory, every Parquet file is a part except the
+            failures table ``explain-monitor explain`` writes beside its parts
+            (:data:`store.FAILURES_FILE`) and files whose names start with "." or "_".
         role: "baseline" or "current", named in error messages.
 
     Returns:
@@ -41,7 +44,8 @@ def read_summaries(path: str | os.PathLike, *, role: str) -> pa.Table:
     if not where.exists():
         raise TableError(f"{role} table {str(where)!r} does not exist")
     try:
-        table = ds.dataset(where, format="parquet").to_table()
+        # an `explain` output directory holds its failures table too: not a part
+        table = ds.dataset(where, format="parquet", ignore_prefixes=[".", "_", FAILURES_FILE]).to_table()
     except (pa.ArrowException, OSError) as err:
         raise TableError(f"{role} table {str(where)!r} is not readable as Parquet: {err}") from None
     missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
