@@ -78,6 +78,14 @@ def server(tmp_path_factory, b32_weights) -> ServerProcess:
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> ServerProcess:
+    """``explain-server`` with no flags: the shipped shapes model at its defaults, metrics on."""
+    proc = ServerProcess([], tmp_path_factory.mktemp("logs") / "shapes-server.log").wait_serving()
+    yield proc
+    proc.stop()
+
+
 @pytest.fixture
 def client(server):
     """An ExplainClient connected to the session server."""

@@ -38,14 +38,6 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 SEGMENTS = ("camera-north", "camera-south", "customer 7")
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> ServerProcess:
-    """``explain-server`` with no flags: the shipped shapes model at its defaults, metrics on."""
-    proc = ServerProcess([], tmp_path_factory.mktemp("logs") / "server.log").wait_serving()
-    yield proc
-    proc.stop()
-
-
 def scenes(count: int, seed: int) -> list[dict]:
     """``count`` distinct generated scenes, encoded at several sizes and formats, with captions
     of varied length (every object, or a subset), ids, segments and timestamps."""
