@@ -92,12 +92,27 @@ def test_psi_of_a_constant_baseline_uses_two_bins():
     assert (value, bins) == (0.0, 2)
 
 
-def test_psi_null_critical_is_rarely_exceeded_by_equal_distributions():
-    rng = np.random.default_rng(0)
-    critical = psi_null_critical(300, 300, 10, 0.01)
-    values = [psi(rng.normal(size=300), rng.normal(size=300))[0] for _ in range(200)]
-    assert np.mean(np.array(values) >= critical) <= 0.04
-    assert 0.05 < critical < 0.25  # 300-record samples: the 0.25 floor is the binding threshold
+@pytest.mark.parametrize("n", [65, 300])
+@pytest.mark.parametrize("draw", ["normal", "lognormal"])
+def test_psi_null_critical_keeps_its_level_for_any_continuous_distribution(n, draw):
+    # 10 records per bin, as compare bins them: 6 bins at 65 records, 10 at 300
+    bins, level, trials = min(10, n // 10), 0.05, 2000
+    critical = psi_null_critical(n, n, bins, level)
+    rng = np.random.default_rng(n)
+    sample = getattr(rng, draw)
+    values = np.array([psi(sample(size=n), sample(size=n), bins=bins)[0] for _ in range(trials)])
+    assert np.all(values > 0)  # psi(...)[1] == bins: no ties in continuous draws
+    # the rejection rate is binomial(trials, level): 4 standard deviations either side
+    assert abs(np.mean(values >= critical) - level) <= 4 * np.sqrt(level * (1 - level) / trials)
+
+
+def test_psi_null_critical_falls_as_the_samples_grow_and_is_deterministic():
+    level = 0.01 / 24  # alpha / tests of a comparison with three segments
+    criticals = [psi_null_critical(n, n, 10, level) for n in (100, 200, 400, 800)]
+    assert criticals == sorted(criticals, reverse=True)
+    assert criticals[-1] < criticals[0] / 4  # ~1/n: PSI is a chi-squared-like distance
+    psi_null_critical.cache_clear()
+    assert psi_null_critical(100, 100, 10, level) == criticals[0]
 
 
 @settings(max_examples=50, deadline=None)
