@@ -123,7 +123,7 @@ def main() -> int:
     parser.add_argument("--record", type=pathlib.Path, help="markdown file whose section to replace")
     args = parser.parse_args()
 
-    from explain_client.monitor.store import read_summaries
+    from explain_client.monitor.store import read_parts
 
     items = sample_items(args.records)
     times: dict[str, list[float]] = (
@@ -139,7 +139,7 @@ def main() -> int:
                     if name == "monitor":
                         out = pathlib.Path(folder) / f"out-{repeat}"
                         times[name].append(monitor(server, sample, out, args.concurrency))
-                        assert read_summaries(out).num_rows == len(items)
+                        assert read_parts(out).num_rows == len(items)
                     elif name == "summary":
                         times[name].append(plain_summary(server, items, args.concurrency))
                     else:

@@ -214,7 +214,9 @@ def test_deployment_is_non_root_with_a_read_only_root_filesystem(rendered):
 
 @pytest.mark.integration
 def test_monitoring_cronjob_runs_explain_then_compare_on_its_volume():
-    docs = [doc for doc in yaml.safe_load_all(MONITORING_CRONJOB.read_text()) if doc]
+    rendered = run(tool("kubectl"), "kustomize", str(MONITORING_CRONJOB.parent))
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
     for doc in docs:
         kubernetes_validate.validate(doc, latest_version(), strict=True)
     cron, claim = only(docs, "CronJob"), only(docs, "PersistentVolumeClaim")

@@ -27,7 +27,7 @@ from test_monitor_explain import explain_calls, wait_for_rows
 
 from explain_client.monitor.cli import build_parser
 from explain_client.monitor.schema import SCALARS
-from explain_client.monitor.store import read_summaries
+from explain_client.monitor.store import read_parts
 from explain_server.launcher import ServerProcess
 from explain_server.shapes.scenes import COLOURS
 from explain_server.shapes.traffic import DEFAULT_SEGMENTS
@@ -116,7 +116,7 @@ def resumed(shapes, tmp_path_factory) -> Resumed:
     wait_for_rows(out, COUNT // 2, first)
     first.kill()
     first.wait(timeout=60)
-    written = read_summaries(out).num_rows
+    written = read_parts(out).num_rows
     rerun = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=600)
     concurrency = build_parser().parse_args(["explain", str(sample), str(out)]).concurrency
     return Resumed(sample, out, first.returncode, written, rerun, explain_calls(shapes) - before, concurrency)
@@ -191,7 +191,7 @@ def test_a_run_killed_halfway_and_restarted_explains_each_record_exactly_once(re
     assert COUNT // 2 <= resumed.written < COUNT
     assert resumed.rerun.returncode == 0, resumed.rerun.stderr
     assert f"{COUNT - resumed.written} explained, {resumed.written} already in" in resumed.rerun.stderr
-    ids = read_summaries(resumed.out).column("record_id").to_pylist()
+    ids = read_parts(resumed.out).column("record_id").to_pylist()
     sample_ids = [json.loads(line)["id"] for line in resumed.sample.read_text().splitlines()]
     assert sorted(ids) == sorted(sample_ids)  # every record, none twice
     # the server answered each record once, but for the calls in flight when the first run died

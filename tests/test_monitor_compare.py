@@ -206,6 +206,7 @@ def test_wrong_colours_name_the_colour_words_and_raise_the_ungrounded_share():
     baseline = synthetic_table(300, 0)
     current = synthetic_table(300, 1, wrong_colour=0.3)
     result = compare_tables(baseline, current, Thresholds())
+    assert "a" not in {m["word"] for m in result["top_movers"]}  # a stop word, never a mover
     movers = [m["word"] for m in result["top_movers"][:4]]
     assert sorted(movers) == sorted(["red", "green", "blue", "yellow"])
     assert all(m["current_mean"] < m["baseline_mean"] for m in result["top_movers"][:4])

@@ -26,7 +26,7 @@ from explain_api import explain_pb2, explain_pb2_grpc
 from explain_client.client import explain_request
 from explain_client.monitor.explain_command import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_USAGE
 from explain_client.monitor.schema import SCHEMA, word_key
-from explain_client.monitor.store import FAILURES_FILE, read_summaries
+from explain_client.monitor.store import FAILURES_FILE, read_parts
 from explain_server.launcher import ServerProcess
 from explain_server.shapes.scenes import describe, generate_scene, random_style, render
 
@@ -183,7 +183,7 @@ def test_every_format_gives_one_row_per_record_equal_to_a_direct_call(shapes, tm
     out = tmp_path / "out"
     result = run_monitor(sample, out, shapes.target)
     assert result.returncode == 0, result.stderr
-    table = read_summaries(out)
+    table = read_parts(out)
     assert table.schema.equals(SCHEMA)
     assert sorted(table.column("record_id").to_pylist()) == sorted(item["id"] for item in items)
     images = table.column("image").to_pylist()
@@ -203,7 +203,7 @@ def test_ids_default_to_row_numbers_and_optional_columns_may_be_absent(shapes, t
         sample, out, shapes.target, "--caption-column", "text", "--image-bytes-column", "png", "--summary-top-k", "3"
     )
     assert result.returncode == 0, result.stderr
-    table = read_summaries(out).sort_by("record_id")
+    table = read_parts(out).sort_by("record_id")
     assert table.column("record_id").to_pylist() == ["0", "1", "2"]
     assert table.column("timestamp").null_count == table.column("segment").null_count == 3
     assert [len(cells) for cells in table.column("top_interactions").to_pylist()] == [3, 3, 3]
@@ -230,7 +230,7 @@ def test_a_run_stopped_halfway_and_restarted_explains_each_record_exactly_once(s
     wait_for_rows(out, count // 2, first)
     first.send_signal(stop)
     _, stderr = first.communicate(timeout=120)
-    written = read_summaries(out).num_rows
+    written = read_parts(out).num_rows
     if stop == signal.SIGKILL:
         assert first.returncode == -signal.SIGKILL
     else:
@@ -240,7 +240,7 @@ def test_a_run_stopped_halfway_and_restarted_explains_each_record_exactly_once(s
     second = run_monitor(sample, out, shapes.target, *args)
     assert second.returncode == 0, second.stderr
     assert f"{written} already in" in second.stderr
-    ids = read_summaries(out).column("record_id").to_pylist()
+    ids = read_parts(out).column("record_id").to_pylist()
     assert sorted(ids) == sorted(item["id"] for item in items)  # every record, none twice
     calls = explain_calls(shapes) - before
     if stop == signal.SIGKILL:
@@ -273,7 +273,7 @@ def test_records_are_explained_though_the_queue_is_full(tmp_path):
         server.stop()
     assert result.returncode == 0, result.stderr
     assert exhausted > 0, "the server never refused a call: the retries were not exercised"
-    assert sorted(read_summaries(out).column("record_id").to_pylist()) == sorted(i["id"] for i in items)
+    assert sorted(read_parts(out).column("record_id").to_pylist()) == sorted(i["id"] for i in items)
 
 
 def test_a_monitor_started_before_the_server_is_ready_retries_until_it_is(tmp_path):
@@ -286,7 +286,7 @@ def test_a_monitor_started_before_the_server_is_ready_retries_until_it_is(tmp_pa
     finally:
         server.stop()
     assert result.returncode == 0, result.stderr
-    assert sorted(read_summaries(out).column("record_id").to_pylist()) == sorted(i["id"] for i in items)
+    assert sorted(read_parts(out).column("record_id").to_pylist()) == sorted(i["id"] for i in items)
 
 
 def test_permanent_failures_are_written_with_their_code_and_retried_by_the_next_run(shapes, tmp_path):
@@ -300,7 +300,7 @@ def test_permanent_failures_are_written_with_their_code_and_retried_by_the_next_
     failures = pyarrow.parquet.read_table(out / FAILURES_FILE).to_pylist()
     assert [(f["record_id"], f["code"], f["attempts"]) for f in failures] == [(items[1]["id"], "INVALID_ARGUMENT", 1)]
     assert "image" in failures[0]["message"]
-    assert sorted(read_summaries(out).column("record_id").to_pylist()) == sorted([items[0]["id"], items[2]["id"]])
+    assert sorted(read_parts(out).column("record_id").to_pylist()) == sorted([items[0]["id"], items[2]["id"]])
     again = run_monitor(sample, out, shapes.target)
     assert again.returncode == EXIT_FAILURES and "0 explained, 2 already in" in again.stderr
 

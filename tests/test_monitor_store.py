@@ -23,7 +23,7 @@ from explain_client.monitor.explain_command import EXIT_USAGE
 from explain_client.monitor.explaining import Backoff, Outcome, explain_records
 from explain_client.monitor.sample import SampleError, read_sample
 from explain_client.monitor.schema import SCHEMA
-from explain_client.monitor.store import SummaryWriter, read_summaries
+from explain_client.monitor.store import SummaryWriter, read_parts
 
 pytestmark = pytest.mark.unit
 
@@ -99,7 +99,7 @@ def test_a_killed_writer_resumes_with_every_record_exactly_once(total, threads, 
         assert kill_at - flushed < flush_rows  # at most flush_rows - 1 records are redone
         add_concurrently(second, [i for i in ids if i not in second.done], threads)
         second.flush()
-        table = read_summaries(out)
+        table = read_parts(out)
         assert sorted(table.column("record_id").to_pylist()) == sorted(ids)
         assert table.schema.equals(SCHEMA)
         assert not list(out.glob(".tmp-*"))
@@ -108,26 +108,26 @@ def test_a_killed_writer_resumes_with_every_record_exactly_once(total, threads, 
 def test_writer_flushes_on_age_and_refuses_a_record_twice(tmp_path):
     writer = SummaryWriter(tmp_path, flush_rows=100, flush_seconds=0.05)
     writer.add(row("a"))
-    assert read_summaries(tmp_path).num_rows == 0
+    assert read_parts(tmp_path).num_rows == 0
     time.sleep(0.06)
     writer.flush_if_due()
-    assert read_summaries(tmp_path).column("record_id").to_pylist() == ["a"]
+    assert read_parts(tmp_path).column("record_id").to_pylist() == ["a"]
     with pytest.raises(ValueError, match="record 'a' is already in"):
         writer.add(row("a"))
     assert SummaryWriter(tmp_path).done == {"a"}
 
 
 def test_read_summaries_of_a_new_directory_a_file_and_a_foreign_part(tmp_path):
-    assert read_summaries(tmp_path).schema.equals(SCHEMA)
-    assert read_summaries(tmp_path).num_rows == 0
+    assert read_parts(tmp_path).schema.equals(SCHEMA)
+    assert read_parts(tmp_path).num_rows == 0
     single = tmp_path / "one.parquet"
     pyarrow.parquet.write_table(pa.Table.from_pylist([row("x")], schema=SCHEMA), single)
-    assert read_summaries(single).column("record_id").to_pylist() == ["x"]
+    assert read_parts(single).column("record_id").to_pylist() == ["x"]
     pyarrow.parquet.write_table(pa.table({"record_id": ["y"]}), tmp_path / "part-000000-ffff.parquet")
     with pytest.raises(ValueError, match="not an explain-monitor summary table"):
-        read_summaries(tmp_path)
+        read_parts(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such summary"):
-        read_summaries(tmp_path / "missing")
+        read_parts(tmp_path / "missing")
 
 
 @given(concurrency=st.integers(1, 6), total=st.integers(0, 40), stop_after=st.one_of(st.none(), st.integers(0, 40)))

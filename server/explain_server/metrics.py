@@ -36,9 +36,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _SCORE_BUCKETS = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))  # cosine similarity in [-1, 1]
 _DELTA_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
-# interaction share: mostly in [0, 1] (the paper: interactions carry most of the score); the
-# reference terms can push it past either end
-_SHARE_BUCKETS = (-1.0, -0.5, -0.25, *(round(0.05 * i, 2) for i in range(21)), 1.25, 1.5, 2.0, 4.0)
+# interaction share: interactions carry most of the score (the paper), and reference terms that
+# oppose them push it past 1 (the shapes model's median is 1.67): 0.1 wide over [-1, 3], so that
+# the alert's 0.1 shift of the median is one bucket wherever the median lies
+_SHARE_BUCKETS = (*(round(-1.0 + 0.1 * i, 1) for i in range(41)), 4.0, 6.0, 10.0)
 # grounding concentration lies in [k / cells, 1] with k = the top 10% of cells
 _CONCENTRATION_BUCKETS = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))
 

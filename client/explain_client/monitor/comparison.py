@@ -83,6 +83,6 @@ def compare_tables(
         "ranking": ranking,
         "ungrounded": grounding,
         "coverage": weak,
-        "top_movers": top_movers(base_stats, cur_stats, thresholds, top=movers),
+        "top_movers": top_movers(base_stats, cur_stats, thresholds, object_words, top=movers),
         "changed_records": changed_records(current, cur_words, base_stats, thresholds, object_words, top=records),
     }

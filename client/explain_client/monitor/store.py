@@ -3,7 +3,7 @@ at any moment (even SIGKILL) and a later run can carry on without explaining a r
 
 Each flush writes the rows buffered since the last one to a temporary file, fsyncs it, renames it
 to ``part-<n>-<random>.parquet`` and fsyncs the directory: a part is either all there or absent.
-A record counts as done once its row is in a part; :func:`read_summaries` concatenates the parts.
+A record counts as done once its row is in a part; :func:`read_parts` concatenates the parts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow.parquet
 
 from explain_client.monitor.schema import SCHEMA
 
-__all__ = ["FAILURES", "FAILURES_FILE", "SummaryWriter", "read_summaries", "write_failures"]
+__all__ = ["FAILURES", "FAILURES_FILE", "SummaryWriter", "read_parts", "write_failures"]
 
 PART_GLOB = "part-*.parquet"
 FAILURES_FILE = "failures.parquet"
@@ -67,8 +67,10 @@ def _parts(path: pathlib.Path) -> list[pathlib.Path]:
     return sorted(path.glob(PART_GLOB))
 
 
-def read_summaries(path: str | os.PathLike) -> pa.Table:
-    """The whole summary table of an ``explain-monitor explain`` output.
+def read_parts(path: str | os.PathLike) -> pa.Table:
+    """The rows an ``explain-monitor explain`` output holds so far, exactly in :data:`SCHEMA`
+    (what resuming and the tests read; ``compare`` reads any table with the columns it needs,
+    through :func:`tables.read_summaries`).
 
     Args:
         path: the output directory (its parts are read, not the failures table), or one Parquet

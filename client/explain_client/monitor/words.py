@@ -147,10 +147,14 @@ def read_object_words(path: str | os.PathLike) -> frozenset[str]:
     return frozenset(keys)
 
 
-def _object_mask(words: WordOccurrences, object_words: frozenset[str] | None) -> np.ndarray:
+def _is_object(key: str, object_words: frozenset[str] | None) -> bool:
     if object_words is None:
-        return np.array([k != "" and k not in STOP_WORDS and not k.isdigit() for k in words.key], dtype=bool)
-    return np.array([k in object_words for k in words.key], dtype=bool)
+        return key != "" and key not in STOP_WORDS and not key.isdigit()
+    return key in object_words
+
+
+def _object_mask(words: WordOccurrences, object_words: frozenset[str] | None) -> np.ndarray:
+    return np.array([_is_object(k, object_words) for k in words.key], dtype=bool)
 
 
 def _object_occurrences(words: WordOccurrences, object_words: frozenset[str] | None) -> np.ndarray:
@@ -310,10 +314,18 @@ def coverage(
     return {**result, "concentration_threshold": _number(threshold)}
 
 
-def top_movers(base: WordStats, cur: WordStats, thresholds: Thresholds, *, top: int = 10) -> list[dict[str, Any]]:
-    """The words whose mean relevance moved most between the tables.
+def top_movers(
+    base: WordStats,
+    cur: WordStats,
+    thresholds: Thresholds,
+    object_words: frozenset[str] | None = None,
+    *,
+    top: int = 10,
+) -> list[dict[str, Any]]:
+    """The object words whose mean relevance moved most between the tables (object words as in
+    :func:`ungrounded`: an article's relevance moves with its neighbours, telling nothing).
 
-    Among the words seen at least ``min_word_count`` times in both tables, sorted by
+    Among the object words seen at least ``min_word_count`` times in both tables, sorted by
     ``|current_mean - baseline_mean|`` (cosine units), largest first; ``pvalue`` is Welch's t-test
     (``scipy.stats.ttest_ind_from_stats``, unequal variances) of the two means, for reading, not
     alerting.
@@ -326,7 +338,7 @@ def top_movers(base: WordStats, cur: WordStats, thresholds: Thresholds, *, top: 
     movers = []
     for key in set(base.count) & set(cur.count):
         bn, cn = base.count[key], cur.count[key]
-        if min(bn, cn) < minimum:
+        if min(bn, cn) < minimum or not _is_object(key, object_words):
             continue
         bm, cm = base.mean[key], cur.mean[key]
         test = stats.ttest_ind_from_stats(bm, base.std[key], bn, cm, cur.std[key], cn, equal_var=False)
