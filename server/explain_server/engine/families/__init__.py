@@ -18,14 +18,21 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 
 from ..split import SplitTower, UnsupportedModelError
 from . import openclip
-from .hf_text import HFTextTower
 from .resnet import ResNetImageTower
 from .timm_trunks import timm_image_tower
+
+
+def _hf_text_tower(text: torch.nn.Module) -> SplitTower:
+    # transformers is an optional extra (server[hf]): imported only for the models that use it
+    from .hf_text import HFTextTower
+
+    return HFTextTower(text)
+
 
 TEXT_ADAPTERS: dict[type, Callable[[torch.nn.Module], SplitTower]] = {
     TextTransformer: openclip.TextTower,  # model.text of CustomTextCLIP and CoCa
     CLIP: openclip.TextTower,  # the text tower built into open_clip.model.CLIP
-    HFTextEncoder: HFTextTower,  # Hugging Face encoders inside open_clip (RoBERTa, XLM-R, NLLB)
+    HFTextEncoder: _hf_text_tower,  # Hugging Face encoders inside open_clip (RoBERTa, XLM-R, NLLB)
 }
 """Text adapters by the class of the text tower (:func:`text_module`)."""
 
