@@ -330,15 +330,42 @@ def test_bad_tables_exit_2_with_a_message(tables, tmp_path):
         (lambda t, d: [t["baseline"], t["same"], "--alpha", "1.5"], r"--alpha must be in \(0, 1\); got 1.5"),
         (lambda t, d: [t["baseline"], t["same"], "--psi-bins", "1"], r"--psi-bins must be >= 2; got 1"),
         (lambda t, d: [t["baseline"], t["same"], "--timeout", "0"], r"--timeout must be > 0 seconds; got 0.0"),
-        (lambda t, d: [t["baseline"], t["same"], "--object-words", d / "none.txt"], "none.txt"),
+        (
+            lambda t, d: [t["baseline"], t["same"], "--object-words", d / "none.txt"],
+            "--object-words .*none.txt: No such",
+        ),
         (lambda t, d: [t["baseline"], t["same"], "--grouping-label", "novalue"], "--grouping-label must be KEY=VALUE"),
-        (lambda t, d: [t["baseline"], t["same"], "--json", d / "no" / "dir" / "r.json"], "No such file"),
+        (lambda t, d: [t["baseline"], t["same"], "--html", d], "--html .* is a folder; give a file name"),
+        (lambda t, d: [t["baseline"], t["same"], "--json", t["same"] / "r.json"], "--json .*: cannot make its folder"),
     ],
 )
 def test_bad_input_returns_2_with_a_message(tables, tmp_path, capsys, make_args, message):
     assert cli.main(["compare", *map(str, make_args(tables, tmp_path))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("explain-monitor compare: ") and re.search(message, err), err
+
+
+def test_report_folders_are_made_and_a_table_without_rows_says_so(tables, tmp_path, capsys):
+    report = tmp_path / "reports" / "night" / "r.json"
+    assert cli.main(["compare", str(tables["baseline"]), str(tables["same"]), "--json", str(report)]) in (0, 1)
+    assert json.loads(report.read_text())["baseline"]["records"] == 300
+    (tmp_path / "run").mkdir()
+    pq.write_table(pa.table({"record_id": ["a"], "code": ["UNAVAILABLE"]}), tmp_path / "run" / "failures.parquet")
+    assert cli.main(["compare", str(tables["baseline"]), str(tmp_path / "run")]) == 2
+    assert "has no rows (an explain-monitor explain output whose records all failed" in capsys.readouterr().err
+
+
+def test_tables_of_different_models_are_compared_with_a_warning(tables, tmp_path, capsys):
+    other = pq.read_table(tables["same"])
+    other = other.set_column(other.schema.get_field_index("model"), "model", pa.array(["rnd"] * other.num_rows))
+    pq.write_table(other, tmp_path / "rnd.parquet")
+    cli.main(["compare", str(tables["baseline"]), str(tmp_path / "rnd.parquet"), "--json", str(tmp_path / "r.json")])
+    assert "warning: the tables come from different models (baseline shapes, current rnd)" in capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["baseline"]["models"], report["current"]["models"]) == (["shapes"], ["rnd"])
+    assert report["warnings"]
+    cli.main(["compare", str(tables["baseline"]), str(tables["same"]), "--json", str(tmp_path / "same.json")])
+    assert json.loads((tmp_path / "same.json").read_text())["warnings"] == []
 
 
 def test_threshold_flags_change_the_verdict(tables, tmp_path, capsys):

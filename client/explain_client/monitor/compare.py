@@ -147,6 +147,22 @@ def _grouping(labels: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _prepare_report_path(flag: str, path: str) -> None:
+    """Create the folders a report file goes in, before any work (a report that cannot be
+    written would otherwise fail after the comparison).
+
+    Raises:
+        ValueError: naming ``flag``: the path is a folder, or its folder cannot be made.
+    """
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot make its folder: {err.strerror or err}") from None
+
+
 def _fail(message: str) -> int:
     print(f"explain-monitor compare: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -171,10 +187,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--top-movers and --changed-records must be >= 0")
         if not args.timeout > 0:
             raise ValueError(f"--timeout must be > 0 seconds; got {args.timeout}")
-        object_words = read_object_words(args.object_words) if args.object_words else None
+        for flag, path in (("--json", args.json), ("--html", args.html)):
+            if path:
+                _prepare_report_path(flag, path)
+        try:
+            object_words = read_object_words(args.object_words) if args.object_words else None
+        except OSError as err:
+            raise ValueError(f"--object-words {args.object_words}: {err.strerror}") from None
         baseline = read_summaries(args.baseline, role="baseline")
         current = read_summaries(args.current, role="current")
-    except (TableError, ValueError, OSError) as err:
+    except (TableError, ValueError) as err:
         return _fail(str(err))
 
     comparison = compare_tables(
@@ -190,13 +212,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'DRIFT' if comparison['drift'] else 'no drift'}: {args.current} vs baseline {args.baseline}")
     for alert in comparison["alerts"]:
         print(f"  {alert}")
+    for warning in comparison["warnings"]:
+        print(f"explain-monitor compare: warning: {warning}", file=sys.stderr)
 
     try:
         if args.json:
             write_json(comparison, args.json)
+    except OSError as err:
+        return _fail(f"--json {args.json}: {err.strerror or err}")
+    try:
         if args.html:
             _write_html(args, comparison, baseline, current)
-    except (OSError, ValueError) as err:  # ValueError: a --target ExplainClient refuses
+    except OSError as err:
+        return _fail(f"--html {args.html}: {err.strerror or err}")
+    except ValueError as err:  # a --target ExplainClient refuses
         return _fail(str(err))
     if args.pushgateway:
         try:

@@ -44,7 +44,8 @@ def compare_tables(
         A dict of plain JSON types::
 
             {"version": 1, "created": ISO time, "drift": bool, "alerts": [str, ...],
-             "baseline": {"path", "records"}, "current": {"path", "records"},
+             "warnings": [str, ...],                    # e.g. tables of different models
+             "baseline": {"path", "records", "models"}, "current": {...},
              "thresholds": Thresholds.as_dict(),
              "scalars": drift.scalar_drift(...),        # overall and per segment, PSI + KS
              "ranking": words.word_ranking(...),        # nDCG
@@ -56,6 +57,13 @@ def compare_tables(
         ``drift`` is true when any statistic crossed its threshold; ``alerts`` says which, one
         line each (a scalar's line names its signal and segment).
     """
+    base_models, cur_models = _models(baseline), _models(current)
+    warnings = []
+    if base_models != cur_models:
+        warnings.append(
+            f"the tables come from different models (baseline {', '.join(base_models) or 'unnamed'}, current "
+            f"{', '.join(cur_models) or 'unnamed'}): drift then says the models differ, not that the traffic moved"
+        )
     base_words, cur_words = word_occurrences(baseline), word_occurrences(current)
     base_stats, cur_stats = word_stats(base_words), word_stats(cur_words)
     scalars = scalar_drift(baseline, current, thresholds)
@@ -76,8 +84,9 @@ def compare_tables(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "drift": bool(alerts),
         "alerts": alerts,
-        "baseline": {"path": os.fspath(baseline_path), "records": baseline.num_rows},
-        "current": {"path": os.fspath(current_path), "records": current.num_rows},
+        "warnings": warnings,
+        "baseline": {"path": os.fspath(baseline_path), "records": baseline.num_rows, "models": base_models},
+        "current": {"path": os.fspath(current_path), "records": current.num_rows, "models": cur_models},
         "thresholds": thresholds.as_dict(),
         "scalars": scalars,
         "ranking": ranking,
@@ -86,3 +95,10 @@ def compare_tables(
         "top_movers": top_movers(base_stats, cur_stats, thresholds, object_words, top=movers),
         "changed_records": changed_records(current, cur_words, base_stats, thresholds, object_words, top=records),
     }
+
+
+def _models(table: pa.Table) -> list[str]:
+    """The distinct names in ``table``'s ``model`` column (none when it has no such column)."""
+    if "model" not in table.column_names:
+        return []
+    return sorted({name for name in table.column("model").to_pylist() if name})

@@ -48,8 +48,12 @@ def scalar_panels(
         both = np.concatenate([b, c])
         clipped = False
         if both.size:
-            # a few outliers would squeeze the bulk into one bin: they go into the edge bins instead
-            lo, hi = (float(v) for v in np.percentile(both, [0.5, 99.5]))
+            # a few outliers would squeeze the bulk into one bin: values beyond Tukey's far fences
+            # (3 IQR past the quartiles) go into the edge bins instead, at any sample size
+            q1, q3 = (float(v) for v in np.percentile(both, [25, 75]))
+            lo, hi = max(float(np.min(both)), q1 - 3 * (q3 - q1)), min(float(np.max(both)), q3 + 3 * (q3 - q1))
+            if hi <= lo:  # half the values or more tie: the fences collapse
+                lo, hi = float(np.min(both)), float(np.max(both))
             clipped = bool(np.min(both) < lo or np.max(both) > hi)
             edges = np.linspace(lo, hi if hi > lo else lo + 1e-9, 31)
             for values, label, colour in ((b, "baseline", BASELINE_COLOUR), (c, "current", CURRENT_COLOUR)):
@@ -74,7 +78,7 @@ def scalar_panels(
         else:
             title = f"{signal}\nnot tested: too few records"
         ax.set_title(title, fontsize=11, color=DRIFT_COLOUR if result["drift"] else "black")
-        note = "; outermost 0.5% in the edge bins" if clipped else ""
+        note = "; outliers in the edge bins" if clipped else ""
         ax.set_xlabel(f"{signal} ({SCALAR_UNITS[signal]}{note})")
         ax.set_ylabel("share of records per bin")
         ax.grid(alpha=0.3)

@@ -14,10 +14,19 @@ import pyarrow.dataset as ds
 from explain_client.monitor.schema import SCALARS, SCHEMA
 from explain_client.monitor.store import FAILURES_FILE
 
-__all__ = ["REQUIRED_COLUMNS", "TableError", "WordOccurrences", "read_summaries", "word_occurrences"]
+__all__ = [
+    "OPTIONAL_COLUMNS",
+    "REQUIRED_COLUMNS",
+    "TableError",
+    "WordOccurrences",
+    "read_summaries",
+    "word_occurrences",
+]
 
 REQUIRED_COLUMNS = ("record_id", "segment", "caption", "image", *SCALARS, "words")
 """The columns compare reads; a table may carry more (the rest of :data:`schema.SCHEMA`)."""
+OPTIONAL_COLUMNS = ("model",)
+"""Columns compare reads when a table has them (the model each record was explained by)."""
 
 
 class TableError(ValueError):
@@ -34,7 +43,8 @@ def read_summaries(path: str | os.PathLike, *, role: str) -> pa.Table:
         role: "baseline" or "current", named in error messages.
 
     Returns:
-        The table, with the :data:`REQUIRED_COLUMNS` cast to the schema's types.
+        The table's :data:`REQUIRED_COLUMNS` and those of :data:`OPTIONAL_COLUMNS` it has, cast
+        to the schema's types.
 
     Raises:
         TableError: the path does not exist, is not Parquet, lacks one of :data:`REQUIRED_COLUMNS`
@@ -48,6 +58,12 @@ def read_summaries(path: str | os.PathLike, *, role: str) -> pa.Table:
         table = ds.dataset(where, format="parquet", ignore_prefixes=[".", "_", FAILURES_FILE]).to_table()
     except (pa.ArrowException, OSError) as err:
         raise TableError(f"{role} table {str(where)!r} is not readable as Parquet: {err}") from None
+    if table.num_rows == 0:
+        # e.g. an `explain` run whose every record failed: its failures table says why
+        raise TableError(
+            f"{role} table {str(where)!r} has no rows (an explain-monitor explain output whose records all "
+            f"failed lists them in {FAILURES_FILE})"
+        )
     missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
     if missing:
         raise TableError(
@@ -55,7 +71,7 @@ def read_summaries(path: str | os.PathLike, *, role: str) -> pa.Table:
             "(explain_client.monitor.schema.SCHEMA; write it with `explain-monitor explain`)"
         )
     columns = {}
-    for name in REQUIRED_COLUMNS:
+    for name in (*REQUIRED_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in table.column_names)):
         wanted = SCHEMA.field(name).type
         try:
             columns[name] = table.column(name).cast(wanted)
@@ -64,8 +80,6 @@ def read_summaries(path: str | os.PathLike, *, role: str) -> pa.Table:
                 f"{role} table {str(where)!r}: column {name!r} is {table.schema.field(name).type}, "
                 f"not the schema's {wanted}: {err}"
             ) from None
-    if table.num_rows == 0:
-        raise TableError(f"{role} table {str(where)!r} has no rows")
     return pa.table(columns)
 
 
