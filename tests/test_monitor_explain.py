@@ -354,7 +354,7 @@ def test_an_unreachable_target_exits_2_naming_it_after_the_connect_timeout(tmp_p
 BAD_OPTIONS = {
     "model": (("--model", "bogus"), "--model 'bogus': "),
     "method": (("--method", "bogus"), "--method 'bogus': model 'shapes' accepts "),
-    "n_steps": (("--n-steps", "0"), "--n-steps 0: model 'shapes' accepts at most"),
+    "n_steps": (("--n-steps", "0"), "--n-steps 0: model 'shapes' accepts 1 to 512"),
     "image layer index": (("--image-layer", "99"), "--image-layer 99: model 'shapes' has"),
     "text layer name": (("--text-layer", "no such layer"), "--text-layer 'no such layer': model 'shapes' has no"),
 }

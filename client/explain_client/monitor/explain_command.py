@@ -209,7 +209,7 @@ def _option_error(args: argparse.Namespace, models: list[ModelInfo]) -> str | No
     if args.method is not None and args.method not in model.methods:
         return f"--method {args.method!r}: model {model.name!r} accepts {', '.join(model.methods)}"
     if args.n_steps is not None and not 1 <= args.n_steps <= model.max_n_steps:
-        return f"--n-steps {args.n_steps}: model {model.name!r} accepts at most {model.max_n_steps}, at least 1"
+        return f"--n-steps {args.n_steps}: model {model.name!r} accepts 1 to {model.max_n_steps}"
     for flag, value, count, layers in (
         ("--text-layer", args.text_layer, model.text_layers, model.text_layer_list),
         ("--image-layer", args.image_layer, model.image_layers, model.image_layer_list),
