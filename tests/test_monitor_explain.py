@@ -27,7 +27,7 @@ from explain_client.client import explain_request
 from explain_client.monitor.explain_command import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_USAGE
 from explain_client.monitor.schema import SCHEMA, word_key
 from explain_client.monitor.store import FAILURES_FILE, read_parts
-from explain_server.launcher import ServerProcess
+from explain_server.launcher import HOST, ServerProcess, free_port
 from explain_server.shapes.scenes import describe, generate_scene, random_style, render
 
 pytestmark = pytest.mark.integration
@@ -301,6 +301,8 @@ def test_permanent_failures_are_written_with_their_code_and_retried_by_the_next_
     assert [(f["record_id"], f["code"], f["attempts"]) for f in failures] == [(items[1]["id"], "INVALID_ARGUMENT", 1)]
     assert "image" in failures[0]["message"]
     assert sorted(read_parts(out).column("record_id").to_pylist()) == sorted([items[0]["id"], items[2]["id"]])
+    # stderr counts the failures per code with an example, not only the failures table
+    assert f"1 failed with INVALID_ARGUMENT, e.g. record {items[1]['id']!r}: " in result.stderr
     again = run_monitor(sample, out, shapes.target)
     assert again.returncode == EXIT_FAILURES and "0 explained, 2 already in" in again.stderr
 
@@ -335,4 +337,119 @@ def test_bad_samples_are_refused_before_anything_is_sent(shapes, tmp_path, case)
     result = run_monitor(sample, tmp_path / "out", shapes.target)
     assert result.returncode == EXIT_USAGE
     assert message in result.stderr
+    assert explain_calls(shapes) == before
+
+
+def test_an_unreachable_target_exits_2_naming_it_after_the_connect_timeout(tmp_path):
+    sample = write_sample(tmp_path / "sample", scenes(3, seed=12), "jsonl", inline=True)
+    out = tmp_path / "out"
+    target = f"{HOST}:{free_port()}"  # nothing listens there
+    result = run_monitor(sample, out, target, "--connect-timeout", "1")
+    assert result.returncode == EXIT_USAGE
+    assert f"--target {target}: no answer within --connect-timeout 1 s" in result.stderr
+    assert "nothing sent" in result.stderr
+    assert not (out / FAILURES_FILE).exists()
+
+
+BAD_OPTIONS = {
+    "model": (("--model", "bogus"), "--model 'bogus': "),
+    "method": (("--method", "bogus"), "--method 'bogus': model 'shapes' accepts "),
+    "n_steps": (("--n-steps", "0"), "--n-steps 0: model 'shapes' accepts 1 to 512"),
+    "image layer index": (("--image-layer", "99"), "--image-layer 99: model 'shapes' has"),
+    "text layer name": (("--text-layer", "no such layer"), "--text-layer 'no such layer': model 'shapes' has no"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_options_the_service_does_not_accept_exit_2_before_anything_is_sent(shapes, tmp_path, case):
+    flags, message = BAD_OPTIONS[case]
+    sample = write_sample(tmp_path / "sample", scenes(2, seed=13), "jsonl", inline=True)
+    before = explain_calls(shapes)
+    result = run_monitor(sample, tmp_path / "out", shapes.target, *flags)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert message in result.stderr and "nothing sent" in result.stderr
+    if case == "model":
+        assert "it hosts: shapes" in result.stderr
+    assert explain_calls(shapes) == before
+
+
+def test_a_run_whose_first_records_all_fail_alike_stops_and_exits_2(shapes, tmp_path):
+    """Every record fails the same way (no image decodes): the run stops after the first 5
+    outcomes and the calls in flight, rather than failing each of the 40 records."""
+    items = scenes(40, seed=14)
+    for item in items:
+        item["bytes"] = b"this is not an image"
+    sample = write_sample(tmp_path / "sample", items, "parquet", inline=True)
+    out = tmp_path / "out"
+    result = run_monitor(sample, out, shapes.target, "--concurrency", "2")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "error: the first 5 records all failed with INVALID_ARGUMENT: " in result.stderr
+    assert "nothing more sent" in result.stderr
+    failed = pyarrow.parquet.read_table(out / FAILURES_FILE).num_rows
+    assert 5 <= failed <= 6  # the 5 and the call in flight beside the 5th
+    assert f"0 explained, 0 already in {out}, {failed} failed" in result.stderr
+    assert f"{40 - failed} not started" in result.stderr
+
+
+def test_an_option_only_the_calls_can_refuse_stops_the_run_after_the_first_records(shapes, tmp_path):
+    """ListModels does not tell the smallest n_steps of each method: riemann_trapezoid needs 2."""
+    sample = write_sample(tmp_path / "sample", scenes(12, seed=20), "jsonl", inline=True)
+    out = tmp_path / "out"
+    args = ("--method", "riemann_trapezoid", "--n-steps", "1", "--concurrency", "2")
+    result = run_monitor(sample, out, shapes.target, *args)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "error: the first 5 records all failed with INVALID_ARGUMENT: n_steps: " in result.stderr
+    assert "; nothing more sent" in result.stderr
+    assert pyarrow.parquet.read_table(out / FAILURES_FILE).num_rows <= 6
+
+
+def test_a_small_sample_that_fails_entirely_alike_exits_2(shapes, tmp_path):
+    items = scenes(2, seed=15)
+    for item in items:
+        item["bytes"] = b"this is not an image"
+    sample = write_sample(tmp_path / "sample", items, "jsonl", inline=True)
+    result = run_monitor(sample, tmp_path / "out", shapes.target)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "error: all 2 records failed with INVALID_ARGUMENT: " in result.stderr
+    assert "nothing more sent" not in result.stderr
+
+
+def test_an_out_of_another_sample_is_refused_before_anything_is_sent(shapes, tmp_path):
+    first, second = scenes(2, seed=16), scenes(2, seed=17)
+    out = tmp_path / "out"
+    # without ids: both samples' ids are the row numbers, "0" and "1"
+    for items, folder in ((first, "a"), (second, "b")):
+        for item in items:
+            del item["id"]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "sample.jsonl").write_text(
+            "".join(
+                json.dumps({"caption": i["caption"], "image_bytes": base64.b64encode(i["bytes"]).decode()}) + "\n"
+                for i in items
+            )
+        )
+    assert run_monitor(tmp_path / "a" / "sample.jsonl", out, shapes.target).returncode == 0
+    before = explain_calls(shapes)
+    result = run_monitor(tmp_path / "b" / "sample.jsonl", out, shapes.target)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert f"{out} holds record '0' with another caption than SAMPLE's ({first[0]['caption']!r}" in result.stderr
+    assert "OUT belongs to another sample; use a new OUT" in result.stderr
+    assert explain_calls(shapes) == before
+    assert read_parts(out).sort_by("record_id").column("caption").to_pylist() == [i["caption"] for i in first]
+
+
+def test_an_out_whose_ids_or_images_differ_from_the_sample_is_refused(shapes, tmp_path):
+    items = scenes(2, seed=18)
+    out = tmp_path / "out"
+    assert run_monitor(write_sample(tmp_path / "paths", items, "csv", inline=False), out, shapes.target).returncode == 0
+    before = explain_calls(shapes)
+    # the same ids and captions with inline images: the rows hold image paths
+    inline = run_monitor(write_sample(tmp_path / "inline", items, "csv", inline=True), out, shapes.target)
+    assert inline.returncode == EXIT_USAGE
+    assert f"holds record {items[0]['id']!r} with another image than SAMPLE's ('images/" in inline.stderr
+    assert "SAMPLE: inline bytes)" in inline.stderr
+    # another sample with ids: its records would merge into OUT
+    other = run_monitor(write_sample(tmp_path / "other", scenes(2, seed=19), "csv", inline=False), out, shapes.target)
+    assert other.returncode == EXIT_USAGE
+    assert f"holds 2 record ids that SAMPLE does not have, e.g. {items[0]['id']!r}" in other.stderr
     assert explain_calls(shapes) == before

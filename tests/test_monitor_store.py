@@ -215,6 +215,9 @@ def test_unknown_extension_and_missing_caption_are_named(tmp_path):
     ("flags", "message"),
     [
         (["--concurrency", "0"], "--concurrency: must be >= 1"),
+        (["--concurrency", "abc"], "--concurrency: must be an integer >= 1, got 'abc'"),
+        (["--flush-rows", "1.5"], "--flush-rows: must be an integer >= 1, got '1.5'"),
+        (["--connect-timeout", "0"], "--connect-timeout: must be > 0"),
         (["--max-retries", "-1"], "--max-retries: must be >= 0"),
         (["--timeout", "0"], "--timeout: must be > 0"),
         (["--format", "xml"], "--format: invalid choice"),
@@ -231,3 +234,30 @@ def test_bad_flags_exit_2_naming_the_flag(capsys, flags, message):
 def test_explain_is_a_subcommand_that_runs_the_explain_command():
     args = cli.build_parser().parse_args(["explain", "s.jsonl", "out"])
     assert (args.run, args.concurrency, args.max_retries, args.flush_rows) == (explain_command.run, 8, 8, 64)
+
+
+def test_a_directory_sample_and_a_file_out_are_named_before_anything_else(tmp_path, capsys):
+    sample = tmp_path / "s.jsonl"
+    sample.write_text('{"caption": "a red circle.", "image_bytes": "AAAA"}\n')
+    (tmp_path / "afile").write_text("")
+    # no server listens at the target: both are refused before any connection is tried
+    assert cli.main(["explain", str(sample), str(tmp_path / "afile"), "--target", "127.0.0.1:1"]) == EXIT_USAGE
+    assert f"error: OUT {str(tmp_path / 'afile')!r} is a file; OUT must be a directory" in capsys.readouterr().err
+    assert cli.main(["explain", str(tmp_path), str(tmp_path / "out"), "--target", "127.0.0.1:1"]) == EXIT_USAGE
+    assert f"error: {tmp_path}: SAMPLE is a directory; give a file" in capsys.readouterr().err
+
+
+def test_the_id_column_help_states_its_default_once(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["explain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--id-column NAME record id; the row number when the sample has no such column (default: id)" in text
+
+
+def test_the_writer_reports_the_caption_and_image_of_each_written_record(tmp_path):
+    writer = SummaryWriter(tmp_path, flush_rows=1)
+    writer.add(row("a"))
+    writer.add({**row("b"), "caption": "a blue square.", "image": "images/b.png"})
+    reopened = SummaryWriter(tmp_path)
+    assert reopened.written == {"a": ("a red circle.", None), "b": ("a blue square.", "images/b.png")}
+    assert reopened.done == {"a", "b"}

@@ -153,12 +153,14 @@ def read_sample(path: str | os.PathLike, *, fmt: str | None = None, columns: Col
         binary or base64 text in Parquet).
 
     Raises:
-        SampleError: a file pyarrow cannot read; a missing caption column; both image columns
+        SampleError: a directory; a file pyarrow cannot read; a missing caption column; both image columns
             or neither; a missing caption or image in a record; a duplicate id; an image path
             that is not a readable file; base64 text that does not decode; a timestamp that is
             not ISO 8601. The message names the record (row and id) and the column.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise SampleError(f"{path}: SAMPLE is a directory; give a file (.jsonl, .csv or .parquet)")
     fmt = sample_format(path, fmt)
     try:
         table = _read_table(path, fmt, columns)

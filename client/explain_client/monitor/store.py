@@ -97,14 +97,15 @@ def read_parts(path: str | os.PathLike) -> pa.Table:
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
-def _written_ids(directory: pathlib.Path) -> list[str]:
-    """The record ids of every part in ``directory``, reading that column only."""
-    ids = []
+def _written(directory: pathlib.Path) -> list[dict[str, Any]]:
+    """``record_id``, ``caption`` and ``image`` of every row of the parts in ``directory``,
+    reading those columns only."""
+    rows = []
     for file in _parts(directory):
         if not pyarrow.parquet.read_schema(file).equals(SCHEMA, check_metadata=False):
             raise ValueError(f"{file}: not an explain-monitor summary table (its schema differs from SCHEMA)")
-        ids += pyarrow.parquet.read_table(file, columns=["record_id"]).column("record_id").to_pylist()
-    return ids
+        rows += pyarrow.parquet.read_table(file, columns=["record_id", "caption", "image"]).to_pylist()
+    return rows
 
 
 def write_failures(directory: str | os.PathLike, failures: Iterable[Mapping[str, Any]]) -> pathlib.Path:
@@ -119,7 +120,9 @@ class SummaryWriter:
     """Buffers summary rows and flushes them to atomically written parts in ``directory``.
 
     Opening it creates the directory if needed, removes temporary files a killed run left, and
-    reads the ids already written (:attr:`done`). :meth:`add` is thread-safe.
+    reads the ids already written (:attr:`done`) with their caption and image (:attr:`written`,
+    record id -> (caption, image path or None for inline bytes), for telling whether the parts
+    belong to the sample at hand). :meth:`add` is thread-safe.
 
     Args:
         directory: the output directory.
@@ -141,9 +144,10 @@ class SummaryWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(f"{_TEMP_PREFIX}*"):
             stale.unlink()
-        ids = _written_ids(self.directory)
-        self.done: set[str] = set(ids)
-        if len(self.done) != len(ids):
+        rows = _written(self.directory)
+        self.written: dict[str, tuple[str, str | None]] = {r["record_id"]: (r["caption"], r["image"]) for r in rows}
+        self.done: set[str] = set(self.written)
+        if len(self.done) != len(rows):
             raise ValueError(f"{self.directory}: the parts hold some record ids more than once")
         self._flush_rows = flush_rows
         self._flush_seconds = flush_seconds
