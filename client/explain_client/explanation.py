@@ -47,6 +47,10 @@ class ReferenceTerms:
     both_references: float
     """<e_t^r, e_v^r>: both path endpoints."""
 
+    @classmethod
+    def from_proto(cls, refs: explain_pb2.ReferenceTerms) -> ReferenceTerms:
+        return cls(refs.text_reference, refs.image_reference, refs.both_references)
+
 
 @dataclass(frozen=True)
 class ResolvedOptions:
@@ -64,6 +68,12 @@ class ResolvedOptions:
     """Name of the text layer, e.g. "block 11"; empty from servers that predate layer names."""
     image_layer_name: str = ""
     """Name of the image layer, e.g. "block 11", "layer4", "head"; empty from older servers."""
+
+    @classmethod
+    def from_proto(cls, opts: explain_pb2.ResolvedOptions) -> ResolvedOptions:
+        return cls(
+            opts.text_layer, opts.image_layer, opts.n_steps, opts.method, opts.text_layer_name, opts.image_layer_name
+        )
 
 
 def _normalise(text: str) -> str:
@@ -236,8 +246,6 @@ class Explanation:
                 shape, or the fields are inconsistent (see the class docstring).
         """
         box = resp.crop_box
-        refs = resp.reference_terms
-        opts = resp.options
         return cls(
             attribution=decode_float32_tensor(resp.attribution),
             cls_attribution=np.array(resp.cls_attribution, dtype=np.float32),
@@ -245,20 +253,13 @@ class Explanation:
             tokens=tuple(resp.tokens),
             score=resp.score,
             logit_scale=resp.logit_scale,
-            reference_terms=ReferenceTerms(refs.text_reference, refs.image_reference, refs.both_references),
+            reference_terms=ReferenceTerms.from_proto(resp.reference_terms),
             convergence_delta=resp.convergence_delta,
             crop_box=(box.x0, box.y0, box.x1, box.y1),
             image_size=(resp.image_size.width, resp.image_size.height),
             request_id=resp.request_id,
             model=resp.model,
-            options=ResolvedOptions(
-                opts.text_layer,
-                opts.image_layer,
-                opts.n_steps,
-                opts.method,
-                opts.text_layer_name,
-                opts.image_layer_name,
-            ),
+            options=ResolvedOptions.from_proto(resp.options),
             queue_seconds=resp.timings.queue_seconds,
             compute_seconds=resp.timings.compute_seconds,
             # servers that predate these fields send neither: cls_attribution stands for the prefix

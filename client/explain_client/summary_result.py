@@ -61,14 +61,14 @@ class SummaryResult:
                 f"the response of model {resp.model!r} carries no summary: the server predates "
                 "ExplanationSummary; upgrade it, or call explain() with detail='full'"
             )
-        box, refs, opts = resp.crop_box, resp.reference_terms, resp.options
+        box = resp.crop_box
         return cls(
             summary=summary_from_proto(resp.summary),
             score=resp.score,
             logit_scale=resp.logit_scale,
             logit_bias=resp.logit_bias if resp.HasField("logit_bias") else None,
             convergence_delta=resp.convergence_delta,
-            reference_terms=ReferenceTerms(refs.text_reference, refs.image_reference, refs.both_references),
+            reference_terms=ReferenceTerms.from_proto(resp.reference_terms),
             tokens=tuple(resp.tokens),
             token_ids=tuple(resp.token_ids),
             padding=tuple(resp.padding),
@@ -78,14 +78,7 @@ class SummaryResult:
             image_size=(resp.image_size.width, resp.image_size.height),
             request_id=resp.request_id,
             model=resp.model,
-            options=ResolvedOptions(
-                opts.text_layer,
-                opts.image_layer,
-                opts.n_steps,
-                opts.method,
-                opts.text_layer_name,
-                opts.image_layer_name,
-            ),
+            options=ResolvedOptions.from_proto(resp.options),
             queue_seconds=resp.timings.queue_seconds,
             compute_seconds=resp.timings.compute_seconds,
         )
