@@ -64,8 +64,18 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
+def integer_argument(text: str, rule: str) -> int:
+    """``text`` as an int for an argparse type function; text that is not one is refused naming
+    ``rule`` (e.g. ">= 0"), not the type function's name, which argparse would print."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer {rule}, got {text!r}") from None
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of counts that may be 0; shared with explain-monitor."""
+    value = integer_argument(text, ">= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -128,7 +138,7 @@ def _add_explain_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--top",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=5,
         metavar="K",
         help="token-region interactions to list (default: %(default)s)",
@@ -348,16 +358,7 @@ def _format_report(explanation: Explanation, top: int, show_padding: bool = Fals
     if padding and not show_padding:
         label = explanation.tokens[min(padding)]
         tokens += f"  (+{len(padding)} padding rows {label!r} not shown; --show-padding lists them)"
-    options, (gh, gw) = explanation.options, explanation.grid
-    image = _layer_label(options.image_layer, options.image_layer_name)
-    lines = [
-        f"model:             {explanation.model}",
-        f"score:             {explanation.score:.6f} (cosine; logit {explanation.logit:.4f})",
-        f"convergence delta: {explanation.convergence_delta:.3e}",
-        f"layers:            text {_layer_label(options.text_layer, options.text_layer_name)}; "
-        f"image {image} ({gh}x{gw} grid)",
-        "tokens:            " + tokens,
-    ]
+    lines = [*_head_lines(explanation, explanation.grid), "tokens:            " + tokens]
     if explanation.image_prefix:
         sums = explanation.prefix_attribution.sum(axis=0, dtype=np.float64)
         lines.append(
@@ -377,20 +378,22 @@ def _format_report(explanation: Explanation, top: int, show_padding: bool = Fals
     return "\n".join(lines)
 
 
+def _head_lines(result: Explanation | SummaryResult, grid: tuple[int, int]) -> list[str]:
+    """Model, score, convergence delta and layers: the first lines of either report."""
+    options = result.options
+    return [
+        f"model:             {result.model}",
+        f"score:             {result.score:.6f} (cosine; logit {result.logit:.4f})",
+        f"convergence delta: {result.convergence_delta:.3e}",
+        f"layers:            text {_layer_label(options.text_layer, options.text_layer_name)}; "
+        f"image {_layer_label(options.image_layer, options.image_layer_name)} ({grid[0]}x{grid[1]} grid)",
+    ]
+
+
 def _format_summary_report(result: SummaryResult) -> str:
     """The text report of a ``--detail summary`` call: score, layers, then the summary."""
-    options = result.options
-    return "\n".join(
-        [
-            f"model:             {result.model}",
-            f"score:             {result.score:.6f} (cosine; logit {result.logit:.4f})",
-            f"convergence delta: {result.convergence_delta:.3e}",
-            f"layers:            text {_layer_label(options.text_layer, options.text_layer_name)}; "
-            f"image {_layer_label(options.image_layer, options.image_layer_name)}",
-            "",
-            *_format_summary(result.summary),
-        ]
-    )
+    grid = (result.summary.grid_height, result.summary.grid_width)
+    return "\n".join([*_head_lines(result, grid), "", *_format_summary(result.summary)])
 
 
 def _signed(value: float, digits: int = 6) -> str:

@@ -24,7 +24,14 @@ import sys
 import threading
 from typing import Any
 
-from explain_client.cli import add_credential_arguments, connection_credentials, layer_argument, positive_float
+from explain_client.cli import (
+    add_credential_arguments,
+    connection_credentials,
+    integer_argument,
+    layer_argument,
+    non_negative_int,
+    positive_float,
+)
 from explain_client.client import ExplainClient, bearer_metadata
 from explain_client.errors import ExplainError, UnavailableError
 from explain_client.server_info import ModelInfo
@@ -40,31 +47,15 @@ with one code: a wrong option or a service that refuses every call, not a few ba
 resumed run with fewer records left than that is not stopped."""
 
 
-def _int(text: str, rule: str) -> int:
-    """``text`` as an int; argparse prints the error's own words, rather than the type
-    function's name, for text that is not one."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer {rule}, got {text!r}") from None
-
-
 def _positive_int(text: str) -> int:
-    value = _int(text, ">= 1")
+    value = integer_argument(text, ">= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = _int(text, ">= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def _top_k(text: str) -> int:
-    value = _int(text, "in [0, 100]")
+    value = integer_argument(text, "in [0, 100]")
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError(f"must be in [0, 100] (ExplainRequest.summary_top_k), got {text}")
     return value
@@ -128,7 +119,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     run_group.add_argument(
         "--max-retries",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=8,
         metavar="N",
         help="retries of a call that got UNAVAILABLE or RESOURCE_EXHAUSTED, with exponential backoff and "
