@@ -12,6 +12,8 @@ import pyarrow as pa
 
 from explain_api import explain_pb2, explain_pb2_grpc
 from explain_client.client import ExplainClient, explain_request
+from explain_client.monitor.rows import summary_row
+from explain_client.monitor.sample import Record
 from explain_client.monitor.schema import SCHEMA, word_key
 from explain_server.shapes import scenes
 
@@ -115,48 +117,10 @@ def explained_table(
             text = text[: phrase.start] + named + text[phrase.end :]
         name = f"scene-{seed}-{i:04d}.png"
         scenes.render(scene).save(folder / name)
-        request = explain_request((folder / name).read_bytes(), text)
+        image = (folder / name).read_bytes()
+        request = explain_request(image, text)
         request.detail = explain_pb2.DETAIL_SUMMARY
         response = stub.Explain(request, timeout=120)
-        summary = response.summary
-        words = [
-            {
-                "text": w.text,
-                "key": word_key(w.text),
-                "start": w.start,
-                "end": w.end,
-                "relevance": w.relevance,
-                "concentration": w.concentration,
-                "peak_row": w.peak_row,
-                "peak_column": w.peak_column,
-                "peak_value": w.peak_value,
-            }
-            for w in summary.words
-        ]
-        rows.append(
-            {
-                "record_id": f"{seed}-{i}",
-                "segment": f"{len(scene.objects)} objects",
-                "caption": text,
-                "image": name,
-                "model": response.model,
-                "request_id": response.request_id,
-                "explained_at": datetime.datetime.now(datetime.UTC),
-                "score": response.score,
-                "logit": response.score * response.logit_scale,
-                "convergence_delta_abs": abs(response.convergence_delta),
-                "interaction_total": summary.interaction_total,
-                "interaction_share": summary.interaction_share,
-                "positive_interaction": summary.positive_interaction,
-                "negative_interaction": summary.negative_interaction,
-                "mean_concentration": float(np.mean([w["concentration"] for w in words])) if words else float("nan"),
-                "grid_height": summary.grid_height,
-                "grid_width": summary.grid_width,
-                "words": words,
-                "top_interactions": [
-                    {"word": c.word, "row": c.row, "column": c.column, "value": c.value}
-                    for c in summary.top_interactions
-                ],
-            }
-        )
+        record = Record(i, f"{seed}-{i}", text, name, image, None, f"{len(scene.objects)} objects")
+        rows.append(summary_row(record, response, datetime.datetime.now(datetime.UTC)))
     return pa.Table.from_pylist(rows, schema=SCHEMA)

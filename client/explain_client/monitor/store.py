@@ -87,14 +87,15 @@ def read_parts(path: str | os.PathLike) -> pa.Table:
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such summary directory or file")
-    files = _parts(path) if path.is_dir() else [path]
-    tables = []
-    for file in files:
-        table = pyarrow.parquet.read_table(file)
-        if not table.schema.equals(SCHEMA, check_metadata=False):
-            raise ValueError(f"{file}: not an explain-monitor summary table (its schema differs from SCHEMA)")
-        tables.append(table)
+    tables = [_read_part(file) for file in (_parts(path) if path.is_dir() else [path])]
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def _read_part(file: pathlib.Path, columns: list[str] | None = None) -> pa.Table:
+    """``columns`` (None: all) of the part ``file``. Raises ValueError: its schema is not SCHEMA."""
+    if not pyarrow.parquet.read_schema(file).equals(SCHEMA, check_metadata=False):
+        raise ValueError(f"{file}: not an explain-monitor summary table (its schema differs from SCHEMA)")
+    return pyarrow.parquet.read_table(file, columns=columns)
 
 
 def _written(directory: pathlib.Path) -> list[dict[str, Any]]:
@@ -102,9 +103,7 @@ def _written(directory: pathlib.Path) -> list[dict[str, Any]]:
     reading those columns only."""
     rows = []
     for file in _parts(directory):
-        if not pyarrow.parquet.read_schema(file).equals(SCHEMA, check_metadata=False):
-            raise ValueError(f"{file}: not an explain-monitor summary table (its schema differs from SCHEMA)")
-        rows += pyarrow.parquet.read_table(file, columns=["record_id", "caption", "image"]).to_pylist()
+        rows += _read_part(file, ["record_id", "caption", "image"]).to_pylist()
     return rows
 
 
